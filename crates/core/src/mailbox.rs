@@ -1,0 +1,221 @@
+//! What a SELECT result means for the checkpoint, and which UIDs to fetch.
+//!
+//! UIDVALIDITY (RFC 3501 §2.3.1.1) says whether the UIDs we remember still name the same
+//! messages. When it changes (folder deleted and recreated, server restored from backup), UIDs
+//! restart and the checkpoint is meaningless; the policy decides how to carry on without losing
+//! what arrived and, by default, without delivering old messages again.
+
+use crate::checkpoint::Checkpoint;
+
+/// Where a watcher starts in a folder it has never seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StartPolicy {
+    /// Begin at UIDNEXT: history is not replayed.
+    #[default]
+    New,
+    /// Deliver every message in the folder.
+    All,
+}
+
+/// What to do when a folder's UIDVALIDITY changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UidValidityPolicy {
+    /// Re-scan the folder; deliver only messages whose Message-ID (or header digest) is not in
+    /// the delivery log.
+    #[default]
+    Dedupe,
+    /// Start at the new UIDNEXT; whatever is in the folder now is not delivered.
+    Skip,
+    /// Deliver everything in the folder again.
+    Replay,
+}
+
+/// The parts of a SELECT response the decisions need. `uidnext` is resolved by the driver
+/// (from SELECT, or STATUS, or the highest UID + 1 when the server omits it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selected {
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+}
+
+/// Something about the folder that the operator must hear about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// No checkpoint existed; one was created by the start policy.
+    FirstSight,
+    /// UIDVALIDITY changed from `old` to `new`; handled according to `policy`.
+    UidValidityChanged { old: u32, new: u32, policy: UidValidityPolicy },
+    /// UIDNEXT is below the checkpoint although UIDVALIDITY did not change: the server is
+    /// broken or was restored without bumping UIDVALIDITY. The checkpoint is kept.
+    UidNextBehindCheckpoint { uidnext: u32, last_uid: u32 },
+}
+
+/// The checkpoint to work from after SELECT, and whether it must be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SelectOutcome {
+    pub checkpoint: Checkpoint,
+    pub store: bool,
+    pub notice: Option<Notice>,
+}
+
+/// Decides the working checkpoint after a SELECT.
+pub fn on_select(
+    stored: Option<Checkpoint>,
+    selected: Selected,
+    start: StartPolicy,
+    policy: UidValidityPolicy,
+) -> SelectOutcome {
+    let below_next = selected.uidnext.saturating_sub(1);
+    let Some(stored) = stored else {
+        let last_uid = match start {
+            StartPolicy::New => below_next,
+            StartPolicy::All => 0,
+        };
+        let checkpoint = Checkpoint { uidvalidity: selected.uidvalidity, last_uid, dedupe_through: 0 };
+        return SelectOutcome { checkpoint, store: true, notice: Some(Notice::FirstSight) };
+    };
+    if stored.uidvalidity != selected.uidvalidity {
+        let (last_uid, dedupe_through) = match policy {
+            UidValidityPolicy::Dedupe => (0, below_next),
+            UidValidityPolicy::Skip => (below_next, 0),
+            UidValidityPolicy::Replay => (0, 0),
+        };
+        let checkpoint = Checkpoint { uidvalidity: selected.uidvalidity, last_uid, dedupe_through };
+        let notice = Notice::UidValidityChanged {
+            old: stored.uidvalidity,
+            new: selected.uidvalidity,
+            policy,
+        };
+        return SelectOutcome { checkpoint, store: true, notice: Some(notice) };
+    }
+    let notice = (below_next < stored.last_uid).then_some(Notice::UidNextBehindCheckpoint {
+        uidnext: selected.uidnext,
+        last_uid: stored.last_uid,
+    });
+    SelectOutcome { checkpoint: stored, store: false, notice }
+}
+
+/// Whether a message must pass the dedupe check before delivery.
+pub fn needs_dedupe(checkpoint: &Checkpoint, uid: u32) -> bool {
+    uid <= checkpoint.dedupe_through
+}
+
+/// Clears a finished dedupe pass: once the checkpoint reaches `dedupe_through`, later UIDs are
+/// new messages and need no check.
+pub fn settle(checkpoint: Checkpoint) -> Checkpoint {
+    if checkpoint.dedupe_through != 0 && checkpoint.last_uid >= checkpoint.dedupe_through {
+        Checkpoint { dedupe_through: 0, ..checkpoint }
+    } else {
+        checkpoint
+    }
+}
+
+/// The UIDs to deliver, from a search result: above the checkpoint, ascending, no duplicates.
+/// Servers may answer `UID SEARCH UID n:*` (and `UID FETCH n:*`) with the highest message even
+/// when its UID is below `n` (RFC 3501 §6.4.8: `*` is the largest UID in use), so filter.
+pub fn uids_to_deliver(mut found: Vec<u32>, last_uid: u32) -> Vec<u32> {
+    found.retain(|&u| u > last_uid);
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// Splits UIDs into batches of at most `max` messages.
+pub fn batches(uids: &[u32], max: usize) -> impl Iterator<Item = &[u32]> {
+    uids.chunks(max.max(1))
+}
+
+/// Formats ascending UIDs as a compact IMAP sequence set, e.g. `1:3,7,9:10`.
+pub fn sequence_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end.wrapping_add(1) {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(uidvalidity: u32, uidnext: u32) -> Selected {
+        Selected { uidvalidity, uidnext }
+    }
+
+    #[test]
+    fn first_sight_follows_the_start_policy() {
+        let new = on_select(None, sel(5, 11), StartPolicy::New, UidValidityPolicy::Dedupe);
+        assert_eq!(new.checkpoint, Checkpoint { uidvalidity: 5, last_uid: 10, dedupe_through: 0 });
+        assert!(new.store);
+        let all = on_select(None, sel(5, 11), StartPolicy::All, UidValidityPolicy::Dedupe);
+        assert_eq!(all.checkpoint.last_uid, 0);
+        let empty = on_select(None, sel(5, 0), StartPolicy::New, UidValidityPolicy::Dedupe);
+        assert_eq!(empty.checkpoint.last_uid, 0);
+    }
+
+    #[test]
+    fn unchanged_uidvalidity_keeps_the_checkpoint() {
+        let cp = Checkpoint { uidvalidity: 5, last_uid: 7, dedupe_through: 0 };
+        let o = on_select(Some(cp), sel(5, 20), StartPolicy::All, UidValidityPolicy::Replay);
+        assert_eq!(o, SelectOutcome { checkpoint: cp, store: false, notice: None });
+    }
+
+    #[test]
+    fn uidvalidity_change_follows_the_policy() {
+        let cp = Checkpoint { uidvalidity: 5, last_uid: 70, dedupe_through: 0 };
+        let d = on_select(Some(cp), sel(6, 4), StartPolicy::New, UidValidityPolicy::Dedupe);
+        assert_eq!(d.checkpoint, Checkpoint { uidvalidity: 6, last_uid: 0, dedupe_through: 3 });
+        assert!(matches!(d.notice, Some(Notice::UidValidityChanged { old: 5, new: 6, .. })));
+        let s = on_select(Some(cp), sel(6, 4), StartPolicy::New, UidValidityPolicy::Skip);
+        assert_eq!(s.checkpoint, Checkpoint { uidvalidity: 6, last_uid: 3, dedupe_through: 0 });
+        let r = on_select(Some(cp), sel(6, 4), StartPolicy::New, UidValidityPolicy::Replay);
+        assert_eq!(r.checkpoint, Checkpoint { uidvalidity: 6, last_uid: 0, dedupe_through: 0 });
+    }
+
+    #[test]
+    fn uidnext_behind_checkpoint_is_reported_not_obeyed() {
+        let cp = Checkpoint { uidvalidity: 5, last_uid: 70, dedupe_through: 0 };
+        let o = on_select(Some(cp), sel(5, 10), StartPolicy::New, UidValidityPolicy::Dedupe);
+        assert_eq!(o.checkpoint, cp);
+        assert_eq!(o.notice, Some(Notice::UidNextBehindCheckpoint { uidnext: 10, last_uid: 70 }));
+    }
+
+    #[test]
+    fn dedupe_pass_settles_when_the_checkpoint_passes_it() {
+        let cp = Checkpoint { uidvalidity: 6, last_uid: 2, dedupe_through: 3 };
+        assert!(needs_dedupe(&cp, 3));
+        assert!(!needs_dedupe(&cp, 4));
+        assert_eq!(settle(cp), cp);
+        let done = Checkpoint { last_uid: 3, ..cp };
+        assert_eq!(settle(done).dedupe_through, 0);
+    }
+
+    #[test]
+    fn filters_the_star_quirk_and_sorts() {
+        assert_eq!(uids_to_deliver(vec![9, 12, 11, 12, 3], 10), vec![11, 12]);
+    }
+
+    #[test]
+    fn sequence_sets_compress_runs() {
+        assert_eq!(sequence_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
+        assert_eq!(sequence_set(&[4]), "4");
+        assert_eq!(sequence_set(&[]), "");
+        let b: Vec<&[u32]> = batches(&[1, 2, 3, 4, 5], 2).collect();
+        assert_eq!(b, vec![&[1, 2][..], &[3, 4][..], &[5][..]]);
+    }
+}

@@ -1,0 +1,68 @@
+//! What a watcher does after a catch-up: IDLE, poll, or recycle the connection.
+//!
+//! IDLE is re-issued at least every `idle_refresh` (RFC 2177 asks for less than 29 minutes;
+//! servers and NATs drop quiet connections sooner). Without IDLE the watcher polls every
+//! `poll_interval`. A connection older than `recycle_after` is closed cleanly between two
+//! waits and opened again, which also bounds how long a silently broken connection can live.
+
+use std::time::Duration;
+
+/// Timing of the wait between catch-ups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitPolicy {
+    pub idle_refresh: Duration,
+    pub poll_interval: Duration,
+    pub recycle_after: Duration,
+}
+
+impl Default for WaitPolicy {
+    fn default() -> Self {
+        WaitPolicy {
+            idle_refresh: Duration::from_secs(600),
+            poll_interval: Duration::from_secs(60),
+            recycle_after: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The next wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Enter IDLE and leave it after at most this long.
+    Idle(Duration),
+    /// Sleep this long, then catch up (a NOOP first lets the server report changes).
+    Poll(Duration),
+    /// Log out and connect again now.
+    Recycle,
+}
+
+/// Decides the next wait for a connection that has been up for `connected_for`.
+pub fn next_wait(policy: &WaitPolicy, server_has_idle: bool, connected_for: Duration) -> Wait {
+    let Some(left) = policy.recycle_after.checked_sub(connected_for).filter(|d| !d.is_zero())
+    else {
+        return Wait::Recycle;
+    };
+    if server_has_idle {
+        Wait::Idle(policy.idle_refresh.min(left))
+    } else {
+        Wait::Poll(policy.poll_interval.min(left))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idles_polls_and_recycles() {
+        let p = WaitPolicy::default();
+        assert_eq!(next_wait(&p, true, Duration::ZERO), Wait::Idle(Duration::from_secs(600)));
+        assert_eq!(next_wait(&p, false, Duration::ZERO), Wait::Poll(Duration::from_secs(60)));
+        // The wait never outlives the connection's age limit.
+        assert_eq!(
+            next_wait(&p, true, Duration::from_secs(3590)),
+            Wait::Idle(Duration::from_secs(10))
+        );
+        assert_eq!(next_wait(&p, true, Duration::from_secs(3600)), Wait::Recycle);
+    }
+}
