@@ -1,1 +1,5 @@
-pub fn x(){}
+//! inboxd watches IMAP mailboxes and hands every new message, exactly once and in order, to
+//! whatever must process it.
+pub mod config;
+pub mod imap;
+pub mod secret;

@@ -1,0 +1,590 @@
+//! The TOML configuration, in two stages: raw serde structs close to the file, then validated
+//! settings with defaults applied, paths resolved against the config file's folder and
+//! references checked. Every error names the file, the line and the key.
+//!
+//! The doc comments on the raw fields are the reference; README.md repeats them for operators.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
+use inboxd_core::retry::RetryPolicy;
+use inboxd_core::schedule::{Schedule, Stage};
+use inboxd_core::wait::WaitPolicy;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::secret::SecretSource;
+
+/// A config file that cannot be used. The message is `file:line:column: problem`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+/// A duration written as `"90s"`, `"10m"`, `"1h 30m"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"10m\", \"1h\""))
+        })
+    }
+}
+
+/// How the IMAP connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS from the first byte (port 993).
+    #[default]
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (port 143); refuses to go on without it.
+    Starttls,
+    /// No TLS at all; accepted only for loopback hosts.
+    None,
+}
+
+/// Which password mechanism to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PasswordMechanism {
+    /// LOGIN, or AUTHENTICATE PLAIN when the server advertises LOGINDISABLED.
+    #[default]
+    Auto,
+    Login,
+    Plain,
+}
+
+/// What happens on the server after a message was acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum After {
+    #[default]
+    None,
+    /// Set `\Seen`.
+    Seen,
+    /// Set `\Deleted` and expunge the message.
+    Delete,
+    /// Move the message to another folder.
+    Move(String),
+    /// Set a keyword (or system flag) on the message.
+    Flag(String),
+}
+
+impl<'de> Deserialize<'de> for After {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || {
+            serde::de::Error::custom(format!(
+                "invalid value {s:?}; expected \"none\", \"seen\", \"delete\", \"move:<Folder>\" or \"flag:<keyword>\""
+            ))
+        };
+        match s.as_str() {
+            "none" => Ok(After::None),
+            "seen" => Ok(After::Seen),
+            "delete" => Ok(After::Delete),
+            _ => {
+                if let Some(folder) = s.strip_prefix("move:").filter(|f| !f.is_empty()) {
+                    Ok(After::Move(folder.to_string()))
+                } else if let Some(kw) = s.strip_prefix("flag:") {
+                    // An IMAP atom: no spaces, parentheses, quotes or wildcards (RFC 3501 §9).
+                    let ok = !kw.is_empty()
+                        && kw.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"]".contains(&b));
+                    if ok { Ok(After::Flag(kw.to_string())) } else { Err(bad()) }
+                } else {
+                    Err(bad())
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// SQLite file holding checkpoints and the delivery log. Default `inboxd.db`, relative to
+    /// the config file's folder.
+    state: Option<PathBuf>,
+    #[serde(default)]
+    accounts: BTreeMap<String, Spanned<RawAccount>>,
+    #[serde(default)]
+    watch: Vec<Spanned<RawWatch>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    host: Spanned<String>,
+    /// Default 993 for implicit TLS, 143 otherwise.
+    port: Option<u16>,
+    tls: Option<TlsMode>,
+    /// Extra trust root (PEM) on top of the platform's.
+    ca_file: Option<PathBuf>,
+    user: String,
+    password: SecretSource,
+    #[serde(default)]
+    auth: PasswordMechanism,
+    idle_refresh: Option<Dur>,
+    poll_interval: Option<Dur>,
+    recycle_after: Option<Dur>,
+    reconnect: Option<Spanned<Vec<RawStage>>>,
+    /// A connection must stay up this long before the reconnect schedule starts over.
+    stable_after: Option<Dur>,
+    /// How long a watch with a permanent failure (e.g. missing folder) waits between tries.
+    park_for: Option<Dur>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    every: Dur,
+    until: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect: Option<Dur>,
+    tls: Option<Dur>,
+    greeting: Option<Dur>,
+    login: Option<Dur>,
+    command: Option<Dur>,
+    done: Option<Dur>,
+    idle_silence: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    account: Spanned<String>,
+    #[serde(default = "inbox")]
+    folder: String,
+    #[serde(default)]
+    start: RawStart,
+    #[serde(default)]
+    after: After,
+    deliver: Spanned<RawDeliver>,
+    #[serde(default)]
+    on_uidvalidity_change: RawUidValidity,
+    max_attempts: Option<u32>,
+    retry_initial: Option<Dur>,
+    retry_max: Option<Dur>,
+    /// Messages per UID FETCH command.
+    batch_size: Option<usize>,
+}
+
+fn inbox() -> String {
+    "INBOX".into()
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawStart {
+    #[default]
+    New,
+    All,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawUidValidity {
+    #[default]
+    Dedupe,
+    Skip,
+    Replay,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeliver {
+    /// Program and arguments; no shell. Run in the config file's folder.
+    exec: Option<Vec<String>>,
+    maildir: Option<PathBuf>,
+    /// Handler deadline (exec). Default 5 minutes.
+    timeout: Option<Dur>,
+}
+
+/// Deadlines on every network phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub tls: Duration,
+    pub greeting: Duration,
+    pub login: Duration,
+    pub command: Duration,
+    pub done: Duration,
+    /// No byte from the server in IDLE for this long: leave IDLE and probe with NOOP.
+    pub idle_silence: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Timeouts {
+            connect: s(15),
+            tls: s(15),
+            greeting: s(15),
+            login: s(30),
+            command: s(60),
+            done: s(15),
+            idle_silence: s(300),
+        }
+    }
+}
+
+/// A validated account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub ca_file: Option<PathBuf>,
+    pub user: String,
+    pub password: SecretSource,
+    pub mechanism: PasswordMechanism,
+    pub wait: WaitPolicy,
+    pub schedule: Schedule,
+    pub stable_after: Duration,
+    pub park_for: Duration,
+    pub timeouts: Timeouts,
+}
+
+impl Account {
+    /// A minimal account for library users; everything else takes its default.
+    pub fn new(
+        name: impl Into<String>,
+        host: impl Into<String>,
+        port: u16,
+        tls: TlsMode,
+        user: impl Into<String>,
+        password: SecretSource,
+    ) -> Account {
+        Account {
+            name: name.into(),
+            host: host.into(),
+            port,
+            tls,
+            ca_file: None,
+            user: user.into(),
+            password,
+            mechanism: PasswordMechanism::Auto,
+            wait: WaitPolicy::default(),
+            schedule: Schedule::default(),
+            stable_after: Duration::from_secs(300),
+            park_for: Duration::from_secs(3600),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Where messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deliver {
+    Exec { argv: Vec<String>, timeout: Duration, cwd: PathBuf },
+    Maildir { path: PathBuf },
+}
+
+/// A validated watch of one (account, folder).
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub account: Arc<Account>,
+    pub folder: String,
+    pub start: StartPolicy,
+    pub after: After,
+    pub deliver: Deliver,
+    pub on_uidvalidity_change: UidValidityPolicy,
+    pub retry: RetryPolicy,
+    pub batch_size: usize,
+}
+
+impl Watch {
+    /// `account/folder`, as used in logs and `status`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.account.name, self.folder)
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state: PathBuf,
+    pub accounts: BTreeMap<String, Arc<Account>>,
+    pub watches: Vec<Watch>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is used for messages and to resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
+            let (line, column) = span.map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Invalid { path: path.to_path_buf(), line, column, message }
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_string()))?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+
+        let mut accounts = BTreeMap::new();
+        for (name, spanned) in raw.accounts {
+            let span = spanned.span();
+            let a = spanned.into_inner();
+            let tls = a.tls.unwrap_or_default();
+            let host = a.host.get_ref().clone();
+            if tls == TlsMode::None && !is_loopback(&host) {
+                return Err(invalid(
+                    Some(a.host.span()),
+                    format!(
+                        "accounts.{name}.tls: \"none\" is only allowed for loopback hosts, not {host:?}"
+                    ),
+                ));
+            }
+            let schedule = match a.reconnect {
+                None => Schedule::default(),
+                Some(stages) => {
+                    let sp = stages.span();
+                    let stages = stages
+                        .into_inner()
+                        .into_iter()
+                        .map(|s| Stage { every: s.every.0, until: s.until.map(|d| d.0) })
+                        .collect();
+                    Schedule::new(stages)
+                        .map_err(|e| invalid(Some(sp), format!("accounts.{name}.reconnect: {e}")))?
+                }
+            };
+            let d = Timeouts::default();
+            let t = a.timeouts;
+            let timeouts = Timeouts {
+                connect: t.connect.map_or(d.connect, |x| x.0),
+                tls: t.tls.map_or(d.tls, |x| x.0),
+                greeting: t.greeting.map_or(d.greeting, |x| x.0),
+                login: t.login.map_or(d.login, |x| x.0),
+                command: t.command.map_or(d.command, |x| x.0),
+                done: t.done.map_or(d.done, |x| x.0),
+                idle_silence: t.idle_silence.map_or(d.idle_silence, |x| x.0),
+            };
+            let w = WaitPolicy::default();
+            let wait = WaitPolicy {
+                idle_refresh: a.idle_refresh.map_or(w.idle_refresh, |x| x.0),
+                poll_interval: a.poll_interval.map_or(w.poll_interval, |x| x.0),
+                recycle_after: a.recycle_after.map_or(w.recycle_after, |x| x.0),
+            };
+            for (key, value) in [
+                ("idle_refresh", wait.idle_refresh),
+                ("poll_interval", wait.poll_interval),
+                ("recycle_after", wait.recycle_after),
+            ] {
+                if value.is_zero() {
+                    return Err(invalid(Some(span.clone()), format!("accounts.{name}.{key} must be more than 0s")));
+                }
+            }
+            let account = Account {
+                name: name.clone(),
+                port: a.port.unwrap_or(if tls == TlsMode::Implicit { 993 } else { 143 }),
+                host,
+                tls,
+                ca_file: a.ca_file.map(|p| base.join(p)),
+                user: a.user,
+                password: a.password.relative_to(&base),
+                mechanism: a.auth,
+                wait,
+                schedule,
+                stable_after: a.stable_after.map_or(Duration::from_secs(300), |x| x.0),
+                park_for: a.park_for.map_or(Duration::from_secs(3600), |x| x.0),
+                timeouts,
+            };
+            accounts.insert(name, Arc::new(account));
+        }
+
+        let mut watches: Vec<Watch> = Vec::new();
+        for spanned in raw.watch {
+            let span = spanned.span();
+            let w = spanned.into_inner();
+            let account = accounts.get(w.account.get_ref()).cloned().ok_or_else(|| {
+                invalid(
+                    Some(w.account.span()),
+                    format!("watch.account: no account named {:?} in [accounts]", w.account.get_ref()),
+                )
+            })?;
+            let dspan = w.deliver.span();
+            let d = w.deliver.into_inner();
+            let deliver = match (d.exec, d.maildir) {
+                (Some(argv), None) if !argv.is_empty() => Deliver::Exec {
+                    argv,
+                    timeout: d.timeout.map_or(Duration::from_secs(300), |x| x.0),
+                    cwd: base.clone(),
+                },
+                (None, Some(path)) => Deliver::Maildir { path: base.join(path) },
+                _ => {
+                    return Err(invalid(
+                        Some(dspan),
+                        "watch.deliver: give exactly one of `exec = [\"program\", ..]` or `maildir = \"path\"`".into(),
+                    ));
+                }
+            };
+            let r = RetryPolicy::default();
+            let watch = Watch {
+                account,
+                folder: w.folder,
+                start: match w.start {
+                    RawStart::New => StartPolicy::New,
+                    RawStart::All => StartPolicy::All,
+                },
+                after: w.after,
+                deliver,
+                on_uidvalidity_change: match w.on_uidvalidity_change {
+                    RawUidValidity::Dedupe => UidValidityPolicy::Dedupe,
+                    RawUidValidity::Skip => UidValidityPolicy::Skip,
+                    RawUidValidity::Replay => UidValidityPolicy::Replay,
+                },
+                retry: RetryPolicy {
+                    initial: w.retry_initial.map_or(r.initial, |x| x.0),
+                    max: w.retry_max.map_or(r.max, |x| x.0),
+                    max_attempts: w.max_attempts.unwrap_or(r.max_attempts).max(1),
+                },
+                batch_size: w.batch_size.unwrap_or(200).clamp(1, 10_000),
+            };
+            if watches.iter().any(|o| o.account.name == watch.account.name && o.folder == watch.folder) {
+                return Err(invalid(
+                    Some(span),
+                    format!("watch: {} is watched twice", watch.name()),
+                ));
+            }
+            watches.push(watch);
+        }
+        let state = base.join(raw.state.unwrap_or_else(|| PathBuf::from("inboxd.db")));
+        Ok(Config { path: path.to_path_buf(), state, accounts, watches })
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Whether `host` is a loopback name or address.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state = "inboxd.db"
+
+[accounts.demo]
+host = "127.0.0.1"
+port = 10143
+tls = "starttls"
+ca_file = "tls/cert.pem"
+user = "alice"
+password = { env = "DEMO_PASSWORD" }
+idle_refresh = "10m"
+poll_interval = "60s"
+recycle_after = "1h"
+reconnect = [ { every = "0s", until = "0s" }, { every = "1m", until = "10m" },
+              { every = "10m", until = "1h" }, { every = "1h" } ]
+
+[[watch]]
+account = "demo"
+folder = "INBOX"
+start = "all"
+after = "seen"
+deliver = { exec = ["./handler.sh", "--flag"] }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/inboxd/inboxd.toml"), text)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(GOOD).unwrap();
+        let a = &c.accounts["demo"];
+        assert_eq!((a.port, a.tls), (10143, TlsMode::Starttls));
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new("/etc/inboxd/tls/cert.pem")));
+        assert_eq!(a.schedule, Schedule::default());
+        assert_eq!(c.state, Path::new("/etc/inboxd/inboxd.db"));
+        let w = &c.watches[0];
+        assert_eq!((w.start, &w.after), (StartPolicy::All, &After::Seen));
+        assert!(matches!(&w.deliver, Deliver::Exec { argv, .. } if argv[0] == "./handler.sh"));
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = err(&GOOD.replace("user = \"alice\"", "usr = \"alice\""));
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:10:"), "{e}");
+        assert!(e.contains("usr"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_missing_key_are_located() {
+        let e = err(&GOOD.replace("port = 10143", "port = \"x\""));
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:6:"), "{e}");
+        let e = err(&GOOD.replace("user = \"alice\"\n", ""));
+        assert!(e.contains("missing field `user`"), "{e}");
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:4:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let e = err(&GOOD.replace("account = \"demo\"", "account = \"nope\""));
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:18:") && e.contains("nope"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1", "mail.example.com").replace("starttls", "none"));
+        assert!(e.contains(":5:") && e.contains("loopback"), "{e}");
+        let e = err(&GOOD.replace("every = \"0s\", until = \"0s\"", "every = \"0s\", until = \"5m\""));
+        assert!(e.contains(":14:") && e.contains("tight loop"), "{e}");
+        let e = err(&GOOD.replace("after = \"seen\"", "after = \"sen\""));
+        assert!(e.contains(":21:") && e.contains("move:<Folder>"), "{e}");
+        let e = err(&GOOD.replace("idle_refresh = \"10m\"", "idle_refresh = \"10 parsecs\""));
+        assert!(e.contains(":11:") && e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn password_literal_never_in_debug() {
+        let c = parse(&GOOD.replace("{ env = \"DEMO_PASSWORD\" }", "\"s3cr3t-pw\"")).unwrap();
+        assert!(!format!("{c:?}").contains("s3cr3t-pw"));
+    }
+
+    #[test]
+    fn loopback_detection() {
+        for h in ["127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["10.0.0.1", "example.com", "localhost.example.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
+}

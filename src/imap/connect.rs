@@ -1,0 +1,123 @@
+//! Opening a connection: TCP with keepalive, TLS (implicit or STARTTLS), greeting, login.
+//! Every phase has its own deadline.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::{ImapError, deadline};
+use crate::config::{Account, TlsMode};
+
+/// The byte stream under an IMAP session: plain (loopback only) or TLS.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens the TCP connection with keepalive (idle 60 s, interval 10 s, 5 probes) and
+/// `TCP_USER_TIMEOUT` where the platform has it, so a half-open connection is noticed even
+/// while the client is silent in IDLE.
+pub(crate) async fn tcp(account: &Account) -> Result<TcpStream, ImapError> {
+    let addr = format!("{}:{}", account.host, account.port);
+    let t = account.timeouts.connect;
+    let stream = deadline("connect", t, async {
+        TcpStream::connect((account.host.trim_start_matches('[').trim_end_matches(']'), account.port))
+            .await
+            .map_err(|source| ImapError::Connect { addr: addr.clone(), source })
+    })
+    .await?;
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(&stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(5);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(120)));
+    Ok(stream)
+}
+
+/// Builds the TLS connector: the platform's trust store plus the account's `ca_file`, always
+/// verifying the server's name.
+pub(crate) fn tls_connector(account: &Account) -> Result<TlsConnector, ImapError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut extra = Vec::new();
+    if let Some(path) = &account.ca_file {
+        for cert in CertificateDer::pem_file_iter(path)
+            .map_err(|e| ImapError::TlsConfig(format!("cannot read ca_file {}: {e}", path.display())))?
+        {
+            extra.push(cert.map_err(|e| {
+                ImapError::TlsConfig(format!("bad certificate in ca_file {}: {e}", path.display()))
+            })?);
+        }
+        if extra.is_empty() {
+            return Err(ImapError::TlsConfig(format!("ca_file {} holds no certificate", path.display())));
+        }
+    }
+    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+        .map_err(|e| ImapError::TlsConfig(e.to_string()))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ImapError::TlsConfig(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+pub(crate) async fn tls(account: &Account, tcp: TcpStream) -> Result<Conn, ImapError> {
+    let connector = tls_connector(account)?;
+    let host = account.host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let name = ServerName::try_from(host.clone())
+        .map_err(|_| ImapError::TlsConfig(format!("{host:?} is not a valid server name")))?;
+    let stream = deadline("TLS handshake", account.timeouts.tls, async {
+        connector.connect(name, tcp).await.map_err(|source| ImapError::Tls { host, source })
+    })
+    .await?;
+    Ok(Conn::Tls(Box::new(stream)))
+}
+
+/// Whether the account connects with TLS at once.
+pub(crate) fn implicit(account: &Account) -> bool {
+    account.tls == TlsMode::Implicit
+}

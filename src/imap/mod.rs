@@ -1,0 +1,536 @@
+//! The IMAP session layer: the only module that knows about `async-imap`.
+//!
+//! [`Session::open`] connects, secures, greets and logs in with a deadline on every phase;
+//! the methods of [`Session`] are the few commands inboxd needs, each with a deadline. Fetches
+//! use `BODY.PEEK[]`, so fetching never sets `\Seen`.
+//!
+//! **Architecture Invariant:** no type of `async-imap` or `imap-proto` appears in this module's
+//! public API; swapping the IMAP crate touches this folder only.
+
+mod connect;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use async_imap::Authenticator;
+use async_imap::extensions::idle::IdleResponse;
+use async_imap::imap_proto::{Response, ResponseCode, Status};
+use futures::TryStreamExt;
+use inboxd_core::failure::FailureClass;
+use inboxd_core::mailbox::sequence_set;
+
+pub use connect::Conn;
+
+use crate::config::{Account, PasswordMechanism, Timeouts, TlsMode};
+use crate::secret::SecretError;
+
+type Inner = async_imap::Session<Conn>;
+
+/// Why an IMAP operation failed. Never contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{phase} timed out after {after:?}")]
+    Timeout { phase: &'static str, after: Duration },
+    #[error("TLS handshake with {host} failed")]
+    Tls {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
+    #[error("server does not offer STARTTLS; refusing to send the password in clear")]
+    NoStarttls,
+    #[error("server refused the connection: {0}")]
+    Refused(String),
+    #[error("login as {user} refused: {message}")]
+    Auth { user: String, message: String },
+    #[error("cannot read the password of account {account}")]
+    Secret {
+        account: String,
+        #[source]
+        source: SecretError,
+    },
+    #[error("cannot select folder {folder:?}: {message}")]
+    Select { folder: String, message: String },
+    #[error("server closed the session: {0}")]
+    Bye(String),
+    #[error("{command} failed")]
+    Command {
+        command: &'static str,
+        #[source]
+        source: async_imap::error::Error,
+    },
+    #[error("server answered {command} with something unexpected: {detail}")]
+    Unexpected { command: &'static str, detail: String },
+}
+
+impl ImapError {
+    /// What this failure means for reconnecting.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            ImapError::Auth { .. } => FailureClass::Auth,
+            ImapError::Bye(_) => FailureClass::Bye,
+            ImapError::Select { .. } | ImapError::TlsConfig(_) | ImapError::NoStarttls => {
+                FailureClass::Permanent
+            }
+            ImapError::Secret { .. } => FailureClass::Permanent,
+            _ => FailureClass::Network,
+        }
+    }
+}
+
+pub(crate) async fn deadline<T>(
+    phase: &'static str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, ImapError>>,
+) -> Result<T, ImapError> {
+    tokio::time::timeout(after, fut).await.map_err(|_| ImapError::Timeout { phase, after })?
+}
+
+fn cmd(command: &'static str) -> impl FnOnce(async_imap::error::Error) -> ImapError {
+    move |source| match source {
+        async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m)
+            if m.contains("BYE") =>
+        {
+            ImapError::Bye(m)
+        }
+        source => ImapError::Command { command, source },
+    }
+}
+
+/// What SELECT reported, with UIDNEXT resolved even when the server omitted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FolderState {
+    pub uidvalidity: u32,
+    pub uidnext: u32,
+    pub exists: u32,
+}
+
+/// One message as fetched.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub uid: u32,
+    /// The raw RFC 5322 bytes exactly as on the server.
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched").field("uid", &self.uid).field("len", &self.body.len()).finish()
+    }
+}
+
+/// How an IDLE (or a poll wait) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The server reported a change.
+    Activity,
+    /// The wait reached its maximum length (`idle_refresh` or `poll_interval`).
+    Elapsed,
+    /// No byte from the server for `idle_silence`.
+    Silence,
+    /// The caller interrupted the wait (queued work, stop).
+    Interrupted,
+}
+
+/// A logged-in IMAP session.
+#[derive(Debug)]
+pub struct Session {
+    inner: Inner,
+    caps: HashSet<String>,
+    timeouts: Timeouts,
+    selected: Option<String>,
+}
+
+struct Plain<'a> {
+    user: &'a str,
+    password: &'a str,
+}
+
+impl Authenticator for Plain<'_> {
+    type Response = Vec<u8>;
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        format!("\0{}\0{}", self.user, self.password).into_bytes()
+    }
+}
+
+impl Session {
+    /// Connects to the account's server and logs in.
+    pub async fn open(account: &Account) -> Result<Session, ImapError> {
+        let t = account.timeouts;
+        let tcp = connect::tcp(account).await?;
+        let conn = if connect::implicit(account) { connect::tls(account, tcp).await? } else { Conn::Plain(tcp) };
+        let mut client = async_imap::Client::new(conn);
+        let mut greeting_caps = greeting(&mut client, t.greeting).await?;
+        if account.tls == TlsMode::Starttls {
+            if !greeting_caps.is_empty() && !greeting_caps.contains("STARTTLS") {
+                return Err(ImapError::NoStarttls);
+            }
+            deadline("STARTTLS", t.command, async {
+                client.run_command_and_check_ok("STARTTLS", None).await.map_err(|e| match e {
+                    async_imap::error::Error::Bad(_) | async_imap::error::Error::No(_) => ImapError::NoStarttls,
+                    e => cmd("STARTTLS")(e),
+                })
+            })
+            .await?;
+            let Conn::Plain(tcp) = client.into_inner() else {
+                return Err(ImapError::TlsConfig("STARTTLS on a TLS stream".into()));
+            };
+            client = async_imap::Client::new(connect::tls(account, tcp).await?);
+            // Capabilities seen before TLS are not to be trusted (RFC 3501 §6.2.1).
+            greeting_caps.clear();
+        }
+        let password = account
+            .password
+            .resolve()
+            .await
+            .map_err(|source| ImapError::Secret { account: account.name.clone(), source })?;
+        let use_plain = match account.mechanism {
+            PasswordMechanism::Plain => true,
+            PasswordMechanism::Login => false,
+            PasswordMechanism::Auto => greeting_caps.contains("LOGINDISABLED"),
+        };
+        let auth_err = |e: async_imap::error::Error| match e {
+            async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
+                ImapError::Auth { user: account.user.clone(), message: m }
+            }
+            e => cmd("LOGIN")(e),
+        };
+        let inner = deadline("login", t.login, async {
+            if use_plain {
+                let auth = Plain { user: &account.user, password: password.expose() };
+                client.authenticate("PLAIN", auth).await.map_err(|(e, _)| auth_err(e))
+            } else {
+                client.login(&account.user, password.expose()).await.map_err(|(e, _)| auth_err(e))
+            }
+        })
+        .await?;
+        drop(password);
+        let mut session = Session { inner, caps: HashSet::new(), timeouts: t, selected: None };
+        session.refresh_capabilities().await?;
+        Ok(session)
+    }
+
+    async fn refresh_capabilities(&mut self) -> Result<(), ImapError> {
+        let caps = deadline("CAPABILITY", self.timeouts.command, async {
+            self.inner.capabilities().await.map_err(cmd("CAPABILITY"))
+        })
+        .await?;
+        self.caps = caps
+            .iter()
+            .map(|c| match c {
+                async_imap::types::Capability::Imap4rev1 => "IMAP4REV1".to_string(),
+                async_imap::types::Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+                async_imap::types::Capability::Atom(a) => a.to_ascii_uppercase(),
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Whether the server advertised a capability (case-insensitive).
+    pub fn has(&self, capability: &str) -> bool {
+        self.caps.contains(&capability.to_ascii_uppercase())
+    }
+
+    /// The advertised capabilities, sorted.
+    pub fn capabilities(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.caps.iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The selected folder, if any.
+    pub fn folder(&self) -> Option<&str> {
+        self.selected.as_deref()
+    }
+
+    /// SELECTs a folder. UIDNEXT comes from SELECT, else STATUS, else the highest UID + 1.
+    pub async fn select(&mut self, folder: &str) -> Result<FolderState, ImapError> {
+        let t = self.timeouts.command;
+        let mailbox = deadline("SELECT", t, async {
+            self.inner.select(folder).await.map_err(|e| match e {
+                async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
+                    ImapError::Select { folder: folder.to_string(), message: m }
+                }
+                e => cmd("SELECT")(e),
+            })
+        })
+        .await?;
+        self.selected = Some(folder.to_string());
+        let uidvalidity = mailbox.uid_validity.ok_or_else(|| ImapError::Unexpected {
+            command: "SELECT",
+            detail: format!("no UIDVALIDITY for {folder:?}"),
+        })?;
+        let uidnext = match mailbox.uid_next {
+            Some(n) => n,
+            None => self.uidnext_fallback(folder).await?,
+        };
+        Ok(FolderState { uidvalidity, uidnext, exists: mailbox.exists })
+    }
+
+    async fn uidnext_fallback(&mut self, folder: &str) -> Result<u32, ImapError> {
+        let t = self.timeouts.command;
+        let status = deadline("STATUS", t, async {
+            self.inner.status(folder, "(UIDNEXT)").await.map_err(cmd("STATUS"))
+        })
+        .await;
+        if let Ok(Some(n)) = status.as_ref().map(|m| m.uid_next) {
+            return Ok(n);
+        }
+        let uids = self.search("ALL").await?;
+        Ok(uids.last().map_or(1, |u| u.saturating_add(1)))
+    }
+
+    /// `UID SEARCH <query>`, ascending.
+    pub async fn search(&mut self, query: &str) -> Result<Vec<u32>, ImapError> {
+        let t = self.timeouts.command;
+        let set = deadline("UID SEARCH", t, async {
+            self.inner.uid_search(query).await.map_err(cmd("UID SEARCH"))
+        })
+        .await?;
+        let mut v: Vec<u32> = set.into_iter().collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// The UIDs above `last_uid` with their sizes: `UID FETCH last+1:* (UID RFC822.SIZE)`.
+    /// The caller filters: `*` may name a message below `last_uid + 1`.
+    pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<(u32, u32)>, ImapError> {
+        let t = self.timeouts.command;
+        let from = last_uid.saturating_add(1);
+        deadline("UID FETCH", t, async {
+            let stream = self
+                .inner
+                .uid_fetch(format!("{from}:*"), "(UID RFC822.SIZE)")
+                .await
+                .map_err(cmd("UID FETCH"))?;
+            let fetches: Vec<_> = stream.try_collect().await.map_err(cmd("UID FETCH"))?;
+            Ok(fetches.iter().filter_map(|f| Some((f.uid?, f.size.unwrap_or(0)))).collect())
+        })
+        .await
+    }
+
+    /// Fetches whole messages by UID with `BODY.PEEK[]`, in ascending UID order. Messages the
+    /// server no longer has are simply absent from the result.
+    pub async fn fetch(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
+        self.fetch_section(uids, "BODY.PEEK[]").await
+    }
+
+    /// Fetches the header blocks only (`BODY.PEEK[HEADER]`).
+    pub async fn fetch_headers(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
+        self.fetch_section(uids, "BODY.PEEK[HEADER]").await
+    }
+
+    async fn fetch_section(&mut self, uids: &[u32], section: &str) -> Result<Vec<Fetched>, ImapError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let t = self.timeouts.command;
+        let query = format!("(UID {section})");
+        let header = section.contains("HEADER");
+        let mut out = deadline("UID FETCH", t, async {
+            let stream = self.inner.uid_fetch(sequence_set(uids), &query).await.map_err(cmd("UID FETCH"))?;
+            let fetches: Vec<_> = stream.try_collect().await.map_err(cmd("UID FETCH"))?;
+            Ok(fetches
+                .into_iter()
+                .filter_map(|f| {
+                    let uid = f.uid.filter(|u| wanted.contains(u))?;
+                    let body = if header { f.header() } else { f.body() }?;
+                    Some(Fetched { uid, body: body.to_vec() })
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        out.sort_by_key(|f| f.uid);
+        out.dedup_by_key(|f| f.uid);
+        Ok(out)
+    }
+
+    /// Adds flags to messages (`UID STORE +FLAGS.SILENT`).
+    pub async fn add_flags(&mut self, uids: &[u32], flags: &str) -> Result<(), ImapError> {
+        let t = self.timeouts.command;
+        deadline("UID STORE", t, async {
+            let s = self
+                .inner
+                .uid_store(sequence_set(uids), format!("+FLAGS.SILENT ({flags})"))
+                .await
+                .map_err(cmd("UID STORE"))?;
+            let _: Vec<_> = s.try_collect().await.map_err(cmd("UID STORE"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes messages: `\Deleted`, then `UID EXPUNGE` (UIDPLUS) or, without it, `EXPUNGE`
+    /// (which also removes any other message already marked `\Deleted`).
+    pub async fn delete(&mut self, uids: &[u32]) -> Result<(), ImapError> {
+        self.add_flags(uids, "\\Deleted").await?;
+        let t = self.timeouts.command;
+        let uidplus = self.has("UIDPLUS");
+        deadline("EXPUNGE", t, async {
+            if uidplus {
+                let s = self.inner.uid_expunge(sequence_set(uids)).await.map_err(cmd("UID EXPUNGE"))?;
+                let _: Vec<_> = s.try_collect().await.map_err(cmd("UID EXPUNGE"))?;
+            } else {
+                let s = self.inner.expunge().await.map_err(cmd("EXPUNGE"))?;
+                let _: Vec<_> = s.try_collect().await.map_err(cmd("EXPUNGE"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves messages to `folder`: `UID MOVE` (RFC 6851) or `UID COPY` + delete.
+    pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
+        let t = self.timeouts.command;
+        if self.has("MOVE") {
+            return deadline("UID MOVE", t, async {
+                self.inner.uid_mv(sequence_set(uids), folder).await.map_err(cmd("UID MOVE"))
+            })
+            .await;
+        }
+        deadline("UID COPY", t, async {
+            self.inner.uid_copy(sequence_set(uids), folder).await.map_err(cmd("UID COPY"))
+        })
+        .await?;
+        self.delete(uids).await
+    }
+
+    /// `APPEND` a message to a folder (used by tests, the demo and the benchmark).
+    pub async fn append(&mut self, folder: &str, message: &[u8]) -> Result<(), ImapError> {
+        let t = self.timeouts.command;
+        deadline("APPEND", t, async {
+            self.inner.append(folder, None, None, message).await.map_err(cmd("APPEND"))
+        })
+        .await
+    }
+
+    /// `NOOP`: a liveness probe that also lets the server report changes.
+    pub async fn noop(&mut self) -> Result<(), ImapError> {
+        let t = self.timeouts.command;
+        deadline("NOOP", t, async { self.inner.noop().await.map_err(cmd("NOOP")) }).await?;
+        self.drain_unsolicited();
+        Ok(())
+    }
+
+    /// Runs a raw command and waits for its tagged OK (for commands this API lacks).
+    pub async fn run(&mut self, command: &str) -> Result<(), ImapError> {
+        let t = self.timeouts.command;
+        deadline("command", t, async {
+            self.inner.run_command_and_check_ok(command).await.map_err(cmd("command"))
+        })
+        .await
+    }
+
+    /// Drops unsolicited responses collected so far; returns whether any announced new mail
+    /// (EXISTS or RECENT). The caller resyncs by UID range anyway: this is only a hint.
+    pub fn drain_unsolicited(&mut self) -> bool {
+        let mut news = false;
+        while let Ok(r) = self.inner.unsolicited_responses.try_recv() {
+            news |= matches!(
+                r,
+                async_imap::types::UnsolicitedResponse::Exists(_)
+                    | async_imap::types::UnsolicitedResponse::Recent(_)
+            );
+        }
+        news
+    }
+
+    /// IDLE (RFC 2177) for at most `max`; leaves early on server activity, silence longer
+    /// than `idle_silence`, or when `interrupt` completes. Ends with DONE under its deadline.
+    pub async fn idle(
+        self,
+        max: Duration,
+        interrupt: impl Future<Output = ()>,
+    ) -> Result<(Session, WaitEnd), ImapError> {
+        let Session { inner, caps, timeouts, selected } = self;
+        let mut handle = inner.idle();
+        deadline("IDLE", timeouts.command, async { handle.init().await.map_err(cmd("IDLE")) }).await?;
+        let end = {
+            let (wait, stop) = handle.wait_with_timeout(timeouts.idle_silence);
+            tokio::pin!(wait);
+            tokio::pin!(interrupt);
+            let mut stop = Some(stop);
+            let mut reason = None;
+            let sleep = tokio::time::sleep(max);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    r = &mut wait => {
+                        let r = r.map_err(cmd("IDLE"))?;
+                        break match (reason, r) {
+                            (Some(reason), _) => reason,
+                            (None, IdleResponse::Timeout) => WaitEnd::Silence,
+                            (None, IdleResponse::ManualInterrupt) => {
+                                return Err(ImapError::Bye("connection closed during IDLE".into()));
+                            }
+                            (None, IdleResponse::NewData(data)) => {
+                                if let Response::Data { status: Status::Bye, outcome } = data.parsed() {
+                                    return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
+                                }
+                                WaitEnd::Activity
+                            }
+                        };
+                    }
+                    _ = &mut sleep, if reason.is_none() => {
+                        reason = Some(WaitEnd::Elapsed);
+                        stop.take();
+                    }
+                    _ = &mut interrupt, if reason.is_none() => {
+                        reason = Some(WaitEnd::Interrupted);
+                        stop.take();
+                    }
+                }
+            }
+        };
+        let inner = deadline("DONE", timeouts.done, async { handle.done().await.map_err(cmd("DONE")) }).await?;
+        let mut session = Session { inner, caps, timeouts, selected };
+        session.drain_unsolicited();
+        Ok((session, end))
+    }
+
+    /// LOGOUT under a deadline; errors are ignored, the connection is closed either way.
+    pub async fn logout(mut self) {
+        let t = self.timeouts.done;
+        let _ = tokio::time::timeout(t, self.inner.logout()).await;
+    }
+}
+
+async fn greeting(client: &mut async_imap::Client<Conn>, after: Duration) -> Result<HashSet<String>, ImapError> {
+    deadline("greeting", after, async {
+        let resp = client
+            .read_response()
+            .await
+            .map_err(|e| cmd("greeting")(e.into()))?
+            .ok_or_else(|| ImapError::Refused("connection closed before the greeting".into()))?;
+        match resp.parsed() {
+            Response::Data { status: Status::Ok | Status::PreAuth, outcome } => {
+                let mut caps = HashSet::new();
+                if let Some(ResponseCode::Capabilities(list)) = &outcome.code {
+                    for c in list {
+                        caps.insert(match c {
+                            async_imap::imap_proto::Capability::Imap4rev1 => "IMAP4REV1".into(),
+                            async_imap::imap_proto::Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+                            async_imap::imap_proto::Capability::Atom(a) => a.to_ascii_uppercase(),
+                        });
+                    }
+                }
+                Ok(caps)
+            }
+            Response::Data { status: Status::Bye, outcome } => {
+                Err(ImapError::Refused(outcome.information.as_deref().unwrap_or("BYE").to_string()))
+            }
+            other => Err(ImapError::Unexpected { command: "greeting", detail: format!("{other:?}") }),
+        }
+    })
+    .await
+}
