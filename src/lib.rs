@@ -3,3 +3,4 @@
 pub mod config;
 pub mod imap;
 pub mod secret;
+pub mod store;

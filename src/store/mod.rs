@@ -1,0 +1,116 @@
+//! The checkpoint store: checkpoints and the delivery log, behind the [`Store`] trait.
+//!
+//! **Architecture Invariant:** a checkpoint and the delivery-log rows that justify it change
+//! in one transaction ([`Store::commit`]), so after a crash the log never claims a delivery the
+//! checkpoint does not cover, nor the reverse.
+
+mod sqlite;
+
+use futures::future::BoxFuture;
+use inboxd_core::checkpoint::Checkpoint;
+
+pub use sqlite::SqliteStore;
+
+/// What the delivery log says about one message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// The handler acknowledged it.
+    Delivered,
+    /// The handler failed; it will be retried.
+    Failed,
+    /// The handler failed `max_attempts` times; the watcher moved on. `inboxd replay` retries.
+    Dead,
+    /// Not delivered on purpose: its Message-ID was already delivered (UIDVALIDITY dedupe).
+    Skipped,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Dead => "dead",
+            DeliveryStatus::Skipped => "skipped",
+        }
+    }
+
+    fn parse(s: &str) -> Option<DeliveryStatus> {
+        Some(match s {
+            "delivered" => DeliveryStatus::Delivered,
+            "failed" => DeliveryStatus::Failed,
+            "dead" => DeliveryStatus::Dead,
+            "skipped" => DeliveryStatus::Skipped,
+            _ => return None,
+        })
+    }
+}
+
+/// One row of the delivery log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub key: String,
+    pub account: String,
+    pub folder: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    /// Message-ID, or `sha256:<hex>` of the header block when there is none.
+    pub message_id: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub last_error: String,
+    pub updated_at: i64,
+}
+
+/// A stored checkpoint with its folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointRow {
+    pub account: String,
+    pub folder: String,
+    pub checkpoint: Checkpoint,
+    pub updated_at: i64,
+}
+
+/// A store that cannot do what was asked; nothing was acknowledged.
+#[derive(Debug, thiserror::Error)]
+#[error("state store {what} failed")]
+pub struct StoreError {
+    pub what: &'static str,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Durable checkpoints and delivery log. Implementations must make [`Store::commit`] atomic and
+/// durable before it returns.
+pub trait Store: Send + Sync + 'static {
+    fn checkpoint<'a>(&'a self, account: &'a str, folder: &'a str) -> BoxFuture<'a, StoreResult<Option<Checkpoint>>>;
+
+    /// Writes the checkpoint and the given delivery-log rows in one transaction.
+    fn commit<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        checkpoint: Checkpoint,
+        log: &'a [Delivery],
+    ) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// Writes delivery-log rows without touching the checkpoint (failed attempts, replays).
+    fn record<'a>(&'a self, log: &'a [Delivery]) -> BoxFuture<'a, StoreResult<()>>;
+
+    fn delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Delivery>>>;
+
+    /// Whether a message with this Message-ID (or digest) was delivered from this folder
+    /// before (under any UIDVALIDITY).
+    fn seen_message_id<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        message_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
+
+    fn checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
+
+    /// Delivery-log rows with the given status, newest first.
+    fn by_status(&self, status: DeliveryStatus, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Delivery>>>;
+}
