@@ -1,1 +1,109 @@
-fn main(){}
+//! The `inboxd` command: the daemon and its tools.
+
+mod demo;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use inboxd::config::Config;
+
+#[derive(Parser)]
+#[command(name = "inboxd", version, about = "Watch IMAP mailboxes and hand every new message, exactly once and in order, to your code")]
+struct Cli {
+    /// Log format on stderr (default: pretty on a terminal, plain otherwise).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info`, `inboxd=debug` (also RUST_LOG).
+    #[arg(long, global = true, default_value = "info", env = "RUST_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Plain,
+    Json,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The TOML config file.
+    #[arg(short, long, env = "INBOXD_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Watch every configured folder until SIGINT/SIGTERM.
+    Run(ConfigArg),
+    /// Catch every watch up, deliver, and exit (non-zero if any watch failed).
+    Once(ConfigArg),
+    /// Validate the config, log in to every account, print capabilities and folder status.
+    Check(ConfigArg),
+    /// Show checkpoints, messages being retried and dead letters.
+    Status(ConfigArg),
+    /// Deliver a logged message (e.g. a dead letter) again, by its key.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message's idempotency key, as shown by `status`.
+        key: String,
+    },
+    /// Start a throwaway Dovecot, watch it, append a few messages and show them processed.
+    Demo {
+        /// How many messages to append.
+        #[arg(long, default_value_t = 3)]
+        messages: usize,
+    },
+}
+
+fn init_logs(format: Option<LogFormat>, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let tty = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format.unwrap_or(if tty { LogFormat::Pretty } else { LogFormat::Plain }) {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.with_ansi(true).init(),
+        LogFormat::Plain => builder.with_ansi(false).init(),
+    }
+}
+
+fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
+    Ok(Config::load(&arg.config)?)
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout();
+    match cli.command {
+        Cmd::Run(c) => inboxd::daemon::run(&load(&c)?).await,
+        Cmd::Once(c) => inboxd::daemon::once(&load(&c)?).await,
+        Cmd::Check(c) => inboxd::daemon::check(&load(&c)?, &mut stdout).await,
+        Cmd::Status(c) => inboxd::daemon::status(&load(&c)?, &mut stdout).await,
+        Cmd::Replay { config, key } => inboxd::daemon::replay(&load(&config)?, &key).await,
+        Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format, &cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("inboxd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_inner(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inboxd: {e:#}");
+            if e.downcast_ref::<inboxd::config::ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+        }
+    }
+}

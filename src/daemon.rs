@@ -1,0 +1,238 @@
+//! What the CLI commands do, as library functions: run every watch until a signal, catch every
+//! watch up once, check accounts, show status, replay a dead letter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use inboxd_core::key::{parse_key, scope_hash};
+use tracing::{error, info};
+
+use crate::config::{Account, Config, Watch};
+use crate::handler::Message;
+use crate::imap::Session;
+use crate::store::{DeliveryStatus, SqliteStore, Store};
+use crate::watcher::{Mode, Watcher};
+
+/// Opens the configured state store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store = SqliteStore::open(&config.state)
+        .await
+        .with_context(|| format!("cannot open state store {}", config.state.display()))?;
+    Ok(Arc::new(store))
+}
+
+fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyhow::Result<Vec<Watcher>> {
+    if config.watches.is_empty() {
+        bail!("{}: no [[watch]] configured", config.path.display());
+    }
+    config
+        .watches
+        .iter()
+        .map(|w| {
+            Watcher::start(w.clone(), store.clone(), mode).with_context(|| format!("cannot start watch {}", w.name()))
+        })
+        .collect()
+}
+
+/// Runs every watch until SIGINT or SIGTERM, then stops them cleanly: the delivery in flight
+/// finishes and is committed, sessions log out.
+pub async fn run(config: &Config) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let watchers = start_all(config, &store, Mode::Forever)?;
+    info!(watches = watchers.len(), state = %config.state.display(), "inboxd running");
+    wait_for_signal().await?;
+    info!("stopping");
+    for w in watchers {
+        let name = w.name().to_string();
+        if let Err(e) = w.stop().await {
+            error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Catches every watch up once. Fails if any watch failed or dead-lettered a message.
+pub async fn once(config: &Config) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let watchers = start_all(config, &store, Mode::Once)?;
+    let mut failures = Vec::new();
+    for w in watchers {
+        let name = w.name().to_string();
+        match w.join().await {
+            Ok(0) => {}
+            Ok(dead) => failures.push(format!("{name}: {dead} message(s) dead-lettered")),
+            Err(e) => failures.push(format!("{name}: {:#}", anyhow::Error::from(e))),
+        }
+    }
+    if failures.is_empty() { Ok(()) } else { Err(anyhow!(failures.join("; "))) }
+}
+
+/// Logs in to every account and prints capabilities and folder status.
+pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for (name, account) in &config.accounts {
+        writeln!(out, "account {name}: {}@{}:{} ({:?})", account.user, account.host, account.port, account.tls)?;
+        let mut session = match Session::open(account).await {
+            Ok(s) => s,
+            Err(e) => {
+                writeln!(out, "  FAILED: {:#}", anyhow::Error::from(e))?;
+                failed += 1;
+                continue;
+            }
+        };
+        writeln!(out, "  login ok; capabilities: {}", session.capabilities().join(" "))?;
+        for w in config.watches.iter().filter(|w| &w.account.name == name) {
+            match session.select(&w.folder).await {
+                Ok(s) => writeln!(
+                    out,
+                    "  folder {:?}: uidvalidity {} uidnext {} messages {}",
+                    w.folder, s.uidvalidity, s.uidnext, s.exists
+                )?,
+                Err(e) => {
+                    writeln!(out, "  folder {:?}: FAILED: {:#}", w.folder, anyhow::Error::from(e))?;
+                    failed += 1;
+                }
+            }
+        }
+        session.logout().await;
+    }
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+/// Prints checkpoints, messages being retried and dead letters.
+pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    writeln!(out, "checkpoints ({}):", config.state.display())?;
+    let rows = store.checkpoints().await?;
+    for w in &config.watches {
+        let row = rows.iter().find(|r| r.account == w.account.name && r.folder == w.folder);
+        match row {
+            Some(r) => writeln!(
+                out,
+                "  {}  uidvalidity {}  last_uid {}{}",
+                w.name(),
+                r.checkpoint.uidvalidity,
+                r.checkpoint.last_uid,
+                if r.checkpoint.dedupe_through > 0 {
+                    format!("  (dedupe pass through uid {})", r.checkpoint.dedupe_through)
+                } else {
+                    String::new()
+                }
+            )?,
+            None => writeln!(out, "  {}  (never connected)", w.name())?,
+        }
+    }
+    for (title, status) in [("retrying", DeliveryStatus::Failed), ("dead letters", DeliveryStatus::Dead)] {
+        let rows = store.by_status(status, 1000).await?;
+        writeln!(out, "{title} ({}):", rows.len())?;
+        for d in rows {
+            writeln!(
+                out,
+                "  {}  {}/{} uid {}  attempts {}  error: {}",
+                d.key, d.account, d.folder, d.uid, d.attempts, d.last_error
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Delivers one logged message again (typically a dead letter) with its watch's handler.
+pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let mut d = store
+        .delivery(key)
+        .await?
+        .ok_or_else(|| anyhow!("no message with key {key} in the delivery log"))?;
+    let (scope, uidvalidity, uid) = parse_key(key).ok_or_else(|| anyhow!("{key} is not an inboxd key"))?;
+    let watch: &Watch = config
+        .watches
+        .iter()
+        .find(|w| scope_hash(&w.account.name, &w.folder) == scope && w.account.name == d.account)
+        .ok_or_else(|| anyhow!("no configured watch for {}/{}", d.account, d.folder))?;
+    let mut session = Session::open(&watch.account).await?;
+    let state = session.select(&watch.folder).await?;
+    if state.uidvalidity != uidvalidity {
+        bail!(
+            "{}'s UIDVALIDITY is now {} (was {uidvalidity}): uid {uid} no longer names this message",
+            watch.name(),
+            state.uidvalidity
+        );
+    }
+    let fetched = session.fetch(&[uid]).await?;
+    let m = fetched.first().ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
+    let mut handler = crate::handler::from_config(&watch.deliver)?;
+    let (mid, _) = crate::message::identity(&m.body);
+    let msg = Message {
+        account: &watch.account.name,
+        folder: &watch.folder,
+        uidvalidity,
+        uid,
+        key,
+        message_id: mid.as_deref(),
+        body: &m.body,
+    };
+    let result = match handler.deliver(&msg).await {
+        Ok(()) => handler.flush().await,
+        Err(e) => Err(e),
+    };
+    d.attempts += 1;
+    match result {
+        Ok(()) => {
+            d.status = DeliveryStatus::Delivered;
+            d.last_error.clear();
+            store.record(std::slice::from_ref(&d)).await?;
+            session.logout().await;
+            info!(key, "replayed");
+            Ok(())
+        }
+        Err(e) => {
+            d.last_error = e.detail();
+            store.record(std::slice::from_ref(&d)).await?;
+            session.logout().await;
+            Err(anyhow!("replay of {key} failed: {}", e.detail()))
+        }
+    }
+}
+
+/// The seed's one-shot mode: connect, log in, select `folder`, run `f` on the session, log out.
+///
+/// ```no_run
+/// use inboxd::config::{Account, TlsMode};
+/// use inboxd::secret::SecretSource;
+///
+/// # async fn demo() -> Result<(), inboxd::imap::ImapError> {
+/// let account = Account::new("demo", "imap.example.com", 993, TlsMode::Implicit, "alice",
+///                            SecretSource::Env("IMAP_PASSWORD".into()));
+/// let unseen = inboxd::once_with(&account, "INBOX", async |s| s.search("UNSEEN").await).await??;
+/// println!("{} unseen messages", unseen.len());
+/// # Ok(()) }
+/// ```
+pub async fn once_with<T>(
+    account: &Account,
+    folder: &str,
+    f: impl AsyncFnOnce(&mut Session) -> T,
+) -> Result<T, crate::imap::ImapError> {
+    let mut session = Session::open(account).await?;
+    session.select(folder).await?;
+    let out = f(&mut session).await;
+    session.logout().await;
+    Ok(out)
+}
+
+/// How long `run` waits for watchers to finish on shutdown before giving up.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

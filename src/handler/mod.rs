@@ -1,0 +1,78 @@
+//! Handlers: where a message goes. Each is named after its destination.
+//!
+//! - [`exec`]: runs a program with the raw message on stdin; exit 0 acknowledges.
+//! - [`maildir`]: writes the message into a Maildir, durably, at most once.
+//!
+//! Library users can implement [`Handler`] themselves.
+
+pub mod exec;
+pub mod maildir;
+
+use futures::future::BoxFuture;
+
+use crate::config::Deliver;
+
+/// One message handed to a handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub account: &'a str,
+    pub folder: &'a str,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    /// The idempotency key: stable across restarts and re-deliveries.
+    pub key: &'a str,
+    pub message_id: Option<&'a str>,
+    /// The raw message, exactly as on the server.
+    pub body: &'a [u8],
+}
+
+/// Why a handler did not acknowledge a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct HandlerError {
+    pub reason: String,
+    /// The tail of what the handler printed (stderr, then stdout), if anything.
+    pub output: String,
+}
+
+impl HandlerError {
+    pub fn new(reason: impl Into<String>) -> HandlerError {
+        HandlerError { reason: reason.into(), output: String::new() }
+    }
+
+    /// The reason followed by the output tail, as stored in the delivery log.
+    pub fn detail(&self) -> String {
+        if self.output.is_empty() {
+            self.reason.clone()
+        } else {
+            format!("{}; output: {}", self.reason, self.output)
+        }
+    }
+}
+
+/// A destination for messages.
+///
+/// `deliver` may return before the message is durable; the watcher calls `flush` before it
+/// commits the checkpoint, and only a successful `flush` makes the deliveries before it count.
+pub trait Handler: Send {
+    fn deliver<'a>(&'a mut self, message: &'a Message<'a>) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// Makes every delivery since the last flush durable.
+    fn flush(&mut self) -> BoxFuture<'_, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Whether the checkpoint may be committed once per batch (true) or must be committed after
+    /// every message (false; for handlers with side effects that cannot be repeated cheaply).
+    fn batches(&self) -> bool {
+        false
+    }
+}
+
+/// Builds the handler a watch's config asks for.
+pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> {
+    Ok(match deliver {
+        Deliver::Exec { argv, timeout, cwd } => Box::new(exec::Exec::new(argv.clone(), *timeout, cwd.clone())),
+        Deliver::Maildir { path } => Box::new(maildir::Maildir::open(path)?),
+    })
+}

@@ -1,0 +1,364 @@
+//! A throwaway Dovecot on loopback, for the demo, the integration tests and the benchmark.
+//!
+//! Each instance lives in its own temporary folder (config, sockets, state, log, TLS
+//! certificate, mail) and listens on free loopback ports: a plain/STARTTLS port and an implicit
+//! TLS port. It runs in the foreground as our child in its own process group, with its stdio
+//! redirected (Dovecot keeps the stderr it was started with open for its whole life), and is
+//! stopped with SIGTERM to that group. As root, mail is owned by `nobody`; otherwise by the
+//! current user (with the settings rootless Dovecot needs).
+//!
+//! Users: `alice`/`alicepw`, `bob`/`bobpw`, and `quoted` whose password `p@ss w"rd\x` needs
+//! IMAP quoting.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::{Account, TlsMode};
+use crate::secret::{Secret, SecretSource};
+
+/// The test users and their passwords.
+pub const USERS: &[(&str, &str)] = &[("alice", "alicepw"), ("bob", "bobpw"), ("quoted", "p@ss w\"rd\\x")];
+
+/// Options for a Dovecot instance.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Replace the post-login capability list (e.g. to hide IDLE).
+    pub capabilities: Option<String>,
+}
+
+/// A running Dovecot instance. Stopped and removed on drop.
+#[derive(Debug)]
+pub struct Dovecot {
+    dir: PathBuf,
+    keep_dir: bool,
+    /// Plain port (STARTTLS offered; LOGIN allowed on loopback).
+    pub port: u16,
+    /// Implicit TLS port.
+    pub tls_port: u16,
+    child: Option<Child>,
+    mail_uid: (u32, u32),
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn find_dovecot() -> io::Result<PathBuf> {
+    for p in ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"] {
+        if Path::new(p).exists() {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "dovecot is not installed (Debian/Ubuntu: apt-get install -y dovecot-imapd)",
+    ))
+}
+
+/// Whether Dovecot is installed here.
+pub fn available() -> bool {
+    find_dovecot().is_ok()
+}
+
+impl Dovecot {
+    /// Starts an instance with default options in a new temporary folder.
+    pub fn start() -> io::Result<Dovecot> {
+        Dovecot::start_with(Options::default())
+    }
+
+    /// Starts an instance with the given options.
+    pub fn start_with(options: Options) -> io::Result<Dovecot> {
+        let base = std::env::temp_dir().join(format!("inboxd-dovecot-{}-{}", std::process::id(), free_port()?));
+        fs::create_dir_all(&base)?;
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o755))?;
+        let root = unsafe { libc::geteuid() } == 0;
+        let mail_uid = if root { (65534, 65534) } else { unsafe { (libc::geteuid(), libc::getegid()) } };
+        let mut d = Dovecot { dir: base, keep_dir: false, port: free_port()?, tls_port: free_port()?, child: None, mail_uid };
+        d.write_files(&options, root)?;
+        d.launch()?;
+        Ok(d)
+    }
+
+    /// The instance's folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Keep the folder after drop (for the demo: its Maildir output may live there).
+    pub fn keep(&mut self) {
+        self.keep_dir = true;
+    }
+
+    /// The CA certificate that verifies this instance (a self-signed certificate for
+    /// `localhost` and `127.0.0.1`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls/ca.pem")
+    }
+
+    /// The Dovecot config file.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("dovecot.conf")
+    }
+
+    /// The Maildir of a user.
+    pub fn maildir(&self, user: &str) -> PathBuf {
+        self.dir.join("home").join(user).join("Maildir")
+    }
+
+    /// An account for a test user over STARTTLS on the plain port, trusting the instance's CA.
+    pub fn account(&self, user: &str) -> Account {
+        let password = USERS.iter().find(|(u, _)| *u == user).map_or("", |(_, p)| p);
+        let mut a = Account::new(
+            user,
+            "127.0.0.1",
+            self.port,
+            TlsMode::Starttls,
+            user,
+            SecretSource::Literal(Secret::new(password)),
+        );
+        a.ca_file = Some(self.ca_file());
+        a
+    }
+
+    fn write_files(&self, options: &Options, root: bool) -> io::Result<()> {
+        let d = &self.dir;
+        for sub in ["run", "state", "tls", "home"] {
+            fs::create_dir_all(d.join(sub))?;
+        }
+        let (uid, gid) = self.mail_uid;
+        let mut users = String::new();
+        for (user, pass) in USERS {
+            let home = d.join("home").join(user);
+            fs::create_dir_all(&home)?;
+            chown(&home, uid, gid)?;
+            users.push_str(&format!("{user}:{pass}:{uid}:{gid}::{}::\n", home.display()));
+        }
+        fs::write(d.join("users"), users)?;
+        make_certificates(&d.join("tls"))?;
+        let mut conf = format!(
+            r#"protocols = imap
+listen = 127.0.0.1
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = inboxd-test-{port}
+log_path = {d}/dovecot.log
+ssl = yes
+ssl_cert = <{d}/tls/cert.pem
+ssl_key = <{d}/tls/key.pem
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_failure_delay = 0
+auth_verbose = yes
+first_valid_uid = 1
+mail_location = maildir:~/Maildir
+mail_fsync = never
+mailbox_idle_check_interval = 1 secs
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {d}/users
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+  {chroot}
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = {tls_port}
+    ssl = yes
+  }}
+  {chroot}
+}}
+"#,
+            d = d.display(),
+            port = self.port,
+            tls_port = self.tls_port,
+            chroot = if root { "" } else { "chroot =" },
+        );
+        if Path::new("/usr/share/dovecot/dh.pem").exists() {
+            conf.push_str("ssl_dh = </usr/share/dovecot/dh.pem\n");
+        }
+        if !root {
+            let user = std::env::var("USER").unwrap_or_else(|_| "nobody".into());
+            let group = Command::new("id").arg("-gn").output().ok().and_then(|o| String::from_utf8(o.stdout).ok());
+            let group = group.map(|g| g.trim().to_string()).unwrap_or_else(|| user.clone());
+            conf.push_str(&format!(
+                "default_internal_user = {user}\ndefault_internal_group = {group}\ndefault_login_user = {user}\n"
+            ));
+        }
+        if let Some(caps) = &options.capabilities {
+            conf.push_str(&format!("protocol imap {{\n  imap_capability = {caps}\n}}\n"));
+        }
+        fs::write(d.join("dovecot.conf"), conf)?;
+        Ok(())
+    }
+
+    fn launch(&mut self) -> io::Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("stderr.log"))?;
+        let child = Command::new(find_dovecot()?)
+            .arg("-F")
+            .arg("-c")
+            .arg(self.config_file())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                let log = fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+                return Err(io::Error::other(format!("dovecot exited with {status}: {log}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::other("dovecot did not start listening within 15 s"))
+    }
+
+    /// Stops the instance (SIGTERM to its process group, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pgid = child.id() as i32;
+            // SAFETY: signals the process group Dovecot was started in.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Children (imap, auth, log) may outlive the master by a moment; make sure.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the instance again after [`Dovecot::stop`], on the same ports with the same mail.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.launch()
+    }
+
+    /// Runs `doveadm` against this instance.
+    pub fn doveadm(&self, args: &[&str]) -> io::Result<String> {
+        let out = Command::new("doveadm").arg("-c").arg(self.config_file()).args(args).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "doveadm {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes messages straight into a user's Maildir folder (`INBOX` or another), the fast way
+    /// to make a large backlog. Dovecot assigns UIDs in file-name order at its next sync.
+    pub fn drop_messages(&self, user: &str, folder: &str, messages: &[Vec<u8>]) -> io::Result<()> {
+        let root = self.maildir(user);
+        let dir = if folder == "INBOX" { root.clone() } else { root.join(format!(".{folder}")) };
+        let (uid, gid) = self.mail_uid;
+        for p in [&root, &dir] {
+            for sub in ["", "new", "cur", "tmp"] {
+                let s = p.join(sub);
+                if !s.exists() {
+                    fs::create_dir_all(&s)?;
+                    chown(&s, uid, gid)?;
+                }
+            }
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        for (i, m) in messages.iter().enumerate() {
+            let name = format!("{now}.M{i:08}P{}.inboxd,S={}", std::process::id(), m.len());
+            let tmp = dir.join("tmp").join(&name);
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(m)?;
+            drop(f);
+            chown(&tmp, uid, gid)?;
+            fs::rename(&tmp, dir.join("new").join(&name))?;
+        }
+        Ok(())
+    }
+}
+
+/// A throwaway CA and a server certificate it signed, for `localhost` and `127.0.0.1` (a
+/// self-signed leaf is rejected by webpki as "CA used as end entity").
+fn make_certificates(dir: &Path) -> io::Result<()> {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let steps: [Vec<&str>; 3] = [
+        [&["req", "-x509"][..], &ec, &["-days", "30", "-subj", "/CN=inboxd test CA", "-keyout", "ca.key", "-out", "ca.pem"]]
+            .concat(),
+        [&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]].concat(),
+        vec![
+            "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "30",
+            "-extfile", "leaf.ext", "-out", "cert.pem",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl").args(&args).current_dir(dir).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "openssl {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        self.stop();
+        if !self.keep_dir {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A small RFC 5322 message for tests and the demo.
+pub fn sample_message(n: usize, subject: &str, body_len: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: sender@example.com\r\nTo: alice@example.com\r\nSubject: {subject}\r\nMessage-ID: <{n}.{}@inboxd.test>\r\nDate: Thu, 26 Nov 2026 07:00:00 +0000\r\n\r\n",
+        std::process::id()
+    )
+    .into_bytes();
+    let line = b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghij\r\n";
+    while m.len() < body_len {
+        m.extend_from_slice(line);
+    }
+    m
+}

@@ -1,0 +1,662 @@
+//! The watcher: one task per (account, folder) that executes the decision core.
+//!
+//! A round connects, selects, reconciles the checkpoint with the folder (UIDVALIDITY), catches
+//! up by UID range, then waits (IDLE, or a poll sleep) and catches up again after every wake;
+//! queued closures run on the same session between waits. Any error ends the round; the
+//! reconnect schedule decides when the next one starts. A panic in a round (for example in the
+//! IMAP parser on hostile bytes) is caught at the task boundary and treated like a dropped
+//! connection: other watchers never notice.
+//!
+//! **Architecture Invariant:** the checkpoint is committed only after the handler acknowledged
+//! and flushed every message up to it; post-actions run only after that commit.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use inboxd_core::checkpoint::{AckWindow, Checkpoint};
+use inboxd_core::failure::{FailureClass, Reconnect};
+use inboxd_core::key::message_key;
+use inboxd_core::mailbox::{self, Notice, Selected};
+use inboxd_core::retry::AfterFailure;
+use inboxd_core::wait::{Wait, next_wait};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{After, Watch};
+use crate::handler::{Handler, HandlerError, Message};
+use crate::imap::{ImapError, Session, WaitEnd};
+use crate::store::{Delivery, DeliveryStatus, Store, StoreError};
+
+/// Largest number of message bytes fetched in one batch (a single larger message is fetched
+/// on its own).
+const BATCH_BYTES: u64 = 32 << 20;
+
+/// Something that happened in a watcher. Subscribe with [`Watcher::subscribe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Logged in and selected the folder.
+    Connected { watch: String },
+    /// The session ended; `error` is `None` for a deliberate close (recycle, stop).
+    Disconnected { watch: String, error: Option<String>, retry_in: Option<Duration> },
+    /// A message was acknowledged by the handler and the checkpoint committed.
+    Delivered { watch: String, key: String, uid: u32 },
+    /// The handler failed on a message; it will be retried.
+    Failed { watch: String, key: String, uid: u32, attempts: u32, error: String },
+    /// The handler failed `max_attempts` times; the message was dead-lettered.
+    DeadLettered { watch: String, key: String, uid: u32, error: String },
+    /// A message was not delivered because its Message-ID was delivered before.
+    SkippedDuplicate { watch: String, key: String, uid: u32 },
+    /// The folder's UIDVALIDITY changed.
+    UidValidityChanged { watch: String, old: u32, new: u32 },
+    /// Every message above the checkpoint has been handled.
+    CaughtUp { watch: String, last_uid: u32 },
+}
+
+/// Why a watcher stopped for good, or why one round of `once` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Imap(#[from] ImapError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("handler: {0}")]
+    Handler(HandlerError),
+    #[error("watcher task panicked: {0}")]
+    Panicked(String),
+    #[error("the watcher has stopped")]
+    Stopped,
+}
+
+impl WatchError {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            WatchError::Imap(e) => e.class(),
+            WatchError::Handler(_) => FailureClass::Permanent,
+            _ => FailureClass::Network,
+        }
+    }
+}
+
+/// Live health of one watch, for `status` and health endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    pub state: String,
+    pub last_error: Option<String>,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+    pub reconnects: u64,
+    pub panics: u64,
+}
+
+/// A closure queued to run on the watcher's own session between waits.
+pub type Job = Box<dyn for<'a> FnOnce(&'a mut Session) -> BoxFuture<'a, ()> + Send>;
+
+/// Whether a watcher runs until stopped or catches up once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Forever,
+    Once,
+}
+
+struct Ctx {
+    watch: Watch,
+    name: String,
+    store: Arc<dyn Store>,
+    events: broadcast::Sender<Event>,
+    health: Arc<Mutex<Health>>,
+    stop: watch::Receiver<bool>,
+    jobs: mpsc::Receiver<Job>,
+    pending_jobs: Vec<Job>,
+    dead_in_run: u64,
+}
+
+impl Ctx {
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn set_state(&self, state: &str) {
+        if let Ok(mut h) = self.health.lock() {
+            h.state = state.to_string();
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn health(&self, f: impl FnOnce(&mut Health)) {
+        if let Ok(mut h) = self.health.lock() {
+            f(&mut h);
+        }
+    }
+}
+
+/// How a round ended without error.
+enum RoundEnd {
+    Stopped,
+    Recycle,
+    CaughtUp,
+}
+
+/// A running watcher. Dropping it does not stop it; call [`Watcher::stop`].
+pub struct Watcher {
+    name: String,
+    stop: watch::Sender<bool>,
+    jobs: mpsc::Sender<Job>,
+    events: broadcast::Sender<Event>,
+    health: Arc<Mutex<Health>>,
+    task: tokio::task::JoinHandle<Result<u64, WatchError>>,
+}
+
+impl Watcher {
+    /// Starts watching with the handler the config names.
+    pub fn start(watch: Watch, store: Arc<dyn Store>, mode: Mode) -> Result<Watcher, HandlerError> {
+        let handler = crate::handler::from_config(&watch.deliver)?;
+        Ok(Watcher::with_handler(watch, store, handler, mode))
+    }
+
+    /// Starts watching with a handler of the caller's.
+    pub fn with_handler(watch: Watch, store: Arc<dyn Store>, handler: Box<dyn Handler>, mode: Mode) -> Watcher {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (jobs_tx, jobs_rx) = mpsc::channel(64);
+        let (events, _) = broadcast::channel(1024);
+        let health = Arc::new(Mutex::new(Health { state: "starting".into(), ..Health::default() }));
+        let name = watch.name();
+        let ctx = Ctx {
+            name: name.clone(),
+            watch,
+            store,
+            events: events.clone(),
+            health: health.clone(),
+            stop: stop_rx,
+            jobs: jobs_rx,
+            pending_jobs: Vec::new(),
+            dead_in_run: 0,
+        };
+        let task = tokio::spawn(supervise(ctx, handler, mode));
+        Watcher { name, stop: stop_tx, jobs: jobs_tx, events, health, task }
+    }
+
+    /// `account/folder`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Receives events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// A snapshot of the watcher's health.
+    pub fn health(&self) -> Health {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Runs `f` on the watcher's own session between waits (interrupting IDLE to do so) and
+    /// returns its result. If the watcher is disconnected, `f` runs after it reconnects.
+    ///
+    /// ```no_run
+    /// # async fn demo(w: &inboxd::watcher::Watcher) -> Result<(), Box<dyn std::error::Error>> {
+    /// let unseen = w.queue(|s| Box::pin(async move { s.search("UNSEEN").await })).await??;
+    /// println!("{} unseen", unseen.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn queue<T, F>(&self, f: F) -> Result<T, WatchError>
+    where
+        T: Send + 'static,
+        F: for<'a> FnOnce(&'a mut Session) -> BoxFuture<'a, T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |s| {
+            Box::pin(async move {
+                let _ = tx.send(f(s).await);
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| WatchError::Stopped)?;
+        rx.await.map_err(|_| WatchError::Stopped)
+    }
+
+    /// Asks the watcher to stop (finishing the delivery in flight and committing it) and waits
+    /// for it. Returns the number of messages dead-lettered during the run.
+    pub async fn stop(self) -> Result<u64, WatchError> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits for the watcher to end by itself (in [`Mode::Once`]).
+    pub async fn join(self) -> Result<u64, WatchError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(WatchError::Panicked(e.to_string())),
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+async fn supervise(mut ctx: Ctx, mut handler: Box<dyn Handler>, mode: Mode) -> Result<u64, WatchError> {
+    let a = ctx.watch.account.clone();
+    let mut reconnect = Reconnect::new(a.schedule.clone(), a.stable_after, a.park_for);
+    let origin = Instant::now();
+    loop {
+        if ctx.stopping() {
+            ctx.set_state("stopped");
+            return Ok(ctx.dead_in_run);
+        }
+        ctx.set_state("connecting");
+        let round = std::panic::AssertUnwindSafe(round(&mut ctx, handler.as_mut(), &mut reconnect, origin, mode))
+            .catch_unwind()
+            .await;
+        let err = match round {
+            Ok(Ok(RoundEnd::Stopped | RoundEnd::CaughtUp)) => {
+                ctx.set_state("stopped");
+                return Ok(ctx.dead_in_run);
+            }
+            Ok(Ok(RoundEnd::Recycle)) => {
+                info!(watch = %ctx.name, "recycling connection");
+                ctx.emit(Event::Disconnected { watch: ctx.name.clone(), error: None, retry_in: None });
+                continue;
+            }
+            Ok(Err(e)) => e,
+            Err(panic) => {
+                let msg = panic_message(panic.as_ref());
+                ctx.health(|h| h.panics += 1);
+                error!(watch = %ctx.name, panic = %msg, "watcher panicked; treating it as a dropped connection");
+                WatchError::Panicked(msg)
+            }
+        };
+        if mode == Mode::Once {
+            ctx.set_state("failed");
+            return Err(err);
+        }
+        let delay = reconnect.failed(origin.elapsed(), err.class(), fastrand::f64());
+        let text = format!("{:#}", anyhow::Error::from(err));
+        warn!(watch = %ctx.name, error = %text, retry_in = ?delay, "watch failed");
+        ctx.health(|h| {
+            h.last_error = Some(text.clone());
+            h.reconnects += 1;
+            h.state = format!("waiting {}s to reconnect", delay.as_secs());
+        });
+        ctx.emit(Event::Disconnected { watch: ctx.name.clone(), error: Some(text), retry_in: Some(delay) });
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = ctx.stop.changed() => {
+                    if ctx.stopping() { break; }
+                }
+                Some(job) = ctx.jobs.recv() => ctx.pending_jobs.push(job),
+            }
+        }
+    }
+}
+
+async fn round(
+    ctx: &mut Ctx,
+    handler: &mut dyn Handler,
+    reconnect: &mut Reconnect,
+    origin: Instant,
+    mode: Mode,
+) -> Result<RoundEnd, WatchError> {
+    let w = ctx.watch.clone();
+    let mut session = Session::open(&w.account).await?;
+    let state = session.select(&w.folder).await?;
+    let stored = ctx.store.checkpoint(&w.account.name, &w.folder).await?;
+    let outcome = mailbox::on_select(
+        stored,
+        Selected { uidvalidity: state.uidvalidity, uidnext: state.uidnext },
+        w.start,
+        w.on_uidvalidity_change,
+    );
+    match outcome.notice {
+        Some(Notice::FirstSight) => {
+            info!(watch = %ctx.name, uidvalidity = state.uidvalidity, last_uid = outcome.checkpoint.last_uid, "first sight of folder; checkpoint created")
+        }
+        Some(Notice::UidValidityChanged { old, new, policy }) => {
+            warn!(watch = %ctx.name, old, new, policy = ?policy, "UIDVALIDITY changed: the folder was recreated or restored");
+            ctx.emit(Event::UidValidityChanged { watch: ctx.name.clone(), old, new });
+        }
+        Some(Notice::UidNextBehindCheckpoint { uidnext, last_uid }) => {
+            warn!(watch = %ctx.name, uidnext, last_uid, "UIDNEXT is below the checkpoint without a UIDVALIDITY change; keeping the checkpoint")
+        }
+        None => {}
+    }
+    if outcome.store {
+        ctx.store.commit(&w.account.name, &w.folder, outcome.checkpoint, &[]).await?;
+    }
+    let mut cp = outcome.checkpoint;
+    reconnect.connected(origin.elapsed());
+    let connected_at = Instant::now();
+    info!(watch = %ctx.name, idle = session.has("IDLE"), "connected");
+    ctx.emit(Event::Connected { watch: ctx.name.clone() });
+    ctx.health(|h| h.last_error = None);
+
+    loop {
+        run_jobs(ctx, &mut session).await;
+        ctx.set_state("catching up");
+        let stopped;
+        (cp, stopped) = catch_up(ctx, handler, &mut session, cp).await?;
+        if stopped || ctx.stopping() {
+            session.logout().await;
+            return Ok(RoundEnd::Stopped);
+        }
+        ctx.emit(Event::CaughtUp { watch: ctx.name.clone(), last_uid: cp.last_uid });
+        if mode == Mode::Once {
+            session.logout().await;
+            return Ok(RoundEnd::CaughtUp);
+        }
+        run_jobs(ctx, &mut session).await;
+        match next_wait(&w.account.wait, session.has("IDLE"), connected_at.elapsed()) {
+            Wait::Recycle => {
+                session.logout().await;
+                return Ok(RoundEnd::Recycle);
+            }
+            Wait::Idle(max) => {
+                ctx.set_state("idle");
+                let (stop, jobs, pending) = (&mut ctx.stop, &mut ctx.jobs, &mut ctx.pending_jobs);
+                let interrupt = async {
+                    if *stop.borrow() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        job = jobs.recv() => if let Some(j) = job { pending.push(j) },
+                    }
+                };
+                let (s, end) = session.idle(max, interrupt).await?;
+                session = s;
+                debug!(watch = %ctx.name, end = ?end, "left IDLE");
+                if end == WaitEnd::Silence {
+                    // The watchdog: no byte for `idle_silence`. A NOOP under its deadline tells
+                    // a quiet server from a dead connection.
+                    session.noop().await?;
+                }
+            }
+            Wait::Poll(every) => {
+                ctx.set_state("polling");
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = ctx.stop.changed() => {}
+                    job = ctx.jobs.recv() => if let Some(j) = job { ctx.pending_jobs.push(j) },
+                }
+                session.noop().await?;
+            }
+        }
+        if ctx.stopping() {
+            session.logout().await;
+            return Ok(RoundEnd::Stopped);
+        }
+    }
+}
+
+async fn run_jobs(ctx: &mut Ctx, session: &mut Session) {
+    while let Ok(job) = ctx.jobs.try_recv() {
+        ctx.pending_jobs.push(job);
+    }
+    for job in std::mem::take(&mut ctx.pending_jobs) {
+        job(session).await;
+    }
+}
+
+/// The outcome of delivering one message.
+enum Delivered {
+    Ok(Delivery),
+    Interrupted,
+}
+
+/// Delivers everything above the checkpoint, in UID order. Returns the new checkpoint and
+/// whether a stop request interrupted the catch-up.
+async fn catch_up(
+    ctx: &mut Ctx,
+    handler: &mut dyn Handler,
+    session: &mut Session,
+    mut cp: Checkpoint,
+) -> Result<(Checkpoint, bool), WatchError> {
+    let w = ctx.watch.clone();
+    loop {
+        session.drain_unsolicited();
+        let listed = session.list_above(cp.last_uid).await?;
+        let mut sizes = std::collections::HashMap::new();
+        for &(uid, size) in &listed {
+            sizes.insert(uid, size);
+        }
+        let uids = mailbox::uids_to_deliver(listed.into_iter().map(|(u, _)| u).collect(), cp.last_uid);
+        if uids.is_empty() {
+            let settled = mailbox::settle(cp);
+            if settled != cp {
+                ctx.store.commit(&w.account.name, &w.folder, settled, &[]).await?;
+            }
+            return Ok((settled, false));
+        }
+        debug!(watch = %ctx.name, count = uids.len(), from = uids[0], "new messages");
+        for batch in size_batches(&uids, &sizes, w.batch_size) {
+            let fetched = session.fetch(batch).await?;
+            let mut window = AckWindow::new(cp.last_uid);
+            for m in &fetched {
+                window.track(m.uid);
+            }
+            let mut log: Vec<Delivery> = Vec::new();
+            let mut acked: Vec<u32> = Vec::new();
+            let mut interrupted = false;
+            for m in &fetched {
+                if ctx.stopping() {
+                    interrupted = true;
+                    break;
+                }
+                let key = message_key(&w.account.name, &w.folder, cp.uidvalidity, m.uid);
+                let (mid, ident) = crate::message::identity(&m.body);
+                let record = |status, attempts, last_error: String| Delivery {
+                    key: key.clone(),
+                    account: w.account.name.clone(),
+                    folder: w.folder.clone(),
+                    uidvalidity: cp.uidvalidity,
+                    uid: m.uid,
+                    message_id: ident.clone(),
+                    status,
+                    attempts,
+                    last_error,
+                    updated_at: 0,
+                };
+                if mailbox::needs_dedupe(&cp, m.uid)
+                    && ctx.store.seen_message_id(&w.account.name, &w.folder, &ident).await?
+                {
+                    info!(watch = %ctx.name, uid = m.uid, message_id = %ident, "already delivered before the UIDVALIDITY change; skipping");
+                    ctx.emit(Event::SkippedDuplicate { watch: ctx.name.clone(), key: key.clone(), uid: m.uid });
+                    log.push(record(DeliveryStatus::Skipped, 0, String::new()));
+                    window.ack(m.uid);
+                    continue;
+                }
+                let msg = Message {
+                    account: &w.account.name,
+                    folder: &w.folder,
+                    uidvalidity: cp.uidvalidity,
+                    uid: m.uid,
+                    key: &key,
+                    message_id: mid.as_deref(),
+                    body: &m.body,
+                };
+                let first = record(DeliveryStatus::Delivered, 0, String::new());
+                let d = deliver_with_retry(ctx, handler, session, &msg, first, cp, &mut window, &mut log, &mut acked)
+                    .await?;
+                match d {
+                    Delivered::Ok(rec) => {
+                        let status = rec.status;
+                        log.push(rec);
+                        window.ack(m.uid);
+                        if status == DeliveryStatus::Delivered {
+                            acked.push(m.uid);
+                        }
+                    }
+                    Delivered::Interrupted => {
+                        interrupted = true;
+                        break;
+                    }
+                }
+                if !handler.batches() {
+                    cp = commit(ctx, handler, session, cp, &mut window, &mut log, &mut acked).await?;
+                }
+            }
+            cp = commit(ctx, handler, session, cp, &mut window, &mut log, &mut acked).await?;
+            if interrupted {
+                return Ok((cp, true));
+            }
+        }
+    }
+}
+
+/// Flushes the handler, commits the acknowledged prefix with its log rows, then runs
+/// post-actions for the messages that were delivered.
+async fn commit(
+    ctx: &mut Ctx,
+    handler: &mut dyn Handler,
+    session: &mut Session,
+    cp: Checkpoint,
+    window: &mut AckWindow,
+    log: &mut Vec<Delivery>,
+    acked: &mut Vec<u32>,
+) -> Result<Checkpoint, WatchError> {
+    if log.is_empty() && acked.is_empty() {
+        return Ok(cp);
+    }
+    let w = &ctx.watch;
+    handler.flush().await.map_err(WatchError::Handler)?;
+    let next = Checkpoint { last_uid: window.advance(), ..cp };
+    ctx.store.commit(&w.account.name, &w.folder, next, log).await?;
+    for d in log.drain(..) {
+        if d.status == DeliveryStatus::Delivered {
+            ctx.emit(Event::Delivered { watch: ctx.name.clone(), key: d.key, uid: d.uid });
+        }
+    }
+    ctx.health(|h| h.delivered += acked.len() as u64);
+    let uids = std::mem::take(acked);
+    if !uids.is_empty() {
+        let r = match &w.after {
+            After::None => Ok(()),
+            After::Seen => session.add_flags(&uids, "\\Seen").await,
+            After::Flag(f) => session.add_flags(&uids, f).await,
+            After::Delete => session.delete(&uids).await,
+            After::Move(folder) => session.move_to(&uids, folder).await,
+        };
+        if let Err(e) = r {
+            // The messages are delivered and committed; only the post-action is lost.
+            warn!(watch = %ctx.name, uids = ?uids, "post-action failed; the messages stay delivered");
+            return Err(WatchError::Imap(e));
+        }
+    }
+    Ok(next)
+}
+
+/// Delivers one message, retrying with back-off until it is acknowledged or dead-lettered.
+/// Before the first retry wait, what is already acknowledged in this batch is flushed and
+/// committed, so a crash during a long back-off does not repeat it.
+async fn deliver_with_retry(
+    ctx: &mut Ctx,
+    handler: &mut dyn Handler,
+    session: &mut Session,
+    msg: &Message<'_>,
+    mut record: Delivery,
+    cp: Checkpoint,
+    window: &mut AckWindow,
+    log: &mut Vec<Delivery>,
+    acked: &mut Vec<u32>,
+) -> Result<Delivered, WatchError> {
+    let prior = ctx.store.delivery(msg.key).await?;
+    let mut attempts = prior.filter(|d| d.status == DeliveryStatus::Failed).map_or(0, |d| d.attempts);
+    let mut committed_prefix = false;
+    loop {
+        match handler.deliver(msg).await {
+            Ok(()) => {
+                record.attempts = attempts + 1;
+                return Ok(Delivered::Ok(record));
+            }
+            Err(e) => {
+                attempts += 1;
+                let detail = e.detail();
+                record.attempts = attempts;
+                record.last_error = detail.clone();
+                match ctx.watch.retry.after_failure(attempts) {
+                    AfterFailure::DeadLetter => {
+                        error!(watch = %ctx.name, uid = msg.uid, key = %msg.key, attempts, error = %detail, "handler failed; message dead-lettered");
+                        ctx.emit(Event::DeadLettered { watch: ctx.name.clone(), key: msg.key.into(), uid: msg.uid, error: detail });
+                        ctx.health(|h| h.dead_lettered += 1);
+                        ctx.dead_in_run += 1;
+                        record.status = DeliveryStatus::Dead;
+                        return Ok(Delivered::Ok(record));
+                    }
+                    AfterFailure::RetryAfter(delay) => {
+                        warn!(watch = %ctx.name, uid = msg.uid, key = %msg.key, attempts, retry_in = ?delay, error = %detail, "handler failed; will retry");
+                        ctx.emit(Event::Failed {
+                            watch: ctx.name.clone(),
+                            key: msg.key.into(),
+                            uid: msg.uid,
+                            attempts,
+                            error: detail,
+                        });
+                        if !committed_prefix {
+                            commit(ctx, handler, session, cp, window, log, acked).await?;
+                            committed_prefix = true;
+                        }
+                        let mut failed = record.clone();
+                        failed.status = DeliveryStatus::Failed;
+                        ctx.store.record(std::slice::from_ref(&failed)).await?;
+                        ctx.set_state(&format!("retrying uid {} in {}s", msg.uid, delay.as_secs()));
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = ctx.stop.changed() => {}
+                        }
+                        if ctx.stopping() {
+                            return Ok(Delivered::Interrupted);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits UIDs into batches bounded by count and by total size.
+fn size_batches<'a>(
+    uids: &'a [u32],
+    sizes: &std::collections::HashMap<u32, u32>,
+    max_count: usize,
+) -> Vec<&'a [u32]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, uid) in uids.iter().enumerate() {
+        let size = u64::from(sizes.get(uid).copied().unwrap_or(0));
+        if i > start && (i - start >= max_count || bytes + size > BATCH_BYTES) {
+            out.push(&uids[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < uids.len() {
+        out.push(&uids[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_count_and_bytes() {
+        let uids: Vec<u32> = (1..=5).collect();
+        let sizes = [(1, 10), (2, 10), (3, 40 << 20), (4, 10), (5, 10)].into_iter().collect();
+        let b = size_batches(&uids, &sizes, 2);
+        assert_eq!(b, vec![&[1, 2][..], &[3][..], &[4, 5][..]]);
+    }
+}
