@@ -1,0 +1,139 @@
+//! Shared helpers for the integration tests: a Dovecot per test, configs written as TOML (so
+//! the config path is exercised too), a recording handler, and event waits with deadlines.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use inboxd::config::Config;
+use inboxd::handler::{Handler, HandlerError, Message};
+use inboxd::imap::Session;
+use inboxd::store::{SqliteStore, Store};
+use inboxd::testbed::{self, Dovecot};
+use inboxd::watcher::Event;
+use tokio::sync::broadcast;
+
+pub fn dovecot() -> Dovecot {
+    Dovecot::start().expect("start dovecot (is dovecot-imapd installed? scripts/test installs it)")
+}
+
+/// A config for `alice` on the instance; `account_extra` and `watch_extra` are TOML lines.
+pub fn config(dv: &Dovecot, dir: &Path, account_extra: &str, watch_extra: &str) -> Config {
+    let text = format!(
+        r#"state = "state.db"
+[accounts.t]
+host = "127.0.0.1"
+port = {port}
+tls = "starttls"
+ca_file = "{ca}"
+user = "alice"
+password = "alicepw"
+{account_extra}
+
+[[watch]]
+account = "t"
+{watch_extra}
+"#,
+        port = dv.port,
+        ca = dv.ca_file().display(),
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, &text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+pub async fn store(config: &Config) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&config.state).await.unwrap())
+}
+
+/// Records what it was handed; can be told to fail on given UIDs.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub seen: Arc<Mutex<Vec<(u32, String, Vec<u8>)>>>,
+    pub fail_uids: Arc<Mutex<Vec<u32>>>,
+    pub attempts: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Recorder {
+    pub fn uids(&self) -> Vec<u32> {
+        self.seen.lock().unwrap().iter().map(|(u, _, _)| *u).collect()
+    }
+    pub fn subjects(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, b)| {
+                let s = String::from_utf8_lossy(b);
+                s.lines().find_map(|l| l.strip_prefix("Subject: ")).unwrap_or("").trim().to_string()
+            })
+            .collect()
+    }
+}
+
+impl Handler for Recorder {
+    fn deliver<'a>(&'a mut self, m: &'a Message<'a>) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.attempts.lock().unwrap().push(m.uid);
+            if self.fail_uids.lock().unwrap().contains(&m.uid) {
+                return Err(HandlerError { reason: format!("told to fail uid {}", m.uid), output: "stderr tail".into() });
+            }
+            self.seen.lock().unwrap().push((m.uid, m.key.to_string(), m.body.to_vec()));
+            Ok(())
+        })
+    }
+}
+
+pub async fn append(dv: &Dovecot, folder: &str, subjects: &[&str]) {
+    let mut s = Session::open(&dv.account("alice")).await.unwrap();
+    for (i, subj) in subjects.iter().enumerate() {
+        s.append(folder, &testbed::sample_message(i, subj, 300)).await.unwrap();
+    }
+    s.logout().await;
+}
+
+pub async fn append_raw(dv: &Dovecot, folder: &str, messages: &[Vec<u8>]) {
+    let mut s = Session::open(&dv.account("alice")).await.unwrap();
+    for m in messages {
+        s.append(folder, m).await.unwrap();
+    }
+    s.logout().await;
+}
+
+pub async fn imap(dv: &Dovecot, cmd: &str) {
+    let mut s = Session::open(&dv.account("alice")).await.unwrap();
+    s.run(cmd).await.unwrap();
+    s.logout().await;
+}
+
+/// Waits for an event matching `pred`, failing the test after `secs`.
+pub async fn wait_for(events: &mut broadcast::Receiver<Event>, secs: u64, pred: impl Fn(&Event) -> bool) -> Event {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        loop {
+            match events.recv().await {
+                Ok(e) if pred(&e) => return e,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no matching event within {secs}s"))
+}
+
+pub async fn wait_delivered(events: &mut broadcast::Receiver<Event>, n: usize, secs: u64) -> Vec<u32> {
+    let mut uids = Vec::new();
+    while uids.len() < n {
+        if let Event::Delivered { uid, .. } = wait_for(events, secs, |e| matches!(e, Event::Delivered { .. })).await {
+            uids.push(uid);
+        }
+    }
+    uids
+}
+
+pub fn inboxd_bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_inboxd"))
+}
