@@ -64,6 +64,12 @@ enum Cmd {
 
 fn init_logs(format: Option<LogFormat>, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // async-imap traces every command it sends, LOGIN with its password included: never let
+    // that through, whatever the filter asks for.
+    let filter = match "async_imap::imap_stream=off".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let tty = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format.unwrap_or(if tty { LogFormat::Pretty } else { LogFormat::Plain }) {
