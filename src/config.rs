@@ -29,7 +29,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{path}:{line}:{column}: {message}")]
-    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
 }
 
 /// A duration written as `"90s"`, `"10m"`, `"1h 30m"`.
@@ -40,7 +45,9 @@ impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"10m\", \"1h\""))
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"30s\", \"10m\", \"1h\""
+            ))
         })
     }
 }
@@ -101,9 +108,12 @@ impl<'de> Deserialize<'de> for After {
                     Ok(After::Move(folder.to_string()))
                 } else if let Some(kw) = s.strip_prefix("flag:") {
                     // An IMAP atom: no spaces, parentheses, quotes or wildcards (RFC 3501 §9).
-                    let ok = !kw.is_empty()
-                        && kw.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"]".contains(&b));
-                    if ok { Ok(After::Flag(kw.to_string())) } else { Err(bad()) }
+                    let ok = !kw.is_empty() && kw.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"]".contains(&b));
+                    if ok {
+                        Ok(After::Flag(kw.to_string()))
+                    } else {
+                        Err(bad())
+                    }
                 } else {
                     Err(bad())
                 }
@@ -296,8 +306,14 @@ impl Account {
 /// Where messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Deliver {
-    Exec { argv: Vec<String>, timeout: Duration, cwd: PathBuf },
-    Maildir { path: PathBuf },
+    Exec {
+        argv: Vec<String>,
+        timeout: Duration,
+        cwd: PathBuf,
+    },
+    Maildir {
+        path: PathBuf,
+    },
 }
 
 /// A validated watch of one (account, folder).
@@ -332,8 +348,10 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::parse(path, &text)
     }
 
@@ -341,11 +359,18 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
             let (line, column) = span.map_or((1, 1), |s| line_col(text, s.start));
-            ConfigError::Invalid { path: path.to_path_buf(), line, column, message }
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
         };
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_string()))?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let raw: RawConfig = toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_string()))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
 
         let mut accounts = BTreeMap::new();
@@ -357,9 +382,7 @@ impl Config {
             if tls == TlsMode::None && !is_loopback(&host) {
                 return Err(invalid(
                     Some(a.host.span()),
-                    format!(
-                        "accounts.{name}.tls: \"none\" is only allowed for loopback hosts, not {host:?}"
-                    ),
+                    format!("accounts.{name}.tls: \"none\" is only allowed for loopback hosts, not {host:?}"),
                 ));
             }
             let schedule = match a.reconnect {
@@ -369,10 +392,12 @@ impl Config {
                     let stages = stages
                         .into_inner()
                         .into_iter()
-                        .map(|s| Stage { every: s.every.0, until: s.until.map(|d| d.0) })
+                        .map(|s| Stage {
+                            every: s.every.0,
+                            until: s.until.map(|d| d.0),
+                        })
                         .collect();
-                    Schedule::new(stages)
-                        .map_err(|e| invalid(Some(sp), format!("accounts.{name}.reconnect: {e}")))?
+                    Schedule::new(stages).map_err(|e| invalid(Some(sp), format!("accounts.{name}.reconnect: {e}")))?
                 }
             };
             let d = Timeouts::default();
@@ -398,7 +423,10 @@ impl Config {
                 ("recycle_after", wait.recycle_after),
             ] {
                 if value.is_zero() {
-                    return Err(invalid(Some(span.clone()), format!("accounts.{name}.{key} must be more than 0s")));
+                    return Err(invalid(
+                        Some(span.clone()),
+                        format!("accounts.{name}.{key} must be more than 0s"),
+                    ));
                 }
             }
             let account = Account {
@@ -426,7 +454,10 @@ impl Config {
             let account = accounts.get(w.account.get_ref()).cloned().ok_or_else(|| {
                 invalid(
                     Some(w.account.span()),
-                    format!("watch.account: no account named {:?} in [accounts]", w.account.get_ref()),
+                    format!(
+                        "watch.account: no account named {:?} in [accounts]",
+                        w.account.get_ref()
+                    ),
                 )
             })?;
             let dspan = w.deliver.span();
@@ -467,16 +498,21 @@ impl Config {
                 },
                 batch_size: w.batch_size.unwrap_or(200).clamp(1, 10_000),
             };
-            if watches.iter().any(|o| o.account.name == watch.account.name && o.folder == watch.folder) {
-                return Err(invalid(
-                    Some(span),
-                    format!("watch: {} is watched twice", watch.name()),
-                ));
+            if watches
+                .iter()
+                .any(|o| o.account.name == watch.account.name && o.folder == watch.folder)
+            {
+                return Err(invalid(Some(span), format!("watch: {} is watched twice", watch.name())));
             }
             watches.push(watch);
         }
         let state = base.join(raw.state.unwrap_or_else(|| PathBuf::from("inboxd.db")));
-        Ok(Config { path: path.to_path_buf(), state, accounts, watches })
+        Ok(Config {
+            path: path.to_path_buf(),
+            state,
+            accounts,
+            watches,
+        })
     }
 }
 
@@ -490,7 +526,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// Whether `host` is a loopback name or address.
 pub fn is_loopback(host: &str) -> bool {
     host == "localhost"
-        || host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -545,7 +585,7 @@ deliver = { exec = ["./handler.sh", "--flag"] }
     #[test]
     fn unknown_key_names_file_line_and_key() {
         let e = err(&GOOD.replace("user = \"alice\"", "usr = \"alice\""));
-        assert!(e.starts_with("/etc/inboxd/inboxd.toml:10:"), "{e}");
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:9:"), "{e}");
         assert!(e.contains("usr"), "{e}");
     }
 
@@ -561,8 +601,13 @@ deliver = { exec = ["./handler.sh", "--flag"] }
     #[test]
     fn semantic_errors_are_located() {
         let e = err(&GOOD.replace("account = \"demo\"", "account = \"nope\""));
-        assert!(e.starts_with("/etc/inboxd/inboxd.toml:18:") && e.contains("nope"), "{e}");
-        let e = err(&GOOD.replace("127.0.0.1", "mail.example.com").replace("starttls", "none"));
+        assert!(
+            e.starts_with("/etc/inboxd/inboxd.toml:18:") && e.contains("nope"),
+            "{e}"
+        );
+        let e = err(&GOOD
+            .replace("127.0.0.1", "mail.example.com")
+            .replace("starttls", "none"));
         assert!(e.contains(":5:") && e.contains("loopback"), "{e}");
         let e = err(&GOOD.replace("every = \"0s\", until = \"0s\"", "every = \"0s\", until = \"5m\""));
         assert!(e.contains(":14:") && e.contains("tight loop"), "{e}");

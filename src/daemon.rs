@@ -76,14 +76,22 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
             Err(e) => failures.push(format!("{name}: {:#}", anyhow::Error::from(e))),
         }
     }
-    if failures.is_empty() { Ok(()) } else { Err(anyhow!(failures.join("; "))) }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(failures.join("; ")))
+    }
 }
 
 /// Logs in to every account and prints capabilities and folder status.
 pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let mut failed = 0;
     for (name, account) in &config.accounts {
-        writeln!(out, "account {name}: {}@{}:{} ({:?})", account.user, account.host, account.port, account.tls)?;
+        writeln!(
+            out,
+            "account {name}: {}@{}:{} ({:?})",
+            account.user, account.host, account.port, account.tls
+        )?;
         let mut session = match Session::open(account).await {
             Ok(s) => s,
             Err(e) => {
@@ -120,7 +128,9 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
     writeln!(out, "checkpoints ({}):", config.state.display())?;
     let rows = store.checkpoints().await?;
     for w in &config.watches {
-        let row = rows.iter().find(|r| r.account == w.account.name && r.folder == w.folder);
+        let row = rows
+            .iter()
+            .find(|r| r.account == w.account.name && r.folder == w.folder);
         match row {
             Some(r) => writeln!(
                 out,
@@ -137,7 +147,10 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
             None => writeln!(out, "  {}  (never connected)", w.name())?,
         }
     }
-    for (title, status) in [("retrying", DeliveryStatus::Failed), ("dead letters", DeliveryStatus::Dead)] {
+    for (title, status) in [
+        ("retrying", DeliveryStatus::Failed),
+        ("dead letters", DeliveryStatus::Dead),
+    ] {
         let rows = store.by_status(status, 1000).await?;
         writeln!(out, "{title} ({}):", rows.len())?;
         for d in rows {
@@ -174,7 +187,9 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         );
     }
     let fetched = session.fetch(&[uid]).await?;
-    let m = fetched.first().ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
+    let m = fetched
+        .first()
+        .ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
     let mut handler = crate::handler::from_config(&watch.deliver)?;
     let (mid, _) = crate::message::identity(&m.body);
     let msg = Message {

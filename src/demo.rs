@@ -11,10 +11,18 @@ use inboxd::watcher::{Event, Mode, Watcher};
 
 pub async fn run(count: usize) -> anyhow::Result<()> {
     if !testbed::available() {
-        bail!("Dovecot is not installed; run ./scripts/demo (it installs dovecot-imapd) or apt-get install -y dovecot-imapd");
+        bail!(
+            "Dovecot is not installed; run ./scripts/demo (it installs dovecot-imapd) or apt-get install -y dovecot-imapd"
+        );
     }
-    let dovecot = tokio::task::spawn_blocking(Dovecot::start).await?.context("cannot start Dovecot")?;
-    println!("Started a throwaway Dovecot on 127.0.0.1:{} (STARTTLS) in {}", dovecot.port, dovecot.dir().display());
+    let dovecot = tokio::task::spawn_blocking(Dovecot::start)
+        .await?
+        .context("cannot start Dovecot")?;
+    println!(
+        "Started a throwaway Dovecot on 127.0.0.1:{} (STARTTLS) in {}",
+        dovecot.port,
+        dovecot.dir().display()
+    );
 
     let work = dovecot.dir().join("demo");
     std::fs::create_dir_all(&work)?;
@@ -63,12 +71,22 @@ deliver = {{ exec = ["./handler.sh"] }}
         let t = Instant::now();
         sender.append("INBOX", &msg).await?;
         let (key, uid) = loop {
-            if let Event::Delivered { key, uid, .. } = wait_for(&mut events, |e| matches!(e, Event::Delivered { .. })).await? {
+            if let Event::Delivered { key, uid, .. } =
+                wait_for(&mut events, |e| matches!(e, Event::Delivered { .. })).await?
+            {
                 break (key, uid);
             }
         };
-        let line = std::fs::read_to_string(&log).unwrap_or_default().lines().last().unwrap_or("").to_string();
-        println!("  appended message {n} -> processed in {:>4} ms: uid {uid}, key {key}\n      handler wrote: {line}", t.elapsed().as_millis());
+        let line = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string();
+        println!(
+            "  appended message {n} -> processed in {:>4} ms: uid {uid}, key {key}\n      handler wrote: {line}",
+            t.elapsed().as_millis()
+        );
     }
     sender.logout().await;
     watcher.stop().await?;

@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use inboxd::config::Config;
 
 #[derive(Parser)]
-#[command(name = "inboxd", version, about = "Watch IMAP mailboxes and hand every new message, exactly once and in order, to your code")]
+#[command(
+    name = "inboxd",
+    version,
+    about = "Watch IMAP mailboxes and hand every new message, exactly once and in order, to your code"
+)]
 struct Cli {
     /// Log format on stderr (default: pretty on a terminal, plain otherwise).
     #[arg(long, global = true, value_enum)]
@@ -63,7 +67,8 @@ enum Cmd {
 }
 
 fn init_logs(format: Option<LogFormat>, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // async-imap traces every command it sends, LOGIN with its password included: never let
     // that through, whatever the filter asks for.
     let filter = match "async_imap::imap_stream=off".parse() {
@@ -71,7 +76,9 @@ fn init_logs(format: Option<LogFormat>, filter: &str) {
         Err(_) => filter,
     };
     let tty = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format.unwrap_or(if tty { LogFormat::Pretty } else { LogFormat::Plain }) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.with_ansi(true).init(),
@@ -109,7 +116,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("inboxd: {e:#}");
-            if e.downcast_ref::<inboxd::config::ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+            if e.downcast_ref::<inboxd::config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

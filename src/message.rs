@@ -8,7 +8,10 @@ pub fn identity(raw: &[u8]) -> (Option<String>, String) {
     let mid = message_id(raw);
     let ident = match &mid {
         Some(m) => m.clone(),
-        None => format!("sha256:{}", hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, header_block(raw)).as_ref())),
+        None => format!(
+            "sha256:{}",
+            hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, header_block(raw)).as_ref())
+        ),
     };
     (mid, ident)
 }
@@ -60,7 +63,13 @@ mod tests {
 
     #[test]
     fn garbage_does_not_panic() {
-        for raw in [&b""[..], b"\xff\xfe\x00", b"Message-ID:", b"Message-ID: <\r\n\r\n", b"\r\n\r\n"] {
+        for raw in [
+            &b""[..],
+            b"\xff\xfe\x00",
+            b"Message-ID:",
+            b"Message-ID: <\r\n\r\n",
+            b"\r\n\r\n",
+        ] {
             let _ = identity(raw);
         }
     }

@@ -80,7 +80,10 @@ pub enum SecretError {
         source: std::io::Error,
     },
     #[error("secret command {program} failed with {status}")]
-    Command { program: String, status: std::process::ExitStatus },
+    Command {
+        program: String,
+        status: std::process::ExitStatus,
+    },
     #[error("secret from {0} is not valid UTF-8")]
     Utf8(String),
 }
@@ -91,13 +94,14 @@ impl SecretSource {
     pub async fn resolve(&self) -> Result<Secret, SecretError> {
         match self {
             SecretSource::Literal(s) => Ok(s.clone()),
-            SecretSource::Env(var) => {
-                std::env::var(var).map(Secret).map_err(|_| SecretError::Env(var.clone()))
-            }
+            SecretSource::Env(var) => std::env::var(var)
+                .map(Secret)
+                .map_err(|_| SecretError::Env(var.clone())),
             SecretSource::File(path) => {
-                let bytes = tokio::fs::read(path)
-                    .await
-                    .map_err(|source| SecretError::File { path: path.clone(), source })?;
+                let bytes = tokio::fs::read(path).await.map_err(|source| SecretError::File {
+                    path: path.clone(),
+                    source,
+                })?;
                 trimmed(bytes).ok_or_else(|| SecretError::Utf8(path.display().to_string()))
             }
             SecretSource::Command(argv) => {
@@ -108,9 +112,15 @@ impl SecretSource {
                     .stderr(std::process::Stdio::inherit())
                     .output()
                     .await
-                    .map_err(|source| SecretError::Spawn { program: program.clone(), source })?;
+                    .map_err(|source| SecretError::Spawn {
+                        program: program.clone(),
+                        source,
+                    })?;
                 if !out.status.success() {
-                    return Err(SecretError::Command { program, status: out.status });
+                    return Err(SecretError::Command {
+                        program,
+                        status: out.status,
+                    });
                 }
                 trimmed(out.stdout).ok_or(SecretError::Utf8(program))
             }
@@ -155,27 +165,31 @@ impl<'de> Deserialize<'de> for SecretSource {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let raw = RawSecret::deserialize(d).map_err(|_| {
-            D::Error::custom(
-                "expected a string, { env = \"VAR\" }, { file = \"path\" } or { command = [..] }",
-            )
+            D::Error::custom("expected a string, { env = \"VAR\" }, { file = \"path\" } or { command = [..] }")
         })?;
         match raw {
             RawSecret::Literal(s) => Ok(SecretSource::Literal(Secret(s))),
-            RawSecret::Table(SecretTable { env: Some(v), file: None, command: None }) => {
-                Ok(SecretSource::Env(v))
-            }
-            RawSecret::Table(SecretTable { env: None, file: Some(p), command: None }) => {
-                Ok(SecretSource::File(p))
-            }
-            RawSecret::Table(SecretTable { env: None, file: None, command: Some(c) }) => {
+            RawSecret::Table(SecretTable {
+                env: Some(v),
+                file: None,
+                command: None,
+            }) => Ok(SecretSource::Env(v)),
+            RawSecret::Table(SecretTable {
+                env: None,
+                file: Some(p),
+                command: None,
+            }) => Ok(SecretSource::File(p)),
+            RawSecret::Table(SecretTable {
+                env: None,
+                file: None,
+                command: Some(c),
+            }) => {
                 if c.is_empty() {
                     return Err(D::Error::custom("`command` needs at least a program"));
                 }
                 Ok(SecretSource::Command(c))
             }
-            RawSecret::Table(_) => {
-                Err(D::Error::custom("give exactly one of `env`, `file` or `command`"))
-            }
+            RawSecret::Table(_) => Err(D::Error::custom("give exactly one of `env`, `file` or `command`")),
         }
     }
 }

@@ -78,8 +78,19 @@ impl Dovecot {
         fs::create_dir_all(&base)?;
         fs::set_permissions(&base, fs::Permissions::from_mode(0o755))?;
         let root = unsafe { libc::geteuid() } == 0;
-        let mail_uid = if root { (65534, 65534) } else { unsafe { (libc::geteuid(), libc::getegid()) } };
-        let mut d = Dovecot { dir: base, keep_dir: false, port: free_port()?, tls_port: free_port()?, child: None, mail_uid };
+        let mail_uid = if root {
+            (65534, 65534)
+        } else {
+            unsafe { (libc::geteuid(), libc::getegid()) }
+        };
+        let mut d = Dovecot {
+            dir: base,
+            keep_dir: false,
+            port: free_port()?,
+            tls_port: free_port()?,
+            child: None,
+            mail_uid,
+        };
         d.write_files(&options, root)?;
         d.launch()?;
         Ok(d)
@@ -194,7 +205,11 @@ service imap-login {{
         }
         if !root {
             let user = std::env::var("USER").unwrap_or_else(|_| "nobody".into());
-            let group = Command::new("id").arg("-gn").output().ok().and_then(|o| String::from_utf8(o.stdout).ok());
+            let group = Command::new("id")
+                .arg("-gn")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8(o.stdout).ok());
             let group = group.map(|g| g.trim().to_string()).unwrap_or_else(|| user.clone());
             conf.push_str(&format!(
                 "default_internal_user = {user}\ndefault_internal_group = {group}\ndefault_login_user = {user}\n"
@@ -208,7 +223,10 @@ service imap-login {{
     }
 
     fn launch(&mut self) -> io::Result<()> {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("stderr.log"))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stderr.log"))?;
         let child = Command::new(find_dovecot()?)
             .arg("-F")
             .arg("-c")
@@ -221,7 +239,9 @@ service imap-login {{
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok()
+            {
                 return Ok(());
             }
             if let Some(c) = self.child.as_mut()
@@ -263,7 +283,12 @@ service imap-login {{
 
     /// Runs `doveadm` against this instance.
     pub fn doveadm(&self, args: &[&str]) -> io::Result<String> {
-        let out = Command::new("doveadm").arg("-c").arg(self.config_file()).args(args).stdin(Stdio::null()).output()?;
+        let out = Command::new("doveadm")
+            .arg("-c")
+            .arg(self.config_file())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "doveadm {}: {}",
@@ -278,7 +303,11 @@ service imap-login {{
     /// to make a large backlog. Dovecot assigns UIDs in file-name order at its next sync.
     pub fn drop_messages(&self, user: &str, folder: &str, messages: &[Vec<u8>]) -> io::Result<()> {
         let root = self.maildir(user);
-        let dir = if folder == "INBOX" { root.clone() } else { root.join(format!(".{folder}")) };
+        let dir = if folder == "INBOX" {
+            root.clone()
+        } else {
+            root.join(format!(".{folder}"))
+        };
         let (uid, gid) = self.mail_uid;
         for p in [&root, &dir] {
             for sub in ["", "new", "cur", "tmp"] {
@@ -289,7 +318,9 @@ service imap-login {{
                 }
             }
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         for (i, m) in messages.iter().enumerate() {
             let name = format!("{now}.M{i:08}P{}.inboxd,S={}", std::process::id(), m.len());
             let tmp = dir.join("tmp").join(&name);
@@ -312,16 +343,51 @@ fn make_certificates(dir: &Path) -> io::Result<()> {
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )?;
     let steps: [Vec<&str>; 3] = [
-        [&["req", "-x509"][..], &ec, &["-days", "30", "-subj", "/CN=inboxd test CA", "-keyout", "ca.key", "-out", "ca.pem"]]
-            .concat(),
-        [&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]].concat(),
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-days",
+                "30",
+                "-subj",
+                "/CN=inboxd test CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"],
+        ]
+        .concat(),
         vec![
-            "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "30",
-            "-extfile", "leaf.ext", "-out", "cert.pem",
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "cert.pem",
         ],
     ];
     for args in steps {
-        let out = Command::new("openssl").args(&args).current_dir(dir).stdin(Stdio::null()).output()?;
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(
                 "openssl {} failed: {}",

@@ -40,13 +40,28 @@ pub enum Event {
     /// Logged in and selected the folder.
     Connected { watch: String },
     /// The session ended; `error` is `None` for a deliberate close (recycle, stop).
-    Disconnected { watch: String, error: Option<String>, retry_in: Option<Duration> },
+    Disconnected {
+        watch: String,
+        error: Option<String>,
+        retry_in: Option<Duration>,
+    },
     /// A message was acknowledged by the handler and the checkpoint committed.
     Delivered { watch: String, key: String, uid: u32 },
     /// The handler failed on a message; it will be retried.
-    Failed { watch: String, key: String, uid: u32, attempts: u32, error: String },
+    Failed {
+        watch: String,
+        key: String,
+        uid: u32,
+        attempts: u32,
+        error: String,
+    },
     /// The handler failed `max_attempts` times; the message was dead-lettered.
-    DeadLettered { watch: String, key: String, uid: u32, error: String },
+    DeadLettered {
+        watch: String,
+        key: String,
+        uid: u32,
+        error: String,
+    },
     /// A message was not delivered because its Message-ID was delivered before.
     SkippedDuplicate { watch: String, key: String, uid: u32 },
     /// The folder's UIDVALIDITY changed.
@@ -164,7 +179,10 @@ impl Watcher {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (jobs_tx, jobs_rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(1024);
-        let health = Arc::new(Mutex::new(Health { state: "starting".into(), ..Health::default() }));
+        let health = Arc::new(Mutex::new(Health {
+            state: "starting".into(),
+            ..Health::default()
+        }));
         let name = watch.name();
         let ctx = Ctx {
             name: name.clone(),
@@ -178,7 +196,14 @@ impl Watcher {
             dead_in_run: 0,
         };
         let task = tokio::spawn(supervise(ctx, handler, mode));
-        Watcher { name, stop: stop_tx, jobs: jobs_tx, events, health, task }
+        Watcher {
+            name,
+            stop: stop_tx,
+            jobs: jobs_tx,
+            events,
+            health,
+            task,
+        }
     }
 
     /// `account/folder`.
@@ -263,7 +288,11 @@ async fn supervise(mut ctx: Ctx, mut handler: Box<dyn Handler>, mode: Mode) -> R
             }
             Ok(Ok(RoundEnd::Recycle)) => {
                 info!(watch = %ctx.name, "recycling connection");
-                ctx.emit(Event::Disconnected { watch: ctx.name.clone(), error: None, retry_in: None });
+                ctx.emit(Event::Disconnected {
+                    watch: ctx.name.clone(),
+                    error: None,
+                    retry_in: None,
+                });
                 continue;
             }
             Ok(Err(e)) => e,
@@ -286,7 +315,11 @@ async fn supervise(mut ctx: Ctx, mut handler: Box<dyn Handler>, mode: Mode) -> R
             h.reconnects += 1;
             h.state = format!("waiting {}s to reconnect", delay.as_secs());
         });
-        ctx.emit(Event::Disconnected { watch: ctx.name.clone(), error: Some(text), retry_in: Some(delay) });
+        ctx.emit(Event::Disconnected {
+            watch: ctx.name.clone(),
+            error: Some(text),
+            retry_in: Some(delay),
+        });
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -314,7 +347,10 @@ async fn round(
     let stored = ctx.store.checkpoint(&w.account.name, &w.folder).await?;
     let outcome = mailbox::on_select(
         stored,
-        Selected { uidvalidity: state.uidvalidity, uidnext: state.uidnext },
+        Selected {
+            uidvalidity: state.uidvalidity,
+            uidnext: state.uidnext,
+        },
         w.start,
         w.on_uidvalidity_change,
     );
@@ -324,7 +360,11 @@ async fn round(
         }
         Some(Notice::UidValidityChanged { old, new, policy }) => {
             warn!(watch = %ctx.name, old, new, policy = ?policy, "UIDVALIDITY changed: the folder was recreated or restored");
-            ctx.emit(Event::UidValidityChanged { watch: ctx.name.clone(), old, new });
+            ctx.emit(Event::UidValidityChanged {
+                watch: ctx.name.clone(),
+                old,
+                new,
+            });
         }
         Some(Notice::UidNextBehindCheckpoint { uidnext, last_uid }) => {
             warn!(watch = %ctx.name, uidnext, last_uid, "UIDNEXT is below the checkpoint without a UIDVALIDITY change; keeping the checkpoint")
@@ -332,13 +372,17 @@ async fn round(
         None => {}
     }
     if outcome.store {
-        ctx.store.commit(&w.account.name, &w.folder, outcome.checkpoint, &[]).await?;
+        ctx.store
+            .commit(&w.account.name, &w.folder, outcome.checkpoint, &[])
+            .await?;
     }
     let mut cp = outcome.checkpoint;
     reconnect.connected(origin.elapsed());
     let connected_at = Instant::now();
     info!(watch = %ctx.name, idle = session.has("IDLE"), "connected");
-    ctx.emit(Event::Connected { watch: ctx.name.clone() });
+    ctx.emit(Event::Connected {
+        watch: ctx.name.clone(),
+    });
     ctx.health(|h| h.last_error = None);
 
     loop {
@@ -350,7 +394,10 @@ async fn round(
             session.logout().await;
             return Ok(RoundEnd::Stopped);
         }
-        ctx.emit(Event::CaughtUp { watch: ctx.name.clone(), last_uid: cp.last_uid });
+        ctx.emit(Event::CaughtUp {
+            watch: ctx.name.clone(),
+            last_uid: cp.last_uid,
+        });
         if mode == Mode::Once {
             session.logout().await;
             return Ok(RoundEnd::CaughtUp);
@@ -408,6 +455,17 @@ async fn run_jobs(ctx: &mut Ctx, session: &mut Session) {
     }
 }
 
+/// The messages of one fetch batch on their way to the checkpoint.
+struct Batch {
+    /// The checkpoint as last committed.
+    cp: Checkpoint,
+    window: AckWindow,
+    /// Delivery-log rows not yet committed.
+    log: Vec<Delivery>,
+    /// UIDs delivered (not skipped or dead) and not yet given their post-action.
+    acked: Vec<u32>,
+}
+
 /// The outcome of delivering one message.
 enum Delivered {
     Ok(Delivery),
@@ -441,12 +499,15 @@ async fn catch_up(
         debug!(watch = %ctx.name, count = uids.len(), from = uids[0], "new messages");
         for batch in size_batches(&uids, &sizes, w.batch_size) {
             let fetched = session.fetch(batch).await?;
-            let mut window = AckWindow::new(cp.last_uid);
+            let mut b = Batch {
+                cp,
+                window: AckWindow::new(cp.last_uid),
+                log: Vec::new(),
+                acked: Vec::new(),
+            };
             for m in &fetched {
-                window.track(m.uid);
+                b.window.track(m.uid);
             }
-            let mut log: Vec<Delivery> = Vec::new();
-            let mut acked: Vec<u32> = Vec::new();
             let mut interrupted = false;
             for m in &fetched {
                 if ctx.stopping() {
@@ -471,9 +532,13 @@ async fn catch_up(
                     && ctx.store.seen_message_id(&w.account.name, &w.folder, &ident).await?
                 {
                     info!(watch = %ctx.name, uid = m.uid, message_id = %ident, "already delivered before the UIDVALIDITY change; skipping");
-                    ctx.emit(Event::SkippedDuplicate { watch: ctx.name.clone(), key: key.clone(), uid: m.uid });
-                    log.push(record(DeliveryStatus::Skipped, 0, String::new()));
-                    window.ack(m.uid);
+                    ctx.emit(Event::SkippedDuplicate {
+                        watch: ctx.name.clone(),
+                        key: key.clone(),
+                        uid: m.uid,
+                    });
+                    b.log.push(record(DeliveryStatus::Skipped, 0, String::new()));
+                    b.window.ack(m.uid);
                     continue;
                 }
                 let msg = Message {
@@ -486,15 +551,14 @@ async fn catch_up(
                     body: &m.body,
                 };
                 let first = record(DeliveryStatus::Delivered, 0, String::new());
-                let d = deliver_with_retry(ctx, handler, session, &msg, first, cp, &mut window, &mut log, &mut acked)
-                    .await?;
+                let d = deliver_with_retry(ctx, handler, session, &msg, first, &mut b).await?;
                 match d {
                     Delivered::Ok(rec) => {
                         let status = rec.status;
-                        log.push(rec);
-                        window.ack(m.uid);
+                        b.log.push(rec);
+                        b.window.ack(m.uid);
                         if status == DeliveryStatus::Delivered {
-                            acked.push(m.uid);
+                            b.acked.push(m.uid);
                         }
                     }
                     Delivered::Interrupted => {
@@ -503,10 +567,11 @@ async fn catch_up(
                     }
                 }
                 if !handler.batches() {
-                    cp = commit(ctx, handler, session, cp, &mut window, &mut log, &mut acked).await?;
+                    commit(ctx, handler, session, &mut b).await?;
                 }
             }
-            cp = commit(ctx, handler, session, cp, &mut window, &mut log, &mut acked).await?;
+            commit(ctx, handler, session, &mut b).await?;
+            cp = b.cp;
             if interrupted {
                 return Ok((cp, true));
             }
@@ -520,25 +585,30 @@ async fn commit(
     ctx: &mut Ctx,
     handler: &mut dyn Handler,
     session: &mut Session,
-    cp: Checkpoint,
-    window: &mut AckWindow,
-    log: &mut Vec<Delivery>,
-    acked: &mut Vec<u32>,
-) -> Result<Checkpoint, WatchError> {
-    if log.is_empty() && acked.is_empty() {
-        return Ok(cp);
+    b: &mut Batch,
+) -> Result<(), WatchError> {
+    if b.log.is_empty() && b.acked.is_empty() {
+        return Ok(());
     }
     let w = &ctx.watch;
     handler.flush().await.map_err(WatchError::Handler)?;
-    let next = Checkpoint { last_uid: window.advance(), ..cp };
-    ctx.store.commit(&w.account.name, &w.folder, next, log).await?;
-    for d in log.drain(..) {
+    let next = Checkpoint {
+        last_uid: b.window.advance(),
+        ..b.cp
+    };
+    ctx.store.commit(&w.account.name, &w.folder, next, &b.log).await?;
+    b.cp = next;
+    for d in b.log.drain(..) {
         if d.status == DeliveryStatus::Delivered {
-            ctx.emit(Event::Delivered { watch: ctx.name.clone(), key: d.key, uid: d.uid });
+            ctx.emit(Event::Delivered {
+                watch: ctx.name.clone(),
+                key: d.key,
+                uid: d.uid,
+            });
         }
     }
-    ctx.health(|h| h.delivered += acked.len() as u64);
-    let uids = std::mem::take(acked);
+    ctx.health(|h| h.delivered += b.acked.len() as u64);
+    let uids = std::mem::take(&mut b.acked);
     if !uids.is_empty() {
         let r = match &w.after {
             After::None => Ok(()),
@@ -553,7 +623,7 @@ async fn commit(
             return Err(WatchError::Imap(e));
         }
     }
-    Ok(next)
+    Ok(())
 }
 
 /// Delivers one message, retrying with back-off until it is acknowledged or dead-lettered.
@@ -565,13 +635,12 @@ async fn deliver_with_retry(
     session: &mut Session,
     msg: &Message<'_>,
     mut record: Delivery,
-    cp: Checkpoint,
-    window: &mut AckWindow,
-    log: &mut Vec<Delivery>,
-    acked: &mut Vec<u32>,
+    batch: &mut Batch,
 ) -> Result<Delivered, WatchError> {
     let prior = ctx.store.delivery(msg.key).await?;
-    let mut attempts = prior.filter(|d| d.status == DeliveryStatus::Failed).map_or(0, |d| d.attempts);
+    let mut attempts = prior
+        .filter(|d| d.status == DeliveryStatus::Failed)
+        .map_or(0, |d| d.attempts);
     let mut committed_prefix = false;
     loop {
         match handler.deliver(msg).await {
@@ -587,7 +656,12 @@ async fn deliver_with_retry(
                 match ctx.watch.retry.after_failure(attempts) {
                     AfterFailure::DeadLetter => {
                         error!(watch = %ctx.name, uid = msg.uid, key = %msg.key, attempts, error = %detail, "handler failed; message dead-lettered");
-                        ctx.emit(Event::DeadLettered { watch: ctx.name.clone(), key: msg.key.into(), uid: msg.uid, error: detail });
+                        ctx.emit(Event::DeadLettered {
+                            watch: ctx.name.clone(),
+                            key: msg.key.into(),
+                            uid: msg.uid,
+                            error: detail,
+                        });
                         ctx.health(|h| h.dead_lettered += 1);
                         ctx.dead_in_run += 1;
                         record.status = DeliveryStatus::Dead;
@@ -603,7 +677,7 @@ async fn deliver_with_retry(
                             error: detail,
                         });
                         if !committed_prefix {
-                            commit(ctx, handler, session, cp, window, log, acked).await?;
+                            commit(ctx, handler, session, batch).await?;
                             committed_prefix = true;
                         }
                         let mut failed = record.clone();
@@ -625,11 +699,7 @@ async fn deliver_with_retry(
 }
 
 /// Splits UIDs into batches bounded by count and by total size.
-fn size_batches<'a>(
-    uids: &'a [u32],
-    sizes: &std::collections::HashMap<u32, u32>,
-    max_count: usize,
-) -> Vec<&'a [u32]> {
+fn size_batches<'a>(uids: &'a [u32], sizes: &std::collections::HashMap<u32, u32>, max_count: usize) -> Vec<&'a [u32]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0u64;
@@ -655,7 +725,9 @@ mod tests {
     #[test]
     fn batches_respect_count_and_bytes() {
         let uids: Vec<u32> = (1..=5).collect();
-        let sizes = [(1, 10), (2, 10), (3, 40 << 20), (4, 10), (5, 10)].into_iter().collect();
+        let sizes = [(1, 10), (2, 10), (3, 40 << 20), (4, 10), (5, 10)]
+            .into_iter()
+            .collect();
         let b = size_batches(&uids, &sizes, 2);
         assert_eq!(b, vec![&[1, 2][..], &[3][..], &[4, 5][..]]);
     }

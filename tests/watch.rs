@@ -15,7 +15,11 @@ async fn message_appended_while_idle_is_delivered_to_exec() {
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let script = dir.path().join("handler.sh");
-    std::fs::write(&script, "#!/bin/sh\ncat > \"out/$INBOXD_KEY\"\nenv | grep ^INBOXD_ | sort > \"out/$INBOXD_KEY.env\"\n").unwrap();
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat > \"out/$INBOXD_KEY\"\nenv | grep ^INBOXD_ | sort > \"out/$INBOXD_KEY.env\"\n",
+    )
+    .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let config = config(&dv, dir.path(), "", r#"deliver = { exec = ["./handler.sh"] }"#);
     let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Forever).unwrap();
@@ -25,14 +29,25 @@ async fn message_appended_while_idle_is_delivered_to_exec() {
 
     let msg = inboxd::testbed::sample_message(1, "hello", 2000);
     append_raw(&dv, "INBOX", std::slice::from_ref(&msg)).await;
-    let Event::Delivered { key, uid, .. } = wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { .. })).await else {
+    let Event::Delivered { key, uid, .. } = wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { .. })).await
+    else {
         unreachable!()
     };
     assert_eq!(uid, 1);
-    assert_eq!(std::fs::read(out.join(&key)).unwrap(), msg, "stdin must be the exact server bytes");
+    assert_eq!(
+        std::fs::read(out.join(&key)).unwrap(),
+        msg,
+        "stdin must be the exact server bytes"
+    );
     let env = std::fs::read_to_string(out.join(format!("{key}.env"))).unwrap();
-    assert!(env.contains("INBOXD_ACCOUNT=t\n") && env.contains("INBOXD_FOLDER=INBOX\n") && env.contains("INBOXD_UID=1\n"), "{env}");
-    assert!(env.contains(&format!("INBOXD_KEY={key}\n")) && env.contains(&format!("INBOXD_SIZE={}\n", msg.len())), "{env}");
+    assert!(
+        env.contains("INBOXD_ACCOUNT=t\n") && env.contains("INBOXD_FOLDER=INBOX\n") && env.contains("INBOXD_UID=1\n"),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("INBOXD_KEY={key}\n")) && env.contains(&format!("INBOXD_SIZE={}\n", msg.len())),
+        "{env}"
+    );
     assert!(env.contains("INBOXD_MESSAGE_ID=1."), "{env}");
     w.stop().await.unwrap();
 }
@@ -55,7 +70,9 @@ async fn message_appended_while_idle_is_delivered_to_maildir_once() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names.iter().all(|n| n.starts_with("v1-")), "{names:?}");
     // The server's copy is untouched: BODY.PEEK[] never sets \Seen.
-    let flags = dv.doveadm(&["fetch", "-u", "alice", "flags", "mailbox", "INBOX"]).unwrap();
+    let flags = dv
+        .doveadm(&["fetch", "-u", "alice", "flags", "mailbox", "INBOX"])
+        .unwrap();
     assert!(!flags.contains("\\Seen"), "{flags}");
 }
 
@@ -65,9 +82,19 @@ async fn backlog_is_delivered_in_uid_order_with_start_all_and_skipped_with_start
     append(&dv, "INBOX", &["m1", "m2", "m3", "m4", "m5"]).await;
     let dir = tempfile::tempdir().unwrap();
     // A batch size of 2 makes the catch-up span several fetches.
-    let all = config(&dv, dir.path(), "", "start = \"all\"\nbatch_size = 2\ndeliver = { maildir = \"out\" }");
+    let all = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\nbatch_size = 2\ndeliver = { maildir = \"out\" }",
+    );
     let rec = Recorder::default();
-    let w = Watcher::with_handler(all.watches[0].clone(), store(&all).await, Box::new(rec.clone()), Mode::Once);
+    let w = Watcher::with_handler(
+        all.watches[0].clone(),
+        store(&all).await,
+        Box::new(rec.clone()),
+        Mode::Once,
+    );
     w.join().await.unwrap();
     assert_eq!(rec.uids(), vec![1, 2, 3, 4, 5]);
     assert_eq!(rec.subjects(), vec!["m1", "m2", "m3", "m4", "m5"]);
@@ -75,7 +102,12 @@ async fn backlog_is_delivered_in_uid_order_with_start_all_and_skipped_with_start
     let dir2 = tempfile::tempdir().unwrap();
     let new = config(&dv, dir2.path(), "", "deliver = { maildir = \"out\" }");
     let rec2 = Recorder::default();
-    let w = Watcher::with_handler(new.watches[0].clone(), store(&new).await, Box::new(rec2.clone()), Mode::Forever);
+    let w = Watcher::with_handler(
+        new.watches[0].clone(),
+        store(&new).await,
+        Box::new(rec2.clone()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     append(&dv, "INBOX", &["m6"]).await;
@@ -90,7 +122,12 @@ async fn restart_loses_nothing_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
     let rec = Recorder::default();
-    let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Forever);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     append(&dv, "INBOX", &["a", "b"]).await;
     wait_delivered(&mut ev, 2, 20).await;
@@ -98,7 +135,12 @@ async fn restart_loses_nothing_and_repeats_nothing() {
 
     // Mail arrives while inboxd is down.
     append(&dv, "INBOX", &["c", "d"]).await;
-    let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Forever);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     wait_delivered(&mut ev, 2, 20).await;
     append(&dv, "INBOX", &["e"]).await;
@@ -120,32 +162,72 @@ async fn failing_handler_is_retried_blocks_later_messages_then_dead_letters_and_
     let st = store(&config).await;
     let rec = Recorder::default();
     rec.fail_uids.lock().unwrap().push(2);
-    let w = Watcher::with_handler(config.watches[0].clone(), st.clone(), Box::new(rec.clone()), Mode::Forever);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        st.clone(),
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     append(&dv, "INBOX", &["a", "bad", "c"]).await;
     // First failure: uid 1 is committed, uid 3 is not touched.
-    wait_for(&mut ev, 20, |e| matches!(e, Event::Failed { uid: 2, attempts: 1, .. })).await;
+    wait_for(&mut ev, 20, |e| {
+        matches!(
+            e,
+            Event::Failed {
+                uid: 2,
+                attempts: 1,
+                ..
+            }
+        )
+    })
+    .await;
     let cp = st.checkpoint("t", "INBOX").await.unwrap().unwrap();
     assert_eq!(cp.last_uid, 1, "the checkpoint must stop before the failing message");
-    assert_eq!(rec.uids(), vec![1], "no later message may be handled before the failing one");
-    let Event::DeadLettered { key, .. } = wait_for(&mut ev, 20, |e| matches!(e, Event::DeadLettered { uid: 2, .. })).await else {
+    assert_eq!(
+        rec.uids(),
+        vec![1],
+        "no later message may be handled before the failing one"
+    );
+    let Event::DeadLettered { key, .. } =
+        wait_for(&mut ev, 20, |e| matches!(e, Event::DeadLettered { uid: 2, .. })).await
+    else {
         unreachable!()
     };
     wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { uid: 3, .. })).await;
-    assert_eq!(*rec.attempts.lock().unwrap(), vec![1, 2, 2, 2, 3], "three attempts at uid 2, in order");
+    assert_eq!(
+        *rec.attempts.lock().unwrap(),
+        vec![1, 2, 2, 2, 3],
+        "three attempts at uid 2, in order"
+    );
     w.stop().await.unwrap();
     let dead = st.delivery(&key).await.unwrap().unwrap();
     assert_eq!((dead.status, dead.attempts), (DeliveryStatus::Dead, 3));
-    assert!(dead.last_error.contains("told to fail uid 2") && dead.last_error.contains("stderr tail"), "{}", dead.last_error);
+    assert!(
+        dead.last_error.contains("told to fail uid 2") && dead.last_error.contains("stderr tail"),
+        "{}",
+        dead.last_error
+    );
 
     // `status` shows it; `replay` delivers it (to the configured Maildir) and clears it.
     let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success() && text.contains("dead letters (1)") && text.contains(&key), "{text}");
-    let replay = inboxd_bin().args(["replay", "-c"]).arg(&config.path).arg(&key).output().unwrap();
+    assert!(
+        status.status.success() && text.contains("dead letters (1)") && text.contains(&key),
+        "{text}"
+    );
+    let replay = inboxd_bin()
+        .args(["replay", "-c"])
+        .arg(&config.path)
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
     assert!(dir.path().join("out/new").join(&key).exists());
-    assert_eq!(st.delivery(&key).await.unwrap().unwrap().status, DeliveryStatus::Delivered);
+    assert_eq!(
+        st.delivery(&key).await.unwrap().unwrap().status,
+        DeliveryStatus::Delivered
+    );
     let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("dead letters (0)"));
 }
@@ -166,7 +248,11 @@ async fn exec_handler_failure_keeps_stderr_and_checkpoint() {
     let st = store(&config).await;
     let dead = st.by_status(DeliveryStatus::Dead, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert!(dead[0].last_error.contains("exit status: 7") && dead[0].last_error.contains("cannot parse"), "{}", dead[0].last_error);
+    assert!(
+        dead[0].last_error.contains("exit status: 7") && dead[0].last_error.contains("cannot parse"),
+        "{}",
+        dead[0].last_error
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,10 +261,23 @@ async fn uidvalidity_change_dedupes_by_default() {
     imap(&dv, "CREATE Work").await;
     let old = inboxd::testbed::sample_message(1, "old", 300);
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&dv, dir.path(), "", "folder = \"Work\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }");
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"Work\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }",
+    );
     append_raw(&dv, "Work", std::slice::from_ref(&old)).await;
     let rec = Recorder::default();
-    Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Once).join().await.unwrap();
+    Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Once,
+    )
+    .join()
+    .await
+    .unwrap();
     assert_eq!(rec.subjects(), vec!["old"]);
 
     // The folder is recreated holding the old message again plus a new one.
@@ -186,10 +285,19 @@ async fn uidvalidity_change_dedupes_by_default() {
     imap(&dv, "CREATE Work").await;
     let new = inboxd::testbed::sample_message(2, "new", 300);
     append_raw(&dv, "Work", &[old.clone(), new]).await;
-    let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Once);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Once,
+    );
     let mut ev = w.subscribe();
     w.join().await.unwrap();
-    assert_eq!(rec.subjects(), vec!["old", "new"], "the old message must not come again; the new one must");
+    assert_eq!(
+        rec.subjects(),
+        vec!["old", "new"],
+        "the old message must not come again; the new one must"
+    );
     let mut saw_change = false;
     while let Ok(e) = ev.try_recv() {
         saw_change |= matches!(e, Event::UidValidityChanged { .. });
@@ -208,15 +316,38 @@ async fn uidvalidity_change_skip_and_replay_policies() {
             &dv,
             dir.path(),
             "",
-            &format!("folder = \"Work\"\nstart = \"all\"\non_uidvalidity_change = \"{policy}\"\ndeliver = {{ maildir = \"out\" }}"),
+            &format!(
+                "folder = \"Work\"\nstart = \"all\"\non_uidvalidity_change = \"{policy}\"\ndeliver = {{ maildir = \"out\" }}"
+            ),
         );
         append_raw(&dv, "Work", std::slice::from_ref(&old)).await;
         let rec = Recorder::default();
-        Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Once).join().await.unwrap();
+        Watcher::with_handler(
+            config.watches[0].clone(),
+            store(&config).await,
+            Box::new(rec.clone()),
+            Mode::Once,
+        )
+        .join()
+        .await
+        .unwrap();
         imap(&dv, "DELETE Work").await;
         imap(&dv, "CREATE Work").await;
-        append_raw(&dv, "Work", &[old.clone(), inboxd::testbed::sample_message(2, "new", 300)]).await;
-        Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Once).join().await.unwrap();
+        append_raw(
+            &dv,
+            "Work",
+            &[old.clone(), inboxd::testbed::sample_message(2, "new", 300)],
+        )
+        .await;
+        Watcher::with_handler(
+            config.watches[0].clone(),
+            store(&config).await,
+            Box::new(rec.clone()),
+            Mode::Once,
+        )
+        .join()
+        .await
+        .unwrap();
         assert_eq!(rec.subjects(), expected, "policy {policy}");
     }
 }
@@ -228,9 +359,19 @@ async fn server_without_idle_is_polled() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&dv, dir.path(), "poll_interval = \"300ms\"", "deliver = { maildir = \"out\" }");
+    let config = config(
+        &dv,
+        dir.path(),
+        "poll_interval = \"300ms\"",
+        "deliver = { maildir = \"out\" }",
+    );
     let rec = Recorder::default();
-    let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Forever);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     wait_for(&mut ev, 5, |e| matches!(e, Event::CaughtUp { .. })).await;
@@ -245,9 +386,19 @@ async fn server_without_idle_is_polled() {
 async fn reconnects_after_dovecot_restart_and_delivers_what_arrived() {
     let mut dv = dovecot();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(&dv, dir.path(), "reconnect = [ { every = \"200ms\" } ]", "deliver = { maildir = \"out\" }");
+    let config = config(
+        &dv,
+        dir.path(),
+        "reconnect = [ { every = \"200ms\" } ]",
+        "deliver = { maildir = \"out\" }",
+    );
     let rec = Recorder::default();
-    let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Forever);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     append(&dv, "INBOX", &["before"]).await;
@@ -268,11 +419,26 @@ async fn reconnects_after_dovecot_restart_and_delivers_what_arrived() {
 async fn post_actions_are_visible_on_the_server() {
     let dv = dovecot();
     imap(&dv, "CREATE Done").await;
-    for (after, check) in [("seen", "seen"), ("flag:$Processed", "flag"), ("move:Done", "move"), ("delete", "delete")] {
+    for (after, check) in [
+        ("seen", "seen"),
+        ("flag:$Processed", "flag"),
+        ("move:Done", "move"),
+        ("delete", "delete"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
-        let config = config(&dv, dir.path(), "", &format!("after = \"{after}\"\ndeliver = {{ maildir = \"out\" }}"));
+        let config = config(
+            &dv,
+            dir.path(),
+            "",
+            &format!("after = \"{after}\"\ndeliver = {{ maildir = \"out\" }}"),
+        );
         let rec = Recorder::default();
-        let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(rec.clone()), Mode::Forever);
+        let w = Watcher::with_handler(
+            config.watches[0].clone(),
+            store(&config).await,
+            Box::new(rec.clone()),
+            Mode::Forever,
+        );
         let mut ev = w.subscribe();
         wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
         append(&dv, "INBOX", &[after]).await;
@@ -281,13 +447,17 @@ async fn post_actions_are_visible_on_the_server() {
         wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
         w.stop().await.unwrap();
         let uid_q = uid.to_string();
-        let flags = dv.doveadm(&["fetch", "-u", "alice", "flags", "mailbox", "INBOX", "uid", &uid_q]).unwrap();
+        let flags = dv
+            .doveadm(&["fetch", "-u", "alice", "flags", "mailbox", "INBOX", "uid", &uid_q])
+            .unwrap();
         match check {
             "seen" => assert!(flags.contains("\\Seen"), "{flags}"),
             "flag" => assert!(flags.contains("$Processed"), "{flags}"),
             "move" => {
                 assert!(flags.trim().is_empty(), "moved away: {flags}");
-                let moved = dv.doveadm(&["search", "-u", "alice", "mailbox", "Done", "all"]).unwrap();
+                let moved = dv
+                    .doveadm(&["search", "-u", "alice", "mailbox", "Done", "all"])
+                    .unwrap();
                 assert_eq!(moved.lines().count(), 1, "{moved}");
             }
             _ => assert!(flags.trim().is_empty(), "expunged: {flags}"),
@@ -301,7 +471,12 @@ async fn queued_closure_runs_on_the_watchers_session_between_idles() {
     append(&dv, "INBOX", &["x", "y"]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(&dv, dir.path(), "", "deliver = { maildir = \"out\" }");
-    let w = Watcher::with_handler(config.watches[0].clone(), store(&config).await, Box::new(Recorder::default()), Mode::Forever);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(Recorder::default()),
+        Mode::Forever,
+    );
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     let t = std::time::Instant::now();
@@ -309,7 +484,10 @@ async fn queued_closure_runs_on_the_watchers_session_between_idles() {
         .queue(|s| Box::pin(async move { (s.folder().map(str::to_string), s.search("ALL").await.unwrap()) }))
         .await
         .unwrap();
-    assert!(t.elapsed() < Duration::from_secs(10), "the queue must interrupt IDLE, not wait for idle_refresh");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the queue must interrupt IDLE, not wait for idle_refresh"
+    );
     assert_eq!((folder.as_deref(), all), (Some("INBOX"), vec![1, 2]));
     w.stop().await.unwrap();
 }
@@ -323,13 +501,19 @@ async fn one_shot_mode_connects_runs_and_disconnects() {
     account.port = dv.tls_port;
     account.tls = inboxd::config::TlsMode::Implicit;
     account.mechanism = inboxd::config::PasswordMechanism::Plain;
-    let n = inboxd::once_with(&account, "INBOX", async |s| s.search("ALL").await.unwrap().len()).await.unwrap();
+    let n = inboxd::once_with(&account, "INBOX", async |s| s.search("ALL").await.unwrap().len())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
     let mut alice = dv.account("alice");
     alice.mechanism = inboxd::config::PasswordMechanism::Login;
-    let caps = inboxd::once_with(&alice, "INBOX", async |s| s.capabilities()).await.unwrap();
+    let caps = inboxd::once_with(&alice, "INBOX", async |s| s.capabilities())
+        .await
+        .unwrap();
     assert!(caps.contains(&"IDLE".to_string()), "{caps:?}");
     let mut quoted_login = dv.account("quoted");
     quoted_login.mechanism = inboxd::config::PasswordMechanism::Login;
-    inboxd::once_with(&quoted_login, "INBOX", async |_| ()).await.expect("LOGIN with a quoted password");
+    inboxd::once_with(&quoted_login, "INBOX", async |_| ())
+        .await
+        .expect("LOGIN with a quoted password");
 }

@@ -76,13 +76,19 @@ impl Exec {
                 if status.success() {
                     Ok(())
                 } else {
-                    Err(HandlerError { reason: format!("{program} exited with {status}"), output: combine(&err, &out) })
+                    Err(HandlerError {
+                        reason: format!("{program} exited with {status}"),
+                        output: combine(&err, &out),
+                    })
                 }
             }
             Err(_) => {
                 kill_group(pgid);
                 let _ = child.kill().await;
-                Err(HandlerError::new(format!("{program} timed out after {:?}; process group killed", self.timeout)))
+                Err(HandlerError::new(format!(
+                    "{program} timed out after {:?}; process group killed",
+                    self.timeout
+                )))
             }
         }
     }
@@ -151,7 +157,11 @@ mod tests {
     }
 
     fn sh(script: &str, timeout: Duration) -> Exec {
-        Exec::new(vec!["sh".into(), "-c".into(), script.into()], timeout, std::env::temp_dir())
+        Exec::new(
+            vec!["sh".into(), "-c".into(), script.into()],
+            timeout,
+            std::env::temp_dir(),
+        )
     }
 
     #[tokio::test]
@@ -166,12 +176,18 @@ mod tests {
         sh(&script, Duration::from_secs(10)).run(&msg(body)).await.unwrap();
         let got = std::fs::read(&out).unwrap();
         assert!(got.starts_with(body));
-        assert_eq!(&got[body.len()..], format!("a INBOX 5 7 v1-k <x@y> {}\n", body.len()).as_bytes());
+        assert_eq!(
+            &got[body.len()..],
+            format!("a INBOX 5 7 v1-k <x@y> {}\n", body.len()).as_bytes()
+        );
     }
 
     #[tokio::test]
     async fn failure_keeps_the_output_tail() {
-        let e = sh("echo oops >&2; exit 3", Duration::from_secs(10)).run(&msg(b"x")).await.unwrap_err();
+        let e = sh("echo oops >&2; exit 3", Duration::from_secs(10))
+            .run(&msg(b"x"))
+            .await
+            .unwrap_err();
         assert!(e.reason.contains("exit status: 3"), "{e:?}");
         assert_eq!(e.output, "oops");
     }
@@ -181,7 +197,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         let script = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
-        let e = sh(&script, Duration::from_millis(500)).run(&msg(b"x")).await.unwrap_err();
+        let e = sh(&script, Duration::from_millis(500))
+            .run(&msg(b"x"))
+            .await
+            .unwrap_err();
         assert!(e.reason.contains("timed out"), "{e:?}");
         let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
         // The grandchild was in the group: it must be gone (or a zombie awaiting reaping).

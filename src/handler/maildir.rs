@@ -44,7 +44,11 @@ impl Maildir {
             let key = name.split(':').next().unwrap_or(&name).to_string();
             in_cur.insert(key);
         }
-        Ok(Maildir { root: root.to_path_buf(), in_cur, dirty: false })
+        Ok(Maildir {
+            root: root.to_path_buf(),
+            in_cur,
+            dirty: false,
+        })
     }
 
     fn deliver_blocking(&self, key: &str, body: Vec<u8>) -> BoxFuture<'static, Result<bool, HandlerError>> {
@@ -113,7 +117,15 @@ mod tests {
     use super::*;
 
     fn msg<'a>(key: &'a str, body: &'a [u8]) -> Message<'a> {
-        Message { account: "a", folder: "INBOX", uidvalidity: 1, uid: 1, key, message_id: None, body }
+        Message {
+            account: "a",
+            folder: "INBOX",
+            uidvalidity: 1,
+            uid: 1,
+            key,
+            message_id: None,
+            body,
+        }
     }
 
     #[tokio::test]

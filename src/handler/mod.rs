@@ -37,7 +37,10 @@ pub struct HandlerError {
 
 impl HandlerError {
     pub fn new(reason: impl Into<String>) -> HandlerError {
-        HandlerError { reason: reason.into(), output: String::new() }
+        HandlerError {
+            reason: reason.into(),
+            output: String::new(),
+        }
     }
 
     /// The reason followed by the output tail, as stored in the delivery log.

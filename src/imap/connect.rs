@@ -62,7 +62,10 @@ pub(crate) async fn tcp(account: &Account) -> Result<TcpStream, ImapError> {
     let stream = deadline("connect", t, async {
         TcpStream::connect((account.host.trim_start_matches('[').trim_end_matches(']'), account.port))
             .await
-            .map_err(|source| ImapError::Connect { addr: addr.clone(), source })
+            .map_err(|source| ImapError::Connect {
+                addr: addr.clone(),
+                source,
+            })
     })
     .await?;
     let _ = stream.set_nodelay(true);
@@ -86,12 +89,15 @@ pub(crate) fn tls_connector(account: &Account) -> Result<TlsConnector, ImapError
         for cert in CertificateDer::pem_file_iter(path)
             .map_err(|e| ImapError::TlsConfig(format!("cannot read ca_file {}: {e}", path.display())))?
         {
-            extra.push(cert.map_err(|e| {
-                ImapError::TlsConfig(format!("bad certificate in ca_file {}: {e}", path.display()))
-            })?);
+            extra.push(
+                cert.map_err(|e| ImapError::TlsConfig(format!("bad certificate in ca_file {}: {e}", path.display())))?,
+            );
         }
         if extra.is_empty() {
-            return Err(ImapError::TlsConfig(format!("ca_file {} holds no certificate", path.display())));
+            return Err(ImapError::TlsConfig(format!(
+                "ca_file {} holds no certificate",
+                path.display()
+            )));
         }
     }
     let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
@@ -111,7 +117,10 @@ pub(crate) async fn tls(account: &Account, tcp: TcpStream) -> Result<Conn, ImapE
     let name = ServerName::try_from(host.clone())
         .map_err(|_| ImapError::TlsConfig(format!("{host:?} is not a valid server name")))?;
     let stream = deadline("TLS handshake", account.timeouts.tls, async {
-        connector.connect(name, tcp).await.map_err(|source| ImapError::Tls { host, source })
+        connector
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ImapError::Tls { host, source })
     })
     .await?;
     Ok(Conn::Tls(Box::new(stream)))

@@ -78,9 +78,7 @@ impl ImapError {
         match self {
             ImapError::Auth { .. } => FailureClass::Auth,
             ImapError::Bye(_) => FailureClass::Bye,
-            ImapError::Select { .. } | ImapError::TlsConfig(_) | ImapError::NoStarttls => {
-                FailureClass::Permanent
-            }
+            ImapError::Select { .. } | ImapError::TlsConfig(_) | ImapError::NoStarttls => FailureClass::Permanent,
             ImapError::Secret { .. } => FailureClass::Permanent,
             _ => FailureClass::Network,
         }
@@ -92,16 +90,14 @@ pub(crate) async fn deadline<T>(
     after: Duration,
     fut: impl Future<Output = Result<T, ImapError>>,
 ) -> Result<T, ImapError> {
-    tokio::time::timeout(after, fut).await.map_err(|_| ImapError::Timeout { phase, after })?
+    tokio::time::timeout(after, fut)
+        .await
+        .map_err(|_| ImapError::Timeout { phase, after })?
 }
 
 fn cmd(command: &'static str) -> impl FnOnce(async_imap::error::Error) -> ImapError {
     move |source| match source {
-        async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m)
-            if m.contains("BYE") =>
-        {
-            ImapError::Bye(m)
-        }
+        async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m) if m.contains("BYE") => ImapError::Bye(m),
         source => ImapError::Command { command, source },
     }
 }
@@ -124,7 +120,10 @@ pub struct Fetched {
 
 impl std::fmt::Debug for Fetched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fetched").field("uid", &self.uid).field("len", &self.body.len()).finish()
+        f.debug_struct("Fetched")
+            .field("uid", &self.uid)
+            .field("len", &self.body.len())
+            .finish()
     }
 }
 
@@ -167,7 +166,11 @@ impl Session {
     pub async fn open(account: &Account) -> Result<Session, ImapError> {
         let t = account.timeouts;
         let tcp = connect::tcp(account).await?;
-        let conn = if connect::implicit(account) { connect::tls(account, tcp).await? } else { Conn::Plain(tcp) };
+        let conn = if connect::implicit(account) {
+            connect::tls(account, tcp).await?
+        } else {
+            Conn::Plain(tcp)
+        };
         let mut client = async_imap::Client::new(conn);
         let mut greeting_caps = greeting(&mut client, t.greeting).await?;
         if account.tls == TlsMode::Starttls {
@@ -175,10 +178,13 @@ impl Session {
                 return Err(ImapError::NoStarttls);
             }
             deadline("STARTTLS", t.command, async {
-                client.run_command_and_check_ok("STARTTLS", None).await.map_err(|e| match e {
-                    async_imap::error::Error::Bad(_) | async_imap::error::Error::No(_) => ImapError::NoStarttls,
-                    e => cmd("STARTTLS")(e),
-                })
+                client
+                    .run_command_and_check_ok("STARTTLS", None)
+                    .await
+                    .map_err(|e| match e {
+                        async_imap::error::Error::Bad(_) | async_imap::error::Error::No(_) => ImapError::NoStarttls,
+                        e => cmd("STARTTLS")(e),
+                    })
             })
             .await?;
             let Conn::Plain(tcp) = client.into_inner() else {
@@ -188,33 +194,44 @@ impl Session {
             // Capabilities seen before TLS are not to be trusted (RFC 3501 §6.2.1).
             greeting_caps.clear();
         }
-        let password = account
-            .password
-            .resolve()
-            .await
-            .map_err(|source| ImapError::Secret { account: account.name.clone(), source })?;
+        let password = account.password.resolve().await.map_err(|source| ImapError::Secret {
+            account: account.name.clone(),
+            source,
+        })?;
         let use_plain = match account.mechanism {
             PasswordMechanism::Plain => true,
             PasswordMechanism::Login => false,
             PasswordMechanism::Auto => greeting_caps.contains("LOGINDISABLED"),
         };
         let auth_err = |e: async_imap::error::Error| match e {
-            async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
-                ImapError::Auth { user: account.user.clone(), message: m }
-            }
+            async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Auth {
+                user: account.user.clone(),
+                message: m,
+            },
             e => cmd("LOGIN")(e),
         };
         let inner = deadline("login", t.login, async {
             if use_plain {
-                let auth = Plain { user: &account.user, password: password.expose() };
+                let auth = Plain {
+                    user: &account.user,
+                    password: password.expose(),
+                };
                 client.authenticate("PLAIN", auth).await.map_err(|(e, _)| auth_err(e))
             } else {
-                client.login(&account.user, password.expose()).await.map_err(|(e, _)| auth_err(e))
+                client
+                    .login(&account.user, password.expose())
+                    .await
+                    .map_err(|(e, _)| auth_err(e))
             }
         })
         .await?;
         drop(password);
-        let mut session = Session { inner, caps: HashSet::new(), timeouts: t, selected: None };
+        let mut session = Session {
+            inner,
+            caps: HashSet::new(),
+            timeouts: t,
+            selected: None,
+        };
         session.refresh_capabilities().await?;
         Ok(session)
     }
@@ -257,9 +274,10 @@ impl Session {
         let t = self.timeouts.command;
         let mailbox = deadline("SELECT", t, async {
             self.inner.select(folder).await.map_err(|e| match e {
-                async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
-                    ImapError::Select { folder: folder.to_string(), message: m }
-                }
+                async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Select {
+                    folder: folder.to_string(),
+                    message: m,
+                },
                 e => cmd("SELECT")(e),
             })
         })
@@ -273,7 +291,11 @@ impl Session {
             Some(n) => n,
             None => self.uidnext_fallback(folder).await?,
         };
-        Ok(FolderState { uidvalidity, uidnext, exists: mailbox.exists })
+        Ok(FolderState {
+            uidvalidity,
+            uidnext,
+            exists: mailbox.exists,
+        })
     }
 
     async fn uidnext_fallback(&mut self, folder: &str) -> Result<u32, ImapError> {
@@ -313,7 +335,10 @@ impl Session {
                 .await
                 .map_err(cmd("UID FETCH"))?;
             let fetches: Vec<_> = stream.try_collect().await.map_err(cmd("UID FETCH"))?;
-            Ok(fetches.iter().filter_map(|f| Some((f.uid?, f.size.unwrap_or(0)))).collect())
+            Ok(fetches
+                .iter()
+                .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
+                .collect())
         })
         .await
     }
@@ -338,14 +363,21 @@ impl Session {
         let query = format!("(UID {section})");
         let header = section.contains("HEADER");
         let mut out = deadline("UID FETCH", t, async {
-            let stream = self.inner.uid_fetch(sequence_set(uids), &query).await.map_err(cmd("UID FETCH"))?;
+            let stream = self
+                .inner
+                .uid_fetch(sequence_set(uids), &query)
+                .await
+                .map_err(cmd("UID FETCH"))?;
             let fetches: Vec<_> = stream.try_collect().await.map_err(cmd("UID FETCH"))?;
             Ok(fetches
                 .into_iter()
                 .filter_map(|f| {
                     let uid = f.uid.filter(|u| wanted.contains(u))?;
                     let body = if header { f.header() } else { f.body() }?;
-                    Some(Fetched { uid, body: body.to_vec() })
+                    Some(Fetched {
+                        uid,
+                        body: body.to_vec(),
+                    })
                 })
                 .collect::<Vec<_>>())
         })
@@ -378,7 +410,11 @@ impl Session {
         let uidplus = self.has("UIDPLUS");
         deadline("EXPUNGE", t, async {
             if uidplus {
-                let s = self.inner.uid_expunge(sequence_set(uids)).await.map_err(cmd("UID EXPUNGE"))?;
+                let s = self
+                    .inner
+                    .uid_expunge(sequence_set(uids))
+                    .await
+                    .map_err(cmd("UID EXPUNGE"))?;
                 let _: Vec<_> = s.try_collect().await.map_err(cmd("UID EXPUNGE"))?;
             } else {
                 let s = self.inner.expunge().await.map_err(cmd("EXPUNGE"))?;
@@ -394,12 +430,18 @@ impl Session {
         let t = self.timeouts.command;
         if self.has("MOVE") {
             return deadline("UID MOVE", t, async {
-                self.inner.uid_mv(sequence_set(uids), folder).await.map_err(cmd("UID MOVE"))
+                self.inner
+                    .uid_mv(sequence_set(uids), folder)
+                    .await
+                    .map_err(cmd("UID MOVE"))
             })
             .await;
         }
         deadline("UID COPY", t, async {
-            self.inner.uid_copy(sequence_set(uids), folder).await.map_err(cmd("UID COPY"))
+            self.inner
+                .uid_copy(sequence_set(uids), folder)
+                .await
+                .map_err(cmd("UID COPY"))
         })
         .await?;
         self.delete(uids).await
@@ -409,7 +451,10 @@ impl Session {
     pub async fn append(&mut self, folder: &str, message: &[u8]) -> Result<(), ImapError> {
         let t = self.timeouts.command;
         deadline("APPEND", t, async {
-            self.inner.append(folder, None, None, message).await.map_err(cmd("APPEND"))
+            self.inner
+                .append(folder, None, None, message)
+                .await
+                .map_err(cmd("APPEND"))
         })
         .await
     }
@@ -426,7 +471,10 @@ impl Session {
     pub async fn run(&mut self, command: &str) -> Result<(), ImapError> {
         let t = self.timeouts.command;
         deadline("command", t, async {
-            self.inner.run_command_and_check_ok(command).await.map_err(cmd("command"))
+            self.inner
+                .run_command_and_check_ok(command)
+                .await
+                .map_err(cmd("command"))
         })
         .await
     }
@@ -438,8 +486,7 @@ impl Session {
         while let Ok(r) = self.inner.unsolicited_responses.try_recv() {
             news |= matches!(
                 r,
-                async_imap::types::UnsolicitedResponse::Exists(_)
-                    | async_imap::types::UnsolicitedResponse::Recent(_)
+                async_imap::types::UnsolicitedResponse::Exists(_) | async_imap::types::UnsolicitedResponse::Recent(_)
             );
         }
         news
@@ -452,9 +499,17 @@ impl Session {
         max: Duration,
         interrupt: impl Future<Output = ()>,
     ) -> Result<(Session, WaitEnd), ImapError> {
-        let Session { inner, caps, timeouts, selected } = self;
+        let Session {
+            inner,
+            caps,
+            timeouts,
+            selected,
+        } = self;
         let mut handle = inner.idle();
-        deadline("IDLE", timeouts.command, async { handle.init().await.map_err(cmd("IDLE")) }).await?;
+        deadline("IDLE", timeouts.command, async {
+            handle.init().await.map_err(cmd("IDLE"))
+        })
+        .await?;
         let end = {
             let (wait, stop) = handle.wait_with_timeout(timeouts.idle_silence);
             tokio::pin!(wait);
@@ -492,8 +547,16 @@ impl Session {
                 }
             }
         };
-        let inner = deadline("DONE", timeouts.done, async { handle.done().await.map_err(cmd("DONE")) }).await?;
-        let mut session = Session { inner, caps, timeouts, selected };
+        let inner = deadline("DONE", timeouts.done, async {
+            handle.done().await.map_err(cmd("DONE"))
+        })
+        .await?;
+        let mut session = Session {
+            inner,
+            caps,
+            timeouts,
+            selected,
+        };
         session.drain_unsolicited();
         Ok((session, end))
     }
@@ -513,7 +576,10 @@ async fn greeting(client: &mut async_imap::Client<Conn>, after: Duration) -> Res
             .map_err(|e| cmd("greeting")(e.into()))?
             .ok_or_else(|| ImapError::Refused("connection closed before the greeting".into()))?;
         match resp.parsed() {
-            Response::Data { status: Status::Ok | Status::PreAuth, outcome } => {
+            Response::Data {
+                status: Status::Ok | Status::PreAuth,
+                outcome,
+            } => {
                 let mut caps = HashSet::new();
                 if let Some(ResponseCode::Capabilities(list)) = &outcome.code {
                     for c in list {
@@ -526,10 +592,16 @@ async fn greeting(client: &mut async_imap::Client<Conn>, after: Duration) -> Res
                 }
                 Ok(caps)
             }
-            Response::Data { status: Status::Bye, outcome } => {
-                Err(ImapError::Refused(outcome.information.as_deref().unwrap_or("BYE").to_string()))
-            }
-            other => Err(ImapError::Unexpected { command: "greeting", detail: format!("{other:?}") }),
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => Err(ImapError::Refused(
+                outcome.information.as_deref().unwrap_or("BYE").to_string(),
+            )),
+            other => Err(ImapError::Unexpected {
+                command: "greeting",
+                detail: format!("{other:?}"),
+            }),
         }
     })
     .await

@@ -16,7 +16,10 @@ use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreRes
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |e| StoreError { what, source: Box::new(e) }
+    move |e| StoreError {
+        what,
+        source: Box::new(e),
+    }
 }
 
 fn now() -> i64 {
@@ -36,7 +39,10 @@ impl SqliteStore {
     /// created with mode 0600: it may later hold rotated refresh tokens.
     pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError { what: "create directory", source: Box::new(e) })?;
+            std::fs::create_dir_all(dir).map_err(|e| StoreError {
+                what: "create directory",
+                source: Box::new(e),
+            })?;
         }
         if !path.exists() {
             use std::os::unix::fs::OpenOptionsExt;
@@ -46,7 +52,10 @@ impl SqliteStore {
                 .truncate(false)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| StoreError { what: "create database", source: Box::new(e) })?;
+                .map_err(|e| StoreError {
+                    what: "create database",
+                    source: Box::new(e),
+                })?;
         }
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
             .map_err(err("open"))?
@@ -56,7 +65,11 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         // One writer connection: SQLite serialises writers anyway, and one connection keeps
         // transactions from waiting on each other's locks.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.map_err(err("open"))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .map_err(err("open"))?;
         let store = SqliteStore { pool };
         store.migrate().await?;
         Ok(store)
@@ -64,11 +77,17 @@ impl SqliteStore {
 
     async fn migrate(&self) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(err("migrate"))?;
-        let version: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(err("migrate"))?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("migrate"))?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(err("migrate"))?;
             // The version is our own integer, not input.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", i + 1))).execute(&mut *tx).await.map_err(err("migrate"))?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PRAGMA user_version = {}", i + 1)))
+                .execute(&mut *tx)
+                .await
+                .map_err(err("migrate"))?;
         }
         tx.commit().await.map_err(err("migrate"))
     }
@@ -118,12 +137,14 @@ fn delivery(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, sqlx::Error> {
 impl Store for SqliteStore {
     fn checkpoint<'a>(&'a self, account: &'a str, folder: &'a str) -> BoxFuture<'a, StoreResult<Option<Checkpoint>>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT uidvalidity, last_uid, dedupe_through FROM checkpoints WHERE account = ?1 AND folder = ?2")
-                .bind(account)
-                .bind(folder)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(err("read checkpoint"))?;
+            let row = sqlx::query(
+                "SELECT uidvalidity, last_uid, dedupe_through FROM checkpoints WHERE account = ?1 AND folder = ?2",
+            )
+            .bind(account)
+            .bind(folder)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("read checkpoint"))?;
             row.map(|r| {
                 Ok(Checkpoint {
                     uidvalidity: r.try_get::<i64, _>(0)? as u32,
@@ -237,7 +258,10 @@ impl Store for SqliteStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(err("read deliveries"))?;
-            rows.iter().map(delivery).collect::<Result<_, _>>().map_err(err("read deliveries"))
+            rows.iter()
+                .map(delivery)
+                .collect::<Result<_, _>>()
+                .map_err(err("read deliveries"))
         })
     }
 }
@@ -267,8 +291,15 @@ mod tests {
         let path = dir.path().join("s.db");
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), None);
-        let cp = Checkpoint { uidvalidity: 9, last_uid: 4, dedupe_through: 0 };
-        store.commit("a", "INBOX", cp, &[d("k1", DeliveryStatus::Delivered, "<m1>")]).await.unwrap();
+        let cp = Checkpoint {
+            uidvalidity: 9,
+            last_uid: 4,
+            dedupe_through: 0,
+        };
+        store
+            .commit("a", "INBOX", cp, &[d("k1", DeliveryStatus::Delivered, "<m1>")])
+            .await
+            .unwrap();
         drop(store);
         let store = SqliteStore::open(&path).await.unwrap();
         assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), Some(cp));

@@ -48,10 +48,13 @@ pub async fn store(config: &Config) -> Arc<dyn Store> {
     Arc::new(SqliteStore::open(&config.state).await.unwrap())
 }
 
+/// (uid, key, raw bytes) of a handled message.
+pub type Seen = (u32, String, Vec<u8>);
+
 /// Records what it was handed; can be told to fail on given UIDs.
 #[derive(Clone, Default)]
 pub struct Recorder {
-    pub seen: Arc<Mutex<Vec<(u32, String, Vec<u8>)>>>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
     pub fail_uids: Arc<Mutex<Vec<u32>>>,
     pub attempts: Arc<Mutex<Vec<u32>>>,
 }
@@ -67,7 +70,11 @@ impl Recorder {
             .iter()
             .map(|(_, _, b)| {
                 let s = String::from_utf8_lossy(b);
-                s.lines().find_map(|l| l.strip_prefix("Subject: ")).unwrap_or("").trim().to_string()
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Subject: "))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
             })
             .collect()
     }
@@ -78,9 +85,15 @@ impl Handler for Recorder {
         Box::pin(async move {
             self.attempts.lock().unwrap().push(m.uid);
             if self.fail_uids.lock().unwrap().contains(&m.uid) {
-                return Err(HandlerError { reason: format!("told to fail uid {}", m.uid), output: "stderr tail".into() });
+                return Err(HandlerError {
+                    reason: format!("told to fail uid {}", m.uid),
+                    output: "stderr tail".into(),
+                });
             }
-            self.seen.lock().unwrap().push((m.uid, m.key.to_string(), m.body.to_vec()));
+            self.seen
+                .lock()
+                .unwrap()
+                .push((m.uid, m.key.to_string(), m.body.to_vec()));
             Ok(())
         })
     }

@@ -40,7 +40,10 @@ pub struct AckWindow {
 impl AckWindow {
     /// A window whose checkpoint currently stands at `last_uid`.
     pub fn new(last_uid: u32) -> AckWindow {
-        AckWindow { base: last_uid, pending: BTreeMap::new() }
+        AckWindow {
+            base: last_uid,
+            pending: BTreeMap::new(),
+        }
     }
 
     /// Registers a UID handed to delivery. UIDs at or below the checkpoint are ignored.

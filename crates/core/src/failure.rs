@@ -38,7 +38,13 @@ pub struct Reconnect {
 
 impl Reconnect {
     pub fn new(schedule: Schedule, stable_after: Duration, park_for: Duration) -> Reconnect {
-        Reconnect { schedule, stable_after, park_for, streak: None, connected_at: None }
+        Reconnect {
+            schedule,
+            stable_after,
+            park_for,
+            streak: None,
+            connected_at: None,
+        }
     }
 
     /// A session was established (logged in and folder selected) at `now`.
@@ -48,7 +54,8 @@ impl Reconnect {
 
     /// The connection has been healthy long enough that the streak is over.
     pub fn is_stable(&self, now: Duration) -> bool {
-        self.connected_at.is_some_and(|at| now.saturating_sub(at) >= self.stable_after)
+        self.connected_at
+            .is_some_and(|at| now.saturating_sub(at) >= self.stable_after)
     }
 
     /// The number of failures in the current streak.
@@ -65,9 +72,7 @@ impl Reconnect {
         self.connected_at = None;
         let (start, attempts) = *self.streak.get_or_insert((now, 0));
         let delay = match class {
-            FailureClass::Permanent => {
-                self.park_for + self.park_for.mul_f64(0.1 * jitter.clamp(0.0, 0.999))
-            }
+            FailureClass::Permanent => self.park_for + self.park_for.mul_f64(0.1 * jitter.clamp(0.0, 0.999)),
             _ => {
                 let next = self.schedule.next_attempt(now - start, attempts, jitter);
                 self.streak = Some((start, next.attempt + 1));

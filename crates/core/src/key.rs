@@ -45,7 +45,10 @@ mod tests {
     fn key_is_stable_and_round_trips() {
         // A fixed value (checked against an independent FNV-1a): changing it would re-deliver
         // into every Maildir in the field.
-        assert_eq!(message_key("demo", "INBOX", 1700000000, 42), "v1-f43c9ed8e998de0a-1700000000-42");
+        assert_eq!(
+            message_key("demo", "INBOX", 1700000000, 42),
+            "v1-f43c9ed8e998de0a-1700000000-42"
+        );
         let k = message_key("demo", "INBOX", 7, 9);
         assert_eq!(parse_key(&k), Some((scope_hash("demo", "INBOX"), 7, 9)));
     }

@@ -44,7 +44,11 @@ pub enum Notice {
     /// No checkpoint existed; one was created by the start policy.
     FirstSight,
     /// UIDVALIDITY changed from `old` to `new`; handled according to `policy`.
-    UidValidityChanged { old: u32, new: u32, policy: UidValidityPolicy },
+    UidValidityChanged {
+        old: u32,
+        new: u32,
+        policy: UidValidityPolicy,
+    },
     /// UIDNEXT is below the checkpoint although UIDVALIDITY did not change: the server is
     /// broken or was restored without bumping UIDVALIDITY. The checkpoint is kept.
     UidNextBehindCheckpoint { uidnext: u32, last_uid: u32 },
@@ -71,8 +75,16 @@ pub fn on_select(
             StartPolicy::New => below_next,
             StartPolicy::All => 0,
         };
-        let checkpoint = Checkpoint { uidvalidity: selected.uidvalidity, last_uid, dedupe_through: 0 };
-        return SelectOutcome { checkpoint, store: true, notice: Some(Notice::FirstSight) };
+        let checkpoint = Checkpoint {
+            uidvalidity: selected.uidvalidity,
+            last_uid,
+            dedupe_through: 0,
+        };
+        return SelectOutcome {
+            checkpoint,
+            store: true,
+            notice: Some(Notice::FirstSight),
+        };
     };
     if stored.uidvalidity != selected.uidvalidity {
         let (last_uid, dedupe_through) = match policy {
@@ -80,19 +92,31 @@ pub fn on_select(
             UidValidityPolicy::Skip => (below_next, 0),
             UidValidityPolicy::Replay => (0, 0),
         };
-        let checkpoint = Checkpoint { uidvalidity: selected.uidvalidity, last_uid, dedupe_through };
+        let checkpoint = Checkpoint {
+            uidvalidity: selected.uidvalidity,
+            last_uid,
+            dedupe_through,
+        };
         let notice = Notice::UidValidityChanged {
             old: stored.uidvalidity,
             new: selected.uidvalidity,
             policy,
         };
-        return SelectOutcome { checkpoint, store: true, notice: Some(notice) };
+        return SelectOutcome {
+            checkpoint,
+            store: true,
+            notice: Some(notice),
+        };
     }
     let notice = (below_next < stored.last_uid).then_some(Notice::UidNextBehindCheckpoint {
         uidnext: selected.uidnext,
         last_uid: stored.last_uid,
     });
-    SelectOutcome { checkpoint: stored, store: false, notice }
+    SelectOutcome {
+        checkpoint: stored,
+        store: false,
+        notice,
+    }
 }
 
 /// Whether a message must pass the dedupe check before delivery.
@@ -104,7 +128,10 @@ pub fn needs_dedupe(checkpoint: &Checkpoint, uid: u32) -> bool {
 /// new messages and need no check.
 pub fn settle(checkpoint: Checkpoint) -> Checkpoint {
     if checkpoint.dedupe_through != 0 && checkpoint.last_uid >= checkpoint.dedupe_through {
-        Checkpoint { dedupe_through: 0, ..checkpoint }
+        Checkpoint {
+            dedupe_through: 0,
+            ..checkpoint
+        }
     } else {
         checkpoint
     }
@@ -160,7 +187,14 @@ mod tests {
     #[test]
     fn first_sight_follows_the_start_policy() {
         let new = on_select(None, sel(5, 11), StartPolicy::New, UidValidityPolicy::Dedupe);
-        assert_eq!(new.checkpoint, Checkpoint { uidvalidity: 5, last_uid: 10, dedupe_through: 0 });
+        assert_eq!(
+            new.checkpoint,
+            Checkpoint {
+                uidvalidity: 5,
+                last_uid: 10,
+                dedupe_through: 0
+            }
+        );
         assert!(new.store);
         let all = on_select(None, sel(5, 11), StartPolicy::All, UidValidityPolicy::Dedupe);
         assert_eq!(all.checkpoint.last_uid, 0);
@@ -170,34 +204,87 @@ mod tests {
 
     #[test]
     fn unchanged_uidvalidity_keeps_the_checkpoint() {
-        let cp = Checkpoint { uidvalidity: 5, last_uid: 7, dedupe_through: 0 };
+        let cp = Checkpoint {
+            uidvalidity: 5,
+            last_uid: 7,
+            dedupe_through: 0,
+        };
         let o = on_select(Some(cp), sel(5, 20), StartPolicy::All, UidValidityPolicy::Replay);
-        assert_eq!(o, SelectOutcome { checkpoint: cp, store: false, notice: None });
+        assert_eq!(
+            o,
+            SelectOutcome {
+                checkpoint: cp,
+                store: false,
+                notice: None
+            }
+        );
     }
 
     #[test]
     fn uidvalidity_change_follows_the_policy() {
-        let cp = Checkpoint { uidvalidity: 5, last_uid: 70, dedupe_through: 0 };
+        let cp = Checkpoint {
+            uidvalidity: 5,
+            last_uid: 70,
+            dedupe_through: 0,
+        };
         let d = on_select(Some(cp), sel(6, 4), StartPolicy::New, UidValidityPolicy::Dedupe);
-        assert_eq!(d.checkpoint, Checkpoint { uidvalidity: 6, last_uid: 0, dedupe_through: 3 });
-        assert!(matches!(d.notice, Some(Notice::UidValidityChanged { old: 5, new: 6, .. })));
+        assert_eq!(
+            d.checkpoint,
+            Checkpoint {
+                uidvalidity: 6,
+                last_uid: 0,
+                dedupe_through: 3
+            }
+        );
+        assert!(matches!(
+            d.notice,
+            Some(Notice::UidValidityChanged { old: 5, new: 6, .. })
+        ));
         let s = on_select(Some(cp), sel(6, 4), StartPolicy::New, UidValidityPolicy::Skip);
-        assert_eq!(s.checkpoint, Checkpoint { uidvalidity: 6, last_uid: 3, dedupe_through: 0 });
+        assert_eq!(
+            s.checkpoint,
+            Checkpoint {
+                uidvalidity: 6,
+                last_uid: 3,
+                dedupe_through: 0
+            }
+        );
         let r = on_select(Some(cp), sel(6, 4), StartPolicy::New, UidValidityPolicy::Replay);
-        assert_eq!(r.checkpoint, Checkpoint { uidvalidity: 6, last_uid: 0, dedupe_through: 0 });
+        assert_eq!(
+            r.checkpoint,
+            Checkpoint {
+                uidvalidity: 6,
+                last_uid: 0,
+                dedupe_through: 0
+            }
+        );
     }
 
     #[test]
     fn uidnext_behind_checkpoint_is_reported_not_obeyed() {
-        let cp = Checkpoint { uidvalidity: 5, last_uid: 70, dedupe_through: 0 };
+        let cp = Checkpoint {
+            uidvalidity: 5,
+            last_uid: 70,
+            dedupe_through: 0,
+        };
         let o = on_select(Some(cp), sel(5, 10), StartPolicy::New, UidValidityPolicy::Dedupe);
         assert_eq!(o.checkpoint, cp);
-        assert_eq!(o.notice, Some(Notice::UidNextBehindCheckpoint { uidnext: 10, last_uid: 70 }));
+        assert_eq!(
+            o.notice,
+            Some(Notice::UidNextBehindCheckpoint {
+                uidnext: 10,
+                last_uid: 70
+            })
+        );
     }
 
     #[test]
     fn dedupe_pass_settles_when_the_checkpoint_passes_it() {
-        let cp = Checkpoint { uidvalidity: 6, last_uid: 2, dedupe_through: 3 };
+        let cp = Checkpoint {
+            uidvalidity: 6,
+            last_uid: 2,
+            dedupe_through: 3,
+        };
         assert!(needs_dedupe(&cp, 3));
         assert!(!needs_dedupe(&cp, 4));
         assert_eq!(settle(cp), cp);

@@ -76,7 +76,10 @@ mod tests {
 
     #[test]
     fn huge_attempt_counts_do_not_overflow() {
-        let p = RetryPolicy { max_attempts: u32::MAX, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            max_attempts: u32::MAX,
+            ..RetryPolicy::default()
+        };
         assert_eq!(p.after_failure(1000), AfterFailure::RetryAfter(p.max));
     }
 }

@@ -71,10 +71,22 @@ impl Default for Schedule {
         let m = |n: u64| Duration::from_secs(60 * n);
         Schedule {
             stages: vec![
-                Stage { every: Duration::ZERO, until: Some(Duration::ZERO) },
-                Stage { every: m(1), until: Some(m(10)) },
-                Stage { every: m(10), until: Some(m(60)) },
-                Stage { every: m(60), until: None },
+                Stage {
+                    every: Duration::ZERO,
+                    until: Some(Duration::ZERO),
+                },
+                Stage {
+                    every: m(1),
+                    until: Some(m(10)),
+                },
+                Stage {
+                    every: m(10),
+                    until: Some(m(60)),
+                },
+                Stage {
+                    every: m(60),
+                    until: None,
+                },
             ],
         }
     }
@@ -167,7 +179,10 @@ impl Schedule {
         }
         let (offset, every) = self.offset(n);
         let jitter = every.mul_f64(0.1 * jitter.clamp(0.0, 0.999));
-        NextAttempt { delay: offset.saturating_sub(elapsed) + jitter, attempt: n }
+        NextAttempt {
+            delay: offset.saturating_sub(elapsed) + jitter,
+            attempt: n,
+        }
     }
 }
 
@@ -196,9 +211,21 @@ mod tests {
     fn first_retry_is_immediate_then_one_minute_apart() {
         let s = Schedule::default();
         let a = s.next_attempt(Duration::ZERO, 0, 0.0);
-        assert_eq!(a, NextAttempt { delay: Duration::ZERO, attempt: 0 });
+        assert_eq!(
+            a,
+            NextAttempt {
+                delay: Duration::ZERO,
+                attempt: 0
+            }
+        );
         let b = s.next_attempt(secs(2), 1, 0.0);
-        assert_eq!(b, NextAttempt { delay: secs(58), attempt: 1 });
+        assert_eq!(
+            b,
+            NextAttempt {
+                delay: secs(58),
+                attempt: 1
+            }
+        );
     }
 
     #[test]
@@ -207,7 +234,13 @@ mod tests {
         // Attempt 1 was due at 1 min but the connect took until 3.5 min: the 2 min and 3 min
         // slots are gone; the next attempt waits for the 4 min slot.
         let a = s.next_attempt(secs(210), 2, 0.0);
-        assert_eq!(a, NextAttempt { delay: secs(30), attempt: 4 });
+        assert_eq!(
+            a,
+            NextAttempt {
+                delay: secs(30),
+                attempt: 4
+            }
+        );
     }
 
     #[test]
@@ -221,12 +254,22 @@ mod tests {
     fn hourly_forever_after_the_first_hour() {
         let s = Schedule::default();
         let a = s.next_attempt(secs(10 * 3600 + 5), 25, 0.0);
-        assert_eq!(a, NextAttempt { delay: secs(3600 - 5), attempt: 25 });
+        assert_eq!(
+            a,
+            NextAttempt {
+                delay: secs(3600 - 5),
+                attempt: 25
+            }
+        );
     }
 
     #[test]
     fn last_stage_with_until_continues_at_its_interval() {
-        let s = Schedule::new(vec![Stage { every: secs(1), until: Some(secs(3)) }]).unwrap();
+        let s = Schedule::new(vec![Stage {
+            every: secs(1),
+            until: Some(secs(3)),
+        }])
+        .unwrap();
         let offsets: Vec<u64> = (0..5).map(|n| s.offset(n).0.as_secs()).collect();
         assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
     }
@@ -235,20 +278,35 @@ mod tests {
     fn rejects_tight_loops_and_backwards_stages() {
         assert_eq!(Schedule::new(vec![]), Err(ScheduleError::Empty));
         assert_eq!(
-            Schedule::new(vec![Stage { every: Duration::ZERO, until: Some(secs(10)) }]),
+            Schedule::new(vec![Stage {
+                every: Duration::ZERO,
+                until: Some(secs(10))
+            }]),
             Err(ScheduleError::ZeroIntervalSpan { index: 0 })
         );
         assert_eq!(
             Schedule::new(vec![
-                Stage { every: secs(1), until: Some(secs(10)) },
-                Stage { every: secs(1), until: Some(secs(5)) },
+                Stage {
+                    every: secs(1),
+                    until: Some(secs(10))
+                },
+                Stage {
+                    every: secs(1),
+                    until: Some(secs(5))
+                },
             ]),
             Err(ScheduleError::NotIncreasing { index: 1 })
         );
         assert_eq!(
             Schedule::new(vec![
-                Stage { every: secs(1), until: None },
-                Stage { every: secs(2), until: None },
+                Stage {
+                    every: secs(1),
+                    until: None
+                },
+                Stage {
+                    every: secs(2),
+                    until: None
+                },
             ]),
             Err(ScheduleError::AfterEndless { index: 1 })
         );

@@ -38,8 +38,7 @@ pub enum Wait {
 
 /// Decides the next wait for a connection that has been up for `connected_for`.
 pub fn next_wait(policy: &WaitPolicy, server_has_idle: bool, connected_for: Duration) -> Wait {
-    let Some(left) = policy.recycle_after.checked_sub(connected_for).filter(|d| !d.is_zero())
-    else {
+    let Some(left) = policy.recycle_after.checked_sub(connected_for).filter(|d| !d.is_zero()) else {
         return Wait::Recycle;
     };
     if server_has_idle {
@@ -56,8 +55,14 @@ mod tests {
     #[test]
     fn idles_polls_and_recycles() {
         let p = WaitPolicy::default();
-        assert_eq!(next_wait(&p, true, Duration::ZERO), Wait::Idle(Duration::from_secs(600)));
-        assert_eq!(next_wait(&p, false, Duration::ZERO), Wait::Poll(Duration::from_secs(60)));
+        assert_eq!(
+            next_wait(&p, true, Duration::ZERO),
+            Wait::Idle(Duration::from_secs(600))
+        );
+        assert_eq!(
+            next_wait(&p, false, Duration::ZERO),
+            Wait::Poll(Duration::from_secs(60))
+        );
         // The wait never outlives the connection's age limit.
         assert_eq!(
             next_wait(&p, true, Duration::from_secs(3590)),
