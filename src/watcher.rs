@@ -499,6 +499,8 @@ async fn catch_up(
         debug!(watch = %ctx.name, count = uids.len(), from = uids[0], "new messages");
         for batch in size_batches(&uids, &sizes, w.batch_size) {
             let fetched = session.fetch(batch).await?;
+            // Attempts already made on messages that failed before (e.g. before a restart).
+            let failed = ctx.store.failed_attempts(&w.account.name, &w.folder).await?;
             let mut b = Batch {
                 cp,
                 window: AckWindow::new(cp.last_uid),
@@ -551,7 +553,8 @@ async fn catch_up(
                     body: &m.body,
                 };
                 let first = record(DeliveryStatus::Delivered, 0, String::new());
-                let d = deliver_with_retry(ctx, handler, session, &msg, first, &mut b).await?;
+                let prior = failed.get(&key).copied().unwrap_or(0);
+                let d = deliver_with_retry(ctx, handler, session, &msg, first, prior, &mut b).await?;
                 match d {
                     Delivered::Ok(rec) => {
                         let status = rec.status;
@@ -635,12 +638,9 @@ async fn deliver_with_retry(
     session: &mut Session,
     msg: &Message<'_>,
     mut record: Delivery,
+    mut attempts: u32,
     batch: &mut Batch,
 ) -> Result<Delivered, WatchError> {
-    let prior = ctx.store.delivery(msg.key).await?;
-    let mut attempts = prior
-        .filter(|d| d.status == DeliveryStatus::Failed)
-        .map_or(0, |d| d.attempts);
     let mut committed_prefix = false;
     loop {
         match handler.deliver(msg).await {

@@ -1,9 +1,12 @@
 //! The `maildir` handler: writes each message into a Maildir, at most once.
 //!
-//! The file is written to `tmp/`, fsynced, and renamed into `new/` (atomic on POSIX); `flush`
-//! fsyncs `new/` so the renames are durable before the checkpoint is committed. The file name
-//! is the idempotency key, so a message delivered again after a crash finds its earlier copy
-//! (in `new/`, or in `cur/` where a mail reader moved it) and is not written twice.
+//! `deliver` only takes the message; `flush` makes a whole batch durable at once: it writes and
+//! fsyncs the batch's files in `tmp/` (in parallel, so the file system can group the journal
+//! commits), renames each into `new/` (atomic on POSIX) and fsyncs `new/`; only then does the
+//! watcher commit the checkpoint. A write error (disk full) fails the flush, so nothing of the
+//! batch is acknowledged. The file name is the idempotency key, so a message delivered again
+//! after a crash finds its earlier copy (in `new/`, or in `cur/` where a mail reader moved it)
+//! and is not written twice; a copy left in `tmp/` by a crash is simply overwritten.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -14,18 +17,26 @@ use futures::future::BoxFuture;
 
 use super::{Handler, HandlerError, Message};
 
+/// Threads used to fsync one batch.
+const SYNC_THREADS: usize = 16;
+
 /// A Maildir destination.
 #[derive(Debug)]
 pub struct Maildir {
     root: PathBuf,
     /// Keys already present in `cur/` when the handler started (files named `KEY:2,FLAGS`).
     in_cur: HashSet<String>,
-    dirty: bool,
+    /// Messages accepted since the last flush, written by the flush.
+    pending: Vec<(String, Vec<u8>)>,
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HandlerError {
     let what = format!("{what} {}", path.display());
     move |e| HandlerError::new(format!("maildir: cannot {what}: {e}"))
+}
+
+fn blocking_failed(e: tokio::task::JoinError) -> HandlerError {
+    HandlerError::new(format!("maildir: file task failed: {e}"))
 }
 
 impl Maildir {
@@ -47,38 +58,61 @@ impl Maildir {
         Ok(Maildir {
             root: root.to_path_buf(),
             in_cur,
-            dirty: false,
-        })
-    }
-
-    fn deliver_blocking(&self, key: &str, body: Vec<u8>) -> BoxFuture<'static, Result<bool, HandlerError>> {
-        let root = self.root.clone();
-        let key = key.to_string();
-        let known = self.in_cur.contains(&key);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || write(&root, &key, &body, known))
-                .await
-                .map_err(|e| HandlerError::new(format!("maildir: writer task failed: {e}")))?
+            pending: Vec::new(),
         })
     }
 }
 
-/// Writes one message; returns whether a new file was created.
-fn write(root: &Path, key: &str, body: &[u8], in_cur: bool) -> Result<bool, HandlerError> {
+fn check_key(key: &str) -> Result<(), HandlerError> {
     if key.is_empty() || key.contains(['/', ':']) || key.starts_with('.') {
         return Err(HandlerError::new(format!("maildir: unusable key {key:?}")));
     }
-    let new = root.join("new").join(key);
-    if in_cur || new.exists() {
-        return Ok(false);
+    Ok(())
+}
+
+/// Writes and fsyncs the pending messages in `tmp/` (in parallel, so the file system can group
+/// the journal commits), moves them into `new/` and fsyncs `new/`. A message already in `new/`
+/// is left alone.
+fn publish(root: &Path, pending: &[(String, Vec<u8>)]) -> Result<(), HandlerError> {
+    let chunk = pending.len().div_ceil(SYNC_THREADS).max(1);
+    let written: Vec<&str> = std::thread::scope(|scope| {
+        let workers: Vec<_> = pending
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    for (key, body) in part {
+                        if root.join("new").join(key).exists() {
+                            continue;
+                        }
+                        let tmp = root.join("tmp").join(key);
+                        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+                        f.write_all(body).map_err(io("write", &tmp))?;
+                        f.sync_all().map_err(io("fsync", &tmp))?;
+                        done.push(key.as_str());
+                    }
+                    Ok::<_, HandlerError>(done)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(
+                w.join()
+                    .unwrap_or_else(|_| Err(HandlerError::new("maildir: writer thread panicked")))?,
+            );
+        }
+        Ok::<_, HandlerError>(all)
+    })?;
+    for key in &written {
+        let (tmp, new) = (root.join("tmp").join(key), root.join("new").join(key));
+        fs::rename(&tmp, &new).map_err(io("rename into", &new))?;
     }
-    let tmp = root.join("tmp").join(key);
-    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(body).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, &new).map_err(io("rename into", &new))?;
-    Ok(true)
+    if written.is_empty() {
+        Ok(())
+    } else {
+        sync_dir(&root.join("new"))
+    }
 }
 
 fn sync_dir(path: &Path) -> Result<(), HandlerError> {
@@ -88,22 +122,25 @@ fn sync_dir(path: &Path) -> Result<(), HandlerError> {
 impl Handler for Maildir {
     fn deliver<'a>(&'a mut self, message: &'a Message<'a>) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            let created = self.deliver_blocking(message.key, message.body.to_vec()).await?;
-            self.dirty |= created;
+            check_key(message.key)?;
+            let known = self.in_cur.contains(message.key) || self.pending.iter().any(|(k, _)| k == message.key);
+            if !known {
+                self.pending.push((message.key.to_string(), message.body.to_vec()));
+            }
             Ok(())
         })
     }
 
     fn flush(&mut self) -> BoxFuture<'_, Result<(), HandlerError>> {
         Box::pin(async move {
-            if self.dirty {
-                let new = self.root.join("new");
-                tokio::task::spawn_blocking(move || sync_dir(&new))
-                    .await
-                    .map_err(|e| HandlerError::new(format!("maildir: fsync task failed: {e}")))??;
-                self.dirty = false;
+            if self.pending.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            let root = self.root.clone();
+            let pending = std::mem::take(&mut self.pending);
+            tokio::task::spawn_blocking(move || publish(&root, &pending))
+                .await
+                .map_err(blocking_failed)?
         })
     }
 
@@ -133,6 +170,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Maildir::open(dir.path()).unwrap();
         m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
+        m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
+        m.flush().await.unwrap();
         m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
         m.flush().await.unwrap();
         assert_eq!(fs::read_dir(dir.path().join("new")).unwrap().count(), 1);

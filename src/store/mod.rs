@@ -100,6 +100,13 @@ pub trait Store: Send + Sync + 'static {
 
     fn delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Delivery>>>;
 
+    /// Attempts so far of the messages of a folder that failed and await a retry, by key.
+    fn failed_attempts<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+    ) -> BoxFuture<'a, StoreResult<std::collections::HashMap<String, u32>>>;
+
     /// Whether a message with this Message-ID (or digest) was delivered from this folder
     /// before (under any UIDVALIDITY).
     fn seen_message_id<'a>(

@@ -205,6 +205,27 @@ impl Store for SqliteStore {
         })
     }
 
+    fn failed_attempts<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+    ) -> BoxFuture<'a, StoreResult<std::collections::HashMap<String, u32>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT key, attempts FROM deliveries WHERE status = 'failed' AND account = ?1 AND folder = ?2",
+            )
+            .bind(account)
+            .bind(folder)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read deliveries"))?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u32)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read deliveries"))
+        })
+    }
+
     fn seen_message_id<'a>(
         &'a self,
         account: &'a str,
