@@ -25,7 +25,7 @@ async fn message_appended_while_idle_is_delivered_to_exec() {
     let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Forever).unwrap();
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
-    assert_eq!(w.health().state, "idle");
+    wait_state(&w, "idle").await;
 
     let msg = inboxd::testbed::sample_message(1, "hello", 2000);
     append_raw(&dv, "INBOX", std::slice::from_ref(&msg)).await;
@@ -375,7 +375,7 @@ async fn server_without_idle_is_polled() {
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     wait_for(&mut ev, 5, |e| matches!(e, Event::CaughtUp { .. })).await;
-    assert_eq!(w.health().state, "polling");
+    wait_state(&w, "polling").await;
     append(&dv, "INBOX", &["polled"]).await;
     wait_delivered(&mut ev, 1, 10).await;
     w.stop().await.unwrap();

@@ -150,3 +150,12 @@ pub async fn wait_delivered(events: &mut broadcast::Receiver<Event>, n: usize, s
 pub fn inboxd_bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_inboxd"))
 }
+
+/// Waits until the watcher reports `state`, failing the test after 10 s.
+pub async fn wait_state(w: &inboxd::watcher::Watcher, state: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while w.health().state != state {
+        assert!(std::time::Instant::now() < deadline, "state is {:?}, expected {state:?}", w.health().state);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
