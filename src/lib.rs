@@ -58,3 +58,8 @@ pub mod testbed;
 pub mod watcher;
 
 pub use daemon::once_with;
+
+/// The README's Rust examples are compiled as doc tests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -155,7 +155,11 @@ pub fn inboxd_bin() -> std::process::Command {
 pub async fn wait_state(w: &inboxd::watcher::Watcher, state: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while w.health().state != state {
-        assert!(std::time::Instant::now() < deadline, "state is {:?}, expected {state:?}", w.health().state);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "state is {:?}, expected {state:?}",
+            w.health().state
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,0 +1,67 @@
+//! The driver follows the reconnect schedule, checked in tokio's paused (virtual) time: hours of
+//! back-off run in milliseconds, and no network server is involved (the port refuses).
+
+use std::sync::Arc;
+
+use inboxd::config::Config;
+use inboxd::store::SqliteStore;
+use inboxd::watcher::{Event, Mode, Watcher};
+
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn reconnect_attempts_follow_the_default_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inboxd.toml");
+    let text = format!(
+        "[accounts.a]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\n[[watch]]\naccount = \"a\"\ndeliver = {{ maildir = \"m\" }}\n",
+        closed_port()
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let store = Arc::new(SqliteStore::open(&config.state).await.unwrap());
+    // Paused only now: the store's pool waits on a real thread and would see its timeout fire.
+    // Connecting fails before the watcher touches the store.
+    tokio::time::pause();
+    let w = Watcher::start(config.watches[0].clone(), store, Mode::Forever).unwrap();
+    let mut events = w.subscribe();
+
+    // Planned attempt times, as offsets from the first failure.
+    let mut planned = Vec::new();
+    let mut first = None;
+    while planned.len() < 18 {
+        if let Ok(Event::Disconnected {
+            error: Some(e),
+            retry_in: Some(d),
+            ..
+        }) = events.recv().await
+        {
+            assert!(e.contains("connect"), "{e}");
+            let now = tokio::time::Instant::now();
+            let start = *first.get_or_insert(now);
+            planned.push((now - start + d).as_secs_f64());
+        }
+    }
+    w.stop().await.unwrap();
+
+    let m = 60.0;
+    let expected: Vec<(f64, f64)> = [(0.0, 0.0)]
+        .into_iter()
+        .chain((1..=10).map(|k| (k as f64 * m, m)))
+        .chain((2..=6).map(|k| (k as f64 * 10.0 * m, 10.0 * m)))
+        .chain((2..=3).map(|k| (k as f64 * 60.0 * m, 60.0 * m)))
+        .collect();
+    for (i, (&got, &(want, every))) in planned.iter().zip(&expected).enumerate() {
+        // Jitter adds up to 10 % of the stage's interval, never less than the slot.
+        assert!(
+            got >= want - 0.01 && got < want + 0.1 * every + 0.01,
+            "attempt {i}: planned at {got}s, slot {want}s"
+        );
+    }
+}
