@@ -65,3 +65,35 @@ async fn reconnect_attempts_follow_the_default_schedule() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_never_greets_hits_the_greeting_deadline() {
+    // Accepts the connection and then says nothing, like a wedged server or a stuck proxy.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let (_sock, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let mut account = inboxd::config::Account::new(
+        "a",
+        "127.0.0.1",
+        port,
+        inboxd::config::TlsMode::None,
+        "u",
+        inboxd::secret::SecretSource::Literal(inboxd::secret::Secret::new("p")),
+    );
+    account.timeouts.greeting = std::time::Duration::from_secs(15);
+    let start = tokio::time::Instant::now();
+    let err = inboxd::imap::Session::open(&account).await.unwrap_err();
+    assert!(
+        matches!(err, inboxd::imap::ImapError::Timeout { phase: "greeting", .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        start.elapsed().as_secs(),
+        15,
+        "virtual time: exactly the greeting deadline"
+    );
+    hold.abort();
+}

@@ -517,3 +517,73 @@ async fn one_shot_mode_connects_runs_and_disconnects() {
         .await
         .expect("LOGIN with a quoted password");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_actions_fall_back_without_move_and_uidplus() {
+    let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
+        capabilities: Some("IMAP4rev1 IDLE LITERAL+".into()),
+    })
+    .unwrap();
+    imap(&dv, "CREATE Done").await;
+    append(&dv, "INBOX", &["keep-me"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "after = \"move:Done\"\ndeliver = { maildir = \"out\" }",
+    );
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(Recorder::default()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    append(&dv, "INBOX", &["moved"]).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    w.stop().await.unwrap();
+    // COPY + \Deleted + EXPUNGE: the message is in Done and gone from INBOX; the other stays.
+    let inbox = dv
+        .doveadm(&["search", "-u", "alice", "mailbox", "INBOX", "all"])
+        .unwrap();
+    let done = dv
+        .doveadm(&["search", "-u", "alice", "mailbox", "Done", "all"])
+        .unwrap();
+    assert_eq!(
+        (inbox.lines().count(), done.lines().count()),
+        (1, 1),
+        "INBOX: {inbox} Done: {done}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_connections_are_recycled_cleanly_without_losing_mail() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "recycle_after = \"1s\"",
+        "deliver = { maildir = \"out\" }",
+    );
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    // A clean recycle: a disconnect without error, then a new connection.
+    wait_for(&mut ev, 10, |e| matches!(e, Event::Disconnected { error: None, .. })).await;
+    wait_for(&mut ev, 10, |e| matches!(e, Event::Connected { .. })).await;
+    append(&dv, "INBOX", &["after-recycle"]).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    assert_eq!(w.health().reconnects, 0, "a recycle is not a failure");
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["after-recycle"]);
+}
