@@ -17,6 +17,7 @@ use inboxd_core::wait::WaitPolicy;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::oauth2::{Grant, Thumbprint, TokenSource};
 use crate::secret::SecretSource;
 
 /// A config file that cannot be used. The message is `file:line:column: problem`.
@@ -65,15 +66,51 @@ pub enum TlsMode {
     None,
 }
 
-/// Which password mechanism to use.
+/// Which authentication mechanism to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum PasswordMechanism {
-    /// LOGIN, or AUTHENTICATE PLAIN when the server advertises LOGINDISABLED.
+pub enum AuthMechanism {
+    /// Passwords: LOGIN, or AUTHENTICATE PLAIN when the server advertises LOGINDISABLED.
+    /// OAuth2: OAUTHBEARER when advertised, else XOAUTH2 (Outlook offers only XOAUTH2).
     #[default]
     Auto,
     Login,
     Plain,
+    Xoauth2,
+    Oauthbearer,
+}
+
+/// How an account proves who it is.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    Password(SecretSource),
+    OAuth2(TokenSource),
+}
+
+/// Well-known providers: their host, port, TLS, token endpoint and scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Exchange Online: outlook.office365.com:993, token URL from `tenant`,
+    /// scope `https://outlook.office365.com/.default`.
+    Microsoft365,
+    /// Gmail: imap.gmail.com:993, Google's token URL, scope `https://mail.google.com/`.
+    Gmail,
+}
+
+impl Provider {
+    fn host(self) -> &'static str {
+        match self {
+            Provider::Microsoft365 => "outlook.office365.com",
+            Provider::Gmail => "imap.gmail.com",
+        }
+    }
+    fn scope(self) -> &'static str {
+        match self {
+            Provider::Microsoft365 => "https://outlook.office365.com/.default",
+            Provider::Gmail => "https://mail.google.com/",
+        }
+    }
 }
 
 /// What happens on the server after a message was acknowledged.
@@ -137,16 +174,19 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAccount {
-    host: Spanned<String>,
+    /// A well-known provider whose defaults fill in host, port, TLS, token URL and scope.
+    provider: Option<Provider>,
+    host: Option<Spanned<String>>,
     /// Default 993 for implicit TLS, 143 otherwise.
     port: Option<u16>,
     tls: Option<TlsMode>,
     /// Extra trust root (PEM) on top of the platform's.
     ca_file: Option<PathBuf>,
     user: String,
-    password: SecretSource,
+    password: Option<SecretSource>,
+    oauth2: Option<Spanned<RawOAuth2>>,
     #[serde(default)]
-    auth: PasswordMechanism,
+    auth: AuthMechanism,
     idle_refresh: Option<Dur>,
     poll_interval: Option<Dur>,
     recycle_after: Option<Dur>,
@@ -157,6 +197,47 @@ struct RawAccount {
     park_for: Option<Dur>,
     #[serde(default)]
     timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawGrant {
+    ClientCredentials,
+    RefreshToken,
+    JwtBearer,
+    Command,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawThumbprint {
+    Sha256,
+    Sha1,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth2 {
+    grant: RawGrant,
+    /// Token endpoint; presets derive it (Microsoft 365 from `tenant`).
+    token_url: Option<String>,
+    /// Microsoft 365 tenant (domain or id).
+    tenant: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<SecretSource>,
+    /// PEM certificate for a `private_key_jwt` client assertion (with `private_key`).
+    certificate: Option<PathBuf>,
+    private_key: Option<SecretSource>,
+    thumbprint: Option<RawThumbprint>,
+    scopes: Option<Vec<String>>,
+    refresh_token: Option<SecretSource>,
+    /// Service-account key JSON (Google), from a secret source such as `{ file = "sa.json" }`.
+    service_account_key: Option<SecretSource>,
+    /// The mailbox user the service account acts for; default: the account's `user`.
+    subject: Option<String>,
+    command: Option<Vec<String>>,
+    /// Refresh the token after this fraction of its lifetime (default 0.8).
+    refresh_at: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -266,8 +347,10 @@ pub struct Account {
     pub tls: TlsMode,
     pub ca_file: Option<PathBuf>,
     pub user: String,
-    pub password: SecretSource,
-    pub mechanism: PasswordMechanism,
+    pub auth: Auth,
+    /// The provider preset, if any (used for diagnostics).
+    pub provider: Option<Provider>,
+    pub mechanism: AuthMechanism,
     pub wait: WaitPolicy,
     pub schedule: Schedule,
     pub stable_after: Duration,
@@ -292,8 +375,9 @@ impl Account {
             tls,
             ca_file: None,
             user: user.into(),
-            password,
-            mechanism: PasswordMechanism::Auto,
+            auth: Auth::Password(password),
+            provider: None,
+            mechanism: AuthMechanism::Auto,
             wait: WaitPolicy::default(),
             schedule: Schedule::default(),
             stable_after: Duration::from_secs(300),
@@ -374,15 +458,67 @@ impl Config {
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
 
         let mut accounts = BTreeMap::new();
+        // One token cache per credential, shared by every account that uses the same one.
+        let mut token_sources: BTreeMap<String, TokenSource> = BTreeMap::new();
         for (name, spanned) in raw.accounts {
             let span = spanned.span();
             let a = spanned.into_inner();
-            let tls = a.tls.unwrap_or_default();
-            let host = a.host.get_ref().clone();
+            let preset = a.provider;
+            let tls = a.tls.unwrap_or(if preset.is_some() {
+                TlsMode::Implicit
+            } else {
+                TlsMode::default()
+            });
+            let (host, host_span) = match (&a.host, preset) {
+                (Some(h), _) => (h.get_ref().clone(), h.span()),
+                (None, Some(p)) => (p.host().to_string(), span.clone()),
+                (None, None) => {
+                    return Err(invalid(
+                        Some(span),
+                        format!("accounts.{name}: missing field `host` (or a `provider`)"),
+                    ));
+                }
+            };
             if tls == TlsMode::None && !is_loopback(&host) {
                 return Err(invalid(
-                    Some(a.host.span()),
+                    Some(host_span),
                     format!("accounts.{name}.tls: \"none\" is only allowed for loopback hosts, not {host:?}"),
+                ));
+            }
+            let auth = match (a.password, a.oauth2) {
+                (Some(p), None) => Auth::Password(p.relative_to(&base)),
+                (None, Some(o)) => {
+                    let osp = o.span();
+                    let grant = oauth2_grant(o.into_inner(), preset, &a.user, &base)
+                        .map_err(|m| invalid(Some(osp), format!("accounts.{name}.oauth2: {m}")))?;
+                    let refresh_at = grant.1;
+                    let key = format!("{:?}", grant.0);
+                    let source = token_sources
+                        .entry(key)
+                        .or_insert_with(|| TokenSource::new(name.clone(), grant.0, refresh_at))
+                        .clone();
+                    Auth::OAuth2(source)
+                }
+                _ => {
+                    return Err(invalid(
+                        Some(span),
+                        format!("accounts.{name}: give exactly one of `password` or `oauth2`"),
+                    ));
+                }
+            };
+            let oauth = matches!(auth, Auth::OAuth2(_));
+            let fits = match a.auth {
+                AuthMechanism::Auto => true,
+                AuthMechanism::Login | AuthMechanism::Plain => !oauth,
+                AuthMechanism::Xoauth2 | AuthMechanism::Oauthbearer => oauth,
+            };
+            if !fits {
+                return Err(invalid(
+                    Some(span),
+                    format!(
+                        "accounts.{name}.auth: {:?} does not fit this account's credentials",
+                        a.auth
+                    ),
                 ));
             }
             let schedule = match a.reconnect {
@@ -436,7 +572,8 @@ impl Config {
                 tls,
                 ca_file: a.ca_file.map(|p| base.join(p)),
                 user: a.user,
-                password: a.password.relative_to(&base),
+                auth,
+                provider: preset,
                 mechanism: a.auth,
                 wait,
                 schedule,
@@ -514,6 +651,84 @@ impl Config {
             watches,
         })
     }
+}
+
+/// Builds the grant from the `oauth2` table, filling in the provider's defaults.
+fn oauth2_grant(o: RawOAuth2, preset: Option<Provider>, user: &str, base: &Path) -> Result<(Grant, f64), String> {
+    let scopes = o
+        .scopes
+        .clone()
+        .unwrap_or_else(|| preset.map(|p| vec![p.scope().to_string()]).unwrap_or_default());
+    let token_url = match (&o.token_url, preset, &o.tenant) {
+        (Some(u), _, _) => Some(u.clone()),
+        (None, Some(Provider::Microsoft365), Some(t)) => {
+            Some(format!("https://login.microsoftonline.com/{t}/oauth2/v2.0/token"))
+        }
+        (None, Some(Provider::Gmail), _) => Some(crate::oauth2::grant::GOOGLE_TOKEN_URL.to_string()),
+        _ => None,
+    };
+    let need_url = || {
+        token_url
+            .clone()
+            .ok_or_else(|| "needs `token_url` (or `provider = \"microsoft365\"` with `tenant`)".to_string())
+    };
+    let need_id = || o.client_id.clone().ok_or_else(|| "needs `client_id`".to_string());
+    let refresh_at = o.refresh_at.unwrap_or(0.8);
+    if !(0.1..=1.0).contains(&refresh_at) {
+        return Err("`refresh_at` must be between 0.1 and 1.0".into());
+    }
+    let grant = match o.grant {
+        RawGrant::ClientCredentials => match (o.client_secret, o.certificate, o.private_key) {
+            (Some(secret), None, None) => Grant::ClientSecret {
+                token_url: need_url()?,
+                client_id: need_id()?,
+                secret: secret.relative_to(base),
+                scopes,
+            },
+            (None, Some(certificate), Some(private_key)) => Grant::ClientCertificate {
+                token_url: need_url()?,
+                client_id: need_id()?,
+                certificate: base.join(certificate),
+                private_key: private_key.relative_to(base),
+                thumbprint: match o.thumbprint {
+                    Some(RawThumbprint::Sha1) => Thumbprint::Sha1,
+                    _ => Thumbprint::Sha256,
+                },
+                scopes,
+            },
+            _ => return Err("client_credentials needs `client_secret`, or `certificate` and `private_key`".into()),
+        },
+        RawGrant::RefreshToken => Grant::RefreshToken {
+            token_url: need_url()?,
+            client_id: need_id()?,
+            secret: o.client_secret.map(|s| s.relative_to(base)),
+            refresh_token: o
+                .refresh_token
+                .ok_or("refresh_token grant needs `refresh_token`")?
+                .relative_to(base),
+            scopes,
+        },
+        RawGrant::JwtBearer => Grant::JwtBearer {
+            token_url,
+            key: o
+                .service_account_key
+                .ok_or("jwt_bearer grant needs `service_account_key`")?
+                .relative_to(base),
+            subject: o.subject.unwrap_or_else(|| user.to_string()),
+            scopes,
+        },
+        RawGrant::Command => {
+            let argv = o
+                .command
+                .filter(|c| !c.is_empty())
+                .ok_or("command grant needs `command = [\"program\", ..]`")?;
+            Grant::Command {
+                argv,
+                cwd: base.to_path_buf(),
+            }
+        }
+    };
+    Ok((grant, refresh_at))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -83,8 +83,11 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
     }
 }
 
-/// Logs in to every account and prints capabilities and folder status.
+/// Logs in to every account and prints capabilities and folder status. For OAuth2 accounts it
+/// first obtains a token and prints its decoded claims (never the token), and on failure the
+/// usual causes for the provider.
 pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
     let mut failed = 0;
     for (name, account) in &config.accounts {
         writeln!(
@@ -92,10 +95,22 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
             "account {name}: {}@{}:{} ({:?})",
             account.user, account.host, account.port, account.tls
         )?;
+        if let crate::config::Auth::OAuth2(source) = &account.auth {
+            source.attach_store(store.clone());
+            if !oauth2_token_report(account, source, out).await? {
+                failed += 1;
+                continue;
+            }
+        }
         let mut session = match Session::open(account).await {
             Ok(s) => s,
             Err(e) => {
                 writeln!(out, "  FAILED: {:#}", anyhow::Error::from(e))?;
+                if matches!(account.auth, crate::config::Auth::OAuth2(_)) {
+                    for hint in oauth2_hints(account, true) {
+                        writeln!(out, "    - {hint}")?;
+                    }
+                }
                 failed += 1;
                 continue;
             }
@@ -120,6 +135,75 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
         bail!("{failed} check(s) failed");
     }
     Ok(())
+}
+
+/// Obtains a token and prints what it says; false if no token could be had.
+async fn oauth2_token_report(
+    account: &Account,
+    source: &crate::oauth2::TokenSource,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<bool> {
+    match source.token().await {
+        Ok(token) => {
+            writeln!(out, "  oauth2: token obtained, lifetime {}s", token.lifetime.as_secs())?;
+            match crate::oauth2::claims(&token.access) {
+                Some(claims) => {
+                    for key in [
+                        "aud", "iss", "sub", "roles", "scp", "scope", "tid", "appid", "azp", "email",
+                    ] {
+                        if let Some(v) = claims.get(key) {
+                            writeln!(out, "    {key}: {v}")?;
+                        }
+                    }
+                    if let Some(exp) = claims.get("exp").and_then(|v| v.as_i64()) {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64);
+                        writeln!(out, "    exp: {exp} (in {}s)", exp - now)?;
+                    }
+                }
+                None => writeln!(out, "    (an opaque token: no claims to show)")?,
+            }
+            Ok(true)
+        }
+        Err(e) => {
+            writeln!(out, "  oauth2: FAILED to get a token: {:#}", anyhow::Error::from(e))?;
+            for hint in oauth2_hints(account, false) {
+                writeln!(out, "    - {hint}")?;
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// The usual causes of an OAuth2 failure, by provider.
+fn oauth2_hints(account: &Account, at_imap: bool) -> Vec<&'static str> {
+    use crate::config::Provider;
+    match (account.provider, at_imap) {
+        (Some(Provider::Microsoft365), true) => vec![
+            "the app's service principal is not registered in Exchange Online (New-ServicePrincipal -AppId <client_id> -ObjectId <enterprise app object id>)",
+            "the service principal has no permission on this mailbox (Add-MailboxPermission -Identity <mailbox> -User <service principal id> -AccessRights FullAccess)",
+            "the token's roles lack IMAP.AccessAsApp (API permissions: Office 365 Exchange Online > Application > IMAP.AccessAsApp, with admin consent)",
+            "the scope is not https://outlook.office365.com/.default, or `user` is not the mailbox address",
+        ],
+        (Some(Provider::Microsoft365), false) => vec![
+            "wrong tenant, client_id or client secret (secrets expire: check Certificates & secrets)",
+            "for a certificate: the certificate uploaded to the app registration must be the one configured here",
+        ],
+        (Some(Provider::Gmail), true) => vec![
+            "domain-wide delegation is missing: Admin console > Security > API controls > Domain-wide delegation, add the service account's client id with scope https://mail.google.com/",
+            "IMAP is disabled for the user or the domain (Gmail settings / Admin console > Apps > Gmail)",
+            "`user` (the subject) is not a mailbox of the delegated domain",
+        ],
+        (Some(Provider::Gmail), false) => vec![
+            "the service-account key is revoked or for another project",
+            "unauthorized_client: domain-wide delegation for this client id and scope is not set up",
+        ],
+        (None, true) => vec![
+            "the server does not accept this token: check its issuer, audience, scopes and which claim names the user",
+        ],
+        (None, false) => vec!["check token_url, client_id and the credential"],
+    }
 }
 
 /// Prints checkpoints, messages being retried and dead letters.

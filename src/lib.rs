@@ -52,6 +52,7 @@ pub mod daemon;
 pub mod handler;
 pub mod imap;
 pub mod message;
+pub mod oauth2;
 pub mod secret;
 pub mod store;
 pub mod testbed;

@@ -30,6 +30,9 @@ pub const USERS: &[(&str, &str)] = &[("alice", "alicepw"), ("bob", "bobpw"), ("q
 pub struct Options {
     /// Replace the post-login capability list (e.g. to hide IDLE).
     pub capabilities: Option<String>,
+    /// Accept OAuth2 bearer tokens (XOAUTH2 and OAUTHBEARER) issued by this issuer URL,
+    /// validated locally as JWTs with the public keys in [`Dovecot::oauth2_keys_dir`].
+    pub oauth2_issuer: Option<String>,
 }
 
 /// A running Dovecot instance. Stopped and removed on drop.
@@ -112,6 +115,11 @@ impl Dovecot {
         self.dir.join("tls/ca.pem")
     }
 
+    /// Where an OAuth2 test issuer writes its public keys (`default/RS256/<kid>`, PEM).
+    pub fn oauth2_keys_dir(&self) -> PathBuf {
+        self.dir.join("oauth2-keys")
+    }
+
     /// The Dovecot config file.
     pub fn config_file(&self) -> PathBuf {
         self.dir.join("dovecot.conf")
@@ -139,7 +147,7 @@ impl Dovecot {
 
     fn write_files(&self, options: &Options, root: bool) -> io::Result<()> {
         let d = &self.dir;
-        for sub in ["run", "state", "tls", "home"] {
+        for sub in ["run", "state", "tls", "home", "oauth2-keys"] {
             fs::create_dir_all(d.join(sub))?;
         }
         let (uid, gid) = self.mail_uid;
@@ -213,6 +221,28 @@ service imap-login {{
             let group = group.map(|g| g.trim().to_string()).unwrap_or_else(|| user.clone());
             conf.push_str(&format!(
                 "default_internal_user = {user}\ndefault_internal_group = {group}\ndefault_login_user = {user}\n"
+            ));
+        }
+        if let Some(issuer) = &options.oauth2_issuer {
+            fs::set_permissions(d.join("oauth2-keys"), fs::Permissions::from_mode(0o755))?;
+            fs::write(
+                d.join("dovecot-oauth2.conf.ext"),
+                format!(
+                    "introspection_mode = local\nlocal_validation_key_dict = fs:posix:prefix={}/\nusername_attribute = sub\nissuers = {issuer}\n",
+                    d.join("oauth2-keys").display()
+                ),
+            )?;
+            conf = conf.replace(
+                "auth_mechanisms = plain login",
+                "auth_mechanisms = plain login xoauth2 oauthbearer",
+            );
+            conf = conf.replace(
+                "passdb {\n  driver = passwd-file\n",
+                "passdb {\n  driver = passwd-file\n  mechanisms = plain login\n",
+            );
+            conf.push_str(&format!(
+                "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}/dovecot-oauth2.conf.ext\n}}\n",
+                d.display()
             ));
         }
         if let Some(caps) = &options.capabilities {

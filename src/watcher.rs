@@ -176,6 +176,9 @@ impl Watcher {
 
     /// Starts watching with a handler of the caller's.
     pub fn with_handler(watch: Watch, store: Arc<dyn Store>, handler: Box<dyn Handler>, mode: Mode) -> Watcher {
+        if let crate::config::Auth::OAuth2(source) = &watch.account.auth {
+            source.attach_store(store.clone());
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let (jobs_tx, jobs_rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(1024);
@@ -287,7 +290,7 @@ async fn supervise(mut ctx: Ctx, mut handler: Box<dyn Handler>, mode: Mode) -> R
                 return Ok(ctx.dead_in_run);
             }
             Ok(Ok(RoundEnd::Recycle)) => {
-                info!(watch = %ctx.name, "recycling connection");
+                info!(watch = %ctx.name, "recycling connection (age limit or access token due)");
                 ctx.emit(Event::Disconnected {
                     watch: ctx.name.clone(),
                     error: None,
@@ -307,7 +310,12 @@ async fn supervise(mut ctx: Ctx, mut handler: Box<dyn Handler>, mode: Mode) -> R
             ctx.set_state("failed");
             return Err(err);
         }
-        let delay = reconnect.failed(origin.elapsed(), err.class(), fastrand::f64());
+        let class = err.class();
+        if let (FailureClass::AuthExpired, crate::config::Auth::OAuth2(source)) = (class, &a.auth) {
+            // The server says the token expired or refused it: the next attempt gets a new one.
+            source.invalidate().await;
+        }
+        let delay = reconnect.failed(origin.elapsed(), class, fastrand::f64());
         let text = format!("{:#}", anyhow::Error::from(err));
         warn!(watch = %ctx.name, error = %text, retry_in = ?delay, "watch failed");
         ctx.health(|h| {
@@ -403,7 +411,10 @@ async fn round(
             return Ok(RoundEnd::CaughtUp);
         }
         run_jobs(ctx, &mut session).await;
-        match next_wait(&w.account.wait, session.has("IDLE"), connected_at.elapsed()) {
+        let token_left = session
+            .token_due()
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        match next_wait(&w.account.wait, session.has("IDLE"), connected_at.elapsed(), token_left) {
             Wait::Recycle => {
                 session.logout().await;
                 return Ok(RoundEnd::Recycle);

@@ -356,6 +356,7 @@ async fn uidvalidity_change_skip_and_replay_policies() {
 async fn server_without_idle_is_polled() {
     let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
         capabilities: Some("IMAP4rev1 LITERAL+ UIDPLUS MOVE".into()),
+        ..Default::default()
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -500,19 +501,19 @@ async fn one_shot_mode_connects_runs_and_disconnects() {
     let mut account = dv.account("quoted");
     account.port = dv.tls_port;
     account.tls = inboxd::config::TlsMode::Implicit;
-    account.mechanism = inboxd::config::PasswordMechanism::Plain;
+    account.mechanism = inboxd::config::AuthMechanism::Plain;
     let n = inboxd::once_with(&account, "INBOX", async |s| s.search("ALL").await.unwrap().len())
         .await
         .unwrap();
     assert_eq!(n, 0);
     let mut alice = dv.account("alice");
-    alice.mechanism = inboxd::config::PasswordMechanism::Login;
+    alice.mechanism = inboxd::config::AuthMechanism::Login;
     let caps = inboxd::once_with(&alice, "INBOX", async |s| s.capabilities())
         .await
         .unwrap();
     assert!(caps.contains(&"IDLE".to_string()), "{caps:?}");
     let mut quoted_login = dv.account("quoted");
-    quoted_login.mechanism = inboxd::config::PasswordMechanism::Login;
+    quoted_login.mechanism = inboxd::config::AuthMechanism::Login;
     inboxd::once_with(&quoted_login, "INBOX", async |_| ())
         .await
         .expect("LOGIN with a quoted password");
@@ -522,6 +523,7 @@ async fn one_shot_mode_connects_runs_and_disconnects() {
 async fn post_actions_fall_back_without_move_and_uidplus() {
     let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
         capabilities: Some("IMAP4rev1 IDLE LITERAL+".into()),
+        ..Default::default()
     })
     .unwrap();
     imap(&dv, "CREATE Done").await;

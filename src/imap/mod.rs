@@ -22,7 +22,9 @@ use inboxd_core::mailbox::sequence_set;
 
 pub use connect::Conn;
 
-use crate::config::{Account, PasswordMechanism, Timeouts, TlsMode};
+use crate::config::{Account, Auth, AuthMechanism, Timeouts, TlsMode};
+use crate::oauth2::TokenError;
+use crate::oauth2::sasl::{self, Mechanism};
 use crate::secret::SecretError;
 
 type Inner = async_imap::Session<Conn>;
@@ -58,6 +60,19 @@ pub enum ImapError {
         #[source]
         source: SecretError,
     },
+    #[error("cannot get an access token for account {account}")]
+    Token {
+        account: String,
+        #[source]
+        source: TokenError,
+    },
+    #[error("{mechanism} as {user} refused: {message}{}", challenge.as_ref().map(|c| format!(" (server said {c})")).unwrap_or_default())]
+    OAuth2Refused {
+        user: String,
+        mechanism: &'static str,
+        message: String,
+        challenge: Option<String>,
+    },
     #[error("cannot select folder {folder:?}: {message}")]
     Select { folder: String, message: String },
     #[error("server closed the session: {0}")]
@@ -77,7 +92,11 @@ impl ImapError {
     pub fn class(&self) -> FailureClass {
         match self {
             ImapError::Auth { .. } => FailureClass::Auth,
+            // Exchange Online ends sessions whose token expired with this BYE, at any moment.
+            ImapError::Bye(m) if m.contains("AccessTokenExpired") => FailureClass::AuthExpired,
             ImapError::Bye(_) => FailureClass::Bye,
+            ImapError::OAuth2Refused { .. } => FailureClass::AuthExpired,
+            ImapError::Token { source, .. } => source.class(),
             ImapError::Select { .. } | ImapError::TlsConfig(_) | ImapError::NoStarttls => FailureClass::Permanent,
             ImapError::Secret { .. } => FailureClass::Permanent,
             _ => FailureClass::Network,
@@ -147,6 +166,9 @@ pub struct Session {
     caps: HashSet<String>,
     timeouts: Timeouts,
     selected: Option<String>,
+    /// With OAuth2: when the access token this session logged in with is due for refresh; the
+    /// watcher reconnects (between waits) before then.
+    token_due: Option<tokio::time::Instant>,
 }
 
 struct Plain<'a> {
@@ -194,43 +216,90 @@ impl Session {
             // Capabilities seen before TLS are not to be trusted (RFC 3501 §6.2.1).
             greeting_caps.clear();
         }
-        let password = account.password.resolve().await.map_err(|source| ImapError::Secret {
-            account: account.name.clone(),
-            source,
-        })?;
-        let use_plain = match account.mechanism {
-            PasswordMechanism::Plain => true,
-            PasswordMechanism::Login => false,
-            PasswordMechanism::Auto => greeting_caps.contains("LOGINDISABLED"),
-        };
-        let auth_err = |e: async_imap::error::Error| match e {
-            async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Auth {
-                user: account.user.clone(),
-                message: m,
-            },
-            e => cmd("LOGIN")(e),
-        };
-        let inner = deadline("login", t.login, async {
-            if use_plain {
-                let auth = Plain {
-                    user: &account.user,
-                    password: password.expose(),
+        let (inner, token_due) = match &account.auth {
+            Auth::Password(source) => {
+                let password = source.resolve().await.map_err(|source| ImapError::Secret {
+                    account: account.name.clone(),
+                    source,
+                })?;
+                let use_plain = match account.mechanism {
+                    AuthMechanism::Plain => true,
+                    AuthMechanism::Auto => greeting_caps.contains("LOGINDISABLED"),
+                    _ => false,
                 };
-                client.authenticate("PLAIN", auth).await.map_err(|(e, _)| auth_err(e))
-            } else {
-                client
-                    .login(&account.user, password.expose())
-                    .await
-                    .map_err(|(e, _)| auth_err(e))
+                let auth_err = |e: async_imap::error::Error| match e {
+                    async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Auth {
+                        user: account.user.clone(),
+                        message: m,
+                    },
+                    e => cmd("LOGIN")(e),
+                };
+                let inner = deadline("login", t.login, async {
+                    if use_plain {
+                        let auth = Plain {
+                            user: &account.user,
+                            password: password.expose(),
+                        };
+                        client.authenticate("PLAIN", auth).await.map_err(|(e, _)| auth_err(e))
+                    } else {
+                        client
+                            .login(&account.user, password.expose())
+                            .await
+                            .map_err(|(e, _)| auth_err(e))
+                    }
+                })
+                .await?;
+                (inner, None)
             }
-        })
-        .await?;
-        drop(password);
+            Auth::OAuth2(source) => {
+                let token = source.token().await.map_err(|e| ImapError::Token {
+                    account: account.name.clone(),
+                    source: e,
+                })?;
+                let mechanism = match account.mechanism {
+                    AuthMechanism::Xoauth2 => Mechanism::XOAuth2,
+                    AuthMechanism::Oauthbearer => Mechanism::OAuthBearer,
+                    _ => {
+                        if greeting_caps.is_empty() {
+                            greeting_caps =
+                                deadline("CAPABILITY", t.command, pre_login_capabilities(&mut client)).await?;
+                        }
+                        if greeting_caps.contains("AUTH=OAUTHBEARER") {
+                            Mechanism::OAuthBearer
+                        } else {
+                            Mechanism::XOAuth2
+                        }
+                    }
+                };
+                let host = account.host.trim_start_matches('[').trim_end_matches(']');
+                let initial = sasl::initial_response(mechanism, &account.user, host, account.port, &token.access);
+                let (authenticator, challenge) = sasl::Authenticator::new(mechanism, initial);
+                let inner = deadline("login", t.login, async {
+                    client
+                        .authenticate(mechanism.name(), authenticator)
+                        .await
+                        .map_err(|(e, _)| match e {
+                            async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => {
+                                ImapError::OAuth2Refused {
+                                    user: account.user.clone(),
+                                    mechanism: mechanism.name(),
+                                    message: m,
+                                    challenge: challenge.lock().ok().and_then(|c| c.clone()),
+                                }
+                            }
+                            e => cmd("AUTHENTICATE")(e),
+                        })
+                })
+                .await?;
+                (inner, Some(token.refresh_due(source.refresh_at())))
+            }
+        };
         let mut session = Session {
             inner,
             caps: HashSet::new(),
             timeouts: t,
             selected: None,
+            token_due,
         };
         session.refresh_capabilities().await?;
         Ok(session)
@@ -250,6 +319,11 @@ impl Session {
             })
             .collect();
         Ok(())
+    }
+
+    /// With OAuth2: when the session's access token is due for refresh.
+    pub fn token_due(&self) -> Option<tokio::time::Instant> {
+        self.token_due
     }
 
     /// Whether the server advertised a capability (case-insensitive).
@@ -504,6 +578,7 @@ impl Session {
             caps,
             timeouts,
             selected,
+            token_due,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -556,6 +631,7 @@ impl Session {
             caps,
             timeouts,
             selected,
+            token_due,
         };
         session.drain_unsolicited();
         Ok((session, end))
@@ -565,6 +641,33 @@ impl Session {
     pub async fn logout(mut self) {
         let t = self.timeouts.done;
         let _ = tokio::time::timeout(t, self.inner.logout()).await;
+    }
+}
+
+/// `CAPABILITY` before login, for servers whose greeting does not list them (and after
+/// STARTTLS, where earlier ones must not be trusted).
+async fn pre_login_capabilities(client: &mut async_imap::Client<Conn>) -> Result<HashSet<String>, ImapError> {
+    let (tx, rx) = async_channel::unbounded();
+    client
+        .run_command_and_check_ok("CAPABILITY", Some(tx))
+        .await
+        .map_err(cmd("CAPABILITY"))?;
+    let mut caps = HashSet::new();
+    while let Ok(r) = rx.try_recv() {
+        if let async_imap::types::UnsolicitedResponse::Other(data) = r
+            && let Response::Capabilities(list) = data.parsed()
+        {
+            caps.extend(list.iter().map(capability_name));
+        }
+    }
+    Ok(caps)
+}
+
+fn capability_name(c: &async_imap::imap_proto::Capability<'_>) -> String {
+    match c {
+        async_imap::imap_proto::Capability::Imap4rev1 => "IMAP4REV1".into(),
+        async_imap::imap_proto::Capability::Auth(a) => format!("AUTH={}", a.to_ascii_uppercase()),
+        async_imap::imap_proto::Capability::Atom(a) => a.to_ascii_uppercase(),
     }
 }
 

@@ -116,6 +116,11 @@ pub trait Store: Send + Sync + 'static {
         message_id: &'a str,
     ) -> BoxFuture<'a, StoreResult<bool>>;
 
+    /// A secret inboxd keeps (a rotated refresh token), with the fingerprint of its origin.
+    fn secret<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<(String, String)>>>;
+
+    fn put_secret<'a>(&'a self, name: &'a str, value: &'a str, origin: &'a str) -> BoxFuture<'a, StoreResult<()>>;
+
     fn checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
 
     /// Delivery-log rows with the given status, newest first.

@@ -13,7 +13,10 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreResult};
 
 /// Migrations, applied in order at start-up; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/sqlite/0002_secrets.sql"),
+];
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| StoreError {
@@ -244,6 +247,36 @@ impl Store for SqliteStore {
             .await
             .map_err(err("read delivery"))?;
             Ok(n > 0)
+        })
+    }
+
+    fn secret<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<(String, String)>>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT value, origin FROM secrets WHERE name = ?1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err("read secret"))?;
+            row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .transpose()
+                .map_err(err("read secret"))
+        })
+    }
+
+    fn put_secret<'a>(&'a self, name: &'a str, value: &'a str, origin: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO secrets (name, value, origin, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, origin = excluded.origin, updated_at = excluded.updated_at",
+            )
+            .bind(name)
+            .bind(value)
+            .bind(origin)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(err("write secret"))?;
+            Ok(())
         })
     }
 

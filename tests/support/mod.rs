@@ -163,3 +163,5 @@ pub async fn wait_state(w: &inboxd::watcher::Watcher, state: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+pub mod oauth;

@@ -20,6 +20,9 @@ pub enum FailureClass {
     Throttled(Option<Duration>),
     /// Authentication was refused.
     Auth,
+    /// The access token expired or was refused (OAuth2): get a fresh token and reconnect at
+    /// once, not along the schedule; only a repeat within one streak follows the schedule.
+    AuthExpired,
     /// Retrying soon cannot help: the folder is missing, permission is denied, the config is
     /// wrong. The watch is parked and retried rarely.
     Permanent,
@@ -34,11 +37,14 @@ pub struct Reconnect {
     park_for: Duration,
     streak: Option<(Duration, u32)>,
     connected_at: Option<Duration>,
+    /// An immediate re-authentication was already used in this streak.
+    reauthed: bool,
 }
 
 impl Reconnect {
     pub fn new(schedule: Schedule, stable_after: Duration, park_for: Duration) -> Reconnect {
         Reconnect {
+            reauthed: false,
             schedule,
             stable_after,
             park_for,
@@ -50,6 +56,7 @@ impl Reconnect {
     /// A session was established (logged in and folder selected) at `now`.
     pub fn connected(&mut self, now: Duration) {
         self.connected_at = Some(now);
+        self.reauthed = false;
     }
 
     /// The connection has been healthy long enough that the streak is over.
@@ -66,10 +73,26 @@ impl Reconnect {
     /// A connection failed (or could not be made) at `now`; returns how long to wait before the
     /// next attempt. `jitter` is a number in `[0, 1)`.
     pub fn failed(&mut self, now: Duration, class: FailureClass, jitter: f64) -> Duration {
+        let was_connected = self.connected_at.is_some();
         if self.is_stable(now) {
             self.streak = None;
+            self.reauthed = false;
         }
         self.connected_at = None;
+        if class == FailureClass::AuthExpired {
+            if was_connected {
+                // A token that expired under a working session is routine, not a failure.
+                return Duration::ZERO;
+            }
+            if !self.reauthed {
+                // Refused at login: one immediate retry with a fresh token, counted as the
+                // streak's first attempt so that a repeat follows the schedule.
+                self.reauthed = true;
+                let (start, attempts) = *self.streak.get_or_insert((now, 0));
+                self.streak = Some((start, attempts + 1));
+                return Duration::ZERO;
+            }
+        }
         let (start, attempts) = *self.streak.get_or_insert((now, 0));
         let delay = match class {
             FailureClass::Permanent => self.park_for + self.park_for.mul_f64(0.1 * jitter.clamp(0.0, 0.999)),
@@ -117,6 +140,19 @@ mod tests {
         r.connected(s(60));
         assert_eq!(r.failed(s(60 + 301), FailureClass::Network, 0.0), s(0));
         assert_eq!(r.attempts(), 1);
+    }
+
+    #[test]
+    fn expired_tokens_reconnect_at_once_but_never_loop() {
+        let mut r = reconnect();
+        r.connected(s(0));
+        // Expired mid-session: immediately, as often as it happens to working sessions.
+        assert_eq!(r.failed(s(100), FailureClass::AuthExpired, 0.0), s(0));
+        r.connected(s(100));
+        assert_eq!(r.failed(s(200), FailureClass::AuthExpired, 0.0), s(0));
+        // Refused right at login, twice in a row: the second follows the schedule.
+        assert_eq!(r.failed(s(201), FailureClass::AuthExpired, 0.0), s(0));
+        assert!(r.failed(s(202), FailureClass::AuthExpired, 0.0) > s(0));
     }
 
     #[test]

@@ -36,11 +36,20 @@ pub enum Wait {
     Recycle,
 }
 
-/// Decides the next wait for a connection that has been up for `connected_for`.
-pub fn next_wait(policy: &WaitPolicy, server_has_idle: bool, connected_for: Duration) -> Wait {
-    let Some(left) = policy.recycle_after.checked_sub(connected_for).filter(|d| !d.is_zero()) else {
+/// Decides the next wait for a connection that has been up for `connected_for`. With OAuth2,
+/// `token_left` is the time until the session's access token is due for refresh: the
+/// connection is recycled (between waits, never mid-delivery) before the token expires.
+pub fn next_wait(
+    policy: &WaitPolicy,
+    server_has_idle: bool,
+    connected_for: Duration,
+    token_left: Option<Duration>,
+) -> Wait {
+    let age_left = policy.recycle_after.saturating_sub(connected_for);
+    let left = token_left.map_or(age_left, |t| t.min(age_left));
+    if left.is_zero() {
         return Wait::Recycle;
-    };
+    }
     if server_has_idle {
         Wait::Idle(policy.idle_refresh.min(left))
     } else {
@@ -52,22 +61,26 @@ pub fn next_wait(policy: &WaitPolicy, server_has_idle: bool, connected_for: Dura
 mod tests {
     use super::*;
 
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
     #[test]
     fn idles_polls_and_recycles() {
         let p = WaitPolicy::default();
-        assert_eq!(
-            next_wait(&p, true, Duration::ZERO),
-            Wait::Idle(Duration::from_secs(600))
-        );
-        assert_eq!(
-            next_wait(&p, false, Duration::ZERO),
-            Wait::Poll(Duration::from_secs(60))
-        );
+        assert_eq!(next_wait(&p, true, s(0), None), Wait::Idle(s(600)));
+        assert_eq!(next_wait(&p, false, s(0), None), Wait::Poll(s(60)));
         // The wait never outlives the connection's age limit.
-        assert_eq!(
-            next_wait(&p, true, Duration::from_secs(3590)),
-            Wait::Idle(Duration::from_secs(10))
-        );
-        assert_eq!(next_wait(&p, true, Duration::from_secs(3600)), Wait::Recycle);
+        assert_eq!(next_wait(&p, true, s(3590), None), Wait::Idle(s(10)));
+        assert_eq!(next_wait(&p, true, s(3600), None), Wait::Recycle);
+    }
+
+    #[test]
+    fn the_token_bounds_the_session() {
+        let p = WaitPolicy::default();
+        assert_eq!(next_wait(&p, true, s(0), Some(s(16))), Wait::Idle(s(16)));
+        assert_eq!(next_wait(&p, false, s(0), Some(s(16))), Wait::Poll(s(16)));
+        assert_eq!(next_wait(&p, true, s(0), Some(s(0))), Wait::Recycle);
+        assert_eq!(next_wait(&p, true, s(3595), Some(s(16))), Wait::Idle(s(5)));
     }
 }
