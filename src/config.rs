@@ -839,6 +839,108 @@ deliver = { exec = ["./handler.sh", "--flag"] }
     }
 
     #[test]
+    fn provider_presets_fill_in_and_explicit_keys_win() {
+        let m365 = r#"
+[accounts.m]
+provider = "microsoft365"
+user = "support@contoso.com"
+oauth2 = { grant = "client_credentials", tenant = "contoso.onmicrosoft.com", client_id = "app", client_secret = { env = "S" } }
+"#;
+        let c = parse(m365).unwrap();
+        let a = &c.accounts["m"];
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls),
+            ("outlook.office365.com", 993, TlsMode::Implicit)
+        );
+        let Auth::OAuth2(src) = &a.auth else { panic!() };
+        let Grant::ClientSecret { token_url, scopes, .. } = src.grant() else {
+            panic!()
+        };
+        assert_eq!(
+            token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(scopes, &vec!["https://outlook.office365.com/.default".to_string()]);
+
+        let c = parse(&m365.replace(
+            "provider = \"microsoft365\"",
+            "provider = \"microsoft365\"\nhost = \"127.0.0.1\"\nport = 1993",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.accounts["m"].host.as_str(), c.accounts["m"].port),
+            ("127.0.0.1", 1993)
+        );
+
+        let gmail = r#"
+[accounts.g]
+provider = "gmail"
+user = "ops@example.com"
+oauth2 = { grant = "jwt_bearer", service_account_key = { file = "sa.json" } }
+"#;
+        let c = parse(gmail).unwrap();
+        let Auth::OAuth2(src) = &c.accounts["g"].auth else {
+            panic!()
+        };
+        let Grant::JwtBearer {
+            subject,
+            scopes,
+            token_url,
+            ..
+        } = src.grant()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (subject.as_str(), scopes[0].as_str()),
+            ("ops@example.com", "https://mail.google.com/")
+        );
+        assert_eq!(token_url.as_deref(), Some("https://oauth2.googleapis.com/token"));
+    }
+
+    #[test]
+    fn oauth2_mistakes_are_located() {
+        let e = err(r#"
+[accounts.m]
+provider = "microsoft365"
+user = "u"
+oauth2 = { grant = "client_credentials", client_id = "app", client_secret = "x" }
+"#);
+        assert!(e.contains(":5:") && e.contains("tenant"), "{e}");
+        let e = err(
+            "[accounts.a]\nhost = \"h\"\nuser = \"u\"\npassword = \"p\"\noauth2 = { grant = \"command\", command = [\"x\"] }\n",
+        );
+        assert!(e.contains("exactly one of `password` or `oauth2`"), "{e}");
+        let e = err("[accounts.a]\nhost = \"h\"\nuser = \"u\"\npassword = \"p\"\nauth = \"xoauth2\"\n");
+        assert!(e.contains("does not fit"), "{e}");
+    }
+
+    #[test]
+    fn accounts_with_the_same_credential_share_one_token_cache() {
+        let text = r#"
+[accounts.a]
+provider = "microsoft365"
+user = "a@contoso.com"
+oauth2 = { grant = "client_credentials", tenant = "t", client_id = "app", client_secret = { env = "S" } }
+[accounts.b]
+provider = "microsoft365"
+user = "b@contoso.com"
+oauth2 = { grant = "client_credentials", tenant = "t", client_id = "app", client_secret = { env = "S" } }
+"#;
+        let c = parse(text).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(a.shares_cache_with(b));
+        let other = text.replacen("client_id = \"app\"", "client_id = \"other\"", 1);
+        let c = parse(&other).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(!a.shares_cache_with(b));
+    }
+
+    #[test]
     fn loopback_detection() {
         for h in ["127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"] {
             assert!(is_loopback(h), "{h}");

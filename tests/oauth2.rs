@@ -403,3 +403,132 @@ async fn check_prints_claims_for_a_working_account_and_hints_for_a_refused_one()
         "{text}"
     );
 }
+
+/// A config for the scripted server: plain TCP on loopback, XOAUTH2 with a token command that
+/// prints a new token every time.
+fn scripted_config(dir: &Path, port: u16) -> Config {
+    let text = format!(
+        r#"state = "state.db"
+[accounts.x]
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+user = "support@contoso.test"
+oauth2 = {{ grant = "command", command = ["sh", "-c", "echo tok-$(date +%s%N)"] }}
+[[watch]]
+account = "x"
+start = "all"
+deliver = {{ maildir = "out" }}
+"#
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_token_expired_bye_in_idle_reauthenticates_at_once() {
+    let server = support::scripted::Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().bye_in_idle = Some(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port);
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected {
+        error: Some(err),
+        retry_in: Some(d),
+        ..
+    } = e
+    else {
+        unreachable!()
+    };
+    assert!(err.contains("AccessTokenExpired"), "{err}");
+    assert_eq!(d, Duration::ZERO, "an expired token means: refresh and reconnect now");
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Connected { .. })).await;
+    server.add_message("two");
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { uid: 2, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "two"]);
+    let tokens = server.state.lock().unwrap().tokens.clone();
+    assert!(
+        tokens.len() >= 2 && tokens[0] != tokens[1],
+        "a fresh token after the BYE: {tokens:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_token_expired_bye_in_fetch_loses_and_repeats_nothing() {
+    let server = support::scripted::Scripted::start().await;
+    server.add_message("one");
+    server.add_message("two");
+    server.state.lock().unwrap().bye_in_fetch = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port);
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    assert!(
+        matches!(
+            e,
+            Event::Disconnected {
+                retry_in: Some(Duration::ZERO),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    wait_delivered(&mut ev, 2, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "two"]);
+    assert_eq!(server.state.lock().unwrap().connections, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xoauth2_error_challenge_is_answered_reported_and_retried_with_a_new_token() {
+    let server = support::scripted::Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().refuse_next_auth = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port);
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected {
+        error: Some(err),
+        retry_in: Some(d),
+        ..
+    } = e
+    else {
+        unreachable!()
+    };
+    assert!(
+        err.contains("XOAUTH2 as support@contoso.test refused") && err.contains(r#""status":"401""#),
+        "{err}"
+    );
+    assert_eq!(d, Duration::ZERO);
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    let tokens = server.state.lock().unwrap().tokens.clone();
+    assert_eq!(tokens.len(), 2);
+    assert_ne!(tokens[0], tokens[1], "the refused token is not presented again");
+}

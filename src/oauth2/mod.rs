@@ -187,6 +187,11 @@ impl TokenSource {
         }
     }
 
+    /// Whether two sources share one cache (the same credential).
+    pub fn shares_cache_with(&self, other: &TokenSource) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The credential's name (for logs and the state store).
     pub fn name(&self) -> &str {
         &self.inner.name

@@ -165,3 +165,4 @@ pub async fn wait_state(w: &inboxd::watcher::Watcher, state: &str) {
 }
 
 pub mod oauth;
+pub mod scripted;

@@ -1,0 +1,230 @@
+//! A socket-level scripted IMAP server for what Dovecot will not do: end a session with
+//! `* BYE Session invalidated - AccessTokenExpired` (as Exchange Online does) in IDLE or in the
+//! middle of a FETCH, and refuse a token with the XOAUTH2 error challenge. It speaks just
+//! enough IMAP for inboxd's watcher, over plain TCP on loopback.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct State {
+    pub messages: Vec<(u32, Vec<u8>)>,
+    /// Every bearer token presented, in order.
+    pub tokens: Vec<String>,
+    pub connections: u32,
+    /// Send BYE AccessTokenExpired this long into the next IDLE (once).
+    pub bye_in_idle: Option<Duration>,
+    /// Send BYE AccessTokenExpired instead of the bodies of the next body FETCH (once).
+    pub bye_in_fetch: bool,
+    /// Refuse the next AUTHENTICATE with the XOAUTH2 error challenge (once).
+    pub refuse_next_auth: bool,
+    /// How many body FETCHes were answered with bodies.
+    pub bodies_sent: u32,
+}
+
+#[derive(Clone)]
+pub struct Scripted {
+    pub state: Arc<Mutex<State>>,
+    pub port: u16,
+    news: Arc<Notify>,
+}
+
+impl Scripted {
+    pub async fn start() -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = Scripted {
+            state: Arc::new(Mutex::new(State::default())),
+            port,
+            news: Arc::new(Notify::new()),
+        };
+        let server = s.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let _ = server.serve(sock).await;
+                });
+            }
+        });
+        s
+    }
+
+    pub fn add_message(&self, subject: &str) {
+        let mut st = self.state.lock().unwrap();
+        let uid = st.messages.len() as u32 + 1;
+        st.messages.push((
+            uid,
+            format!("Subject: {subject}\r\nMessage-ID: <{uid}@scripted>\r\n\r\nbody\r\n").into_bytes(),
+        ));
+        drop(st);
+        self.news.notify_waiters();
+    }
+
+    async fn serve(&self, sock: TcpStream) -> std::io::Result<()> {
+        self.state.lock().unwrap().connections += 1;
+        let (r, mut w) = sock.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 IDLE] scripted server ready\r\n")
+            .await?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let mut parts = line.trim_end().splitn(3, ' ');
+            let (tag, cmd, rest) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or("").to_ascii_uppercase(),
+                parts.next().unwrap_or(""),
+            );
+            match cmd.as_str() {
+                "CAPABILITY" => {
+                    w.write_all(format!("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 IDLE\r\n{tag} OK done\r\n").as_bytes())
+                        .await?
+                }
+                "AUTHENTICATE" => {
+                    w.write_all(b"+ \r\n").await?;
+                    let mut resp = String::new();
+                    r.read_line(&mut resp).await?;
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(resp.trim())
+                        .unwrap_or_default();
+                    let text = String::from_utf8_lossy(&raw).into_owned();
+                    let token = text
+                        .split("auth=Bearer ")
+                        .nth(1)
+                        .and_then(|t| t.split('\x01').next())
+                        .unwrap_or("")
+                        .to_string();
+                    let refuse = {
+                        let mut st = self.state.lock().unwrap();
+                        st.tokens.push(token);
+                        std::mem::take(&mut st.refuse_next_auth)
+                    };
+                    if refuse {
+                        let challenge = base64::engine::general_purpose::STANDARD.encode(
+                            r#"{"status":"401","schemes":"bearer","scope":"https://outlook.office365.com/.default"}"#,
+                        );
+                        w.write_all(format!("+ {challenge}\r\n").as_bytes()).await?;
+                        let mut empty = String::new();
+                        r.read_line(&mut empty).await?;
+                        w.write_all(format!("{tag} NO AUTHENTICATE failed.\r\n").as_bytes())
+                            .await?;
+                    } else {
+                        w.write_all(format!("{tag} OK AUTHENTICATE completed.\r\n").as_bytes())
+                            .await?;
+                    }
+                }
+                "SELECT" => {
+                    let (n, next) = {
+                        let st = self.state.lock().unwrap();
+                        (st.messages.len(), st.messages.len() + 1)
+                    };
+                    w.write_all(
+                        format!("* {n} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 42] UIDs valid\r\n* OK [UIDNEXT {next}] Predicted next UID\r\n{tag} OK [READ-WRITE] SELECT completed.\r\n").as_bytes(),
+                    )
+                    .await?;
+                }
+                "UID" => {
+                    let mut p = rest.splitn(3, ' ');
+                    let (sub, set, query) = (
+                        p.next().unwrap_or("").to_ascii_uppercase(),
+                        p.next().unwrap_or(""),
+                        p.next().unwrap_or(""),
+                    );
+                    if sub == "FETCH" {
+                        let msgs: Vec<(usize, u32, Vec<u8>)> = {
+                            let st = self.state.lock().unwrap();
+                            let max = st.messages.last().map_or(0, |m| m.0);
+                            st.messages
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, (uid, _))| in_set(set, *uid, max))
+                                .map(|(i, (u, b))| (i + 1, *u, b.clone()))
+                                .collect()
+                        };
+                        if query.contains("BODY.PEEK[]") {
+                            let bye = std::mem::take(&mut self.state.lock().unwrap().bye_in_fetch);
+                            if bye && !msgs.is_empty() {
+                                w.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n")
+                                    .await?;
+                                return Ok(());
+                            }
+                            for (seq, uid, body) in &msgs {
+                                w.write_all(
+                                    format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                                )
+                                .await?;
+                                w.write_all(body).await?;
+                                w.write_all(b")\r\n").await?;
+                            }
+                            self.state.lock().unwrap().bodies_sent += msgs.len() as u32;
+                        } else {
+                            for (seq, uid, body) in &msgs {
+                                w.write_all(
+                                    format!("* {seq} FETCH (UID {uid} RFC822.SIZE {})\r\n", body.len()).as_bytes(),
+                                )
+                                .await?;
+                            }
+                        }
+                    }
+                    w.write_all(format!("{tag} OK UID completed.\r\n").as_bytes()).await?;
+                }
+                "IDLE" => {
+                    w.write_all(b"+ idling\r\n").await?;
+                    let bye = self.state.lock().unwrap().bye_in_idle.take();
+                    let known = self.state.lock().unwrap().messages.len();
+                    let mut done = String::new();
+                    let news = self.news.notified();
+                    tokio::pin!(news);
+                    let sleep = tokio::time::sleep(bye.unwrap_or(Duration::from_secs(3600)));
+                    tokio::pin!(sleep);
+                    tokio::select! {
+                        _ = &mut sleep, if bye.is_some() => {
+                            w.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n").await?;
+                            return Ok(());
+                        }
+                        _ = &mut news => {
+                            let n = self.state.lock().unwrap().messages.len();
+                            if n > known {
+                                w.write_all(format!("* {n} EXISTS\r\n").as_bytes()).await?;
+                            }
+                            r.read_line(&mut done).await?;
+                        }
+                        _ = r.read_line(&mut done) => {}
+                    }
+                    w.write_all(format!("{tag} OK Idle completed.\r\n").as_bytes()).await?;
+                }
+                "LOGOUT" => {
+                    w.write_all(format!("* BYE bye\r\n{tag} OK LOGOUT completed.\r\n").as_bytes())
+                        .await?;
+                    return Ok(());
+                }
+                "" => return Ok(()),
+                _ => w.write_all(format!("{tag} OK done\r\n").as_bytes()).await?,
+            }
+        }
+    }
+}
+
+fn in_set(set: &str, uid: u32, max: u32) -> bool {
+    set.split(',').any(|part| {
+        let mut ends = part.split(':');
+        let a = ends.next().unwrap_or("");
+        let parse = |s: &str| if s == "*" { max } else { s.parse().unwrap_or(0) };
+        match ends.next() {
+            Some(b) => {
+                let (x, y) = (parse(a), parse(b));
+                (x.min(y)..=x.max(y)).contains(&uid)
+            }
+            None => parse(a) == uid,
+        }
+    })
+}
