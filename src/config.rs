@@ -257,6 +257,7 @@ struct RawTimeouts {
     command: Option<Dur>,
     done: Option<Dur>,
     idle_silence: Option<Dur>,
+    keepalive: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +322,10 @@ pub struct Timeouts {
     pub done: Duration,
     /// No byte from the server in IDLE for this long: leave IDLE and probe with NOOP.
     pub idle_silence: Duration,
+    /// TCP keepalive idle time; probes follow every `max(1s, keepalive/2)`, three of them, and
+    /// `TCP_USER_TIMEOUT` is set to the same total, so a half-open connection is noticed by the
+    /// kernel even while inboxd is silent in IDLE.
+    pub keepalive: Duration,
 }
 
 impl Default for Timeouts {
@@ -334,6 +339,7 @@ impl Default for Timeouts {
             command: s(60),
             done: s(15),
             idle_silence: s(300),
+            keepalive: s(60),
         }
     }
 }
@@ -546,6 +552,7 @@ impl Config {
                 command: t.command.map_or(d.command, |x| x.0),
                 done: t.done.map_or(d.done, |x| x.0),
                 idle_silence: t.idle_silence.map_or(d.idle_silence, |x| x.0),
+                keepalive: t.keepalive.map_or(d.keepalive, |x| x.0).max(Duration::from_secs(1)),
             };
             let w = WaitPolicy::default();
             let wait = WaitPolicy {

@@ -22,24 +22,30 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
-fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyhow::Result<Vec<Watcher>> {
+/// Starts every watch. Beyond the first few, starts are staggered by 10–50 ms each, so a
+/// daemon with thousands of mailboxes does not open them all in the same instant.
+async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyhow::Result<Vec<Watcher>> {
     if config.watches.is_empty() {
         bail!("{}: no [[watch]] configured", config.path.display());
     }
-    config
-        .watches
-        .iter()
-        .map(|w| {
-            Watcher::start(w.clone(), store.clone(), mode).with_context(|| format!("cannot start watch {}", w.name()))
-        })
-        .collect()
+    let mut watchers = Vec::new();
+    for (i, w) in config.watches.iter().enumerate() {
+        if i >= 4 {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(10..=50))).await;
+        }
+        watchers.push(
+            Watcher::start(w.clone(), store.clone(), mode)
+                .with_context(|| format!("cannot start watch {}", w.name()))?,
+        );
+    }
+    Ok(watchers)
 }
 
 /// Runs every watch until SIGINT or SIGTERM, then stops them cleanly: the delivery in flight
 /// finishes and is committed, sessions log out.
 pub async fn run(config: &Config) -> anyhow::Result<()> {
     let store = open_store(config).await?;
-    let watchers = start_all(config, &store, Mode::Forever)?;
+    let watchers = start_all(config, &store, Mode::Forever).await?;
     info!(watches = watchers.len(), state = %config.state.display(), "inboxd running");
     wait_for_signal().await?;
     info!("stopping");
@@ -66,7 +72,7 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 /// Catches every watch up once. Fails if any watch failed or dead-lettered a message.
 pub async fn once(config: &Config) -> anyhow::Result<()> {
     let store = open_store(config).await?;
-    let watchers = start_all(config, &store, Mode::Once)?;
+    let watchers = start_all(config, &store, Mode::Once).await?;
     let mut failures = Vec::new();
     for w in watchers {
         let name = w.name().to_string();
@@ -222,8 +228,10 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
                 w.name(),
                 r.checkpoint.uidvalidity,
                 r.checkpoint.last_uid,
-                if r.checkpoint.dedupe_through > 0 {
-                    format!("  (dedupe pass through uid {})", r.checkpoint.dedupe_through)
+                if r.checkpoint.dedupe_through == u32::MAX {
+                    "  (checking Message-IDs since a UIDVALIDITY change)".to_string()
+                } else if r.checkpoint.dedupe_through > 0 {
+                    format!("  (checking Message-IDs through uid {})", r.checkpoint.dedupe_through)
                 } else {
                     String::new()
                 }
@@ -332,6 +340,3 @@ pub async fn once_with<T>(
     session.logout().await;
     Ok(out)
 }
-
-/// How long `run` waits for watchers to finish on shutdown before giving up.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

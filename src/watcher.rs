@@ -351,40 +351,8 @@ async fn round(
 ) -> Result<RoundEnd, WatchError> {
     let w = ctx.watch.clone();
     let mut session = Session::open(&w.account).await?;
-    let state = session.select(&w.folder).await?;
     let stored = ctx.store.checkpoint(&w.account.name, &w.folder).await?;
-    let outcome = mailbox::on_select(
-        stored,
-        Selected {
-            uidvalidity: state.uidvalidity,
-            uidnext: state.uidnext,
-        },
-        w.start,
-        w.on_uidvalidity_change,
-    );
-    match outcome.notice {
-        Some(Notice::FirstSight) => {
-            info!(watch = %ctx.name, uidvalidity = state.uidvalidity, last_uid = outcome.checkpoint.last_uid, "first sight of folder; checkpoint created")
-        }
-        Some(Notice::UidValidityChanged { old, new, policy }) => {
-            warn!(watch = %ctx.name, old, new, policy = ?policy, "UIDVALIDITY changed: the folder was recreated or restored");
-            ctx.emit(Event::UidValidityChanged {
-                watch: ctx.name.clone(),
-                old,
-                new,
-            });
-        }
-        Some(Notice::UidNextBehindCheckpoint { uidnext, last_uid }) => {
-            warn!(watch = %ctx.name, uidnext, last_uid, "UIDNEXT is below the checkpoint without a UIDVALIDITY change; keeping the checkpoint")
-        }
-        None => {}
-    }
-    if outcome.store {
-        ctx.store
-            .commit(&w.account.name, &w.folder, outcome.checkpoint, &[])
-            .await?;
-    }
-    let mut cp = outcome.checkpoint;
+    let mut cp = reconcile(ctx, &mut session, stored).await?;
     reconnect.connected(origin.elapsed());
     let connected_at = Instant::now();
     info!(watch = %ctx.name, idle = session.has("IDLE"), "connected");
@@ -454,7 +422,49 @@ async fn round(
             session.logout().await;
             return Ok(RoundEnd::Stopped);
         }
+        cp = reconcile(ctx, &mut session, Some(cp)).await?;
     }
+}
+
+/// SELECTs the folder and reconciles the checkpoint with what the server reports (first sight,
+/// UIDVALIDITY change). Runs at connect and again after every wake: a folder can be deleted
+/// and recreated under a live session, and Dovecot then shows the new folder's messages in
+/// the same session, with UIDs that mean something else.
+async fn reconcile(ctx: &mut Ctx, session: &mut Session, stored: Option<Checkpoint>) -> Result<Checkpoint, WatchError> {
+    let w = &ctx.watch;
+    let state = session.select(&w.folder).await?;
+    let outcome = mailbox::on_select(
+        stored,
+        Selected {
+            uidvalidity: state.uidvalidity,
+            uidnext: state.uidnext,
+        },
+        w.start,
+        w.on_uidvalidity_change,
+    );
+    match outcome.notice {
+        Some(Notice::FirstSight) => {
+            info!(watch = %ctx.name, uidvalidity = state.uidvalidity, last_uid = outcome.checkpoint.last_uid, "first sight of folder; checkpoint created")
+        }
+        Some(Notice::UidValidityChanged { old, new, policy }) => {
+            warn!(watch = %ctx.name, old, new, policy = ?policy, "UIDVALIDITY changed: the folder was recreated or restored");
+            ctx.emit(Event::UidValidityChanged {
+                watch: ctx.name.clone(),
+                old,
+                new,
+            });
+        }
+        Some(Notice::UidNextBehindCheckpoint { uidnext, last_uid }) => {
+            warn!(watch = %ctx.name, uidnext, last_uid, "UIDNEXT is below the checkpoint without a UIDVALIDITY change; keeping the checkpoint")
+        }
+        None => {}
+    }
+    if outcome.store {
+        ctx.store
+            .commit(&w.account.name, &w.folder, outcome.checkpoint, &[])
+            .await?;
+    }
+    Ok(outcome.checkpoint)
 }
 
 async fn run_jobs(ctx: &mut Ctx, session: &mut Session) {

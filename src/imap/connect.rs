@@ -53,9 +53,27 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Opens the TCP connection with keepalive (idle 60 s, interval 10 s, 5 probes) and
-/// `TCP_USER_TIMEOUT` where the platform has it, so a half-open connection is noticed even
-/// while the client is silent in IDLE.
+/// Concurrent connection attempts (connect, TLS, login) allowed per host, so that many
+/// watchers reconnecting after an outage do not storm the server.
+pub const ATTEMPTS_PER_HOST: usize = 8;
+
+/// Waits for a connection-attempt slot for `host`.
+pub(crate) async fn attempt_slot(host: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    static SLOTS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    > = std::sync::OnceLock::new();
+    let sem = {
+        let mut map = SLOTS.get_or_init(Default::default).lock().ok()?;
+        map.entry(host.to_ascii_lowercase())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ATTEMPTS_PER_HOST)))
+            .clone()
+    };
+    sem.acquire_owned().await.ok()
+}
+
+/// Opens the TCP connection with keepalive (`timeouts.keepalive`, then three probes
+/// `max(1s, keepalive/2)` apart) and `TCP_USER_TIMEOUT` of the same total where the platform
+/// has it, so a half-open connection is noticed even while the client is silent in IDLE.
 pub(crate) async fn tcp(account: &Account) -> Result<TcpStream, ImapError> {
     let addr = format!("{}:{}", account.host, account.port);
     let t = account.timeouts.connect;
@@ -70,13 +88,15 @@ pub(crate) async fn tcp(account: &Account) -> Result<TcpStream, ImapError> {
     .await?;
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
+    let idle = account.timeouts.keepalive;
+    let interval = (idle / 2).max(Duration::from_secs(1));
     let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(5);
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(3);
     let _ = sock.set_tcp_keepalive(&keepalive);
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(120)));
+    let _ = sock.set_tcp_user_timeout(Some(idle + interval * 3));
     Ok(stream)
 }
 

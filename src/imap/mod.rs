@@ -90,6 +90,19 @@ pub enum ImapError {
 impl ImapError {
     /// What this failure means for reconnecting.
     pub fn class(&self) -> FailureClass {
+        let text = match self {
+            ImapError::Command {
+                source: async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m),
+                ..
+            }
+            | ImapError::Bye(m)
+            | ImapError::Select { message: m, .. }
+            | ImapError::Refused(m) => Some(m.as_str()),
+            _ => None,
+        };
+        if let Some(hint) = text.and_then(inboxd_core::failure::throttle_hint) {
+            return FailureClass::Throttled(hint);
+        }
         match self {
             ImapError::Auth { .. } => FailureClass::Auth,
             // Exchange Online ends sessions whose token expired with this BYE, at any moment.
@@ -187,6 +200,8 @@ impl Session {
     /// Connects to the account's server and logs in.
     pub async fn open(account: &Account) -> Result<Session, ImapError> {
         let t = account.timeouts;
+        // Held until the session is logged in (or the attempt failed).
+        let _slot = connect::attempt_slot(&account.host).await;
         let tcp = connect::tcp(account).await?;
         let conn = if connect::implicit(account) {
             connect::tls(account, tcp).await?

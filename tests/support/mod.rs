@@ -164,5 +164,6 @@ pub async fn wait_state(w: &inboxd::watcher::Watcher, state: &str) {
     }
 }
 
+pub mod faultproxy;
 pub mod oauth;
 pub mod scripted;

@@ -16,8 +16,8 @@ pub struct Checkpoint {
     /// delivered, e.g. history skipped by `start = "new"`).
     pub last_uid: u32,
     /// After a UIDVALIDITY change under the `dedupe` policy: messages with a UID up to and
-    /// including this one existed when the change was seen, and are delivered only if their
-    /// Message-ID (or header digest) is not in the delivery log. 0 = no dedupe pass pending.
+    /// including this one are delivered only if their Message-ID (or header digest) is not in
+    /// the delivery log (`u32::MAX` after a change: the whole new epoch). 0 = no check.
     pub dedupe_through: u32,
 }
 

@@ -28,6 +28,35 @@ pub enum FailureClass {
     Permanent,
 }
 
+/// Reads a server's throttling hint, such as Exchange Online's
+/// `Request is throttled. Suggested Backoff Time: 5000 milliseconds`. `None` if the text does
+/// not say the request was throttled; `Some(None)` if it does but gives no usable time.
+pub fn throttle_hint(text: &str) -> Option<Option<Duration>> {
+    let lower = text.to_ascii_lowercase();
+    if !lower.contains("throttl") {
+        return None;
+    }
+    let Some(at) = lower.find("backoff time:") else {
+        return Some(None);
+    };
+    let rest = lower[at + "backoff time:".len()..].trim_start();
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: u64 = match digits.parse() {
+        Ok(n) => n,
+        Err(_) => return Some(None),
+    };
+    let unit = rest[digits.len()..].trim_start();
+    let d = if unit.starts_with("ms") || unit.starts_with("milli") {
+        Duration::from_millis(n)
+    } else if unit.starts_with('s') {
+        Duration::from_secs(n)
+    } else {
+        Duration::from_millis(n)
+    };
+    // A hint is advice from a server that may be broken: never wait more than an hour on it.
+    Some(Some(d.min(Duration::from_secs(3600))))
+}
+
 /// Reconnect state of one watcher. Times are offsets from any fixed origin chosen by the
 /// driver (it passes `Instant::now() - origin`), so this stays pure.
 #[derive(Clone, Debug)]
@@ -119,6 +148,22 @@ mod tests {
 
     fn reconnect() -> Reconnect {
         Reconnect::new(Schedule::default(), s(300), s(3600))
+    }
+
+    #[test]
+    fn exchange_throttle_hints_are_read() {
+        let t = "A3 BAD Request is throttled. Suggested Backoff Time: 5000 milliseconds";
+        assert_eq!(throttle_hint(t), Some(Some(Duration::from_millis(5000))));
+        assert_eq!(throttle_hint("NO [THROTTLED] slow down"), Some(None));
+        assert_eq!(
+            throttle_hint("Suggested Backoff Time: 9 seconds (throttled)"),
+            Some(Some(s(9)))
+        );
+        assert_eq!(throttle_hint("NO Mailbox does not exist"), None);
+        assert_eq!(
+            throttle_hint("throttled; Suggested Backoff Time: 99999999999 seconds"),
+            Some(Some(s(3600)))
+        );
     }
 
     #[test]

@@ -21,7 +21,9 @@ pub enum StartPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum UidValidityPolicy {
     /// Re-scan the folder; deliver only messages whose Message-ID (or header digest) is not in
-    /// the delivery log.
+    /// the delivery log. The check applies to every message of the new UIDVALIDITY, not only to
+    /// those present when the change was seen: a restore or migration tool may copy the old
+    /// messages back into the recreated folder after inboxd already saw it empty.
     #[default]
     Dedupe,
     /// Start at the new UIDNEXT; whatever is in the folder now is not delivered.
@@ -88,7 +90,7 @@ pub fn on_select(
     };
     if stored.uidvalidity != selected.uidvalidity {
         let (last_uid, dedupe_through) = match policy {
-            UidValidityPolicy::Dedupe => (0, below_next),
+            UidValidityPolicy::Dedupe => (0, u32::MAX),
             UidValidityPolicy::Skip => (below_next, 0),
             UidValidityPolicy::Replay => (0, 0),
         };
@@ -233,7 +235,7 @@ mod tests {
             Checkpoint {
                 uidvalidity: 6,
                 last_uid: 0,
-                dedupe_through: 3
+                dedupe_through: u32::MAX
             }
         );
         assert!(matches!(
