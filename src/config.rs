@@ -141,7 +141,10 @@ impl<'de> Deserialize<'de> for After {
             "seen" => Ok(After::Seen),
             "delete" => Ok(After::Delete),
             _ => {
-                if let Some(folder) = s.strip_prefix("move:").filter(|f| !f.is_empty()) {
+                if let Some(folder) = s
+                    .strip_prefix("move:")
+                    .filter(|f| !f.is_empty() && !f.contains(['\r', '\n', '\0']))
+                {
                     Ok(After::Move(folder.to_string()))
                 } else if let Some(kw) = s.strip_prefix("flag:") {
                     // An IMAP atom: no spaces, parentheses, quotes or wildcards (RFC 3501 §9).
@@ -595,6 +598,12 @@ impl Config {
         for spanned in raw.watch {
             let span = spanned.span();
             let w = spanned.into_inner();
+            if w.folder.is_empty() || w.folder.contains(['\r', '\n', '\0']) {
+                return Err(invalid(
+                    Some(span),
+                    format!("watch.folder: {:?} is not a folder name", w.folder),
+                ));
+            }
             let account = accounts.get(w.account.get_ref()).cloned().ok_or_else(|| {
                 invalid(
                     Some(w.account.span()),

@@ -163,6 +163,9 @@ pub struct Watcher {
     stop: watch::Sender<bool>,
     jobs: mpsc::Sender<Job>,
     events: broadcast::Sender<Event>,
+    /// Created before the task started, handed to the first subscriber, so that it sees every
+    /// event from the start.
+    first: Mutex<Option<broadcast::Receiver<Event>>>,
     health: Arc<Mutex<Health>>,
     task: tokio::task::JoinHandle<Result<u64, WatchError>>,
 }
@@ -181,7 +184,7 @@ impl Watcher {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let (jobs_tx, jobs_rx) = mpsc::channel(64);
-        let (events, _) = broadcast::channel(1024);
+        let (events, first) = broadcast::channel(1024);
         let health = Arc::new(Mutex::new(Health {
             state: "starting".into(),
             ..Health::default()
@@ -204,6 +207,7 @@ impl Watcher {
             stop: stop_tx,
             jobs: jobs_tx,
             events,
+            first: Mutex::new(Some(first)),
             health,
             task,
         }
@@ -214,9 +218,12 @@ impl Watcher {
         &self.name
     }
 
-    /// Receives events from now on.
+    /// Receives events: the first subscriber from the watcher's start, later ones from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        match self.first.lock().ok().and_then(|mut f| f.take()) {
+            Some(rx) => rx,
+            None => self.events.subscribe(),
+        }
     }
 
     /// A snapshot of the watcher's health.

@@ -47,6 +47,20 @@ const KINDS: &[Fault] = &[
     Fault::UidValidityReset,
 ];
 
+enum KeepDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl KeepDir {
+    fn path(&self) -> &Path {
+        match self {
+            KeepDir::Temp(t) => t.path(),
+            KeepDir::Kept(p) => p,
+        }
+    }
+}
+
 #[derive(Default, Clone)]
 struct Row {
     runs: u32,
@@ -153,6 +167,14 @@ async fn run_one(fault: Fault, run: u64, rng: &mut fastrand::Rng) -> Outcome {
     }
     let proxy = FaultProxy::start(dv.port).await;
     let dir = tempfile::tempdir().unwrap();
+    if std::env::var("INBOXD_FAULT_KEEP").is_ok() {
+        eprintln!("run {run}: keeping {}", dir.path().display());
+    }
+    let dir = if std::env::var("INBOXD_FAULT_KEEP").is_ok() {
+        KeepDir::Kept(dir.keep())
+    } else {
+        KeepDir::Temp(dir)
+    };
     let cfg = dir.path().join("inboxd.toml");
     std::fs::write(
         &cfg,
@@ -191,8 +213,10 @@ deliver = {{ maildir = "out" }}
     let hold = Duration::from_millis(rng.u64(500..4000));
     match fault {
         Fault::Freeze => {
+            // Longer than idle_silence (3 s) + done (2 s): the watchdog must notice the silence,
+            // give up on the frozen connection and get through once the proxy thaws.
             proxy.freeze();
-            tokio::time::sleep(hold.max(Duration::from_secs(4))).await;
+            tokio::time::sleep(Duration::from_millis(rng.u64(6000..9000))).await;
             proxy.thaw();
         }
         Fault::Reset => proxy.kill(Kill::Reset),

@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use async_imap::Authenticator;
 use async_imap::extensions::idle::IdleResponse;
-use async_imap::imap_proto::{Response, ResponseCode, Status};
-use futures::TryStreamExt;
+use async_imap::imap_proto::{AttributeValue, MessageSection, Response, ResponseCode, SectionPath, Status};
 use inboxd_core::failure::FailureClass;
 use inboxd_core::mailbox::sequence_set;
 
@@ -415,21 +414,27 @@ impl Session {
     /// The UIDs above `last_uid` with their sizes: `UID FETCH last+1:* (UID RFC822.SIZE)`.
     /// The caller filters: `*` may name a message below `last_uid + 1`.
     pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<(u32, u32)>, ImapError> {
-        let t = self.timeouts.command;
         let from = last_uid.saturating_add(1);
-        deadline("UID FETCH", t, async {
-            let stream = self
-                .inner
-                .uid_fetch(format!("{from}:*"), "(UID RFC822.SIZE)")
-                .await
-                .map_err(cmd("UID FETCH"))?;
-            let fetches: Vec<_> = stream.try_collect().await.map_err(cmd("UID FETCH"))?;
-            Ok(fetches
-                .iter()
-                .filter_map(|f| Some((f.uid?, f.size.unwrap_or(0))))
-                .collect())
+        let mut out = Vec::new();
+        self.checked("UID FETCH", &format!("UID FETCH {from}:* (UID RFC822.SIZE)"), |resp| {
+            if let Response::Fetch(_, attrs) = resp {
+                let uid = attrs
+                    .iter()
+                    .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None });
+                let size = attrs.iter().find_map(|a| {
+                    if let AttributeValue::Rfc822Size(n) = a {
+                        Some(*n)
+                    } else {
+                        None
+                    }
+                });
+                if let Some(uid) = uid {
+                    out.push((uid, size.unwrap_or(0)));
+                }
+            }
         })
-        .await
+        .await?;
+        Ok(out)
     }
 
     /// Fetches whole messages by UID with `BODY.PEEK[]`, in ascending UID order. Messages the
@@ -448,27 +453,34 @@ impl Session {
             return Ok(Vec::new());
         }
         let wanted: HashSet<u32> = uids.iter().copied().collect();
-        let t = self.timeouts.command;
-        let query = format!("(UID {section})");
         let header = section.contains("HEADER");
-        let mut out = deadline("UID FETCH", t, async {
-            let stream = self
-                .inner
-                .uid_fetch(sequence_set(uids), &query)
-                .await
-                .map_err(cmd("UID FETCH"))?;
-            let fetches: Vec<_> = stream.try_collect().await.map_err(cmd("UID FETCH"))?;
-            Ok(fetches
-                .into_iter()
-                .filter_map(|f| {
-                    let uid = f.uid.filter(|u| wanted.contains(u))?;
-                    let body = if header { f.header() } else { f.body() }?;
-                    Some(Fetched {
-                        uid,
-                        body: body.to_vec(),
-                    })
-                })
-                .collect::<Vec<_>>())
+        let mut out = Vec::new();
+        let command = format!("UID FETCH {} (UID {section})", sequence_set(uids));
+        self.checked("UID FETCH", &command, |resp| {
+            let Response::Fetch(_, attrs) = resp else { return };
+            let uid = attrs
+                .iter()
+                .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None });
+            let body = attrs.iter().find_map(|a| match a {
+                AttributeValue::BodySection {
+                    section: None,
+                    data: Some(d),
+                    ..
+                } if !header => Some(d.as_ref()),
+                AttributeValue::BodySection {
+                    section: Some(SectionPath::Full(MessageSection::Header)),
+                    data: Some(d),
+                    ..
+                } if header => Some(d.as_ref()),
+                AttributeValue::Rfc822(Some(d)) if !header => Some(d.as_ref()),
+                _ => None,
+            });
+            if let (Some(uid), Some(body)) = (uid.filter(|u| wanted.contains(u)), body) {
+                out.push(Fetched {
+                    uid,
+                    body: body.to_vec(),
+                });
+            }
         })
         .await?;
         out.sort_by_key(|f| f.uid);
@@ -476,63 +488,75 @@ impl Session {
         Ok(out)
     }
 
-    /// Adds flags to messages (`UID STORE +FLAGS.SILENT`).
-    pub async fn add_flags(&mut self, uids: &[u32], flags: &str) -> Result<(), ImapError> {
+    /// Runs a command, hands every untagged response to `each`, and fails unless the tagged
+    /// status is OK. async-imap's own FETCH/STORE/EXPUNGE streams end at the tagged response
+    /// whatever its status, so a NO or BAD (throttling, for one) would look like success.
+    async fn checked(
+        &mut self,
+        phase: &'static str,
+        command: &str,
+        mut each: impl FnMut(&Response<'_>),
+    ) -> Result<(), ImapError> {
         let t = self.timeouts.command;
-        deadline("UID STORE", t, async {
-            let s = self
-                .inner
-                .uid_store(sequence_set(uids), format!("+FLAGS.SILENT ({flags})"))
-                .await
-                .map_err(cmd("UID STORE"))?;
-            let _: Vec<_> = s.try_collect().await.map_err(cmd("UID STORE"))?;
-            Ok(())
+        let inner = &mut self.inner;
+        deadline(phase, t, async move {
+            let id = inner.run_command(command).await.map_err(cmd(phase))?;
+            loop {
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| cmd(phase)(e.into()))?
+                    .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
+                match resp.parsed() {
+                    Response::Done { tag, status, outcome } if *tag == id => {
+                        let text = outcome.information.as_deref().unwrap_or("").to_string();
+                        return match status {
+                            Status::Ok => Ok(()),
+                            Status::No => Err(cmd(phase)(async_imap::error::Error::No(text))),
+                            _ => Err(cmd(phase)(async_imap::error::Error::Bad(text))),
+                        };
+                    }
+                    Response::Data {
+                        status: Status::Bye,
+                        outcome,
+                    } => {
+                        return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
+                    }
+                    other => each(other),
+                }
+            }
         })
         .await
+    }
+
+    /// Adds flags to messages (`UID STORE +FLAGS.SILENT`).
+    pub async fn add_flags(&mut self, uids: &[u32], flags: &str) -> Result<(), ImapError> {
+        let command = format!("UID STORE {} +FLAGS.SILENT ({flags})", sequence_set(uids));
+        self.checked("UID STORE", &command, |_| {}).await
     }
 
     /// Removes messages: `\Deleted`, then `UID EXPUNGE` (UIDPLUS) or, without it, `EXPUNGE`
     /// (which also removes any other message already marked `\Deleted`).
     pub async fn delete(&mut self, uids: &[u32]) -> Result<(), ImapError> {
         self.add_flags(uids, "\\Deleted").await?;
-        let t = self.timeouts.command;
-        let uidplus = self.has("UIDPLUS");
-        deadline("EXPUNGE", t, async {
-            if uidplus {
-                let s = self
-                    .inner
-                    .uid_expunge(sequence_set(uids))
-                    .await
-                    .map_err(cmd("UID EXPUNGE"))?;
-                let _: Vec<_> = s.try_collect().await.map_err(cmd("UID EXPUNGE"))?;
-            } else {
-                let s = self.inner.expunge().await.map_err(cmd("EXPUNGE"))?;
-                let _: Vec<_> = s.try_collect().await.map_err(cmd("EXPUNGE"))?;
-            }
-            Ok(())
-        })
-        .await
+        if self.has("UIDPLUS") {
+            self.checked("UID EXPUNGE", &format!("UID EXPUNGE {}", sequence_set(uids)), |_| {})
+                .await
+        } else {
+            self.checked("EXPUNGE", "EXPUNGE", |_| {}).await
+        }
     }
 
     /// Moves messages to `folder`: `UID MOVE` (RFC 6851) or `UID COPY` + delete.
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
-        let t = self.timeouts.command;
+        let (set, quoted) = (sequence_set(uids), quote(folder));
         if self.has("MOVE") {
-            return deadline("UID MOVE", t, async {
-                self.inner
-                    .uid_mv(sequence_set(uids), folder)
-                    .await
-                    .map_err(cmd("UID MOVE"))
-            })
-            .await;
+            return self
+                .checked("UID MOVE", &format!("UID MOVE {set} {quoted}"), |_| {})
+                .await;
         }
-        deadline("UID COPY", t, async {
-            self.inner
-                .uid_copy(sequence_set(uids), folder)
-                .await
-                .map_err(cmd("UID COPY"))
-        })
-        .await?;
+        self.checked("UID COPY", &format!("UID COPY {set} {quoted}"), |_| {})
+            .await?;
         self.delete(uids).await
     }
 
@@ -657,6 +681,11 @@ impl Session {
         let t = self.timeouts.done;
         let _ = tokio::time::timeout(t, self.inner.logout()).await;
     }
+}
+
+/// An IMAP quoted string (RFC 3501 §4.3).
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// `CAPABILITY` before login, for servers whose greeting does not list them (and after

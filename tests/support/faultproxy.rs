@@ -63,10 +63,10 @@ impl FaultProxy {
     }
 
     pub fn freeze(&self) {
-        let _ = self.ctl.frozen.send(true);
+        self.ctl.frozen.send_replace(true);
     }
     pub fn thaw(&self) {
-        let _ = self.ctl.frozen.send(false);
+        self.ctl.frozen.send_replace(false);
     }
     pub fn kill(&self, how: Kill) {
         let _ = self.ctl.kill.send(how);

@@ -123,18 +123,19 @@ pub async fn imap(dv: &Dovecot, cmd: &str) {
 
 /// Waits for an event matching `pred`, failing the test after `secs`.
 pub async fn wait_for(events: &mut broadcast::Receiver<Event>, secs: u64, pred: impl Fn(&Event) -> bool) -> Event {
+    let seen = std::sync::Mutex::new(Vec::new());
     tokio::time::timeout(Duration::from_secs(secs), async {
         loop {
             match events.recv().await {
                 Ok(e) if pred(&e) => return e,
-                Ok(_) => {}
+                Ok(e) => seen.lock().unwrap().push(e),
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(e) => panic!("event stream ended: {e}"),
             }
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("no matching event within {secs}s"))
+    .unwrap_or_else(|_| panic!("no matching event within {secs}s; saw {:?}", seen.lock().unwrap()))
 }
 
 pub async fn wait_delivered(events: &mut broadcast::Receiver<Event>, n: usize, secs: u64) -> Vec<u32> {

@@ -25,6 +25,19 @@ pub struct State {
     pub refuse_next_auth: bool,
     /// How many body FETCHes were answered with bodies.
     pub bodies_sent: u32,
+    /// Complete the next SELECT with `OK [READ-WRITE]– x`: a multi-byte character right after
+    /// `]`, which panics imap-proto 0.17 (once).
+    pub hostile_select: bool,
+    /// Answer the next UID FETCH with Exchange's throttling BAD and this hint (once).
+    pub throttle_ms: Option<u64>,
+    /// Leave UIDNEXT out of SELECT (always); STATUS still reports it.
+    pub no_uidnext: bool,
+    /// Put non-ASCII text in human-readable responses (always).
+    pub non_ascii: bool,
+    /// Stop answering in the middle of the next body literal (once).
+    pub stall_in_literal: bool,
+    /// Commands received, in order (tags stripped).
+    pub commands: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -66,6 +79,12 @@ impl Scripted {
         self.news.notify_waiters();
     }
 
+    /// Wakes an idling client without adding a message (an unsolicited EXISTS of the same
+    /// count), so the client resyncs and meets the `n:*` answer below n.
+    pub fn add_message_silently_none(&self) {
+        self.news.notify_waiters();
+    }
+
     async fn serve(&self, sock: TcpStream) -> std::io::Result<()> {
         self.state.lock().unwrap().connections += 1;
         let (r, mut w) = sock.into_split();
@@ -73,6 +92,9 @@ impl Scripted {
         w.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2 IDLE] scripted server ready\r\n")
             .await?;
         let mut line = String::new();
+        // The message count this client last saw (at SELECT or a FETCH): messages that arrive
+        // later are announced when it enters IDLE, as a real server does.
+        let mut seen_count = 0usize;
         loop {
             line.clear();
             if r.read_line(&mut line).await? == 0 {
@@ -84,6 +106,15 @@ impl Scripted {
                 parts.next().unwrap_or("").to_ascii_uppercase(),
                 parts.next().unwrap_or(""),
             );
+            let non_ascii = {
+                let mut st = self.state.lock().unwrap();
+                st.commands.push(format!("{cmd} {rest}"));
+                st.non_ascii
+            };
+            if non_ascii {
+                w.write_all("* OK [ALERT] Wartungsfenster heute Nacht – café ☕\r\n".as_bytes())
+                    .await?;
+            }
             match cmd.as_str() {
                 "CAPABILITY" => {
                     w.write_all(format!("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 IDLE\r\n{tag} OK done\r\n").as_bytes())
@@ -123,14 +154,41 @@ impl Scripted {
                     }
                 }
                 "SELECT" => {
-                    let (n, next) = {
-                        let st = self.state.lock().unwrap();
-                        (st.messages.len(), st.messages.len() + 1)
+                    let (n, next, hostile, no_next) = {
+                        let mut st = self.state.lock().unwrap();
+                        (
+                            st.messages.len(),
+                            st.messages.last().map_or(1, |m| m.0 + 1),
+                            std::mem::take(&mut st.hostile_select),
+                            st.no_uidnext,
+                        )
                     };
+                    seen_count = n;
+                    let mut out = format!("* {n} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 42] UIDs valid\r\n");
+                    if !no_next {
+                        out.push_str(&format!("* OK [UIDNEXT {next}] Predicted next UID\r\n"));
+                    }
+                    if hostile {
+                        out.push_str(&format!("{tag} OK [READ-WRITE]– x\r\n"));
+                    } else {
+                        out.push_str(&format!("{tag} OK [READ-WRITE] SELECT completed.\r\n"));
+                    }
+                    w.write_all(out.as_bytes()).await?;
+                }
+                "STATUS" => {
+                    let next = self.state.lock().unwrap().messages.last().map_or(1, |m| m.0 + 1);
                     w.write_all(
-                        format!("* {n} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 42] UIDs valid\r\n* OK [UIDNEXT {next}] Predicted next UID\r\n{tag} OK [READ-WRITE] SELECT completed.\r\n").as_bytes(),
+                        format!("* STATUS INBOX (UIDNEXT {next})\r\n{tag} OK STATUS completed.\r\n").as_bytes(),
                     )
                     .await?;
+                }
+                "LOGIN" => {
+                    let text = if non_ascii {
+                        "Logged in – go ahead!"
+                    } else {
+                        "Logged in"
+                    };
+                    w.write_all(format!("{tag} OK {text}\r\n").as_bytes()).await?;
                 }
                 "UID" => {
                     let mut p = rest.splitn(3, ' ');
@@ -139,9 +197,23 @@ impl Scripted {
                         p.next().unwrap_or(""),
                         p.next().unwrap_or(""),
                     );
+                    let throttle = if sub == "FETCH" {
+                        self.state.lock().unwrap().throttle_ms.take()
+                    } else {
+                        None
+                    };
+                    if let Some(ms) = throttle {
+                        w.write_all(
+                            format!("{tag} BAD Request is throttled. Suggested Backoff Time: {ms} milliseconds\r\n")
+                                .as_bytes(),
+                        )
+                        .await?;
+                        continue;
+                    }
                     if sub == "FETCH" {
                         let msgs: Vec<(usize, u32, Vec<u8>)> = {
                             let st = self.state.lock().unwrap();
+                            seen_count = st.messages.len();
                             let max = st.messages.last().map_or(0, |m| m.0);
                             st.messages
                                 .iter()
@@ -155,6 +227,19 @@ impl Scripted {
                             if bye && !msgs.is_empty() {
                                 w.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n")
                                     .await?;
+                                return Ok(());
+                            }
+                            let stall = std::mem::take(&mut self.state.lock().unwrap().stall_in_literal);
+                            if stall && !msgs.is_empty() {
+                                let (seq, uid, body) = &msgs[0];
+                                w.write_all(
+                                    format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                                )
+                                .await?;
+                                w.write_all(&body[..body.len() / 2]).await?;
+                                // Silence, with the connection open, until the client gives up.
+                                let mut sink = String::new();
+                                while r.read_line(&mut sink).await.unwrap_or(0) > 0 {}
                                 return Ok(());
                             }
                             for (seq, uid, body) in &msgs {
@@ -180,10 +265,13 @@ impl Scripted {
                 "IDLE" => {
                     w.write_all(b"+ idling\r\n").await?;
                     let bye = self.state.lock().unwrap().bye_in_idle.take();
-                    let known = self.state.lock().unwrap().messages.len();
                     let mut done = String::new();
                     let news = self.news.notified();
                     tokio::pin!(news);
+                    let now = self.state.lock().unwrap().messages.len();
+                    if now > seen_count {
+                        w.write_all(format!("* {now} EXISTS\r\n").as_bytes()).await?;
+                    }
                     let sleep = tokio::time::sleep(bye.unwrap_or(Duration::from_secs(3600)));
                     tokio::pin!(sleep);
                     tokio::select! {
@@ -193,9 +281,7 @@ impl Scripted {
                         }
                         _ = &mut news => {
                             let n = self.state.lock().unwrap().messages.len();
-                            if n > known {
-                                w.write_all(format!("* {n} EXISTS\r\n").as_bytes()).await?;
-                            }
+                            w.write_all(format!("* {n} EXISTS\r\n").as_bytes()).await?;
                             r.read_line(&mut done).await?;
                         }
                         _ = r.read_line(&mut done) => {}

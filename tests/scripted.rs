@@ -1,0 +1,158 @@
+//! What Dovecot won't do, from a socket-level scripted server: hostile bytes that panic the IMAP
+//! parser, throttling with a back-off hint, SELECT without UIDNEXT, non-ASCII response text, a
+//! server that stops in the middle of a literal, and `UID FETCH n:*` answering below n.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use inboxd::config::Config;
+use inboxd::watcher::{Event, Mode, Watcher};
+use support::scripted::Scripted;
+use support::*;
+
+fn scripted_config(dir: &Path, port: u16, start: &str, account_extra: &str) -> Config {
+    let text = format!(
+        r#"state = "state.db"
+[accounts.s]
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+user = "u"
+password = "p"
+reconnect = [ {{ every = "200ms" }} ]
+{account_extra}
+[[watch]]
+account = "s"
+start = "{start}"
+deliver = {{ maildir = "out" }}
+"#
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+async fn watch(config: &Config) -> (Watcher, Recorder, tokio::sync::broadcast::Receiver<Event>) {
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let ev = w.subscribe();
+    (w, rec, ev)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parser_panic_is_caught_counted_and_other_watchers_never_notice() {
+    let hostile = Scripted::start().await;
+    hostile.add_message("one");
+    hostile.state.lock().unwrap().hostile_select = true;
+    let dv = dovecot();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bad = scripted_config(d1.path(), hostile.port, "all", "");
+    let good = config(&dv, d2.path(), "", "deliver = { maildir = \"out\" }");
+    let (wb, recb, mut evb) = watch(&bad).await;
+    let recg = Recorder::default();
+    let wg = Watcher::with_handler(
+        good.watches[0].clone(),
+        store(&good).await,
+        Box::new(recg.clone()),
+        Mode::Forever,
+    );
+    let mut evg = wg.subscribe();
+    wait_for(&mut evg, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+
+    let e = wait_for(&mut evb, 20, |e| {
+        matches!(e, Event::Disconnected { error: Some(_), .. })
+    })
+    .await;
+    assert!(
+        matches!(&e, Event::Disconnected { error: Some(m), .. } if m.contains("panicked")),
+        "{e:?}"
+    );
+    wait_delivered(&mut evb, 1, 20).await;
+    assert_eq!(wb.health().panics, 1);
+    assert_eq!(recb.subjects(), vec!["one"]);
+
+    append(&dv, "INBOX", &["unaffected"]).await;
+    wait_delivered(&mut evg, 1, 20).await;
+    assert_eq!(wg.health().panics, 0);
+    assert_eq!(wg.health().reconnects, 0, "the other watcher never noticed");
+    wb.stop().await.unwrap();
+    wg.stop().await.unwrap();
+    assert_eq!(recg.subjects(), vec!["unaffected"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_bad_with_a_hint_is_honoured() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().throttle_ms = Some(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected { retry_in: Some(d), .. } = e else {
+        unreachable!()
+    };
+    assert!(
+        d >= Duration::from_millis(1500),
+        "the server's hint beats the 200 ms schedule: {d:?}"
+    );
+    let t = Instant::now();
+    wait_delivered(&mut ev, 1, 20).await;
+    assert!(t.elapsed() >= Duration::from_millis(1400));
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_without_uidnext_falls_back_to_status() {
+    let server = Scripted::start().await;
+    server.add_message("history");
+    {
+        let mut st = server.state.lock().unwrap();
+        st.no_uidnext = true;
+        st.non_ascii = true;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "new", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    server.add_message("fresh");
+    wait_delivered(&mut ev, 1, 20).await;
+    // A wake with nothing new: `UID FETCH 3:*` is answered with uid 2, which must not come again.
+    server.add_message_silently_none();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.stop().await.unwrap();
+    assert_eq!(
+        rec.subjects(),
+        vec!["fresh"],
+        "start = \"new\" from STATUS's UIDNEXT; non-ASCII text parsed"
+    );
+    let cmds = server.state.lock().unwrap().commands.clone();
+    assert!(cmds.iter().any(|c| c.starts_with("STATUS")), "{cmds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_mid_literal_hits_the_command_deadline() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().stall_in_literal = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "timeouts = { command = \"1s\" }");
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    assert!(
+        matches!(&e, Event::Disconnected { error: Some(m), .. } if m.contains("timed out")),
+        "{e:?}"
+    );
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+    assert_eq!(server.state.lock().unwrap().bodies_sent, 1);
+}
