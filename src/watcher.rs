@@ -89,7 +89,9 @@ impl WatchError {
     pub fn class(&self) -> FailureClass {
         match self {
             WatchError::Imap(e) => e.class(),
-            WatchError::Handler(_) => FailureClass::Permanent,
+            // A handler that cannot make a batch durable (disk full, Maildir unwritable) is
+            // retried along the schedule: space comes back, permissions get fixed.
+            WatchError::Handler(_) => FailureClass::Network,
             _ => FailureClass::Network,
         }
     }
