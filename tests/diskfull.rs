@@ -6,7 +6,6 @@ mod support;
 
 use std::process::Command;
 
-use inboxd::store::Store;
 use inboxd::watcher::{Event, Mode, Watcher};
 use support::*;
 
