@@ -269,6 +269,9 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         .iter()
         .find(|w| scope_hash(&w.account.name, &w.folder) == scope && w.account.name == d.account)
         .ok_or_else(|| anyhow!("no configured watch for {}/{}", d.account, d.folder))?;
+    if let crate::config::Auth::OAuth2(source) = &watch.account.auth {
+        source.attach_store(store.clone());
+    }
     let mut session = Session::open(&watch.account).await?;
     let state = session.select(&watch.folder).await?;
     if state.uidvalidity != uidvalidity {

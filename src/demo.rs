@@ -31,7 +31,6 @@ pub async fn run(count: usize) -> anyhow::Result<()> {
         &handler,
         "#!/bin/sh\n# Reads the raw message on stdin; records what it saw.\nsubject=$(grep -m1 -i '^Subject:' | tr -d '\\r')\necho \"uid=$INBOXD_UID key=$INBOXD_KEY size=$INBOXD_SIZE $subject\" >> processed.log\n",
     )?;
-    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&handler)?.permissions(), 0o755);
     std::fs::set_permissions(&handler, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let config_text = format!(
         r#"state = "inboxd.db"
@@ -93,7 +92,7 @@ deliver = {{ exec = ["./handler.sh"] }}
 
     println!("\n`inboxd status` now says:");
     inboxd::daemon::status(&config, &mut std::io::stdout()).await?;
-    println!("\n(Dovecot's IDLE notification has a fixed ~500 ms delay; that is most of the time above.)");
+    println!("\n(Dovecot delays IDLE notifications by up to ~500 ms: most of the time above, when there is any.)");
     Ok(())
 }
 

@@ -160,9 +160,9 @@ pub fn client_assertion(
     let cert = CertificateDer::from_pem_file(certificate)
         .map_err(|e| TokenError::Credential(format!("cannot read certificate {}: {e}", certificate.display())))?;
     let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
-    let (alg, mut header) = match thumbprint {
-        Thumbprint::Sha256 => (Algorithm::PS256, Header::new(Algorithm::PS256)),
-        Thumbprint::Sha1 => (Algorithm::RS256, Header::new(Algorithm::RS256)),
+    let mut header = match thumbprint {
+        Thumbprint::Sha256 => Header::new(Algorithm::PS256),
+        Thumbprint::Sha1 => Header::new(Algorithm::RS256),
     };
     match thumbprint {
         Thumbprint::Sha256 => {
@@ -189,7 +189,6 @@ pub fn client_assertion(
         iat: now,
         exp: now + 600,
     };
-    let _ = alg;
     jsonwebtoken::encode(&header, &claims, &key)
         .map_err(|e| TokenError::Credential(format!("cannot sign the client assertion: {e}")))
 }
