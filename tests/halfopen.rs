@@ -1,7 +1,9 @@
 //! A true half-open connection: nftables drops every packet of the watcher's connection on
 //! loopback, so the kernel stops ACKing and the watcher, silent in IDLE, hears nothing. Only TCP
 //! keepalive / `TCP_USER_TIMEOUT` can notice. (A userspace proxy cannot produce this: the kernel
-//! would keep ACKing.) Needs root and `nft`; skipped with a message otherwise.
+//! would keep ACKing.) The test re-runs itself inside a private network namespace
+//! (`unshare --net`), so its rules touch nothing else on the machine. Needs root, `unshare`, `ip`
+//! and `nft`; skipped with a message otherwise.
 
 mod support;
 
@@ -55,12 +57,54 @@ fn can_run() -> Result<(), String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_open_connection_is_detected_by_keepalive_and_recovered() {
+const NAME: &str = "a_half_open_connection_is_detected_by_keepalive_and_recovered";
+
+#[test]
+fn a_half_open_connection_is_detected_by_keepalive_and_recovered() {
     if let Err(why) = can_run() {
-        eprintln!("SKIPPED a_half_open_connection_is_detected_by_keepalive_and_recovered: {why}");
+        eprintln!("SKIPPED {NAME}: {why}");
         return;
     }
+    if std::env::var("INBOXD_IN_NETNS").is_ok() {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(half_open());
+        return;
+    }
+    // Re-run this very test inside a private network namespace with its own loopback.
+    let me = std::env::current_exe().unwrap();
+    let script = format!(
+        "ip link set lo up && exec \"{}\" --exact {NAME} --nocapture",
+        me.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--net", "sh", "-c", &script])
+        .env("INBOXD_IN_NETNS", "1")
+        .output();
+    match out {
+        Ok(out) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for line in text
+                .lines()
+                .filter(|l| l.contains("half-open") || l.contains("panicked") || l.contains("SKIPPED"))
+            {
+                eprintln!("{line}");
+            }
+            assert!(out.status.success(), "inside the network namespace:\n{text}");
+            assert!(text.contains("half-open connection detected after"), "{text}");
+        }
+        Err(e) => eprintln!("SKIPPED {NAME}: cannot run unshare: {e}"),
+    }
+}
+
+async fn half_open() {
     let dv = dovecot();
     let dir = tempfile::tempdir().unwrap();
     // The silence watchdog is set far away, so that only the kernel can notice.

@@ -540,3 +540,55 @@ async fn xoauth2_error_challenge_is_answered_reported_and_retried_with_a_new_tok
     assert_eq!(tokens.len(), 2);
     assert_ne!(tokens[0], tokens[1], "the refused token is not presented again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_sharing_a_credential_share_one_token_request() {
+    let (dv, auth) = oauth::start(json!({ "clients": { "alice-app": { "secret": "s", "user": "alice" } } }));
+    for folder in ["Work", "Other"] {
+        imap(&dv, &format!("CREATE {folder}")).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"state = "state.db"
+[accounts.t]
+host = "127.0.0.1"
+port = {port}
+tls = "starttls"
+ca_file = "{ca}"
+user = "alice"
+oauth2 = {{ grant = "client_credentials", token_url = "{url}", client_id = "alice-app", client_secret = "s" }}
+[[watch]]
+account = "t"
+deliver = {{ maildir = "a" }}
+[[watch]]
+account = "t"
+folder = "Work"
+deliver = {{ maildir = "b" }}
+[[watch]]
+account = "t"
+folder = "Other"
+deliver = {{ maildir = "c" }}
+"#,
+        port = dv.port,
+        ca = dv.ca_file().display(),
+        url = auth.token_url()
+    );
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let st = store(&config).await;
+    // Started together: three concurrent logins, one token request.
+    let watchers: Vec<Watcher> = config
+        .watches
+        .iter()
+        .map(|w| Watcher::start(w.clone(), st.clone(), Mode::Forever).unwrap())
+        .collect();
+    for w in &watchers {
+        let mut ev = w.subscribe();
+        wait_for(&mut ev, 30, |e| matches!(e, Event::CaughtUp { .. })).await;
+    }
+    assert_eq!(auth.stats().await["tokens_issued"].as_u64(), Some(1));
+    for w in watchers {
+        w.stop().await.unwrap();
+    }
+}
