@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use async_imap::Authenticator;
 use async_imap::extensions::idle::IdleResponse;
-use async_imap::imap_proto::{AttributeValue, MessageSection, Response, ResponseCode, SectionPath, Status};
+use async_imap::imap_proto::{
+    AttributeValue, MailboxDatum, MessageSection, Response, ResponseCode, SectionPath, Status,
+};
 use inboxd_core::failure::FailureClass;
 use inboxd_core::mailbox::sequence_set;
 
@@ -399,15 +401,18 @@ impl Session {
         Ok(uids.last().map_or(1, |u| u.saturating_add(1)))
     }
 
-    /// `UID SEARCH <query>`, ascending.
+    /// `UID SEARCH <query>`, ascending. Fails on NO/BAD (async-imap's own search would return
+    /// an empty set).
     pub async fn search(&mut self, query: &str) -> Result<Vec<u32>, ImapError> {
-        let t = self.timeouts.command;
-        let set = deadline("UID SEARCH", t, async {
-            self.inner.uid_search(query).await.map_err(cmd("UID SEARCH"))
+        let mut v = Vec::new();
+        self.checked("UID SEARCH", &format!("UID SEARCH {query}"), |resp| {
+            if let Response::MailboxData(MailboxDatum::Search(ids)) = resp {
+                v.extend(ids.iter().copied());
+            }
         })
         .await?;
-        let mut v: Vec<u32> = set.into_iter().collect();
         v.sort_unstable();
+        v.dedup();
         Ok(v)
     }
 
