@@ -388,6 +388,10 @@ async fn round(
             return Ok(RoundEnd::CaughtUp);
         }
         run_jobs(ctx, &mut session).await;
+        if session.take_news() {
+            // Announced during the post-actions or queued work: catch up before waiting.
+            continue;
+        }
         let token_left = session
             .token_due()
             .map(|due| due.saturating_duration_since(Instant::now()));
@@ -512,7 +516,7 @@ async fn catch_up(
 ) -> Result<(Checkpoint, bool), WatchError> {
     let w = ctx.watch.clone();
     loop {
-        session.drain_unsolicited();
+        session.take_news();
         let listed = session.list_above(cp.last_uid).await?;
         let mut sizes = std::collections::HashMap::new();
         for &(uid, size) in &listed {
@@ -520,6 +524,10 @@ async fn catch_up(
         }
         let uids = mailbox::uids_to_deliver(listed.into_iter().map(|(u, _)| u).collect(), cp.last_uid);
         if uids.is_empty() {
+            if session.take_news() {
+                // New mail was announced while we listed: list again rather than miss it.
+                continue;
+            }
             let settled = mailbox::settle(cp);
             if settled != cp {
                 ctx.store.commit(&w.account.name, &w.folder, settled, &[]).await?;

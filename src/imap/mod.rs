@@ -183,6 +183,8 @@ pub struct Session {
     /// With OAuth2: when the access token this session logged in with is due for refresh; the
     /// watcher reconnects (between waits) before then.
     token_due: Option<tokio::time::Instant>,
+    /// The server announced new mail (EXISTS/RECENT) since the last `take_news`.
+    news: bool,
 }
 
 struct Plain<'a> {
@@ -316,6 +318,7 @@ impl Session {
             timeouts: t,
             selected: None,
             token_due,
+            news: false,
         };
         session.refresh_capabilities().await?;
         Ok(session)
@@ -504,6 +507,7 @@ impl Session {
     ) -> Result<(), ImapError> {
         let t = self.timeouts.command;
         let inner = &mut self.inner;
+        let news = &mut self.news;
         deadline(phase, t, async move {
             let id = inner.run_command(command).await.map_err(cmd(phase))?;
             loop {
@@ -527,6 +531,7 @@ impl Session {
                     } => {
                         return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
                     }
+                    Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_)) => *news = true,
                     other => each(other),
                 }
             }
@@ -607,7 +612,16 @@ impl Session {
                 async_imap::types::UnsolicitedResponse::Exists(_) | async_imap::types::UnsolicitedResponse::Recent(_)
             );
         }
+        self.news |= news;
         news
+    }
+
+    /// Whether the server announced new mail (EXISTS/RECENT, in any response) since the last
+    /// call. A message announced in the answer to some other command would not be announced
+    /// again in the next IDLE, so the watcher checks this before it waits.
+    pub fn take_news(&mut self) -> bool {
+        self.drain_unsolicited();
+        std::mem::take(&mut self.news)
     }
 
     /// IDLE (RFC 2177) for at most `max`; leaves early on server activity, silence longer
@@ -623,6 +637,7 @@ impl Session {
             timeouts,
             selected,
             token_due,
+            news,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -676,6 +691,7 @@ impl Session {
             timeouts,
             selected,
             token_due,
+            news,
         };
         session.drain_unsolicited();
         Ok((session, end))
