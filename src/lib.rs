@@ -5,6 +5,7 @@
 //! - `inboxd_core` (re-exported as [`core`]): the pure decisions (reconnect schedule, retry,
 //!   checkpoint window, UIDVALIDITY, waits, keys). No IO, no clock.
 //! - [`imap`]: the IMAP session layer over `async-imap`, with a deadline on every phase.
+//! - [`oauth2`]: token sources for every grant, the shared token cache, XOAUTH2/OAUTHBEARER.
 //! - [`store`]: checkpoints and the delivery log (SQLite).
 //! - [`handler`]: where messages go (`exec`, `maildir`, or your own [`handler::Handler`]).
 //! - [`watcher`]: one task per (account, folder) that drives the core; [`watcher::Watcher`] is
