@@ -535,7 +535,12 @@ async fn catch_up(
             return Ok((settled, false));
         }
         debug!(watch = %ctx.name, count = uids.len(), from = uids[0], "new messages");
-        for batch in size_batches(&uids, &sizes, w.batch_size) {
+        for batch in mailbox::batches(
+            &uids,
+            |u| u64::from(sizes.get(&u).copied().unwrap_or(0)),
+            w.batch_size,
+            BATCH_BYTES,
+        ) {
             let fetched = session.fetch(batch).await?;
             // Attempts already made on messages that failed before (e.g. before a restart).
             let failed = ctx.store.failed_attempts(&w.account.name, &w.folder).await?;
@@ -733,40 +738,5 @@ async fn deliver_with_retry(
                 }
             }
         }
-    }
-}
-
-/// Splits UIDs into batches bounded by count and by total size.
-fn size_batches<'a>(uids: &'a [u32], sizes: &std::collections::HashMap<u32, u32>, max_count: usize) -> Vec<&'a [u32]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0u64;
-    for (i, uid) in uids.iter().enumerate() {
-        let size = u64::from(sizes.get(uid).copied().unwrap_or(0));
-        if i > start && (i - start >= max_count || bytes + size > BATCH_BYTES) {
-            out.push(&uids[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes += size;
-    }
-    if start < uids.len() {
-        out.push(&uids[start..]);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_respect_count_and_bytes() {
-        let uids: Vec<u32> = (1..=5).collect();
-        let sizes = [(1, 10), (2, 10), (3, 40 << 20), (4, 10), (5, 10)]
-            .into_iter()
-            .collect();
-        let b = size_batches(&uids, &sizes, 2);
-        assert_eq!(b, vec![&[1, 2][..], &[3][..], &[4, 5][..]]);
     }
 }

@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use async_imap::Authenticator;
 use async_imap::extensions::idle::IdleResponse;
-use async_imap::imap_proto::{
-    AttributeValue, MailboxDatum, MessageSection, Response, ResponseCode, SectionPath, Status,
-};
+use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, ResponseCode, Status};
 use inboxd_core::failure::FailureClass;
 use inboxd_core::mailbox::sequence_set;
 
@@ -448,22 +446,12 @@ impl Session {
     /// Fetches whole messages by UID with `BODY.PEEK[]`, in ascending UID order. Messages the
     /// server no longer has are simply absent from the result.
     pub async fn fetch(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
-        self.fetch_section(uids, "BODY.PEEK[]").await
-    }
-
-    /// Fetches the header blocks only (`BODY.PEEK[HEADER]`).
-    pub async fn fetch_headers(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
-        self.fetch_section(uids, "BODY.PEEK[HEADER]").await
-    }
-
-    async fn fetch_section(&mut self, uids: &[u32], section: &str) -> Result<Vec<Fetched>, ImapError> {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
         let wanted: HashSet<u32> = uids.iter().copied().collect();
-        let header = section.contains("HEADER");
         let mut out = Vec::new();
-        let command = format!("UID FETCH {} (UID {section})", sequence_set(uids));
+        let command = format!("UID FETCH {} (UID BODY.PEEK[])", sequence_set(uids));
         self.checked("UID FETCH", &command, |resp| {
             let Response::Fetch(_, attrs) = resp else { return };
             let uid = attrs
@@ -474,13 +462,8 @@ impl Session {
                     section: None,
                     data: Some(d),
                     ..
-                } if !header => Some(d.as_ref()),
-                AttributeValue::BodySection {
-                    section: Some(SectionPath::Full(MessageSection::Header)),
-                    data: Some(d),
-                    ..
-                } if header => Some(d.as_ref()),
-                AttributeValue::Rfc822(Some(d)) if !header => Some(d.as_ref()),
+                } => Some(d.as_ref()),
+                AttributeValue::Rfc822(Some(d)) => Some(d.as_ref()),
                 _ => None,
             });
             if let (Some(uid), Some(body)) = (uid.filter(|u| wanted.contains(u)), body) {

@@ -149,9 +149,25 @@ pub fn uids_to_deliver(mut found: Vec<u32>, last_uid: u32) -> Vec<u32> {
     found
 }
 
-/// Splits UIDs into batches of at most `max` messages.
-pub fn batches(uids: &[u32], max: usize) -> impl Iterator<Item = &[u32]> {
-    uids.chunks(max.max(1))
+/// Splits ascending UIDs into fetch batches of at most `max_count` messages and `max_bytes`
+/// bytes (by the sizes the server reported; unknown sizes count as 0). A single message larger
+/// than `max_bytes` gets a batch of its own.
+pub fn batches(uids: &[u32], size_of: impl Fn(u32) -> u64, max_count: usize, max_bytes: u64) -> Vec<&[u32]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, &uid) in uids.iter().enumerate() {
+        let size = size_of(uid);
+        if i > start && (i - start >= max_count.max(1) || bytes + size > max_bytes) {
+            out.push(&uids[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < uids.len() {
+        out.push(&uids[start..]);
+    }
+    out
 }
 
 /// Formats ascending UIDs as a compact IMAP sequence set, e.g. `1:3,7,9:10`.
@@ -304,7 +320,14 @@ mod tests {
         assert_eq!(sequence_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
         assert_eq!(sequence_set(&[4]), "4");
         assert_eq!(sequence_set(&[]), "");
-        let b: Vec<&[u32]> = batches(&[1, 2, 3, 4, 5], 2).collect();
+        let b = batches(&[1, 2, 3, 4, 5], |_| 0, 2, u64::MAX);
         assert_eq!(b, vec![&[1, 2][..], &[3, 4][..], &[5][..]]);
+    }
+
+    #[test]
+    fn batches_respect_count_and_bytes() {
+        let size = |uid: u32| if uid == 3 { 40 << 20 } else { 10 };
+        let b = batches(&[1, 2, 3, 4, 5], size, 2, 32 << 20);
+        assert_eq!(b, vec![&[1, 2][..], &[3][..], &[4, 5][..]]);
     }
 }

@@ -85,7 +85,7 @@ impl World {
         }
         let uids = mailbox::uids_to_deliver(listed, cp.last_uid);
         let mut delivered_count = 0;
-        for chunk in mailbox::batches(&uids, batch) {
+        for chunk in mailbox::batches(&uids, |_| 0, batch, u64::MAX) {
             let mut window = AckWindow::new(cp.last_uid);
             for &u in chunk {
                 window.track(u);
