@@ -312,6 +312,11 @@ struct RawDeliver {
     maildir: Option<PathBuf>,
     /// Handler deadline (exec). Default 5 minutes.
     timeout: Option<Dur>,
+    /// Maildir file mode, octal (default "0600"); directories get matching search bits.
+    mode: Option<String>,
+    /// Names of further environment variables the exec handler may see (beyond `PATH`,
+    /// `HOME`, `LANG`, `LC_*`, `TZ`, `USER`, `TMPDIR` and the `INBOXD_*` it is given).
+    pass_env: Option<Vec<String>>,
 }
 
 /// Deadlines on every network phase.
@@ -403,9 +408,13 @@ pub enum Deliver {
         argv: Vec<String>,
         timeout: Duration,
         cwd: PathBuf,
+        /// Variables passed through from inboxd's environment beyond the default allowlist.
+        pass_env: Vec<String>,
     },
     Maildir {
         path: PathBuf,
+        /// Mode of message files (directories get matching search bits).
+        mode: u32,
     },
 }
 
@@ -468,7 +477,10 @@ impl Config {
 
         let mut accounts = BTreeMap::new();
         // One token cache per credential, shared by every account that uses the same one.
-        let mut token_sources: BTreeMap<String, TokenSource> = BTreeMap::new();
+        // One token cache per credential, found by structural equality of the grant (which
+        // compares literal secrets by value): two accounts share a cache only when they would
+        // ask the token endpoint the very same question.
+        let mut token_sources: Vec<(crate::oauth2::Grant, TokenSource)> = Vec::new();
         for (name, spanned) in raw.accounts {
             let span = spanned.span();
             let a = spanned.into_inner();
@@ -501,11 +513,14 @@ impl Config {
                     let grant = oauth2_grant(o.into_inner(), preset, &a.user, &base)
                         .map_err(|m| invalid(Some(osp), format!("accounts.{name}.oauth2: {m}")))?;
                     let refresh_at = grant.1;
-                    let key = format!("{:?}", grant.0);
-                    let source = token_sources
-                        .entry(key)
-                        .or_insert_with(|| TokenSource::new(name.clone(), grant.0, refresh_at))
-                        .clone();
+                    let source = match token_sources.iter().find(|(g, _)| *g == grant.0) {
+                        Some((_, source)) => source.clone(),
+                        None => {
+                            let source = TokenSource::new(name.clone(), grant.0.clone(), refresh_at);
+                            token_sources.push((grant.0, source.clone()));
+                            source
+                        }
+                    };
                     Auth::OAuth2(source)
                 }
                 _ => {
@@ -557,6 +572,28 @@ impl Config {
                 idle_silence: t.idle_silence.map_or(d.idle_silence, |x| x.0),
                 keepalive: t.keepalive.map_or(d.keepalive, |x| x.0).max(Duration::from_secs(1)),
             };
+            for (key, value) in [
+                ("connect", timeouts.connect),
+                ("tls", timeouts.tls),
+                ("greeting", timeouts.greeting),
+                ("login", timeouts.login),
+                ("command", timeouts.command),
+                ("done", timeouts.done),
+                ("idle_silence", timeouts.idle_silence),
+            ] {
+                if value.is_zero() {
+                    return Err(invalid(
+                        Some(span.clone()),
+                        format!("accounts.{name}.timeouts.{key} must be more than 0s"),
+                    ));
+                }
+            }
+            if a.port == Some(0) {
+                return Err(invalid(
+                    Some(span.clone()),
+                    format!("accounts.{name}.port must be between 1 and 65535"),
+                ));
+            }
             let w = WaitPolicy::default();
             let wait = WaitPolicy {
                 idle_refresh: a.idle_refresh.map_or(w.idle_refresh, |x| x.0),
@@ -615,13 +652,43 @@ impl Config {
             })?;
             let dspan = w.deliver.span();
             let d = w.deliver.into_inner();
+            if d.maildir.is_some() && (d.pass_env.is_some() || d.timeout.is_some()) {
+                return Err(invalid(
+                    Some(dspan),
+                    "watch.deliver: `timeout` and `pass_env` apply to `exec` only".into(),
+                ));
+            }
+            if d.exec.is_some() && d.mode.is_some() {
+                return Err(invalid(
+                    Some(dspan),
+                    "watch.deliver: `mode` applies to `maildir` only".into(),
+                ));
+            }
+            let mode = match &d.mode {
+                None => crate::handler::maildir::DEFAULT_MODE,
+                Some(text) => match u32::from_str_radix(text, 8) {
+                    Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => m,
+                    _ => {
+                        return Err(invalid(
+                            Some(dspan),
+                            format!(
+                                "watch.deliver.mode: {text:?} is not an octal file mode that lets inboxd read and write (e.g. \"0600\" or \"0640\")"
+                            ),
+                        ));
+                    }
+                },
+            };
             let deliver = match (d.exec, d.maildir) {
                 (Some(argv), None) if !argv.is_empty() => Deliver::Exec {
                     argv,
                     timeout: d.timeout.map_or(Duration::from_secs(300), |x| x.0),
                     cwd: base.clone(),
+                    pass_env: d.pass_env.unwrap_or_default(),
                 },
-                (None, Some(path)) => Deliver::Maildir { path: base.join(path) },
+                (None, Some(path)) => Deliver::Maildir {
+                    path: base.join(path),
+                    mode,
+                },
                 _ => {
                     return Err(invalid(
                         Some(dspan),
@@ -630,6 +697,30 @@ impl Config {
                 }
             };
             let r = RetryPolicy::default();
+            let retry = RetryPolicy {
+                initial: w.retry_initial.map_or(r.initial, |x| x.0),
+                max: w.retry_max.map_or(r.max, |x| x.0),
+                max_attempts: w.max_attempts.unwrap_or(r.max_attempts),
+            };
+            let problem = if retry.max_attempts == 0 {
+                Some("watch.max_attempts must be at least 1".to_string())
+            } else if retry.initial.is_zero() {
+                Some("watch.retry_initial must be more than 0s".to_string())
+            } else if retry.max < retry.initial {
+                Some(format!(
+                    "watch.retry_max ({:?}) is below retry_initial ({:?})",
+                    retry.max, retry.initial
+                ))
+            } else if w.batch_size.is_some_and(|b| !(1..=10_000).contains(&b)) {
+                Some("watch.batch_size must be between 1 and 10000".to_string())
+            } else if matches!(deliver, Deliver::Exec { timeout, .. } if timeout.is_zero()) {
+                Some("watch.deliver.timeout must be more than 0s".to_string())
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(invalid(Some(span), problem));
+            }
             let watch = Watch {
                 account,
                 folder: w.folder,
@@ -644,12 +735,8 @@ impl Config {
                     RawUidValidity::Skip => UidValidityPolicy::Skip,
                     RawUidValidity::Replay => UidValidityPolicy::Replay,
                 },
-                retry: RetryPolicy {
-                    initial: w.retry_initial.map_or(r.initial, |x| x.0),
-                    max: w.retry_max.map_or(r.max, |x| x.0),
-                    max_attempts: w.max_attempts.unwrap_or(r.max_attempts).max(1),
-                },
-                batch_size: w.batch_size.unwrap_or(200).clamp(1, 10_000),
+                retry,
+                batch_size: w.batch_size.unwrap_or(200),
             };
             if watches
                 .iter()
@@ -954,6 +1041,70 @@ oauth2 = { grant = "client_credentials", tenant = "t", client_id = "app", client
             panic!()
         };
         assert!(!a.shares_cache_with(b));
+    }
+
+    #[test]
+    fn nonsense_numbers_are_located_errors() {
+        let base = "[accounts.a]\nhost = \"127.0.0.1\"\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\n";
+        let watch = "[[watch]]\naccount = \"a\"\ndeliver = { exec = [\"x\"] }\n";
+        for (account_extra, watch_extra, expect) in [
+            ("port = 0\n", "", "accounts.a.port"),
+            ("timeouts = { command = \"0s\" }\n", "", "accounts.a.timeouts.command"),
+            (
+                "timeouts = { idle_silence = \"0s\" }\n",
+                "",
+                "accounts.a.timeouts.idle_silence",
+            ),
+            ("timeouts = { done = \"0s\" }\n", "", "accounts.a.timeouts.done"),
+            ("", "max_attempts = 0\n", "watch.max_attempts"),
+            ("", "batch_size = 0\n", "watch.batch_size"),
+            ("", "retry_initial = \"10m\"\nretry_max = \"1m\"\n", "watch.retry_max"),
+        ] {
+            let text = format!("{base}{account_extra}{watch}{watch_extra}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(expect), "{text}\n-> {e}");
+            assert!(
+                e.contains(":1:") || e.contains(":6:") || e.contains(":7:"),
+                "no line in {e}"
+            );
+        }
+        let e = parse(&format!(
+            "{base}[[watch]]\naccount = \"a\"\ndeliver = {{ exec = [\"x\"], timeout = \"0s\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("deliver.timeout"), "{e}");
+        let e = parse(&format!(
+            "{base}[[watch]]\naccount = \"a\"\ndeliver = {{ maildir = \"m\", mode = \"0044\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("deliver.mode"), "{e}");
+    }
+
+    #[test]
+    fn different_literal_refresh_tokens_never_share_a_token_cache() {
+        let text = r#"
+[accounts.a]
+provider = "gmail"
+user = "a@example.com"
+oauth2 = { grant = "refresh_token", client_id = "app", client_secret = "cs", refresh_token = "token-of-a" }
+[accounts.b]
+provider = "gmail"
+user = "b@example.com"
+oauth2 = { grant = "refresh_token", client_id = "app", client_secret = "cs", refresh_token = "token-of-b" }
+"#;
+        let c = parse(text).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(!a.shares_cache_with(b));
+        let same = text.replace("token-of-b", "token-of-a");
+        let c = parse(&same).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(a.shares_cache_with(b));
     }
 
     #[test]

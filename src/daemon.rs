@@ -11,7 +11,7 @@ use tracing::{error, info};
 use crate::config::{Account, Config, Watch};
 use crate::handler::Message;
 use crate::imap::Session;
-use crate::store::{DeliveryStatus, SqliteStore, Store};
+use crate::store::{DeliveryStatus, SqliteStore, StateLock, Store};
 use crate::watcher::{Mode, Watcher};
 
 /// Opens the configured state store.
@@ -44,33 +44,53 @@ async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyho
 /// Runs every watch until SIGINT or SIGTERM, then stops them cleanly: the delivery in flight
 /// finishes and is committed, sessions log out.
 pub async fn run(config: &Config) -> anyhow::Result<()> {
+    let _lock = StateLock::acquire(&config.state)?;
     let store = open_store(config).await?;
     let watchers = start_all(config, &store, Mode::Forever).await?;
     info!(watches = watchers.len(), state = %config.state.display(), "inboxd running");
     wait_for_signal().await?;
     info!("stopping");
-    for w in watchers {
+    // Ask every watch first, then wait for all: none goes on delivering while another stops.
+    for w in &watchers {
+        w.request_stop();
+    }
+    let joined = futures::future::join_all(watchers.into_iter().map(|w| async move {
         let name = w.name().to_string();
-        if let Err(e) = w.stop().await {
+        if let Err(e) = w.join().await {
             error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
         }
+    }));
+    tokio::select! {
+        _ = joined => Ok(()),
+        _ = wait_for_signal() => {
+            // A second signal: the operator does not want to wait for handlers in flight.
+            // Their messages are not committed and will be delivered again, with the same keys.
+            Err(anyhow!("second signal: exiting without waiting for the deliveries in flight"))
+        }
     }
-    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // SIGHUP (a closed terminal, or a reload request) must not kill the daemon mid-delivery.
+    // Reloading is not supported yet: say so and carry on.
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received; reloading the config is not supported yet, so inboxd keeps running (stop it with SIGTERM)");
+            }
+        }
     }
-    Ok(())
 }
 
 /// Catches every watch up once. Fails if any watch failed or dead-lettered a message.
 pub async fn once(config: &Config) -> anyhow::Result<()> {
+    let _lock = StateLock::acquire(&config.state)?;
     let store = open_store(config).await?;
     let watchers = start_all(config, &store, Mode::Once).await?;
     let mut failures = Vec::new();

@@ -54,6 +54,7 @@ pub mod handler;
 pub mod imap;
 pub mod message;
 pub mod oauth2;
+mod process;
 pub mod secret;
 pub mod store;
 pub mod testbed;

@@ -114,6 +114,15 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(main_inner(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // `inboxd status | head`: the reader has what it wanted; that is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("inboxd: {e:#}");
             if e.downcast_ref::<inboxd::config::ConfigError>().is_some() {

@@ -86,12 +86,32 @@ pub enum SecretError {
     },
     #[error("secret from {0} is not valid UTF-8")]
     Utf8(String),
+    #[error("secret command {program} did not finish within {after:?}; killed")]
+    Timeout {
+        program: String,
+        after: std::time::Duration,
+    },
+    #[error("secret command {program} printed more than {limit} bytes")]
+    TooLong { program: String, limit: usize },
 }
+
+/// Default deadline for a secret command (a `pass` waiting on a pinentry, a vault CLI waiting
+/// on the network): after it the command's process group is killed and the attempt fails like
+/// a network error, along the reconnect schedule.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Most bytes a secret command may print.
+const COMMAND_OUTPUT_LIMIT: usize = 64 << 10;
 
 impl SecretSource {
     /// Reads the secret. Files and command output lose one trailing newline (`\n` or `\r\n`),
     /// nothing else: a password may legitimately end in spaces.
     pub async fn resolve(&self) -> Result<Secret, SecretError> {
+        self.resolve_within(COMMAND_TIMEOUT).await
+    }
+
+    /// As [`SecretSource::resolve`], with the deadline for a `command` source.
+    pub async fn resolve_within(&self, timeout: std::time::Duration) -> Result<Secret, SecretError> {
         match self {
             SecretSource::Literal(s) => Ok(s.clone()),
             SecretSource::Env(var) => std::env::var(var)
@@ -106,23 +126,8 @@ impl SecretSource {
             }
             SecretSource::Command(argv) => {
                 let program = argv.first().cloned().unwrap_or_default();
-                let out = tokio::process::Command::new(&program)
-                    .args(&argv[1.min(argv.len())..])
-                    .stdin(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .await
-                    .map_err(|source| SecretError::Spawn {
-                        program: program.clone(),
-                        source,
-                    })?;
-                if !out.status.success() {
-                    return Err(SecretError::Command {
-                        program,
-                        status: out.status,
-                    });
-                }
-                trimmed(out.stdout).ok_or(SecretError::Utf8(program))
+                let stdout = run_command(argv, timeout).await?;
+                trimmed(stdout).ok_or(SecretError::Utf8(program))
             }
         }
     }
@@ -134,6 +139,57 @@ impl SecretSource {
             other => other,
         }
     }
+}
+
+/// Runs a secret command: no stdin, stderr to inboxd's, the confined environment of
+/// [`crate::process`], its own process group killed at the deadline, output capped.
+async fn run_command(argv: &[String], timeout: std::time::Duration) -> Result<Vec<u8>, SecretError> {
+    use tokio::io::AsyncReadExt;
+    let program = argv.first().cloned().unwrap_or_default();
+    let mut cmd = tokio::process::Command::new(&program);
+    crate::process::confine(&mut cmd, &[]);
+    cmd.args(&argv[1.min(argv.len())..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let mut child = cmd.spawn().map_err(|source| SecretError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pgid = child.id();
+    let mut stdout = child.stdout.take();
+    let work = async {
+        let mut out = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let mut limited = s.take(COMMAND_OUTPUT_LIMIT as u64 + 1);
+            let _ = limited.read_to_end(&mut out).await;
+        }
+        if out.len() > COMMAND_OUTPUT_LIMIT {
+            // It would block on a full pipe for ever: stop it now.
+            crate::process::kill_group(pgid);
+        }
+        (out, child.wait().await)
+    };
+    let result = tokio::time::timeout(timeout, work).await;
+    crate::process::kill_group(pgid);
+    let (out, status) = result.map_err(|_| SecretError::Timeout {
+        program: program.clone(),
+        after: timeout,
+    })?;
+    let status = status.map_err(|source| SecretError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    if out.len() > COMMAND_OUTPUT_LIMIT {
+        return Err(SecretError::TooLong {
+            program,
+            limit: COMMAND_OUTPUT_LIMIT,
+        });
+    }
+    if !status.success() {
+        return Err(SecretError::Command { program, status });
+    }
+    Ok(out)
 }
 
 fn trimmed(mut bytes: Vec<u8>) -> Option<Secret> {
@@ -214,5 +270,29 @@ mod tests {
         assert_eq!(got.expose(), "a b ");
         let cmd = SecretSource::Command(vec!["printf".into(), "x\\r\\n".into()]);
         assert_eq!(cmd.resolve().await.unwrap().expose(), "x");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_command_is_killed_at_its_deadline_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let cmd = SecretSource::Command(vec!["sh".into(), "-c".into(), script]);
+        let e = cmd
+            .resolve_within(std::time::Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SecretError::Timeout { .. }), "{e:?}");
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let alive = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|s| !s.contains(") Z"));
+        assert!(!alive, "the command's child survived its deadline");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_prints_without_end_is_capped() {
+        let cmd = SecretSource::Command(vec!["yes".into()]);
+        let e = cmd.resolve().await.unwrap_err();
+        assert!(matches!(e, SecretError::TooLong { .. }), "{e:?}");
     }
 }

@@ -159,7 +159,8 @@ enum RoundEnd {
     CaughtUp,
 }
 
-/// A running watcher. Dropping it does not stop it; call [`Watcher::stop`].
+/// A running watcher. Dropping it asks it to stop (the delivery in flight finishes and is
+/// committed); [`Watcher::stop`] also waits for that.
 pub struct Watcher {
     name: String,
     stop: watch::Sender<bool>,
@@ -260,16 +261,30 @@ impl Watcher {
     /// Asks the watcher to stop (finishing the delivery in flight and committing it) and waits
     /// for it. Returns the number of messages dead-lettered during the run.
     pub async fn stop(self) -> Result<u64, WatchError> {
-        let _ = self.stop.send(true);
+        self.request_stop();
         self.join().await
     }
 
-    /// Waits for the watcher to end by itself (in [`Mode::Once`]).
-    pub async fn join(self) -> Result<u64, WatchError> {
-        match self.task.await {
+    /// Asks the watcher to stop without waiting; [`Watcher::join`] waits. A daemon asks all
+    /// its watchers first, then joins them, so none goes on delivering while another stops.
+    pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits for the watcher to end by itself (in [`Mode::Once`]), or after a stop request.
+    pub async fn join(mut self) -> Result<u64, WatchError> {
+        match (&mut self.task).await {
             Ok(r) => r,
             Err(e) => Err(WatchError::Panicked(e.to_string())),
         }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Without this, the task would see its stop and job channels closed: every wait on
+        // them would end at once, and it would spin against the server.
+        let _ = self.stop.send(true);
     }
 }
 
@@ -371,7 +386,10 @@ async fn round(
     ctx.health(|h| h.last_error = None);
 
     loop {
-        run_jobs(ctx, &mut session).await;
+        if run_jobs(ctx, &mut session).await {
+            // A job may have selected another folder: select ours again before listing.
+            cp = reconcile(ctx, &mut session, Some(cp)).await?;
+        }
         ctx.set_state("catching up");
         let stopped;
         (cp, stopped) = catch_up(ctx, handler, &mut session, cp).await?;
@@ -387,7 +405,10 @@ async fn round(
             session.logout().await;
             return Ok(RoundEnd::CaughtUp);
         }
-        run_jobs(ctx, &mut session).await;
+        if run_jobs(ctx, &mut session).await {
+            cp = reconcile(ctx, &mut session, Some(cp)).await?;
+            continue;
+        }
         if session.take_news() {
             // Announced during the post-actions or queued work: catch up before waiting.
             continue;
@@ -480,13 +501,17 @@ async fn reconcile(ctx: &mut Ctx, session: &mut Session, stored: Option<Checkpoi
     Ok(outcome.checkpoint)
 }
 
-async fn run_jobs(ctx: &mut Ctx, session: &mut Session) {
+/// Runs the queued jobs; returns whether any ran (the caller then selects its folder again).
+async fn run_jobs(ctx: &mut Ctx, session: &mut Session) -> bool {
     while let Ok(job) = ctx.jobs.try_recv() {
         ctx.pending_jobs.push(job);
     }
-    for job in std::mem::take(&mut ctx.pending_jobs) {
+    let jobs = std::mem::take(&mut ctx.pending_jobs);
+    let ran = !jobs.is_empty();
+    for job in jobs {
         job(session).await;
     }
+    ran
 }
 
 /// The messages of one fetch batch on their way to the checkpoint.
@@ -690,6 +715,14 @@ async fn deliver_with_retry(
             Ok(()) => {
                 record.attempts = attempts + 1;
                 return Ok(Delivered::Ok(record));
+            }
+            Err(e) if e.unavailable => {
+                // Not this message's fault: commit what is acknowledged, end the round, and
+                // let the reconnect schedule try again (the program may come back).
+                if !committed_prefix {
+                    commit(ctx, handler, session, batch).await?;
+                }
+                return Err(WatchError::Handler(e));
             }
             Err(e) => {
                 attempts += 1;

@@ -135,3 +135,136 @@ fn run_stops_cleanly_on_sigterm() {
     let cp = rt.block_on(st.checkpoint("t", "INBOX")).unwrap().unwrap();
     assert_eq!(cp.last_uid, 2);
 }
+
+#[test]
+fn a_second_process_on_the_same_state_is_refused_and_sighup_does_not_kill() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(append(&dv, "INBOX", &["a"]));
+    let count = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
+    let wait_count = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while count() < n {
+            assert!(std::time::Instant::now() < deadline, "messages not delivered");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let mut first = inboxd_bin()
+        .args(["run", "-c"])
+        .arg(&cfg.path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_count(1);
+    for command in ["run", "once"] {
+        let out = inboxd_bin().args([command, "-c"]).arg(&cfg.path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "second {command} was allowed: {err}");
+        assert!(
+            err.contains("in use by another inboxd") && err.contains(&format!("pid {}", first.id())),
+            "{err}"
+        );
+    }
+    // SIGHUP: logged, not fatal; the daemon goes on delivering.
+    unsafe { libc::kill(first.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(first.try_wait().unwrap().is_none(), "SIGHUP killed inboxd");
+    rt.block_on(append(&dv, "INBOX", &["b"]));
+    wait_count(2);
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    assert!(first.wait().unwrap().success());
+    // The lock went with the process: a new one may start.
+    let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inboxd.toml");
+    let mut text = String::from("state = \"s.db\"\n");
+    for i in 0..200 {
+        text.push_str(&format!(
+            "[accounts.a{i}]\nhost = \"127.0.0.1\"\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\n[[watch]]\naccount = \"a{i}\"\ndeliver = {{ maildir = \"m{i}\" }}\n"
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    // `inboxd status | head -0`: the reader is gone before the first line is written.
+    let mut child = inboxd_bin()
+        .args(["status", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("Broken pipe"), "{err}");
+    assert!(out.status.success(), "{err}");
+}
+
+#[test]
+fn handlers_never_see_inboxd_secrets_and_die_with_inboxd() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("h.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat >/dev/null\nenv > \"env.$INBOXD_UID\"\necho $$ > \"pid.$INBOXD_UID\"\n[ \"$INBOXD_UID\" = 2 ] && sleep 60\nexit 0\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\ndeliver = { exec = [\"./h.sh\"], pass_env = [\"WANTED_BY_HANDLER\"] }",
+    );
+    let text = std::fs::read_to_string(&cfg.path)
+        .unwrap()
+        .replace("password = \"alicepw\"", "password = { env = \"SEC_PW\" }");
+    std::fs::write(&cfg.path, text).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(append(&dv, "INBOX", &["a", "b"]));
+    let mut child = inboxd_bin()
+        .args(["run", "-c"])
+        .arg(&cfg.path)
+        .env("SEC_PW", "alicepw")
+        .env("WANTED_BY_HANDLER", "yes")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let pid_file = dir.path().join("pid.2");
+    while std::fs::read_to_string(&pid_file).map_or(true, |p| p.trim().is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "handler never ran for uid 2");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let env = std::fs::read_to_string(dir.path().join("env.1")).unwrap();
+    assert!(
+        !env.contains("alicepw") && !env.contains("SEC_PW"),
+        "secret in the handler's environment:\n{env}"
+    );
+    assert!(env.contains("WANTED_BY_HANDLER=yes"), "{env}");
+    assert!(env.contains("INBOXD_KEY=") && env.contains("PATH="), "{env}");
+
+    // inboxd dies hard while uid 2's handler runs: the handler must not live on beside the
+    // next inboxd's re-delivery of the same message.
+    let handler: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{handler}")).exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let alive = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"));
+    while alive(handler) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handler {handler} outlived inboxd"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -1,5 +1,7 @@
 //! A full disk under the Maildir: nothing is acknowledged while writes fail, the watcher retries
 //! along its schedule (no tight loop, not parked), and everything arrives once space returns.
+//! A full disk under the state store: a failed commit leaves the store usable, and the next
+//! commit after space returns is really on disk (seen from another connection).
 //! Needs root (it mounts a small tmpfs); skipped with a message otherwise.
 
 mod support;
@@ -15,6 +17,82 @@ impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+fn tmpfs(dir: &std::path::Path, size: &str) -> Option<Mount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap()
+        .success();
+    ok.then(|| Mount(dir.to_path_buf()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_state_commit_leaves_the_store_usable_and_later_commits_reach_the_disk() {
+    use inboxd::core::checkpoint::Checkpoint;
+    use inboxd::store::{SqliteStore, Store};
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED a_failed_state_commit_leaves_the_store_usable: not root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("state");
+    let Some(_guard) = tmpfs(&mnt, "1m") else {
+        eprintln!("SKIPPED a_failed_state_commit_leaves_the_store_usable: cannot mount tmpfs here");
+        return;
+    };
+    let path = mnt.join("s.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let cp = |last_uid| Checkpoint {
+        uidvalidity: 7,
+        last_uid,
+        dedupe_through: 0,
+    };
+    let log = |uid: u32| {
+        vec![inboxd::store::Delivery {
+            key: format!("k{uid}"),
+            account: "a".into(),
+            folder: "INBOX".into(),
+            uidvalidity: 7,
+            uid,
+            message_id: "x".repeat(20_000),
+            status: inboxd::store::DeliveryStatus::Delivered,
+            attempts: 1,
+            last_error: String::new(),
+            updated_at: 0,
+        }]
+    };
+    store.commit("a", "INBOX", cp(3), &log(3)).await.unwrap();
+    // Fill the file system, then commit until SQLite runs out of space.
+    let fill = mnt.join("fill");
+    let _ = std::fs::write(&fill, vec![0u8; 2 << 20]);
+    let mut failures = 0;
+    for uid in 4..40 {
+        if store.commit("a", "INBOX", cp(uid), &log(uid)).await.is_err() {
+            failures += 1;
+            if failures == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(failures, 2, "the disk never filled");
+    std::fs::remove_file(&fill).unwrap();
+    store.commit("a", "INBOX", cp(100), &log(100)).await.unwrap();
+    // Another connection sees it: it is on disk, and no write transaction is left open.
+    let other = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(
+        other.checkpoint("a", "INBOX").await.unwrap().map(|c| c.last_uid),
+        Some(100)
+    );
+    other.commit("a", "INBOX", cp(101), &log(101)).await.unwrap();
+    drop(other);
+    assert_eq!(
+        store.checkpoint("a", "INBOX").await.unwrap().map(|c| c.last_uid),
+        Some(101)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -154,3 +154,26 @@ async fn a_server_that_stops_mid_literal_hits_the_command_deadline() {
     assert_eq!(rec.subjects(), vec!["one"]);
     assert_eq!(server.state.lock().unwrap().bodies_sent, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_watcher_stops_it_instead_of_spinning() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, _rec, mut ev) = watch(&config).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = server.state.lock().unwrap().commands.len();
+    drop(w);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cmds = server.state.lock().unwrap().commands.clone();
+    let after = &cmds[before..];
+    assert!(
+        after.len() <= 3,
+        "a dropped watcher kept talking to the server: {} commands, {:?}",
+        after.len(),
+        &after[..after.len().min(10)]
+    );
+}

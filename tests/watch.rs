@@ -589,3 +589,33 @@ async fn old_connections_are_recycled_cleanly_without_losing_mail() {
     w.stop().await.unwrap();
     assert_eq!(rec.subjects(), vec!["after-recycle"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_selects_another_folder_never_changes_what_is_delivered() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    imap(&dv, "CREATE Other").await;
+    append(&dv, "Other", &["other-1", "other-2", "other-3"]).await;
+    append(&dv, "INBOX", &["inbox-1"]).await;
+    let config = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let st = store(&config).await;
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        st.clone(),
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    w.queue(|s| Box::pin(async move { s.select("Other").await.map(|_| ()) }))
+        .await
+        .unwrap()
+        .unwrap();
+    append(&dv, "INBOX", &["inbox-2"]).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["inbox-1", "inbox-2"]);
+    assert_eq!(st.checkpoint("t", "INBOX").await.unwrap().unwrap().last_uid, 2);
+}

@@ -16,22 +16,70 @@ use super::{Handler, HandlerError, Message};
 /// Bytes of output kept for the delivery log.
 const TAIL: usize = 2048;
 
+/// Longest Message-ID passed in `INBOXD_MESSAGE_ID` (RFC 5322's line limit); a longer one
+/// (hostile, or broken) is left out rather than letting `spawn` fail with E2BIG on every try.
+const MAX_MESSAGE_ID: usize = 998;
+
+/// After the handler exited: how long its pipes may stay open (held by children it left
+/// behind) before the rest of its process group is killed.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
 /// Runs `argv` for each message.
 #[derive(Debug, Clone)]
 pub struct Exec {
     argv: Vec<String>,
     timeout: Duration,
     cwd: PathBuf,
+    pass_env: Vec<String>,
 }
 
 impl Exec {
     pub fn new(argv: Vec<String>, timeout: Duration, cwd: PathBuf) -> Exec {
-        Exec { argv, timeout, cwd }
+        Exec {
+            argv,
+            timeout,
+            cwd,
+            pass_env: Vec::new(),
+        }
+    }
+
+    /// Environment variables passed through beyond the default allowlist.
+    pub fn pass_env(mut self, names: Vec<String>) -> Exec {
+        self.pass_env = names;
+        self
+    }
+
+    /// Whether the program can be started at all: it exists and is executable (looked up in
+    /// `PATH` when it has no `/`). Checked when the watch starts and by `inboxd check`, so a
+    /// typo is a clear error instead of every message failing in turn.
+    pub fn check(&self) -> Result<(), HandlerError> {
+        let program = self.argv.first().ok_or_else(|| HandlerError::new("exec: empty argv"))?;
+        let candidates: Vec<PathBuf> = if program.contains('/') {
+            vec![self.cwd.join(program)]
+        } else {
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).map(|d| d.join(program)).collect())
+                .unwrap_or_default()
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let runnable = candidates
+            .iter()
+            .any(|c| std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0));
+        if runnable {
+            Ok(())
+        } else if candidates.iter().any(|c| c.exists()) {
+            Err(HandlerError::unavailable(format!(
+                "exec handler {program} is not an executable file"
+            )))
+        } else {
+            Err(HandlerError::unavailable(format!("exec handler {program} not found")))
+        }
     }
 
     async fn run(&self, m: &Message<'_>) -> Result<(), HandlerError> {
         let program = self.argv.first().ok_or_else(|| HandlerError::new("exec: empty argv"))?;
         let mut cmd = tokio::process::Command::new(program);
+        crate::process::confine(&mut cmd, &self.pass_env);
         cmd.args(&self.argv[1..])
             .current_dir(&self.cwd)
             .env("INBOXD_ACCOUNT", m.account)
@@ -40,22 +88,42 @@ impl Exec {
             .env("INBOXD_UID", m.uid.to_string())
             .env("INBOXD_KEY", m.key)
             .env("INBOXD_SIZE", m.body.len().to_string())
-            .env_remove("INBOXD_MESSAGE_ID")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(id) = m.message_id {
-            cmd.env("INBOXD_MESSAGE_ID", id);
+            .stderr(Stdio::piped());
+        match m.message_id {
+            Some(id) if id.len() <= MAX_MESSAGE_ID => {
+                cmd.env("INBOXD_MESSAGE_ID", id);
+            }
+            Some(id) => {
+                tracing::warn!(
+                    key = m.key,
+                    len = id.len(),
+                    "Message-ID too long for the environment; INBOXD_MESSAGE_ID left out"
+                );
+            }
+            None => {}
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| HandlerError::new(format!("cannot start {program}: {e}")))?;
-        let pgid = child.id().map(|id| id as i32);
+        let mut child = cmd.spawn().map_err(|e| {
+            // The program is gone or not executable: a problem of the watch, not of this
+            // message; it must not count toward dead-lettering.
+            let text = format!("cannot start {program}: {e}");
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) {
+                HandlerError::unavailable(text)
+            } else {
+                HandlerError::new(text)
+            }
+        })?;
+        let pgid = child.id();
         let mut stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
+        // Output is read by tasks of their own, so success is decided by the handler's exit
+        // status alone: a background child it left holding stdout cannot make a handler that
+        // exited 0 look like one that timed out.
+        let out_task = tokio::spawn(tail(child.stdout.take()));
+        let err_task = tokio::spawn(tail(child.stderr.take()));
         let body = m.body;
         let work = async {
             let feed = async {
@@ -65,45 +133,47 @@ impl Exec {
                     let _ = s.shutdown().await;
                 }
             };
-            let (_, out, err, status) = tokio::join!(feed, tail(stdout), tail(stderr), child.wait());
-            (out, err, status)
+            let (_, status) = tokio::join!(feed, child.wait());
+            status
         };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok((out, err, status)) => {
+        let status = tokio::time::timeout(self.timeout, work).await;
+        // The handler is done (or out of time); children it left behind in its group go too,
+        // which also closes the pipes they held.
+        kill_group(pgid);
+        let collect = |task: tokio::task::JoinHandle<Vec<u8>>| async move {
+            tokio::time::timeout(DRAIN_GRACE, task)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        };
+        let (out, err) = (collect(out_task).await, collect(err_task).await);
+        match status {
+            Ok(status) => {
                 let status = status.map_err(|e| HandlerError::new(format!("waiting for {program}: {e}")))?;
-                // The handler is done; children it left behind in its group go too.
-                kill_group(pgid);
                 if status.success() {
                     Ok(())
                 } else {
-                    Err(HandlerError {
-                        reason: format!("{program} exited with {status}"),
-                        output: combine(&err, &out),
-                    })
+                    Err(HandlerError::new(format!("{program} exited with {status}")).with_output(combine(&err, &out)))
                 }
             }
             Err(_) => {
-                kill_group(pgid);
                 let _ = child.kill().await;
                 Err(HandlerError::new(format!(
                     "{program} timed out after {:?}; process group killed",
                     self.timeout
-                )))
+                ))
+                .with_output(combine(&err, &out)))
             }
         }
     }
 }
 
-fn kill_group(pgid: Option<i32>) {
-    if let Some(pgid) = pgid.filter(|p| *p > 0) {
-        // SAFETY: kill(2) with a negative pid signals the process group we created for the child.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
-    }
+fn kill_group(pgid: Option<u32>) {
+    crate::process::kill_group(pgid);
 }
 
-async fn tail(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+async fn tail(stream: Option<impl AsyncRead + Unpin + Send>) -> Vec<u8> {
     let Some(mut s) = stream else { return Vec::new() };
     let mut keep = Vec::new();
     let mut buf = [0u8; 8192];
@@ -215,5 +285,51 @@ mod tests {
     async fn a_handler_that_ignores_stdin_is_fine() {
         let big = vec![b'x'; 1 << 20];
         sh("exit 0", Duration::from_secs(10)).run(&msg(&big)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn success_is_the_exit_status_even_if_a_child_holds_stdout() {
+        // `notifier &` in a handler keeps stdout open after the handler exited 0.
+        let r = sh("cat >/dev/null; sleep 30 & exit 0", Duration::from_secs(3))
+            .run(&msg(b"x"))
+            .await;
+        assert_eq!(r, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_unexecutable_program_is_unavailable_not_a_message_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Exec::new(vec!["./nope.sh".into()], Duration::from_secs(5), dir.path().into());
+        let e = missing.check().unwrap_err();
+        assert!(e.unavailable && e.reason.contains("not found"), "{e:?}");
+        let e = missing.run(&msg(b"x")).await.unwrap_err();
+        assert!(e.unavailable, "{e:?}");
+
+        let script = dir.path().join("h.sh");
+        std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+        let plain = Exec::new(vec!["./h.sh".into()], Duration::from_secs(5), dir.path().into());
+        let e = plain.check().unwrap_err();
+        assert!(e.unavailable && e.reason.contains("not an executable"), "{e:?}");
+        assert!(plain.run(&msg(b"x")).await.unwrap_err().unavailable);
+
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        plain.check().unwrap();
+        Exec::new(vec!["sh".into()], Duration::from_secs(5), dir.path().into())
+            .check()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_overlong_message_id_is_left_out_not_fatal() {
+        let long = format!("<{}@x>", "a".repeat(200_000));
+        let m = Message {
+            message_id: Some(&long),
+            ..msg(b"x")
+        };
+        sh("test -z \"$INBOXD_MESSAGE_ID\"", Duration::from_secs(10))
+            .run(&m)
+            .await
+            .unwrap();
     }
 }

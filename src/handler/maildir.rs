@@ -6,7 +6,12 @@
 //! watcher commit the checkpoint. A write error (disk full) fails the flush, so nothing of the
 //! batch is acknowledged. The file name is the idempotency key, so a message delivered again
 //! after a crash finds its earlier copy (in `new/`, or in `cur/` where a mail reader moved it)
-//! and is not written twice; a copy left in `tmp/` by a crash is simply overwritten.
+//! and is not written twice; a copy left in `tmp/` by a crash is left there (and never read).
+//!
+//! Files are created under a unique name in `tmp/` with `O_CREAT|O_EXCL|O_NOFOLLOW`, so a
+//! symlink planted at a predictable name is never followed, and with mode 0600 in directories
+//! of mode 0700 (`mode = "0640"` in the config makes files 0640 and directories 0750): mail is
+//! private, as an MDA makes it.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -20,11 +25,17 @@ use super::{Handler, HandlerError, Message};
 /// Threads used to fsync one batch.
 const SYNC_THREADS: usize = 16;
 
+/// Default mode of message files; directories get the matching search bits.
+pub const DEFAULT_MODE: u32 = 0o600;
+
 /// A Maildir destination.
 #[derive(Debug)]
 pub struct Maildir {
     root: PathBuf,
-    /// Keys already present in `cur/` when the handler started (files named `KEY:2,FLAGS`).
+    /// Mode of message files.
+    mode: u32,
+    /// Keys present in `cur/` when the handler started (files named `KEY:2,FLAGS`), and keys
+    /// this process published since (a reader may have moved them to `cur/` meanwhile).
     in_cur: HashSet<String>,
     /// Messages accepted since the last flush, written by the flush.
     pending: Vec<(String, Vec<u8>)>,
@@ -40,13 +51,27 @@ fn blocking_failed(e: tokio::task::JoinError) -> HandlerError {
 }
 
 impl Maildir {
-    /// Opens a Maildir, creating `tmp`, `new` and `cur` if needed.
+    /// Opens a Maildir, creating `tmp`, `new` and `cur` if needed, with the default modes.
     pub fn open(root: &Path) -> Result<Maildir, HandlerError> {
+        Maildir::open_with_mode(root, DEFAULT_MODE)
+    }
+
+    /// Opens a Maildir whose files get `mode` (directories it creates get the same bits plus
+    /// search permission where read permission is given).
+    pub fn open_with_mode(root: &Path, mode: u32) -> Result<Maildir, HandlerError> {
+        let mode = mode & 0o777;
+        let dir_mode = mode | ((mode & 0o444) >> 2) | 0o700;
         for sub in ["tmp", "new", "cur"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(io("create", &p))?;
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(dir_mode)
+                .create(&p)
+                .map_err(io("create", &p))?;
         }
         sync_dir(root)?;
+        remove_stale_tmp(&root.join("tmp"));
         let cur = root.join("cur");
         let mut in_cur = HashSet::new();
         for entry in fs::read_dir(&cur).map_err(io("read", &cur))? {
@@ -57,6 +82,7 @@ impl Maildir {
         }
         Ok(Maildir {
             root: root.to_path_buf(),
+            mode,
             in_cur,
             pending: Vec::new(),
         })
@@ -73,9 +99,9 @@ fn check_key(key: &str) -> Result<(), HandlerError> {
 /// Writes and fsyncs the pending messages in `tmp/` (in parallel, so the file system can group
 /// the journal commits), moves them into `new/` and fsyncs `new/`. A message already in `new/`
 /// is left alone.
-fn publish(root: &Path, pending: &[(String, Vec<u8>)]) -> Result<(), HandlerError> {
+fn publish(root: &Path, mode: u32, pending: &[(String, Vec<u8>)]) -> Result<(), HandlerError> {
     let chunk = pending.len().div_ceil(SYNC_THREADS).max(1);
-    let written: Vec<&str> = std::thread::scope(|scope| {
+    let written: Vec<(&str, PathBuf)> = std::thread::scope(|scope| {
         let workers: Vec<_> = pending
             .chunks(chunk)
             .map(|part| {
@@ -85,11 +111,13 @@ fn publish(root: &Path, pending: &[(String, Vec<u8>)]) -> Result<(), HandlerErro
                         if root.join("new").join(key).exists() {
                             continue;
                         }
-                        let tmp = root.join("tmp").join(key);
-                        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-                        f.write_all(body).map_err(io("write", &tmp))?;
-                        f.sync_all().map_err(io("fsync", &tmp))?;
-                        done.push(key.as_str());
+                        let (tmp, mut f) = create_unique(&root.join("tmp"), key, mode)?;
+                        let written = f.write_all(body).and_then(|()| f.sync_all()).map_err(io("write", &tmp));
+                        if let Err(e) = written {
+                            let _ = fs::remove_file(&tmp);
+                            return Err(e);
+                        }
+                        done.push((key.as_str(), tmp));
                     }
                     Ok::<_, HandlerError>(done)
                 })
@@ -104,15 +132,56 @@ fn publish(root: &Path, pending: &[(String, Vec<u8>)]) -> Result<(), HandlerErro
         }
         Ok::<_, HandlerError>(all)
     })?;
-    for key in &written {
-        let (tmp, new) = (root.join("tmp").join(key), root.join("new").join(key));
-        fs::rename(&tmp, &new).map_err(io("rename into", &new))?;
+    for (key, tmp) in &written {
+        let new = root.join("new").join(key);
+        fs::rename(tmp, &new).map_err(io("rename into", &new))?;
     }
     if written.is_empty() {
         Ok(())
     } else {
         sync_dir(&root.join("new"))
     }
+}
+
+/// Removes what a crashed inboxd left in `tmp/`: files named `<key>.<pid>.<random>` whose
+/// process is gone. Anything else in `tmp/` belongs to someone else and is left alone.
+fn remove_stale_tmp(tmp_dir: &Path) {
+    let Ok(entries) = fs::read_dir(tmp_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut parts = name.rsplitn(3, '.');
+        let (Some(rand), Some(pid), Some(_key)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let ours = rand.len() == 16 && rand.bytes().all(|b| b.is_ascii_hexdigit());
+        if let (true, Ok(pid)) = (ours, pid.parse::<u32>())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Creates `tmp/<key>.<pid>.<random>` exclusively, never through a symlink.
+fn create_unique(tmp_dir: &Path, key: &str, mode: u32) -> Result<(PathBuf, File), HandlerError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = None;
+    for _ in 0..8 {
+        let tmp = tmp_dir.join(format!("{key}.{}.{:016x}", std::process::id(), fastrand::u64(..)));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((tmp, e)),
+            Err(e) => return Err(io("create", &tmp)(e)),
+        }
+    }
+    let (tmp, e) = last.unwrap_or_else(|| (tmp_dir.to_path_buf(), std::io::Error::other("no attempt")));
+    Err(io("create", &tmp)(e))
 }
 
 fn sync_dir(path: &Path) -> Result<(), HandlerError> {
@@ -137,10 +206,16 @@ impl Handler for Maildir {
                 return Ok(());
             }
             let root = self.root.clone();
+            let mode = self.mode;
             let pending = std::mem::take(&mut self.pending);
-            tokio::task::spawn_blocking(move || publish(&root, &pending))
+            let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
+            tokio::task::spawn_blocking(move || publish(&root, mode, &pending))
                 .await
-                .map_err(blocking_failed)?
+                .map_err(blocking_failed)??;
+            // Published: if the commit that follows fails and the batch comes again, a reader
+            // may have moved these to cur/ by then; never write them a second time.
+            self.in_cur.extend(keys);
+            Ok(())
         })
     }
 
@@ -190,5 +265,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Maildir::open(dir.path()).unwrap();
         assert!(m.deliver(&msg("../x", b"")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_symlink_in_tmp_is_never_followed_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let root = dir.path().join("md");
+        let mut m = Maildir::open(&root).unwrap();
+        // An attacker who can write tmp/ plants the predictable names.
+        std::os::unix::fs::symlink(&victim, root.join("tmp/v1-k-1-2")).unwrap();
+        m.deliver(&msg("v1-k-1-2", b"mail")).await.unwrap();
+        m.flush().await.unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(root.join("new/v1-k-1-2")).unwrap(), b"mail");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root.join("new/v1-k-1-2")), 0o600);
+        assert_eq!(mode(&root.join("new")), 0o700);
+
+        let open = Maildir::open_with_mode(&dir.path().join("shared"), 0o640).unwrap();
+        drop(open);
+        assert_eq!(mode(&dir.path().join("shared/cur")), 0o750);
+    }
+
+    #[tokio::test]
+    async fn a_batch_redelivered_after_a_failed_commit_is_not_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Maildir::open(dir.path()).unwrap();
+        m.deliver(&msg("v1-k-1-3", b"x")).await.unwrap();
+        m.flush().await.unwrap();
+        // The commit failed; meanwhile a reader moved the message to cur/.
+        fs::rename(dir.path().join("new/v1-k-1-3"), dir.path().join("cur/v1-k-1-3:2,S")).unwrap();
+        m.deliver(&msg("v1-k-1-3", b"x")).await.unwrap();
+        m.flush().await.unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("new")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("cur")).unwrap().count(), 1);
     }
 }

@@ -33,14 +33,34 @@ pub struct HandlerError {
     pub reason: String,
     /// The tail of what the handler printed (stderr, then stdout), if anything.
     pub output: String,
+    /// The handler cannot work at all (its program is missing, its destination unusable): a
+    /// failure of the watch, retried along the reconnect schedule, never counted against the
+    /// message (which would dead-letter every message in turn).
+    pub unavailable: bool,
 }
 
 impl HandlerError {
+    /// The handler failed on this message; it counts toward `max_attempts`.
     pub fn new(reason: impl Into<String>) -> HandlerError {
         HandlerError {
             reason: reason.into(),
             output: String::new(),
+            unavailable: false,
         }
+    }
+
+    /// The handler cannot work at all; see [`HandlerError::unavailable`].
+    pub fn unavailable(reason: impl Into<String>) -> HandlerError {
+        HandlerError {
+            unavailable: true,
+            ..HandlerError::new(reason)
+        }
+    }
+
+    /// Adds the tail of what the handler printed.
+    pub fn with_output(mut self, output: impl Into<String>) -> HandlerError {
+        self.output = output.into();
+        self
     }
 
     /// The reason followed by the output tail, as stored in the delivery log.
@@ -75,7 +95,16 @@ pub trait Handler: Send {
 /// Builds the handler a watch's config asks for.
 pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> {
     Ok(match deliver {
-        Deliver::Exec { argv, timeout, cwd } => Box::new(exec::Exec::new(argv.clone(), *timeout, cwd.clone())),
-        Deliver::Maildir { path } => Box::new(maildir::Maildir::open(path)?),
+        Deliver::Exec {
+            argv,
+            timeout,
+            cwd,
+            pass_env,
+        } => {
+            let exec = exec::Exec::new(argv.clone(), *timeout, cwd.clone()).pass_env(pass_env.clone());
+            exec.check()?;
+            Box::new(exec)
+        }
+        Deliver::Maildir { path, mode } => Box::new(maildir::Maildir::open_with_mode(path, *mode)?),
     })
 }

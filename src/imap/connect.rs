@@ -71,6 +71,55 @@ pub(crate) async fn attempt_slot(host: &str) -> Option<tokio::sync::OwnedSemapho
     sem.acquire_owned().await.ok()
 }
 
+/// Login refusals that park a whole account: after the server refused a user's credentials
+/// (`[AUTHENTICATIONFAILED]` and kin), no watch of that (host, user) sends them again until the
+/// park time is over. Without this, each watch would try on its own, and five watches of one
+/// mailbox would make five times the failures that trip a provider's lockout.
+pub(crate) mod auth_gate {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use tokio::time::Instant;
+
+    type Key = (String, u16, String);
+
+    fn gates() -> &'static Mutex<HashMap<Key, (Instant, String)>> {
+        static GATES: OnceLock<Mutex<HashMap<Key, (Instant, String)>>> = OnceLock::new();
+        GATES.get_or_init(Default::default)
+    }
+
+    fn key(account: &crate::config::Account) -> Key {
+        (account.host.to_ascii_lowercase(), account.port, account.user.clone())
+    }
+
+    /// The refusal still in force for this (host, user), if any.
+    pub(crate) fn closed(account: &crate::config::Account) -> Option<String> {
+        let mut map = gates().lock().ok()?;
+        let k = key(account);
+        match map.get(&k) {
+            Some((until, text)) if *until > Instant::now() => Some(text.clone()),
+            Some(_) => {
+                map.remove(&k);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The server refused this (host, user): close the gate for `park_for`.
+    pub(crate) fn close(account: &crate::config::Account, text: &str) {
+        if let Ok(mut map) = gates().lock() {
+            map.insert(key(account), (Instant::now() + account.park_for, text.to_string()));
+        }
+    }
+
+    /// A login succeeded: whatever was refused before is not any more.
+    pub(crate) fn open(account: &crate::config::Account) {
+        if let Ok(mut map) = gates().lock() {
+            map.remove(&key(account));
+        }
+    }
+}
+
 /// Opens the TCP connection with keepalive (`timeouts.keepalive`, then three probes
 /// `max(1s, keepalive/2)` apart) and `TCP_USER_TIMEOUT` of the same total where the platform
 /// has it, so a half-open connection is noticed even while the client is silent in IDLE.

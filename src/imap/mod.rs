@@ -76,11 +76,15 @@ pub enum ImapError {
     Select { folder: String, message: String },
     #[error("server closed the session: {0}")]
     Bye(String),
-    #[error("{command} failed")]
-    Command {
+    #[error("{command} failed: {detail}")]
+    Command { command: &'static str, detail: String },
+    #[error("server answered {command} with {status}: {text}")]
+    Rejected {
         command: &'static str,
-        #[source]
-        source: async_imap::error::Error,
+        /// `NO` or `BAD`.
+        status: &'static str,
+        /// The server's text, with its response code first (`[TRYCREATE] ...`), at most 1 KiB.
+        text: String,
     },
     #[error("server answered {command} with something unexpected: {detail}")]
     Unexpected { command: &'static str, detail: String },
@@ -90,10 +94,7 @@ impl ImapError {
     /// What this failure means for reconnecting.
     pub fn class(&self) -> FailureClass {
         let text = match self {
-            ImapError::Command {
-                source: async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m),
-                ..
-            }
+            ImapError::Rejected { text: m, .. }
             | ImapError::Bye(m)
             | ImapError::Select { message: m, .. }
             | ImapError::Refused(m) => Some(m.as_str()),
@@ -103,17 +104,133 @@ impl ImapError {
             return FailureClass::Throttled(hint);
         }
         match self {
-            ImapError::Auth { .. } => FailureClass::Auth,
+            ImapError::Auth { message, .. } => inboxd_core::failure::login_refused(message),
             // Exchange Online ends sessions whose token expired with this BYE, at any moment.
             ImapError::Bye(m) if m.contains("AccessTokenExpired") => FailureClass::AuthExpired,
             ImapError::Bye(_) => FailureClass::Bye,
             ImapError::OAuth2Refused { .. } => FailureClass::AuthExpired,
             ImapError::Token { source, .. } => source.class(),
-            ImapError::Select { .. } | ImapError::TlsConfig(_) | ImapError::NoStarttls => FailureClass::Permanent,
-            ImapError::Secret { .. } => FailureClass::Permanent,
+            ImapError::Select { message, .. } => inboxd_core::failure::select_refused(message),
+            ImapError::TlsConfig(_) | ImapError::NoStarttls => FailureClass::Permanent,
+            // A vault that is down, an agent not started yet, a command past its deadline:
+            // transient, along the schedule (which reaches hourly tries on its own).
+            ImapError::Secret { .. } => FailureClass::Network,
             _ => FailureClass::Network,
         }
     }
+
+    /// Whether this is the server refusing a command in a way that retrying cannot fix
+    /// (RFC 5530 codes such as `TRYCREATE`, `NOPERM`, `READ-ONLY`).
+    pub fn is_permanent_refusal(&self) -> bool {
+        matches!(self, ImapError::Rejected { text, .. } if inboxd_core::failure::post_action_refusal_is_permanent(text))
+    }
+}
+
+/// Longest server text kept in an error (it reaches logs, `Health` and events).
+const MAX_TEXT: usize = 1024;
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+pub(crate) fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+        s.push_str(" [...]");
+    }
+    s
+}
+
+/// async-imap reports a tagged NO/BAD as `code: Some(TryCreate), info: Some("text")`: turns
+/// that into `[TRYCREATE] text`.
+fn humanize(m: &str) -> String {
+    let Some(rest) = m.strip_prefix("code: ") else {
+        return clip(m.to_string(), MAX_TEXT);
+    };
+    let (code, info) = rest.split_once(", info: ").unwrap_or((rest, ""));
+    let code = code
+        .strip_prefix("Some(")
+        .and_then(|c| c.strip_suffix(')'))
+        .map(|c| c.split('(').next().unwrap_or(c).to_string());
+    let info = info
+        .strip_prefix("Some(\"")
+        .and_then(|i| i.strip_suffix("\")"))
+        .map(|i| i.replace("\\\"", "\"").replace("\\\\", "\\"))
+        .unwrap_or_default();
+    let text = match code {
+        Some(c) => format!("[{}] {info}", code_name_from_debug(&c)),
+        None => info,
+    };
+    clip(text, MAX_TEXT)
+}
+
+/// The wire name of a response code imap-proto knows, from its `Debug` name.
+fn code_name_from_debug(debug: &str) -> String {
+    match debug {
+        "ReadOnly" => "READ-ONLY".into(),
+        "ReadWrite" => "READ-WRITE".into(),
+        "Capabilities" => "CAPABILITY".into(),
+        other => other.to_ascii_uppercase(),
+    }
+}
+
+/// The wire name of a response code.
+fn code_name(code: &ResponseCode<'_>) -> &'static str {
+    match code {
+        ResponseCode::Alert => "ALERT",
+        ResponseCode::BadCharset(_) => "BADCHARSET",
+        ResponseCode::Capabilities(_) => "CAPABILITY",
+        ResponseCode::HighestModSeq(_) => "HIGHESTMODSEQ",
+        ResponseCode::Parse => "PARSE",
+        ResponseCode::PermanentFlags(_) => "PERMANENTFLAGS",
+        ResponseCode::ReadOnly => "READ-ONLY",
+        ResponseCode::ReadWrite => "READ-WRITE",
+        ResponseCode::TryCreate => "TRYCREATE",
+        ResponseCode::UidNext(_) => "UIDNEXT",
+        ResponseCode::UidValidity(_) => "UIDVALIDITY",
+        ResponseCode::Unseen(_) => "UNSEEN",
+        ResponseCode::AppendUid(..) => "APPENDUID",
+        ResponseCode::CopyUid(..) => "COPYUID",
+        ResponseCode::UidNotSticky => "UIDNOTSTICKY",
+        _ => "METADATA",
+    }
+}
+
+/// A short, content-free description of an async-imap error: never the bytes of the response
+/// that failed to parse (message content, PII), never more than a line.
+fn describe(e: &async_imap::error::Error) -> String {
+    use async_imap::error::{Error, ParseError};
+    let text = match e {
+        Error::Io(io) => {
+            let t = io.to_string();
+            if t.contains("during parsing of") {
+                "the server sent a response that cannot be parsed".to_string()
+            } else if t.contains("incoming data too large") {
+                "the server sent a response larger than the IMAP library's 512 MiB limit".to_string()
+            } else {
+                format!("io: {}", clip(t, 200))
+            }
+        }
+        Error::Bad(m) | Error::No(m) => humanize(m),
+        Error::ConnectionLost => "connection lost".into(),
+        Error::Parse(ParseError::Invalid(bytes)) => {
+            format!(
+                "the server sent a status response that cannot be parsed ({} bytes)",
+                bytes.len()
+            )
+        }
+        Error::Parse(ParseError::DataNotUtf8(bytes, _)) => {
+            format!("the server sent {} bytes of text that is not UTF-8", bytes.len())
+        }
+        Error::Parse(ParseError::Unexpected(_)) => "the server sent a response that was not expected here".into(),
+        Error::Parse(ParseError::Authentication(..)) => "cannot decode the server's authentication challenge".into(),
+        Error::Parse(_) => "the server sent a response that cannot be parsed".into(),
+        Error::Validate(v) => format!("an argument cannot be sent as an IMAP string: {v}"),
+        Error::Append => "APPEND failed".into(),
+        _ => "IMAP error".into(),
+    };
+    clip(text, MAX_TEXT)
 }
 
 pub(crate) async fn deadline<T>(
@@ -128,8 +245,23 @@ pub(crate) async fn deadline<T>(
 
 fn cmd(command: &'static str) -> impl FnOnce(async_imap::error::Error) -> ImapError {
     move |source| match source {
-        async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m) if m.contains("BYE") => ImapError::Bye(m),
-        source => ImapError::Command { command, source },
+        async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m) if m.contains("BYE") => {
+            ImapError::Bye(humanize(&m))
+        }
+        async_imap::error::Error::No(m) => ImapError::Rejected {
+            command,
+            status: "NO",
+            text: humanize(&m),
+        },
+        async_imap::error::Error::Bad(m) => ImapError::Rejected {
+            command,
+            status: "BAD",
+            text: humanize(&m),
+        },
+        source => ImapError::Command {
+            command,
+            detail: describe(&source),
+        },
     }
 }
 
@@ -181,8 +313,10 @@ pub struct Session {
     /// With OAuth2: when the access token this session logged in with is due for refresh; the
     /// watcher reconnects (between waits) before then.
     token_due: Option<tokio::time::Instant>,
-    /// The server announced new mail (EXISTS/RECENT) since the last `take_news`.
+    /// The server announced new mail (EXISTS above `exists`) since the last `take_news`.
     news: bool,
+    /// The message count of the selected folder as last reported.
+    exists: u32,
 }
 
 struct Plain<'a> {
@@ -201,6 +335,12 @@ impl Session {
     /// Connects to the account's server and logs in.
     pub async fn open(account: &Account) -> Result<Session, ImapError> {
         let t = account.timeouts;
+        if let Some(text) = connect::auth_gate::closed(account) {
+            return Err(ImapError::Auth {
+                user: account.user.clone(),
+                message: format!("{text} (not tried again: another watch of this account was refused recently)"),
+            });
+        }
         // Held until the session is logged in (or the attempt failed).
         let _slot = connect::attempt_slot(&account.host).await;
         let tcp = connect::tcp(account).await?;
@@ -234,10 +374,13 @@ impl Session {
         }
         let (inner, token_due) = match &account.auth {
             Auth::Password(source) => {
-                let password = source.resolve().await.map_err(|source| ImapError::Secret {
-                    account: account.name.clone(),
-                    source,
-                })?;
+                let password = source
+                    .resolve_within(t.login)
+                    .await
+                    .map_err(|source| ImapError::Secret {
+                        account: account.name.clone(),
+                        source,
+                    })?;
                 let use_plain = match account.mechanism {
                     AuthMechanism::Plain => true,
                     AuthMechanism::Auto => greeting_caps.contains("LOGINDISABLED"),
@@ -246,7 +389,7 @@ impl Session {
                 let auth_err = |e: async_imap::error::Error| match e {
                     async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Auth {
                         user: account.user.clone(),
-                        message: m,
+                        message: humanize(&m),
                     },
                     e => cmd("LOGIN")(e),
                 };
@@ -264,7 +407,21 @@ impl Session {
                             .map_err(|(e, _)| auth_err(e))
                     }
                 })
-                .await?;
+                .await;
+                let inner = match inner {
+                    Ok(inner) => {
+                        connect::auth_gate::open(account);
+                        inner
+                    }
+                    Err(e) => {
+                        if let ImapError::Auth { message, .. } = &e
+                            && e.class() == FailureClass::Auth
+                        {
+                            connect::auth_gate::close(account, message);
+                        }
+                        return Err(e);
+                    }
+                };
                 (inner, None)
             }
             Auth::OAuth2(source) => {
@@ -299,7 +456,7 @@ impl Session {
                                 ImapError::OAuth2Refused {
                                     user: account.user.clone(),
                                     mechanism: mechanism.name(),
-                                    message: m,
+                                    message: humanize(&m),
                                     challenge: challenge.lock().ok().and_then(|c| c.clone()),
                                 }
                             }
@@ -317,6 +474,7 @@ impl Session {
             selected: None,
             token_due,
             news: false,
+            exists: 0,
         };
         session.refresh_capabilities().await?;
         Ok(session)
@@ -361,45 +519,102 @@ impl Session {
     }
 
     /// SELECTs a folder. UIDNEXT comes from SELECT, else STATUS, else the highest UID + 1.
+    /// Sent through the status-checking path, so a refusal keeps its response code
+    /// (`[NONEXISTENT]` parks the watch, `[UNAVAILABLE]` does not).
     pub async fn select(&mut self, folder: &str) -> Result<FolderState, ImapError> {
-        let t = self.timeouts.command;
-        let mailbox = deadline("SELECT", t, async {
-            self.inner.select(folder).await.map_err(|e| match e {
-                async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Select {
-                    folder: folder.to_string(),
-                    message: m,
+        let (mut exists, mut uidvalidity, mut uidnext) = (0u32, None, None);
+        let result = self
+            .checked_inner(
+                "SELECT",
+                &format!("SELECT {}", quote(folder)),
+                false,
+                |resp| match resp {
+                    Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
+                    Response::Data {
+                        status: Status::Ok,
+                        outcome,
+                    } => match outcome.code {
+                        Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
+                        Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
+                        _ => {}
+                    },
+                    _ => {}
                 },
-                e => cmd("SELECT")(e),
-            })
-        })
-        .await?;
+            )
+            .await;
+        match result {
+            Ok(()) => {}
+            Err(ImapError::Rejected { text, .. }) => {
+                self.selected = None;
+                return Err(ImapError::Select {
+                    folder: folder.to_string(),
+                    message: text,
+                });
+            }
+            Err(e) => return Err(e),
+        }
         self.selected = Some(folder.to_string());
-        let uidvalidity = mailbox.uid_validity.ok_or_else(|| ImapError::Unexpected {
+        self.exists = exists;
+        let uidvalidity = uidvalidity.ok_or_else(|| ImapError::Unexpected {
             command: "SELECT",
             detail: format!("no UIDVALIDITY for {folder:?}"),
         })?;
-        let uidnext = match mailbox.uid_next {
+        let uidnext = match uidnext {
             Some(n) => n,
             None => self.uidnext_fallback(folder).await?,
         };
         Ok(FolderState {
             uidvalidity,
             uidnext,
-            exists: mailbox.exists,
+            exists,
         })
     }
 
     async fn uidnext_fallback(&mut self, folder: &str) -> Result<u32, ImapError> {
-        let t = self.timeouts.command;
-        let status = deadline("STATUS", t, async {
-            self.inner.status(folder, "(UIDNEXT)").await.map_err(cmd("STATUS"))
-        })
-        .await;
-        if let Ok(Some(n)) = status.as_ref().map(|m| m.uid_next) {
+        let mut next = None;
+        let status = self
+            .checked_inner(
+                "STATUS",
+                &format!("STATUS {} (UIDNEXT)", quote(folder)),
+                false,
+                |resp| {
+                    if let Response::MailboxData(MailboxDatum::Status { status, .. }) = resp {
+                        for item in status {
+                            if let async_imap::imap_proto::StatusAttribute::UidNext(n) = item {
+                                next = Some(*n);
+                            }
+                        }
+                    }
+                },
+            )
+            .await;
+        match status {
+            Ok(()) => {}
+            // A server that will not STATUS the selected folder: ask for the highest UID.
+            Err(ImapError::Rejected { .. }) => {}
+            // A deadline or a broken connection: the session is not usable, say so.
+            Err(e) => return Err(e),
+        }
+        if let Some(n) = next {
             return Ok(n);
         }
-        let uids = self.search("ALL").await?;
-        Ok(uids.last().map_or(1, |u| u.saturating_add(1)))
+        if self.exists == 0 {
+            return Ok(1);
+        }
+        // `UID FETCH * (UID)`: one short line, where `UID SEARCH ALL` would be one line with
+        // every UID of the folder.
+        let mut highest = 0u32;
+        self.checked_inner("UID FETCH", "UID FETCH * (UID)", false, |resp| {
+            if let Response::Fetch(_, attrs) = resp {
+                for a in attrs {
+                    if let AttributeValue::Uid(u) = a {
+                        highest = highest.max(*u);
+                    }
+                }
+            }
+        })
+        .await?;
+        Ok(highest.saturating_add(1))
     }
 
     /// `UID SEARCH <query>`, ascending. Fails on NO/BAD (async-imap's own search would return
@@ -486,11 +701,24 @@ impl Session {
         &mut self,
         phase: &'static str,
         command: &str,
+        each: impl FnMut(&Response<'_>),
+    ) -> Result<(), ImapError> {
+        self.checked_inner(phase, command, true, each).await
+    }
+
+    /// As [`Session::checked`]; `news` says whether an EXISTS above the known count counts as
+    /// new mail (not for SELECT, whose EXISTS is the folder's size).
+    async fn checked_inner(
+        &mut self,
+        phase: &'static str,
+        command: &str,
+        news: bool,
         mut each: impl FnMut(&Response<'_>),
     ) -> Result<(), ImapError> {
         let t = self.timeouts.command;
         let inner = &mut self.inner;
-        let news = &mut self.news;
+        let saw_news = &mut self.news;
+        let known = &mut self.exists;
         deadline(phase, t, async move {
             let id = inner.run_command(command).await.map_err(cmd(phase))?;
             loop {
@@ -501,20 +729,46 @@ impl Session {
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
-                        let text = outcome.information.as_deref().unwrap_or("").to_string();
+                        let info = outcome.information.as_deref().unwrap_or("");
+                        let text = match &outcome.code {
+                            Some(code) => format!("[{}] {info}", code_name(code)),
+                            None => info.to_string(),
+                        };
+                        let text = clip(text, MAX_TEXT);
                         return match status {
                             Status::Ok => Ok(()),
-                            Status::No => Err(cmd(phase)(async_imap::error::Error::No(text))),
-                            _ => Err(cmd(phase)(async_imap::error::Error::Bad(text))),
+                            _ if text.contains("BYE") => Err(ImapError::Bye(text)),
+                            Status::No => Err(ImapError::Rejected {
+                                command: phase,
+                                status: "NO",
+                                text,
+                            }),
+                            _ => Err(ImapError::Rejected {
+                                command: phase,
+                                status: "BAD",
+                                text,
+                            }),
                         };
                     }
                     Response::Data {
                         status: Status::Bye,
                         outcome,
                     } => {
-                        return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
+                        return Err(ImapError::Bye(clip(
+                            outcome.information.as_deref().unwrap_or("").to_string(),
+                            MAX_TEXT,
+                        )));
                     }
-                    Response::MailboxData(MailboxDatum::Exists(_) | MailboxDatum::Recent(_)) => *news = true,
+                    Response::MailboxData(MailboxDatum::Exists(n)) if news => {
+                        // Only a count above the one we know is news: a server that repeats
+                        // an unchanged EXISTS must not make the watcher list again and again.
+                        if *n > *known {
+                            *saw_news = true;
+                        }
+                        *known = *n;
+                    }
+                    Response::Expunge(_) if news => *known = known.saturating_sub(1),
+                    Response::MailboxData(MailboxDatum::Recent(_)) if news => {}
                     other => each(other),
                 }
             }
@@ -589,11 +843,16 @@ impl Session {
     /// (EXISTS or RECENT). The caller resyncs by UID range anyway: this is only a hint.
     pub fn drain_unsolicited(&mut self) -> bool {
         let mut news = false;
+        // Bounded: at most what the library's channel holds (it drops beyond 100).
         while let Ok(r) = self.inner.unsolicited_responses.try_recv() {
-            news |= matches!(
-                r,
-                async_imap::types::UnsolicitedResponse::Exists(_) | async_imap::types::UnsolicitedResponse::Recent(_)
-            );
+            match r {
+                async_imap::types::UnsolicitedResponse::Exists(n) => {
+                    news |= n > self.exists;
+                    self.exists = n;
+                }
+                async_imap::types::UnsolicitedResponse::Expunge(_) => self.exists = self.exists.saturating_sub(1),
+                _ => {}
+            }
         }
         self.news |= news;
         news
@@ -621,6 +880,7 @@ impl Session {
             selected,
             token_due,
             news,
+            exists,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -675,6 +935,7 @@ impl Session {
             selected,
             token_due,
             news,
+            exists,
         };
         session.drain_unsolicited();
         Ok((session, end))

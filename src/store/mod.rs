@@ -4,11 +4,13 @@
 //! in one transaction ([`Store::commit`]), so after a crash the log never claims a delivery the
 //! checkpoint does not cover, nor the reverse.
 
+mod lock;
 mod sqlite;
 
 use futures::future::BoxFuture;
 use inboxd_core::checkpoint::Checkpoint;
 
+pub use lock::{LockError, StateLock};
 pub use sqlite::SqliteStore;
 
 /// What the delivery log says about one message.

@@ -2,13 +2,13 @@
 //! disk when it returns, so a message is never acknowledged before its checkpoint is durable.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use inboxd_core::checkpoint::Checkpoint;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite};
 
 use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreResult};
 
@@ -22,6 +22,23 @@ fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| StoreError {
         what,
         source: Box::new(e),
+    }
+}
+
+/// Makes the state file (and its WAL companions) readable by its owner only; a warning if
+/// that is not possible (a file owned by someone else).
+fn restrict_mode(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if let Ok(meta) = std::fs::metadata(&p)
+            && meta.permissions().mode() & 0o077 != 0
+            && let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot make the state file private (mode 0600)");
+        }
     }
 }
 
@@ -60,8 +77,9 @@ impl SqliteStore {
                     source: Box::new(e),
                 })?;
         }
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(err("open"))?
+        // The path is a file name, never a URL: `%41` or `?mode=memory` in it mean nothing.
+        let options = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -73,9 +91,63 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(err("open"))?;
+        // A restored or copied file keeps its mode; it may hold refresh tokens.
+        restrict_mode(path);
         let store = SqliteStore { pool };
+        store.check_integrity().await?;
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// `PRAGMA quick_check`: a damaged file is refused at start, loudly, instead of failing
+    /// every commit after the handler ran (which would repeat the same message forever).
+    async fn check_integrity(&self) -> StoreResult<()> {
+        let rows: Vec<String> = match sqlx::query_scalar("PRAGMA quick_check").fetch_all(&self.pool).await {
+            Ok(rows) => rows,
+            Err(sqlx::Error::Database(e)) => vec![e.message().to_string()],
+            Err(e) => return Err(err("integrity check")(e)),
+        };
+        if rows.len() == 1 && rows[0] == "ok" {
+            return Ok(());
+        }
+        let mut detail = rows.into_iter().take(3).collect::<Vec<_>>().join("; ");
+        detail.truncate(300);
+        Err(StoreError {
+            what: "integrity check",
+            source: format!("the state file is damaged ({detail}); restore it from a backup, or move it away to start from the folders' current state").into(),
+        })
+    }
+
+    /// Starts a write transaction on the pool's connection.
+    async fn begin(&self, what: &'static str) -> StoreResult<PoolConnection<Sqlite>> {
+        let mut conn = self.pool.acquire().await.map_err(err(what))?;
+        if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            conn.close_on_drop();
+            return Err(err(what)(e));
+        }
+        Ok(conn)
+    }
+
+    /// Commits what `body` did, or rolls it back. If anything failed (a full disk at COMMIT,
+    /// for one), the connection is also closed rather than returned to the pool: a failed
+    /// COMMIT can leave SQLite inside the transaction, and every later "commit" on that
+    /// connection would only nest inside it and never reach the disk.
+    async fn finish(
+        &self,
+        what: &'static str,
+        mut conn: PoolConnection<Sqlite>,
+        body: Result<(), sqlx::Error>,
+    ) -> StoreResult<()> {
+        let result = match body {
+            Ok(()) => sqlx::raw_sql("COMMIT").execute(&mut *conn).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            conn.close_on_drop();
+            return Err(err(what)(e));
+        }
+        Ok(())
     }
 
     async fn migrate(&self) -> StoreResult<()> {
@@ -95,7 +167,7 @@ impl SqliteStore {
         tx.commit().await.map_err(err("migrate"))
     }
 
-    async fn write_log(tx: &mut Transaction<'_, Sqlite>, log: &[Delivery]) -> Result<(), sqlx::Error> {
+    async fn write_log(conn: &mut sqlx::SqliteConnection, log: &[Delivery]) -> Result<(), sqlx::Error> {
         let t = now();
         for d in log {
             sqlx::query(
@@ -114,7 +186,7 @@ impl SqliteStore {
             .bind(i64::from(d.attempts))
             .bind(&d.last_error)
             .bind(t)
-            .execute(&mut **tx)
+            .execute(&mut *conn)
             .await?;
         }
         Ok(())
@@ -168,32 +240,45 @@ impl Store for SqliteStore {
         log: &'a [Delivery],
     ) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(err("commit"))?;
-            Self::write_log(&mut tx, log).await.map_err(err("commit"))?;
-            sqlx::query(
-                "INSERT INTO checkpoints (account, folder, uidvalidity, last_uid, dedupe_through, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (account, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity,
-                   last_uid = excluded.last_uid, dedupe_through = excluded.dedupe_through, updated_at = excluded.updated_at",
-            )
-            .bind(account)
-            .bind(folder)
-            .bind(i64::from(checkpoint.uidvalidity))
-            .bind(i64::from(checkpoint.last_uid))
-            .bind(i64::from(checkpoint.dedupe_through))
-            .bind(now())
-            .execute(&mut *tx)
-            .await
-            .map_err(err("commit"))?;
-            tx.commit().await.map_err(err("commit"))
+            let mut conn = self.begin("commit").await?;
+            let body = async {
+                Self::write_log(&mut conn, log).await?;
+                // Compare-and-set: within one UIDVALIDITY the checkpoint never moves backwards.
+                // A second writer that is behind fails here, loudly.
+                let done = sqlx::query(
+                    "INSERT INTO checkpoints (account, folder, uidvalidity, last_uid, dedupe_through, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (account, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity,
+                       last_uid = excluded.last_uid, dedupe_through = excluded.dedupe_through, updated_at = excluded.updated_at
+                     WHERE checkpoints.uidvalidity <> excluded.uidvalidity OR checkpoints.last_uid <= excluded.last_uid",
+                )
+                .bind(account)
+                .bind(folder)
+                .bind(i64::from(checkpoint.uidvalidity))
+                .bind(i64::from(checkpoint.last_uid))
+                .bind(i64::from(checkpoint.dedupe_through))
+                .bind(now())
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    // Undo the log rows too: nothing of this commit may stand.
+                    return Err(sqlx::Error::Protocol(format!(
+                        "the stored checkpoint of {account}/{folder} is ahead of uid {} (another process is delivering from this state?)",
+                        checkpoint.last_uid
+                    )));
+                }
+                Ok(())
+            }
+            .await;
+            self.finish("commit", conn, body).await
         })
     }
 
     fn record<'a>(&'a self, log: &'a [Delivery]) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
-            let mut tx = self.pool.begin().await.map_err(err("record"))?;
-            Self::write_log(&mut tx, log).await.map_err(err("record"))?;
-            tx.commit().await.map_err(err("record"))
+            let mut conn = self.begin("record").await?;
+            let body = Self::write_log(&mut conn, log).await;
+            self.finish("record", conn, body).await
         })
     }
 
@@ -364,6 +449,97 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].key, "k2");
         use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_never_moves_backwards_within_an_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
+        let cp = |uidvalidity, last_uid| Checkpoint {
+            uidvalidity,
+            last_uid,
+            dedupe_through: 0,
+        };
+        store.commit("a", "INBOX", cp(9, 100), &[]).await.unwrap();
+        // A second writer that is behind: refused, and its log rows do not stand either.
+        let e = store
+            .commit("a", "INBOX", cp(9, 90), &[d("k90", DeliveryStatus::Delivered, "<m90>")])
+            .await
+            .unwrap_err();
+        assert!(format!("{:?}", e.source).contains("ahead of uid 90"), "{e:?}");
+        assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), Some(cp(9, 100)));
+        assert_eq!(store.delivery("k90").await.unwrap(), None);
+        // The same position again (a settle) and a new epoch are fine; the store is usable.
+        store.commit("a", "INBOX", cp(9, 100), &[]).await.unwrap();
+        store.commit("a", "INBOX", cp(10, 1), &[]).await.unwrap();
+        assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), Some(cp(10, 1)));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_state_file_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let rows: Vec<Delivery> = (0..400)
+            .map(|i| d(&format!("key-{i}"), DeliveryStatus::Delivered, &format!("<m{i}@x>")))
+            .collect();
+        store
+            .commit(
+                "a",
+                "INBOX",
+                Checkpoint {
+                    uidvalidity: 1,
+                    last_uid: 400,
+                    dedupe_through: 0,
+                },
+                &rows,
+            )
+            .await
+            .unwrap();
+        store.pool.close().await;
+        drop(store);
+        // Overwrite pages 4-6 (the delivery log) with noise, as a bad disk would.
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(3 * 4096)).unwrap();
+        let noise: Vec<u8> = (0..3 * 4096).map(|_| fastrand::u8(..)).collect();
+        f.write_all(&noise).unwrap();
+        drop(f);
+        let e = SqliteStore::open(&path).await.unwrap_err();
+        assert!(format!("{:?}", e.source).contains("damaged"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_path_is_a_file_name_not_a_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s%41.db?mode=memory");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store
+            .commit(
+                "a",
+                "INBOX",
+                Checkpoint {
+                    uidvalidity: 1,
+                    last_uid: 2,
+                    dedupe_through: 0,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(path.exists());
+        assert!(!dir.path().join("sA.db").exists());
+    }
+
+    #[tokio::test]
+    async fn an_existing_state_file_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SqliteStore::open(&path).await.unwrap());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(SqliteStore::open(&path).await.unwrap());
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }

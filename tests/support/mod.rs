@@ -85,10 +85,7 @@ impl Handler for Recorder {
         Box::pin(async move {
             self.attempts.lock().unwrap().push(m.uid);
             if self.fail_uids.lock().unwrap().contains(&m.uid) {
-                return Err(HandlerError {
-                    reason: format!("told to fail uid {}", m.uid),
-                    output: "stderr tail".into(),
-                });
+                return Err(HandlerError::new(format!("told to fail uid {}", m.uid)).with_output("stderr tail"));
             }
             self.seen
                 .lock()

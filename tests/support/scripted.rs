@@ -38,6 +38,17 @@ pub struct State {
     pub stall_in_literal: bool,
     /// Commands received, in order (tags stripped).
     pub commands: Vec<String>,
+    /// Refuse the next SELECTs with `NO [<code>] temporary trouble` (one per entry).
+    pub select_refusals: Vec<String>,
+    /// Add these UIDs (far above UIDNEXT, with bodies) to every UID FETCH answer.
+    pub bogus_uids: Vec<u32>,
+    /// Answer body fetches of these UIDs with `(UID n FLAGS ())`, no body (always).
+    pub no_body: Vec<u32>,
+    /// These UIDs are listed by `UID FETCH n:* (UID RFC822.SIZE)` but gone by the body FETCH
+    /// and from SEARCH (expunged in between).
+    pub vanish: Vec<u32>,
+    /// Send message bodies at this many bytes per second (0: as fast as possible).
+    pub body_rate: u64,
 }
 
 #[derive(Clone)]
@@ -75,6 +86,19 @@ impl Scripted {
             uid,
             format!("Subject: {subject}\r\nMessage-ID: <{uid}@scripted>\r\n\r\nbody\r\n").into_bytes(),
         ));
+        drop(st);
+        self.news.notify_waiters();
+    }
+
+    /// Adds a message of about `size` bytes.
+    pub fn add_message_sized(&self, subject: &str, size: usize) {
+        let mut st = self.state.lock().unwrap();
+        let uid = st.messages.len() as u32 + 1;
+        let mut body = format!("Subject: {subject}\r\nMessage-ID: <{uid}@scripted>\r\n\r\n").into_bytes();
+        while body.len() < size {
+            body.extend_from_slice(b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstu\r\n");
+        }
+        st.messages.push((uid, body));
         drop(st);
         self.news.notify_waiters();
     }
@@ -154,6 +178,19 @@ impl Scripted {
                     }
                 }
                 "SELECT" => {
+                    let refusal = {
+                        let mut st = self.state.lock().unwrap();
+                        if st.select_refusals.is_empty() {
+                            None
+                        } else {
+                            Some(st.select_refusals.remove(0))
+                        }
+                    };
+                    if let Some(code) = refusal {
+                        w.write_all(format!("{tag} NO [{code}] temporary trouble\r\n").as_bytes())
+                            .await?;
+                        continue;
+                    }
                     let (n, next, hostile, no_next) = {
                         let mut st = self.state.lock().unwrap();
                         (
@@ -210,19 +247,76 @@ impl Scripted {
                         .await?;
                         continue;
                     }
+                    if sub == "SEARCH" {
+                        // Only `UID SEARCH UID <set>` is understood.
+                        let uids: Vec<String> = {
+                            let st = self.state.lock().unwrap();
+                            let max = st.messages.last().map_or(0, |m| m.0);
+                            let set = query.trim_start_matches("UID ").trim();
+                            st.messages
+                                .iter()
+                                .filter(|(uid, _)| in_set(set, *uid, max) && !st.vanish.contains(uid))
+                                .map(|(uid, _)| uid.to_string())
+                                .collect()
+                        };
+                        w.write_all(format!("* SEARCH {}\r\n", uids.join(" ")).trim_end().as_bytes())
+                            .await?;
+                        w.write_all(b"\r\n").await?;
+                    }
                     if sub == "FETCH" {
+                        let body_fetch = query.contains("BODY.PEEK[]");
+                        let (no_body, rate) = {
+                            let st = self.state.lock().unwrap();
+                            (st.no_body.clone(), st.body_rate)
+                        };
                         let msgs: Vec<(usize, u32, Vec<u8>)> = {
                             let st = self.state.lock().unwrap();
                             seen_count = st.messages.len();
                             let max = st.messages.last().map_or(0, |m| m.0);
-                            st.messages
+                            let mut v: Vec<(usize, u32, Vec<u8>)> = st
+                                .messages
                                 .iter()
                                 .enumerate()
                                 .filter(|(_, (uid, _))| in_set(set, *uid, max))
+                                .filter(|(_, (uid, _))| !(body_fetch && st.vanish.contains(uid)))
                                 .map(|(i, (u, b))| (i + 1, *u, b.clone()))
-                                .collect()
+                                .collect();
+                            for &bogus in &st.bogus_uids {
+                                v.push((
+                                    st.messages.len().max(1),
+                                    bogus,
+                                    format!("Subject: bogus {bogus}\r\n\r\nx\r\n").into_bytes(),
+                                ));
+                            }
+                            v
                         };
-                        if query.contains("BODY.PEEK[]") {
+                        if body_fetch && (!no_body.is_empty() || rate > 0) {
+                            for (seq, uid, body) in &msgs {
+                                if no_body.contains(uid) {
+                                    w.write_all(format!("* {seq} FETCH (UID {uid} FLAGS ())\r\n").as_bytes())
+                                        .await?;
+                                    continue;
+                                }
+                                w.write_all(
+                                    format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                                )
+                                .await?;
+                                if rate > 0 {
+                                    let step = (rate / 10).max(1) as usize;
+                                    for part in body.chunks(step) {
+                                        w.write_all(part).await?;
+                                        tokio::time::sleep(Duration::from_millis(100)).await;
+                                    }
+                                } else {
+                                    w.write_all(body).await?;
+                                }
+                                w.write_all(b")\r\n").await?;
+                            }
+                            self.state.lock().unwrap().bodies_sent += msgs.len() as u32;
+                            w.write_all(format!("{tag} OK UID completed.\r\n").as_bytes()).await?;
+                            continue;
+                        }
+                        if body_fetch {
                             let bye = std::mem::take(&mut self.state.lock().unwrap().bye_in_fetch);
                             if bye && !msgs.is_empty() {
                                 w.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n")

@@ -28,6 +28,55 @@ pub enum FailureClass {
     Permanent,
 }
 
+/// The response code (RFC 3501 §7.1, RFC 5530) in a server's text, uppercased without its
+/// brackets: `[AUTHENTICATIONFAILED] Authentication failed.` gives `AUTHENTICATIONFAILED`.
+/// The code is looked for at the start of the text, or after a `"` (where an IMAP library
+/// quoted the text inside its own message).
+pub fn response_code(text: &str) -> Option<String> {
+    let at = text
+        .strip_prefix('[')
+        .map(|_| 0)
+        .or_else(|| text.find("\"[").map(|i| i + 1))?;
+    let rest = &text[at + 1..];
+    let code: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    (!code.is_empty()).then(|| code.to_ascii_uppercase())
+}
+
+/// What a refused login means. RFC 5530: `AUTHENTICATIONFAILED`, `AUTHORIZATIONFAILED` and
+/// `EXPIRED` will not change by retrying soon (and retrying risks locking the account), so
+/// they are [`FailureClass::Auth`], which parks; `UNAVAILABLE` and its kin are transient. A
+/// refusal without a code is taken for bad credentials.
+pub fn login_refused(text: &str) -> FailureClass {
+    match response_code(text).as_deref() {
+        Some("UNAVAILABLE" | "SERVERBUG" | "INUSE" | "LIMIT" | "OVERQUOTA" | "CONTACTADMIN") => FailureClass::Network,
+        _ => FailureClass::Auth,
+    }
+}
+
+/// What a refused SELECT means: a missing folder or a missing right is permanent (parks); a
+/// server that is busy or broken for the moment (`UNAVAILABLE`, `INUSE`, `SERVERBUG`, `LIMIT`)
+/// is transient. Without a code it is taken for a missing folder.
+pub fn select_refused(text: &str) -> FailureClass {
+    match response_code(text).as_deref() {
+        Some("UNAVAILABLE" | "INUSE" | "SERVERBUG" | "LIMIT" | "EXPUNGEISSUED") => FailureClass::Network,
+        _ => FailureClass::Permanent,
+    }
+}
+
+/// Whether a refused post-action (STORE, MOVE, COPY, EXPUNGE) will fail again however often it
+/// is retried: the target folder is missing (`TRYCREATE`, `NONEXISTENT`), the right is missing
+/// (`NOPERM`), the folder is read-only (`READ-ONLY`) or the message is gone.
+pub fn post_action_refusal_is_permanent(text: &str) -> bool {
+    matches!(
+        response_code(text).as_deref(),
+        Some("TRYCREATE" | "NONEXISTENT" | "NOPERM" | "READ-ONLY" | "CANNOT" | "OVERQUOTA" | "ALREADYEXISTS")
+    )
+}
+
 /// Reads a server's throttling hint, such as Exchange Online's
 /// `Request is throttled. Suggested Backoff Time: 5000 milliseconds`. `None` if the text does
 /// not say the request was throttled; `Some(None)` if it does but gives no usable time.
@@ -57,6 +106,11 @@ pub fn throttle_hint(text: &str) -> Option<Option<Duration>> {
     Some(Some(d.min(Duration::from_secs(3600))))
 }
 
+/// A session must have lived this long before "access token expired" counts as routine
+/// (reconnect at once); a server that ends every session with it sooner is retried along the
+/// schedule instead of in a tight loop.
+pub const ROUTINE_TOKEN_EXPIRY_AFTER: Duration = Duration::from_secs(60);
+
 /// Reconnect state of one watcher. Times are offsets from any fixed origin chosen by the
 /// driver (it passes `Instant::now() - origin`), so this stays pure.
 #[derive(Clone, Debug)]
@@ -84,8 +138,9 @@ impl Reconnect {
 
     /// A session was established (logged in and folder selected) at `now`.
     pub fn connected(&mut self, now: Duration) {
+        // `reauthed` is reset with the streak (a stable connection), not here: a server that
+        // refuses every fresh session must not earn a new immediate retry each time.
         self.connected_at = Some(now);
-        self.reauthed = false;
     }
 
     /// The connection has been healthy long enough that the streak is over.
@@ -103,13 +158,15 @@ impl Reconnect {
     /// next attempt. `jitter` is a number in `[0, 1)`.
     pub fn failed(&mut self, now: Duration, class: FailureClass, jitter: f64) -> Duration {
         let was_connected = self.connected_at.is_some();
-        if self.is_stable(now) {
+        let stable = self.is_stable(now);
+        if stable {
             self.streak = None;
             self.reauthed = false;
         }
-        self.connected_at = None;
+        let connected_at = self.connected_at.take();
         if class == FailureClass::AuthExpired {
-            if was_connected {
+            let session_age = connected_at.map(|at| now.saturating_sub(at));
+            if was_connected && session_age.is_some_and(|age| age >= ROUTINE_TOKEN_EXPIRY_AFTER) {
                 // A token that expired under a working session is routine, not a failure.
                 return Duration::ZERO;
             }
@@ -124,7 +181,11 @@ impl Reconnect {
         }
         let (start, attempts) = *self.streak.get_or_insert((now, 0));
         let delay = match class {
-            FailureClass::Permanent => self.park_for + self.park_for.mul_f64(0.1 * jitter.clamp(0.0, 0.999)),
+            // Bad credentials park too: retrying a refused password on the schedule would
+            // trip the provider's lockout for every client of the account.
+            FailureClass::Permanent | FailureClass::Auth => {
+                self.park_for + self.park_for.mul_f64(0.1 * jitter.clamp(0.0, 0.999))
+            }
             _ => {
                 let next = self.schedule.next_attempt(now - start, attempts, jitter);
                 self.streak = Some((start, next.attempt + 1));
@@ -206,5 +267,57 @@ mod tests {
         assert_eq!(r.failed(s(0), FailureClass::Permanent, 0.0), s(3600));
         let mut r = reconnect();
         assert_eq!(r.failed(s(0), FailureClass::Throttled(Some(s(7))), 0.0), s(7));
+    }
+
+    #[test]
+    fn a_server_that_expires_every_fresh_session_is_not_hammered() {
+        let mut r = reconnect();
+        let mut waited = Duration::ZERO;
+        let mut now = s(0);
+        for _ in 0..20 {
+            r.connected(now);
+            now += s(1);
+            let d = r.failed(now, FailureClass::AuthExpired, 0.0);
+            waited += d;
+            now += d;
+        }
+        assert!(
+            waited >= s(60),
+            "20 sessions ended after 1 s each, waited only {waited:?}"
+        );
+    }
+
+    #[test]
+    fn refused_credentials_park_and_busy_servers_do_not() {
+        let mut r = reconnect();
+        assert_eq!(r.failed(s(0), FailureClass::Auth, 0.0), s(3600));
+        assert_eq!(
+            login_refused("[AUTHENTICATIONFAILED] Authentication failed."),
+            FailureClass::Auth
+        );
+        assert_eq!(
+            login_refused("code: None, info: Some(\"[AUTHORIZATIONFAILED] no\")"),
+            FailureClass::Auth
+        );
+        assert_eq!(login_refused("Invalid credentials"), FailureClass::Auth);
+        assert_eq!(login_refused("[UNAVAILABLE] Try later"), FailureClass::Network);
+        assert_eq!(
+            select_refused("[NONEXISTENT] Mailbox doesn't exist: X"),
+            FailureClass::Permanent
+        );
+        assert_eq!(select_refused("[NOPERM] no"), FailureClass::Permanent);
+        for code in ["UNAVAILABLE", "INUSE", "SERVERBUG"] {
+            assert_eq!(
+                select_refused(&format!("[{code}] temporary trouble")),
+                FailureClass::Network
+            );
+        }
+        assert!(post_action_refusal_is_permanent(
+            "[TRYCREATE] Mailbox doesn't exist: Archiv"
+        ));
+        assert!(post_action_refusal_is_permanent("[READ-ONLY] read-only"));
+        assert!(!post_action_refusal_is_permanent("[UNAVAILABLE] busy"));
+        assert!(!post_action_refusal_is_permanent("Internal error"));
+        assert_eq!(response_code("no code here"), None);
     }
 }

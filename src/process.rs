@@ -1,0 +1,85 @@
+//! Child processes inboxd starts (exec handlers, password and token commands): what they may
+//! see and how they end.
+//!
+//! - **Environment:** cleared, then an allowlist (`PATH`, `HOME`, `LANG`, `LC_*`, `TZ`, `USER`,
+//!   `LOGNAME`, `TMPDIR`) plus names the operator lists. Secrets given as `{ env = "VAR" }`
+//!   live in inboxd's environment; they never reach a program that reads untrusted mail.
+//! - **Lifetime:** each child gets its own process group (so a timeout kills its children
+//!   too) and, on Linux, a parent-death signal: if inboxd dies (even by SIGKILL), the child is
+//!   killed rather than left running beside the next inboxd's re-delivery of the same message.
+
+use std::ffi::OsString;
+
+/// Variables every child sees if inboxd has them.
+const ALLOWED: &[&str] = &["PATH", "HOME", "LANG", "TZ", "USER", "LOGNAME", "TMPDIR"];
+
+/// The environment a child gets: the allowlist, `LC_*`, and the `extra` names.
+pub(crate) fn allowed_env(extra: &[String]) -> Vec<(OsString, OsString)> {
+    filter_env(std::env::vars_os(), extra)
+}
+
+fn filter_env(vars: impl Iterator<Item = (OsString, OsString)>, extra: &[String]) -> Vec<(OsString, OsString)> {
+    vars.filter(|(k, _)| {
+        let Some(k) = k.to_str() else { return false };
+        ALLOWED.contains(&k) || k.starts_with("LC_") || extra.iter().any(|e| e == k)
+    })
+    .collect()
+}
+
+/// Prepares `cmd`: cleared environment plus the allowlist, own process group, killed when
+/// dropped and when inboxd dies.
+pub(crate) fn confine(cmd: &mut tokio::process::Command, extra_env: &[String]) {
+    cmd.env_clear()
+        .envs(allowed_env(extra_env))
+        .process_group(0)
+        .kill_on_drop(true);
+    die_with_parent(cmd);
+}
+
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: getpid is async-signal-safe and runs before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and only calls the
+    // async-signal-safe prctl(2), getppid(2) and _exit(2).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // inboxd died between the fork and the prctl: do not run orphaned.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut tokio::process::Command) {}
+
+/// SIGKILL to a process group we created.
+pub(crate) fn kill_group(pgid: Option<u32>) {
+    if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+        // SAFETY: kill(2) with a negative pid signals the process group we created for the child.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allowed_names_pass() {
+        let vars = ["PATH", "LC_ALL", "IMAP_PASSWORD", "WANTED", "HOME", "PATHX"]
+            .into_iter()
+            .map(|k| (OsString::from(k), OsString::from("v")));
+        let env = filter_env(vars, &["WANTED".into()]);
+        let names: Vec<String> = env.iter().map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["PATH", "LC_ALL", "WANTED", "HOME"]);
+    }
+}
