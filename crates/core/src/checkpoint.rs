@@ -5,7 +5,7 @@
 //! arrive out of order; the window advances only over the contiguous prefix of them, in the
 //! style of vector's `OrderedFinalizer`.
 
-use std::collections::BTreeMap;
+use alloc::collections::BTreeMap;
 
 /// Where a watcher stands in one folder; stored per (account, folder).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,7 +150,7 @@ mod tests {
             let uids: Vec<u32> = uids.into_iter().collect();
             let mut w = AckWindow::new(0);
             for &u in &uids { w.track(u); }
-            let mut acked = std::collections::BTreeSet::new();
+            let mut acked = alloc::collections::BTreeSet::new();
             for i in acks {
                 if uids.is_empty() { break; }
                 let u = uids[i.index(uids.len())];

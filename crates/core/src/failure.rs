@@ -5,7 +5,9 @@
 //! a connection has stayed healthy for `stable_after`, so a server that accepts and drops at
 //! once is retried along the schedule, not hammered.
 
-use std::time::Duration;
+use alloc::string::String;
+
+use core::time::Duration;
 
 use crate::schedule::Schedule;
 

@@ -7,6 +7,8 @@
 //! FNV-1a is written out here rather than taken from `std`, whose hasher may change between
 //! releases: a key must never change once issued.
 
+use alloc::{format, string::String};
+
 /// Computes the idempotency key.
 pub fn message_key(account: &str, folder: &str, uidvalidity: u32, uid: u32) -> String {
     format!("v1-{:016x}-{uidvalidity}-{uid}", scope_hash(account, folder))
@@ -15,7 +17,7 @@ pub fn message_key(account: &str, folder: &str, uidvalidity: u32, uid: u32) -> S
 /// The FNV-1a 64-bit hash of `account NUL folder`.
 pub fn scope_hash(account: &str, folder: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = account.bytes().chain(std::iter::once(0)).chain(folder.bytes());
+    let bytes = account.bytes().chain(core::iter::once(0)).chain(folder.bytes());
     for b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);

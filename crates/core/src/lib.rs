@@ -13,10 +13,17 @@
 //! - [`wait`]: after a catch-up, whether to IDLE, poll or recycle the connection, and for how long.
 //! - [`failure`]: the classes of failure and what each one means for the reconnect schedule.
 //! - [`key`]: the idempotency key of a message.
+//! - [`machine`]: the watch machine, which composes all of the above into the one sequence of
+//!   steps a watcher takes: `WatchMachine::on(Input, now, jitter) -> Action`.
+
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
 
 pub mod checkpoint;
 pub mod failure;
 pub mod key;
+pub mod machine;
 pub mod mailbox;
 pub mod retry;
 pub mod schedule;

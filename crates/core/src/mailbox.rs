@@ -5,6 +5,12 @@
 //! restart and the checkpoint is meaningless; the policy decides how to carry on without losing
 //! what arrived and, by default, without delivering old messages again.
 
+use alloc::{
+    format,
+    string::{String, ToString},
+    vec::Vec,
+};
+
 use crate::checkpoint::Checkpoint;
 
 /// Where a watcher starts in a folder it has never seen.

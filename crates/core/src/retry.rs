@@ -5,7 +5,7 @@
 //! the watcher moves on. Attempts are counted in the delivery log, so a restart does not reset
 //! the count.
 
-use std::time::Duration;
+use core::time::Duration;
 
 /// Handler retry policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,9 @@
 //! once, and an offset that has already passed (because an attempt itself took long) is skipped,
 //! so a slow server never turns the schedule into a tight loop.
 
-use std::time::Duration;
+use alloc::{vec, vec::Vec};
+
+use core::time::Duration;
 
 /// One stage of a reconnect schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +38,8 @@ pub enum ScheduleError {
     ZeroIntervalLast,
 }
 
-impl std::fmt::Display for ScheduleError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for ScheduleError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             ScheduleError::Empty => write!(f, "the schedule has no stages"),
             ScheduleError::NotIncreasing { index } => {
@@ -58,7 +60,7 @@ impl std::fmt::Display for ScheduleError {
     }
 }
 
-impl std::error::Error for ScheduleError {}
+impl core::error::Error for ScheduleError {}
 
 /// A validated reconnect schedule.
 #[derive(Clone, Debug, PartialEq, Eq)]

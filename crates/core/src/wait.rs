@@ -5,7 +5,7 @@
 //! `poll_interval`. A connection older than `recycle_after` is closed cleanly between two
 //! waits and opened again, which also bounds how long a silently broken connection can live.
 
-use std::time::Duration;
+use core::time::Duration;
 
 /// Timing of the wait between catch-ups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,43 +1,84 @@
-//! Model-based test of the decision core: random sequences of appends, expunges, dropped
-//! connections, crashes between delivery and commit, handler failures and UIDVALIDITY resets
-//! are run through the same decisions the watcher makes (`on_select`, `uids_to_deliver`,
-//! `AckWindow`, `RetryPolicy`, dedupe) against a simple model of a folder, and checked:
-//! every message is delivered (or dead-lettered) at least once; the checkpoint never passes an
-//! unacknowledged UID; nothing is delivered again after a clean commit; a UIDVALIDITY reset
-//! that brings old messages back does not repeat them (dedupe policy).
+//! Model-based test of the watch machine: the real `WatchMachine` is driven against an
+//! in-memory folder, store and handler. Random sequences of appends, expunges, handler
+//! failures, bodies the server does not return, failing fetches and commits, UIDVALIDITY
+//! resets, crashes after any number of actions, and stops are run, and after every run:
+//!
+//! - nothing is skipped: every message that stayed in the folder was delivered, dead-lettered
+//!   or skipped as a duplicate of a delivered one;
+//! - the checkpoint never passes an unsettled UID, and never moves backwards in an epoch;
+//! - nothing is repeated after it was committed: a message is delivered again only if a crash,
+//!   a failed commit or a stop came between its delivery and its commit;
+//! - with the batching (Maildir-like) handler, a durable copy exists for each delivery.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
-use inboxd_core::checkpoint::{AckWindow, Checkpoint};
-use inboxd_core::mailbox::{self, Selected, StartPolicy, UidValidityPolicy};
-use inboxd_core::retry::{AfterFailure, RetryPolicy};
+use inboxd_core::checkpoint::Checkpoint;
+use inboxd_core::failure::{FailureClass, Reconnect};
+use inboxd_core::machine::{Action, FetchedInfo, Input, Listed, LogRow, Status, Wake, WatchMachine, WatchSpec};
+use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
+use inboxd_core::retry::RetryPolicy;
+use inboxd_core::schedule::Schedule;
+use inboxd_core::wait::WaitPolicy;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append,
+    /// Appends messages; with `Some(k)` the last one's body is missing from the next `k`
+    /// body fetches.
+    Append(u8, Option<u32>),
+    /// The watcher wakes (IDLE reported activity) and catches up.
+    Wake,
     Expunge(prop::sample::Index),
-    /// Deliver what is new; `crash_at` = crash after this many deliveries, before the commit.
-    Sync {
-        batch: usize,
-        crash_at: Option<usize>,
-    },
     /// The handler fails the next `n` attempts.
     HandlerFails(u32),
+    /// The next fetch fails (connection dropped).
+    FetchFails,
+    /// The next commit fails (disk full).
+    CommitFails,
     /// The folder is recreated with a new UIDVALIDITY; `keep_old` copies its messages back.
     UidValidityReset {
         keep_old: bool,
     },
+    /// The process dies after this many actions (before or after any of them).
+    Crash(u8),
+    /// A stop is requested after this many actions.
+    Stop(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => Just(Op::Append),
+        6 => (1u8..5, prop::option::weighted(0.2, 1u32..5)).prop_map(|(n, k)| Op::Append(n, k)),
+        4 => Just(Op::Wake),
         1 => any::<prop::sample::Index>().prop_map(Op::Expunge),
-        3 => (1usize..6, prop::option::of(0usize..5)).prop_map(|(batch, crash_at)| Op::Sync { batch, crash_at }),
         1 => (1u32..5).prop_map(Op::HandlerFails),
+        1 => Just(Op::FetchFails),
+        1 => Just(Op::CommitFails),
         1 => any::<bool>().prop_map(|keep_old| Op::UidValidityReset { keep_old }),
+        2 => (0u8..30).prop_map(Op::Crash),
+        1 => (0u8..30).prop_map(Op::Stop),
     ]
+}
+
+const RETRY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(8),
+    max_attempts: 3,
+};
+
+fn spec(batch_size: usize, commit_each: bool, post_action: bool) -> WatchSpec {
+    WatchSpec {
+        start: StartPolicy::All,
+        on_uidvalidity_change: UidValidityPolicy::Dedupe,
+        retry: RETRY,
+        wait: WaitPolicy::default(),
+        batch_size,
+        batch_bytes: 10_000,
+        max_message_size: 1_000_000,
+        commit_each,
+        post_action,
+        once: false,
+    }
 }
 
 #[derive(Default)]
@@ -47,158 +88,854 @@ struct World {
     uidnext: u32,
     folder: BTreeMap<u32, u64>, // uid -> message id
     next_mid: u64,
-    // What the client persisted.
+    no_body: HashMap<u64, u32>,
+    fetch_fails: bool,
+    // The store.
     stored: Option<Checkpoint>,
-    log: HashSet<u64>,              // message ids committed as delivered/skipped/dead
-    committed: HashSet<(u32, u32)>, // (uidvalidity, uid) committed
-    // Observations.
-    deliveries: HashMap<u64, u32>,
-    uncommitted_deliveries: HashSet<u64>, // delivered, then lost to a crash before commit
+    /// Settled rows by message id (delivered, dead, skipped), and failed attempts by
+    /// (uidvalidity, uid).
+    settled: HashMap<u64, Status>,
+    attempts: HashMap<(u32, u32), u32>,
+    commit_fails: bool,
+    // The handler.
     handler_failures: u32,
+    /// Deliveries the handler acknowledged, per message id.
+    deliveries: HashMap<u64, u32>,
+    /// Not yet flushed (batching handler): lost in a crash.
+    unflushed: Vec<u64>,
+    durable: HashSet<u64>,
+    // Observations.
+    /// Messages whose delivery may be repeated: delivered but not committed when a crash, a
+    /// failed commit or a stop came.
+    may_repeat: HashSet<u64>,
+    /// Delivered since the last commit.
+    uncommitted: Vec<u64>,
+    /// The UIDVALIDITY the machine's session selected.
+    session_uidvalidity: u32,
+    /// Ever appended and not expunged before being settled.
+    must_arrive: HashSet<u64>,
+    now: Duration,
 }
 
-const POLICY: RetryPolicy = RetryPolicy {
-    initial: std::time::Duration::from_secs(1),
-    max: std::time::Duration::from_secs(8),
-    max_attempts: 3,
-};
-
 impl World {
-    fn sync(&mut self, batch: usize, crash_at: Option<usize>) -> Result<(), TestCaseError> {
-        let out = mailbox::on_select(
-            self.stored,
-            Selected {
-                uidvalidity: self.uidvalidity,
-                uidnext: self.uidnext,
-            },
-            StartPolicy::All,
-            UidValidityPolicy::Dedupe,
-        );
-        let mut cp = out.checkpoint;
-        if out.store {
-            self.stored = Some(cp);
-        }
-        // The server may answer n:* with the highest message even below n.
-        let mut listed: Vec<u32> = self.folder.keys().copied().filter(|&u| u > cp.last_uid).collect();
-        if let Some(&max) = self.folder.keys().last() {
-            listed.push(max);
-        }
-        let uids = mailbox::uids_to_deliver(listed, cp.last_uid);
-        let mut delivered_count = 0;
-        for chunk in mailbox::batches(&uids, |_| 0, batch, u64::MAX) {
-            let mut window = AckWindow::new(cp.last_uid);
-            for &u in chunk {
-                window.track(u);
-            }
-            let mut pending_log = Vec::new();
-            for &uid in chunk {
-                let mid = self.folder[&uid];
-                if mailbox::needs_dedupe(&cp, uid) && self.log.contains(&mid) {
-                    window.ack(uid);
-                    pending_log.push((uid, mid, false));
-                    continue;
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Append(n, no_body) => {
+                for _ in 0..n {
+                    self.next_mid += 1;
+                    self.folder.insert(self.uidnext, self.next_mid);
+                    self.must_arrive.insert(self.next_mid);
+                    self.uidnext += 1;
                 }
-                let mut attempts = 0;
-                loop {
-                    if self.handler_failures > 0 {
-                        self.handler_failures -= 1;
-                        attempts += 1;
-                        match POLICY.after_failure(attempts) {
-                            AfterFailure::RetryAfter(_) => continue,
-                            AfterFailure::DeadLetter => break,
-                        }
+                if let Some(k) = no_body {
+                    self.no_body.insert(self.next_mid, k);
+                }
+            }
+            Op::Expunge(i) => {
+                if !self.folder.is_empty() {
+                    let uid = *self.folder.keys().nth(i.index(self.folder.len())).unwrap();
+                    let mid = self.folder.remove(&uid).unwrap();
+                    if !self.deliveries.contains_key(&mid) && !self.settled.contains_key(&mid) {
+                        self.must_arrive.remove(&mid);
                     }
-                    *self.deliveries.entry(mid).or_default() += 1;
-                    delivered_count += 1;
-                    break;
                 }
-                window.ack(uid);
-                pending_log.push((uid, mid, true));
-                if crash_at == Some(delivered_count) {
-                    // Crash before the commit: nothing of this batch is durable.
-                    for (_, mid, delivered) in pending_log {
-                        if delivered {
-                            self.uncommitted_deliveries.insert(mid);
-                        }
+            }
+            Op::HandlerFails(n) => self.handler_failures = n,
+            Op::FetchFails => self.fetch_fails = true,
+            Op::CommitFails => self.commit_fails = true,
+            Op::UidValidityReset { keep_old } => {
+                let old: Vec<u64> = self.folder.values().copied().collect();
+                self.uidvalidity += 1;
+                self.folder.clear();
+                self.uidnext = 1;
+                for mid in old {
+                    if keep_old {
+                        self.folder.insert(self.uidnext, mid);
+                        self.uidnext += 1;
+                    } else if !self.deliveries.contains_key(&mid) && !self.settled.contains_key(&mid) {
+                        self.must_arrive.remove(&mid);
                     }
-                    return Ok(());
                 }
             }
-            let upto = window.advance();
-            for &u in chunk {
-                if u <= upto {
-                    prop_assert!(
-                        pending_log.iter().any(|(p, _, _)| *p == u),
-                        "checkpoint passed unacknowledged uid {u}"
-                    );
-                }
-            }
-            cp = mailbox::settle(Checkpoint { last_uid: upto, ..cp });
-            for (uid, mid, _) in pending_log {
-                self.log.insert(mid);
-                self.committed.insert((cp.uidvalidity, uid));
-            }
-            self.stored = Some(cp);
+            Op::Wake | Op::Crash(_) | Op::Stop(_) => {}
         }
+    }
+
+    fn mid_of(&self, uidvalidity: u32, uid: u32) -> Option<u64> {
+        (uidvalidity == self.uidvalidity)
+            .then(|| self.folder.get(&uid).copied())
+            .flatten()
+    }
+
+    fn commit(&mut self, checkpoint: Checkpoint, log: &[LogRow]) -> Result<(), TestCaseError> {
+        if let Some(old) = self.stored
+            && old.uidvalidity == checkpoint.uidvalidity
+        {
+            prop_assert!(checkpoint.last_uid >= old.last_uid, "checkpoint moved backwards");
+        }
+        for row in log {
+            if let Some(mid) = self.mid_of(checkpoint.uidvalidity, row.uid) {
+                match row.status {
+                    Status::Vanished => prop_assert!(false, "uid {} recorded as vanished but present", row.uid),
+                    Status::Failed => {}
+                    s => {
+                        self.settled.insert(mid, s);
+                    }
+                }
+            }
+        }
+        if checkpoint.uidvalidity == self.uidvalidity {
+            let before = self
+                .stored
+                .filter(|c| c.uidvalidity == checkpoint.uidvalidity)
+                .map_or(0, |c| c.last_uid);
+            for (&uid, mid) in self
+                .folder
+                .range(before + 1..checkpoint.last_uid.saturating_add(1).max(before + 1))
+            {
+                prop_assert!(
+                    self.settled.contains_key(mid),
+                    "checkpoint {} passes uid {uid} (message {mid}), which was never settled",
+                    checkpoint.last_uid
+                );
+            }
+        }
+        self.uncommitted.clear();
+        self.stored = Some(checkpoint);
         Ok(())
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+fn new_machine(s: &WatchSpec) -> WatchMachine {
+    WatchMachine::new(
+        s.clone(),
+        Reconnect::new(Schedule::default(), Duration::from_secs(300), Duration::from_secs(3600)),
+    )
+}
 
-    #[test]
-    fn the_core_loses_nothing_and_repeats_nothing(ops in prop::collection::vec(op(), 1..60)) {
-        let mut w = World { uidvalidity: 1, uidnext: 1, ..World::default() };
-        let mut ever: HashSet<u64> = HashSet::new();
-        for op in ops {
-            match op {
-                Op::Append => {
-                    w.next_mid += 1;
-                    w.folder.insert(w.uidnext, w.next_mid);
-                    ever.insert(w.next_mid);
-                    w.uidnext += 1;
-                }
-                Op::Expunge(i) => {
-                    if !w.folder.is_empty() {
-                        let uid = *w.folder.keys().nth(i.index(w.folder.len())).unwrap();
-                        let mid = w.folder.remove(&uid).unwrap();
-                        // A message expunged before it was seen need not be delivered.
-                        if !w.deliveries.contains_key(&mid) { ever.remove(&mid); }
-                    }
-                }
-                Op::Sync { batch, crash_at } => w.sync(batch, crash_at)?,
-                Op::HandlerFails(n) => w.handler_failures = n,
-                Op::UidValidityReset { keep_old } => {
-                    let old: Vec<u64> = w.folder.values().copied().collect();
-                    w.uidvalidity += 1;
-                    w.folder.clear();
-                    w.uidnext = 1;
-                    if keep_old {
-                        for mid in old {
-                            w.folder.insert(w.uidnext, mid);
-                            w.uidnext += 1;
-                        }
-                    } else {
-                        for mid in old {
-                            if !w.deliveries.contains_key(&mid) { ever.remove(&mid); }
-                        }
-                    }
-                }
+fn start(w: &World) -> Input {
+    Input::Start {
+        stored: w.stored,
+        pending_post_actions: Vec::new(),
+    }
+}
+
+fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), TestCaseError> {
+    let s = spec(batch, commit_each, true);
+    let mut w = World {
+        uidvalidity: 1,
+        uidnext: 1,
+        ..World::default()
+    };
+    let mut m = new_machine(&s);
+    let mut started = false;
+    for op in &ops {
+        w.apply(op);
+        let (limit, stop) = match op {
+            Op::Wake => (None, None),
+            Op::Crash(n) => (Some(*n as usize), None),
+            Op::Stop(n) => (None, Some(*n as usize)),
+            // Server changes and faults wait for the next wake.
+            _ => continue,
+        };
+        let first = if started {
+            // A wake of the running machine.
+            Input::WaitEnded {
+                wake: Wake::Activity,
+                token_left: None,
             }
-        }
-        // A final clean sync catches everything up.
-        w.handler_failures = 0;
-        w.sync(5, None)?;
-        for mid in &ever {
+        } else {
+            m = new_machine(&s);
+            start(&w)
+        };
+        started = drive(&mut w, &mut m, first, commit_each, limit, stop)?;
+    }
+    // Quiet at last: a clean run catches everything up.
+    w.handler_failures = 0;
+    w.no_body.clear();
+    w.fetch_fails = false;
+    w.commit_fails = false;
+    let mut m = new_machine(&s);
+    let first = start(&w);
+    prop_assert!(
+        drive(&mut w, &mut m, first, commit_each, None, None)?,
+        "the final run did not catch up"
+    );
+    let present: HashSet<u64> = w.folder.values().copied().collect();
+    for mid in &w.must_arrive {
+        if present.contains(mid) {
             prop_assert!(
-                w.log.contains(mid) || w.deliveries.contains_key(mid),
-                "message {mid} never delivered or dead-lettered"
+                w.settled.contains_key(mid),
+                "message {mid} is in the folder but was never delivered, dead-lettered or deduplicated (folder {:?})",
+                w.folder
+            );
+        } else {
+            // Gone from the folder after it was handed over at least once.
+            prop_assert!(
+                w.settled.contains_key(mid) || w.deliveries.contains_key(mid),
+                "message {mid} was lost"
             );
         }
-        for (mid, n) in &w.deliveries {
-            // More than once only if a crash lost the commit of an earlier delivery.
-            prop_assert!(*n == 1 || w.uncommitted_deliveries.contains(mid), "message {mid} delivered {n} times after a clean commit");
+    }
+    for (mid, n) in &w.deliveries {
+        prop_assert!(
+            *n == 1 || w.may_repeat.contains(mid),
+            "message {mid} delivered {n} times"
+        );
+        if w.settled.get(mid) == Some(&Status::Delivered) {
+            prop_assert!(
+                w.durable.contains(mid),
+                "message {mid} committed as delivered but not durable"
+            );
         }
     }
+    Ok(())
+}
+
+/// Drives `m` from `first` until it waits (caught up: true) or finishes (false). With
+/// `limit`, the process dies after that many actions (false); with `stop_after`, a stop is
+/// requested after that many.
+fn drive(
+    w: &mut World,
+    m: &mut WatchMachine,
+    first: Input,
+    commit_each: bool,
+    limit: Option<usize>,
+    stop_after: Option<usize>,
+) -> Result<bool, TestCaseError> {
+    let mut input = first;
+    for steps in 0..5_000usize {
+        if stop_after == Some(steps) {
+            m.stop();
+        }
+        let action = m.on(input, w.now, 0.5);
+        if limit.is_some_and(|l| steps >= l) {
+            // The process dies: nothing unflushed survives, nothing uncommitted counts.
+            w.unflushed.clear();
+            w.may_repeat.extend(w.uncommitted.drain(..));
+            return Ok(false);
+        }
+        input = match action {
+            Action::Idle(_) | Action::Poll(_) => return Ok(true),
+            Action::Done(_) => {
+                w.unflushed.clear();
+                w.may_repeat.extend(w.uncommitted.drain(..));
+                return Ok(false);
+            }
+            other => answer(w, other, commit_each)?,
+        };
+    }
+    prop_assert!(false, "no progress in 5000 actions");
+    Ok(false)
+}
+
+/// The world's answer to one action.
+fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, TestCaseError> {
+    let current = w.session_uidvalidity;
+    Ok(match action {
+        Action::Select => {
+            w.session_uidvalidity = w.uidvalidity;
+            Input::Selected(inboxd_core::mailbox::Selected {
+                uidvalidity: w.uidvalidity,
+                uidnext: w.uidnext,
+            })
+        }
+        Action::Connect => Input::Connected {
+            idle: true,
+            token_left: None,
+        },
+        Action::List { above } => {
+            let mut items: Vec<Listed> = w
+                .folder
+                .keys()
+                .filter(|&&u| u > above)
+                .map(|&uid| Listed { uid, size: Some(100) })
+                .collect();
+            if let Some(&max) = w.folder.keys().last() {
+                items.push(Listed {
+                    uid: max,
+                    size: Some(100),
+                });
+            }
+            Input::Listed { items, news: false }
+        }
+        Action::Fetch { uids, dedupe_through } => {
+            if std::mem::take(&mut w.fetch_fails) {
+                return Ok(Input::Failed {
+                    class: FailureClass::Network,
+                    error: "connection reset".into(),
+                });
+            }
+            let mut infos = Vec::new();
+            for uid in uids {
+                let Some(mid) = w.mid_of(current, uid) else { continue };
+                let body = match w.no_body.get_mut(&mid) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        false
+                    }
+                    _ => true,
+                };
+                infos.push(FetchedInfo {
+                    uid,
+                    body,
+                    prior_attempts: w.attempts.get(&(current, uid)).copied().unwrap_or(0),
+                    seen_before: uid <= dedupe_through && w.settled.contains_key(&mid),
+                });
+            }
+            Input::Fetched(infos)
+        }
+        Action::CheckExists { uid } => Input::Exists {
+            uid,
+            exists: w.mid_of(current, uid).is_some(),
+        },
+        Action::Deliver { uid, attempt } => {
+            let mid = w.mid_of(current, uid).expect("delivering a message the folder has");
+            prop_assert_eq!(attempt, w.attempts.get(&(current, uid)).copied().unwrap_or(0) + 1);
+            if w.handler_failures > 0 {
+                w.handler_failures -= 1;
+                Input::HandlerFailed {
+                    uid,
+                    error: "told to fail".into(),
+                    unavailable: false,
+                }
+            } else {
+                prop_assert!(
+                    w.settled.get(&mid) != Some(&Status::Delivered) || w.may_repeat.contains(&mid),
+                    "message {mid} delivered again after its delivery was committed"
+                );
+                *w.deliveries.entry(mid).or_default() += 1;
+                w.uncommitted.push(mid);
+                if commit_each {
+                    w.durable.insert(mid);
+                } else {
+                    w.unflushed.push(mid);
+                }
+                Input::Delivered { uid }
+            }
+        }
+        Action::Flush => {
+            w.durable.extend(w.unflushed.drain(..));
+            Input::Flushed
+        }
+        Action::Commit { checkpoint, log } => {
+            if std::mem::take(&mut w.commit_fails) {
+                w.may_repeat.extend(w.uncommitted.drain(..));
+                Input::Failed {
+                    class: FailureClass::Network,
+                    error: "database or disk is full".into(),
+                }
+            } else {
+                w.commit(checkpoint, &log)?;
+                Input::Committed
+            }
+        }
+        Action::Record { log } => {
+            for row in log {
+                w.attempts.insert((current, row.uid), row.attempts);
+            }
+            Input::Recorded
+        }
+        Action::PostAction { .. } => Input::PostActionDone,
+        Action::RunJobs => Input::JobsRan { ran: false },
+        Action::Probe => Input::Probed,
+        Action::Sleep { delay, .. } => {
+            w.now += delay;
+            Input::Slept
+        }
+        Action::InvalidateToken => Input::TokenInvalidated,
+        Action::Logout => Input::LoggedOut,
+        Action::Idle(_) | Action::Poll(_) | Action::Done(_) => unreachable!(),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn per_message_commits_lose_nothing_and_repeat_nothing(ops in prop::collection::vec(op(), 1..50)) {
+        check_world(ops, 3, true)?;
+    }
+
+    #[test]
+    fn per_batch_commits_lose_nothing_and_repeat_nothing(ops in prop::collection::vec(op(), 1..50), batch in 1usize..6) {
+        check_world(ops, batch, false)?;
+    }
+}
+
+// Data-driven sequences: these inputs give these actions.
+
+fn s(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn cp(uidvalidity: u32, last_uid: u32) -> Checkpoint {
+    Checkpoint {
+        uidvalidity,
+        last_uid,
+        dedupe_through: 0,
+    }
+}
+
+fn started(spec: WatchSpec, stored: Option<Checkpoint>) -> WatchMachine {
+    let mut m = new_machine(&spec);
+    assert_eq!(
+        m.on(
+            Input::Start {
+                stored,
+                pending_post_actions: vec![]
+            },
+            s(0),
+            0.0
+        ),
+        Action::Connect
+    );
+    assert_eq!(
+        m.on(
+            Input::Connected {
+                idle: true,
+                token_left: None
+            },
+            s(0),
+            0.0
+        ),
+        Action::Select
+    );
+    m
+}
+
+fn listed(uids: &[u32]) -> Input {
+    Input::Listed {
+        items: uids.iter().map(|&uid| Listed { uid, size: Some(10) }).collect(),
+        news: false,
+    }
+}
+
+fn fetched(uids: &[u32]) -> Input {
+    Input::Fetched(
+        uids.iter()
+            .map(|&uid| FetchedInfo {
+                uid,
+                body: true,
+                prior_attempts: 0,
+                seen_before: false,
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 10)));
+    assert_eq!(
+        m.on(
+            Input::Selected(inboxd_core::mailbox::Selected {
+                uidvalidity: 7,
+                uidnext: 14
+            }),
+            s(0),
+            0.0
+        ),
+        Action::List { above: 10 }
+    );
+    assert_eq!(
+        m.on(listed(&[11, 12, 13]), s(0), 0.0),
+        Action::Fetch {
+            uids: vec![11, 12, 13],
+            dedupe_through: 0
+        }
+    );
+    // 12 came back without a body.
+    assert_eq!(
+        m.on(fetched(&[11, 13]), s(0), 0.0),
+        Action::Deliver { uid: 11, attempt: 1 }
+    );
+    assert_eq!(
+        m.on(Input::Delivered { uid: 11 }, s(0), 0.0),
+        Action::CheckExists { uid: 12 }
+    );
+    // Still there: a failed attempt; the prefix (11) is committed, 13 waits its turn.
+    assert_eq!(m.on(Input::Exists { uid: 12, exists: true }, s(0), 0.0), Action::Flush);
+    let Action::Commit { checkpoint, log } = m.on(Input::Flushed, s(0), 0.0) else {
+        panic!()
+    };
+    assert_eq!(checkpoint.last_uid, 11);
+    assert_eq!(log.len(), 1);
+    let Action::Record { log } = m.on(Input::Committed, s(0), 0.0) else {
+        panic!()
+    };
+    assert_eq!((log[0].uid, log[0].status, log[0].attempts), (12, Status::Failed, 1));
+    assert_eq!(
+        m.on(Input::Recorded, s(0), 0.0),
+        Action::Sleep {
+            delay: s(1),
+            keep_session: true
+        }
+    );
+    assert_eq!(m.on(Input::Slept, s(1), 0.0), Action::List { above: 11 });
+}
+
+#[test]
+fn a_uid_expunged_before_its_fetch_is_recorded_as_vanished() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 10)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 13,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[11, 12]), s(0), 0.0);
+    assert_eq!(m.on(fetched(&[12]), s(0), 0.0), Action::CheckExists { uid: 11 });
+    assert_eq!(
+        m.on(Input::Exists { uid: 11, exists: false }, s(0), 0.0),
+        Action::Deliver { uid: 12, attempt: 1 }
+    );
+    assert_eq!(m.on(Input::Delivered { uid: 12 }, s(0), 0.0), Action::Flush);
+    let Action::Commit { checkpoint, log } = m.on(Input::Flushed, s(0), 0.0) else {
+        panic!()
+    };
+    assert_eq!(checkpoint.last_uid, 12);
+    assert_eq!(
+        log.iter().map(|r| (r.uid, r.status)).collect::<Vec<_>>(),
+        vec![(11, Status::Vanished), (12, Status::Delivered)]
+    );
+}
+
+#[test]
+fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 4,
+        }),
+        s(0),
+        0.0,
+    );
+    // The listing names 4000000000 while UIDNEXT is 4: select again before believing it.
+    assert_eq!(m.on(listed(&[4_000_000_000]), s(0), 0.0), Action::Select);
+    assert_eq!(
+        m.on(
+            Input::Selected(inboxd_core::mailbox::Selected {
+                uidvalidity: 7,
+                uidnext: 4
+            }),
+            s(0),
+            0.0
+        ),
+        Action::List { above: 3 }
+    );
+    // Still beyond: ignored, and the folder counts as caught up at 3.
+    assert_eq!(m.on(listed(&[4_000_000_000]), s(0), 0.0), Action::RunJobs);
+    assert!(
+        m.take_notices()
+            .iter()
+            .any(|n| matches!(n, inboxd_core::machine::Notice::UidsBeyondUidNext { uidnext: 4, .. }))
+    );
+    assert_eq!(m.checkpoint().map(|c| c.last_uid), Some(3));
+    // New mail that the fresh UIDNEXT covers is delivered as usual.
+    assert_eq!(m.on(Input::JobsRan { ran: false }, s(0), 0.0), Action::Idle(s(600)));
+    m.on(
+        Input::WaitEnded {
+            wake: Wake::Activity,
+            token_left: None,
+        },
+        s(1),
+        0.0,
+    );
+    m.on(Input::JobsRan { ran: false }, s(1), 0.0);
+    assert_eq!(
+        m.on(
+            Input::Selected(inboxd_core::mailbox::Selected {
+                uidvalidity: 7,
+                uidnext: 5
+            }),
+            s(1),
+            0.0
+        ),
+        Action::List { above: 3 }
+    );
+    assert_eq!(
+        m.on(listed(&[4, 4_000_000_000]), s(1), 0.0),
+        Action::Fetch {
+            uids: vec![4],
+            dedupe_through: 0
+        }
+    );
+}
+
+#[test]
+fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
+    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    let select = Input::Selected(inboxd_core::mailbox::Selected {
+        uidvalidity: 7,
+        uidnext: 4,
+    });
+    m.on(select.clone(), s(0), 0.0);
+    assert_eq!(
+        m.on(listed(&[1, 2, 3]), s(0), 0.0),
+        Action::Fetch {
+            uids: vec![1, 2, 3],
+            dedupe_through: 0
+        }
+    );
+    let mut now = 0;
+    // The batch fails: next time one message at a time.
+    let mut action = m.on(
+        Input::Failed {
+            class: FailureClass::Network,
+            error: "timed out".into(),
+        },
+        s(now),
+        0.0,
+    );
+    for _ in 0..RETRY.max_attempts {
+        let Action::Sleep { delay, .. } = action else {
+            panic!("{action:?}")
+        };
+        now += delay.as_secs();
+        assert_eq!(m.on(Input::Slept, s(now), 0.0), Action::Connect);
+        m.on(
+            Input::Connected {
+                idle: true,
+                token_left: None,
+            },
+            s(now),
+            0.0,
+        );
+        m.on(select.clone(), s(now), 0.0);
+        assert_eq!(
+            m.on(listed(&[1, 2, 3]), s(now), 0.0),
+            Action::Fetch {
+                uids: vec![1],
+                dedupe_through: 0
+            }
+        );
+        action = m.on(
+            Input::Failed {
+                class: FailureClass::Network,
+                error: "incoming data too large".into(),
+            },
+            s(now),
+            0.0,
+        );
+    }
+    let Action::Sleep { delay, .. } = action else { panic!() };
+    now += delay.as_secs();
+    m.on(Input::Slept, s(now), 0.0);
+    m.on(
+        Input::Connected {
+            idle: true,
+            token_left: None,
+        },
+        s(now),
+        0.0,
+    );
+    m.on(select, s(now), 0.0);
+    // Given up on without a fetch, and the rest of the folder flows.
+    assert_eq!(m.on(listed(&[1, 2, 3]), s(now), 0.0), Action::Flush);
+    let Action::Commit { checkpoint, log } = m.on(Input::Flushed, s(now), 0.0) else {
+        panic!()
+    };
+    assert_eq!(checkpoint.last_uid, 1);
+    assert_eq!(log[0].status, Status::Dead);
+    assert!(log[0].error.contains("incoming data too large"), "{:?}", log[0]);
+    assert_eq!(
+        m.on(Input::Committed, s(now), 0.0),
+        Action::Fetch {
+            uids: vec![2],
+            dedupe_through: 0
+        }
+    );
+}
+
+#[test]
+fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 0)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 3,
+        }),
+        s(0),
+        0.0,
+    );
+    let items = vec![
+        Listed {
+            uid: 1,
+            size: Some(5_000_000),
+        },
+        Listed { uid: 2, size: Some(10) },
+    ];
+    // Settled as dead and committed like any other row, then the folder flows on.
+    assert_eq!(m.on(Input::Listed { items, news: false }, s(0), 0.0), Action::Flush);
+    let Action::Commit { checkpoint, log } = m.on(Input::Flushed, s(0), 0.0) else {
+        panic!()
+    };
+    assert_eq!((checkpoint.last_uid, log[0].status), (1, Status::Dead));
+    assert_eq!(
+        m.on(Input::Committed, s(0), 0.0),
+        Action::Fetch {
+            uids: vec![2],
+            dedupe_through: 0
+        }
+    );
+    assert!(
+        m.take_notices()
+            .iter()
+            .any(|n| matches!(n, inboxd_core::machine::Notice::DeadLettered { uid: 1, .. }))
+    );
+}
+
+#[test]
+fn a_failed_post_action_never_ends_the_round_and_is_retried_at_the_next_wake() {
+    let mut m = started(spec(10, true, true), Some(cp(7, 0)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 2,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[1]), s(0), 0.0);
+    m.on(fetched(&[1]), s(0), 0.0);
+    m.on(Input::Delivered { uid: 1 }, s(0), 0.0);
+    m.on(Input::Flushed, s(0), 0.0);
+    assert_eq!(m.on(Input::Committed, s(0), 0.0), Action::PostAction { uids: vec![1] });
+    assert_eq!(
+        m.on(
+            Input::PostActionFailed {
+                permanent: false,
+                error: "[UNAVAILABLE] busy".into()
+            },
+            s(0),
+            0.0
+        ),
+        Action::List { above: 1 }
+    );
+    assert_eq!(m.on(listed(&[]), s(0), 0.0), Action::RunJobs);
+    m.on(Input::JobsRan { ran: false }, s(0), 0.0);
+    m.on(
+        Input::WaitEnded {
+            wake: Wake::Activity,
+            token_left: None,
+        },
+        s(5),
+        0.0,
+    );
+    m.on(Input::JobsRan { ran: false }, s(5), 0.0);
+    assert_eq!(
+        m.on(
+            Input::Selected(inboxd_core::mailbox::Selected {
+                uidvalidity: 7,
+                uidnext: 2
+            }),
+            s(5),
+            0.0
+        ),
+        Action::PostAction { uids: vec![1] }
+    );
+    assert_eq!(m.on(Input::PostActionDone, s(5), 0.0), Action::List { above: 1 });
+}
+
+#[test]
+fn a_stop_during_a_delivery_commits_it_and_logs_out() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 0)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 3,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[1, 2]), s(0), 0.0);
+    assert_eq!(
+        m.on(fetched(&[1, 2]), s(0), 0.0),
+        Action::Deliver { uid: 1, attempt: 1 }
+    );
+    m.stop();
+    assert_eq!(m.on(Input::Delivered { uid: 1 }, s(0), 0.0), Action::Flush);
+    let Action::Commit { checkpoint, .. } = m.on(Input::Flushed, s(0), 0.0) else {
+        panic!()
+    };
+    assert_eq!(checkpoint.last_uid, 1);
+    assert_eq!(m.on(Input::Committed, s(0), 0.0), Action::Logout);
+    assert_eq!(m.on(Input::LoggedOut, s(0), 0.0), Action::Done(Ok(())));
+}
+
+#[test]
+fn an_unavailable_handler_ends_the_round_without_counting_against_the_message() {
+    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 2,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[1]), s(0), 0.0);
+    m.on(fetched(&[1]), s(0), 0.0);
+    let a = m.on(
+        Input::HandlerFailed {
+            uid: 1,
+            error: "handler ./h.sh not found".into(),
+            unavailable: true,
+        },
+        s(0),
+        0.0,
+    );
+    assert!(
+        matches!(
+            a,
+            Action::Sleep {
+                keep_session: false,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    assert!(!m.take_notices().iter().any(|n| matches!(
+        n,
+        inboxd_core::machine::Notice::DeadLettered { .. } | inboxd_core::machine::Notice::Failed { .. }
+    )));
+}
+
+#[test]
+fn a_token_due_at_once_does_not_make_a_login_loop() {
+    let mut m = new_machine(&spec(10, false, false));
+    m.on(
+        Input::Start {
+            stored: Some(cp(7, 0)),
+            pending_post_actions: vec![],
+        },
+        s(0),
+        0.0,
+    );
+    m.on(
+        Input::Connected {
+            idle: true,
+            token_left: Some(s(0)),
+        },
+        s(0),
+        0.0,
+    );
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 1,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[]), s(0), 0.0);
+    // The session is young: it waits until the floor instead of recycling now.
+    assert_eq!(
+        m.on(Input::JobsRan { ran: false }, s(0), 0.0),
+        Action::Idle(inboxd_core::machine::RECYCLE_FLOOR)
+    );
 }

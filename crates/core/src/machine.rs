@@ -1,0 +1,1186 @@
+//! The watch machine: the one place that decides what a watcher does next.
+//!
+//! [`WatchMachine::on`] takes what the last action produced (an [`Input`]) and returns the next
+//! [`Action`]: connect, select, list, fetch, deliver, flush, commit (when, and how far),
+//! post-actions, wait (IDLE, poll, probe), sleep before a retry, log out, stop. The driver in
+//! the `inboxd` crate executes one action at a time and feeds the result back; it decides
+//! nothing. Time comes in as an offset from the driver's origin and randomness as a `jitter`
+//! in `[0, 1)`, so the machine is a pure function of its inputs and is tested without a
+//! server, thousands of runs a second (`tests/model.rs`).
+//!
+//! **When the checkpoint advances** is answered here and only here:
+//! - after a SELECT that changed what the checkpoint means (first sight, UIDVALIDITY);
+//! - after every acknowledged message when [`WatchSpec::commit_each`] (a handler with side
+//!   effects that cannot be repeated cheaply), else at the end of each fetch batch;
+//! - before a back-off wait (the acknowledged prefix, so a crash during a long wait does not
+//!   repeat it), before a stop, and before a round ends because the handler is unavailable;
+//! - when a finished catch-up clears a dedupe pass.
+//!
+//! Every commit is preceded by a flush of the handler and never passes a UID that was not
+//! settled: delivered, dead-lettered, skipped as a duplicate, or found expunged. A UID the
+//! server listed but whose body did not come back is never "a gap": the machine asks whether
+//! it still exists, and retries and dead-letters it like a failed delivery if it does.
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use core::time::Duration;
+
+use crate::checkpoint::{AckWindow, Checkpoint};
+use crate::failure::{FailureClass, Reconnect};
+use crate::mailbox::{self, Notice as SelectNotice, Selected, StartPolicy, UidValidityPolicy};
+use crate::retry::{AfterFailure, RetryPolicy};
+use crate::wait::{Wait, WaitPolicy, next_wait};
+
+/// A session younger than this is not recycled (a token lifetime of seconds would otherwise
+/// make a login loop); the wait runs until it is this old instead.
+pub const RECYCLE_FLOOR: Duration = Duration::from_secs(30);
+
+/// A back-off wait longer than this is spent disconnected (logged out cleanly), not holding a
+/// silent session the server or a NAT would drop anyway.
+pub const KEEP_SESSION_FOR: Duration = Duration::from_secs(30);
+
+/// The fixed parts of a watch, as far as decisions go.
+#[derive(Clone, Debug)]
+pub struct WatchSpec {
+    pub start: StartPolicy,
+    pub on_uidvalidity_change: UidValidityPolicy,
+    pub retry: RetryPolicy,
+    pub wait: WaitPolicy,
+    /// Most messages fetched in one batch.
+    pub batch_size: usize,
+    /// Most bytes (by the sizes the server reported) fetched in one batch. A message whose
+    /// size is unknown is fetched alone.
+    pub batch_bytes: u64,
+    /// A message the server reports larger than this is dead-lettered without being fetched.
+    pub max_message_size: u64,
+    /// Commit after every message (true) or once per batch (false).
+    pub commit_each: bool,
+    /// Whether a post-action (flag, move, delete) follows each delivery.
+    pub post_action: bool,
+    /// Catch up once and finish, instead of watching until stopped.
+    pub once: bool,
+}
+
+/// One message of a listing: its UID and the size the server reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub uid: u32,
+    pub size: Option<u32>,
+}
+
+/// What the driver learned about one UID of a [`Action::Fetch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchedInfo {
+    pub uid: u32,
+    /// The server returned the message's body.
+    pub body: bool,
+    /// Failed attempts recorded in the delivery log (before a restart, or an earlier round).
+    pub prior_attempts: u32,
+    /// Asked only for UIDs at or below `dedupe_through`: its Message-ID (or digest) was
+    /// delivered from this folder before.
+    pub seen_before: bool,
+}
+
+/// How a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The server reported a change.
+    Activity,
+    /// The wait reached its planned length.
+    Elapsed,
+    /// No byte from the server for too long: probe before trusting the connection.
+    Silence,
+    /// Queued work or a stop request.
+    Interrupted,
+}
+
+/// The status of a delivery-log row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Delivered,
+    /// Given up on after its last attempt.
+    Dead,
+    /// Its Message-ID was delivered before a UIDVALIDITY change.
+    Skipped,
+    /// Listed, then expunged before its body could be fetched.
+    Vanished,
+    /// Failed, will be retried.
+    Failed,
+}
+
+/// A delivery-log row, by UID; the driver adds key, Message-ID and folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRow {
+    pub uid: u32,
+    pub status: Status,
+    pub attempts: u32,
+    pub error: String,
+}
+
+/// What the last action produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The watch starts; `stored` is its checkpoint, `pending_post_actions` the UIDs (of the
+    /// stored UIDVALIDITY) whose post-action failed transiently and awaits a retry.
+    Start {
+        stored: Option<Checkpoint>,
+        pending_post_actions: Vec<u32>,
+    },
+    /// Logged in. `idle`: the server offers IDLE.
+    Connected {
+        idle: bool,
+        token_left: Option<Duration>,
+    },
+    Selected(Selected),
+    /// `news`: the server announced new mail while the listing ran.
+    Listed {
+        items: Vec<Listed>,
+        news: bool,
+    },
+    Fetched(Vec<FetchedInfo>),
+    /// Answer to [`Action::CheckExists`].
+    Exists {
+        uid: u32,
+        exists: bool,
+    },
+    Delivered {
+        uid: u32,
+    },
+    /// `unavailable`: the handler cannot work at all (its program is missing); not this
+    /// message's fault.
+    HandlerFailed {
+        uid: u32,
+        error: String,
+        unavailable: bool,
+    },
+    Flushed,
+    Committed,
+    Recorded,
+    PostActionDone,
+    PostActionFailed {
+        permanent: bool,
+        error: String,
+    },
+    JobsRan {
+        ran: bool,
+    },
+    WaitEnded {
+        wake: Wake,
+        token_left: Option<Duration>,
+    },
+    Probed,
+    Slept,
+    LoggedOut,
+    TokenInvalidated,
+    /// The action failed; the session (if any) is gone.
+    Failed {
+        class: FailureClass,
+        error: String,
+    },
+    /// The action was abandoned for a stop request ([`WatchMachine::stop`] was called).
+    Interrupted,
+}
+
+/// What to do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Connect,
+    Select,
+    /// `UID FETCH above+1:* (UID RFC822.SIZE)`.
+    List {
+        above: u32,
+    },
+    /// Fetch these bodies; for UIDs at or below `dedupe_through`, say whether each was seen.
+    Fetch {
+        uids: Vec<u32>,
+        dedupe_through: u32,
+    },
+    /// Does this UID still exist (`UID SEARCH UID n`)?
+    CheckExists {
+        uid: u32,
+    },
+    /// Hand the fetched message to the handler; `attempt` counts from 1.
+    Deliver {
+        uid: u32,
+        attempt: u32,
+    },
+    Flush,
+    /// Write the checkpoint and these rows in one transaction.
+    Commit {
+        checkpoint: Checkpoint,
+        log: Vec<LogRow>,
+    },
+    /// Write rows without touching the checkpoint.
+    Record {
+        log: Vec<LogRow>,
+    },
+    PostAction {
+        uids: Vec<u32>,
+    },
+    /// Run queued jobs on the session; the folder is selected again afterwards.
+    RunJobs,
+    Idle(Duration),
+    Poll(Duration),
+    /// NOOP under its deadline.
+    Probe,
+    /// Wait; with `keep_session` the session stays open (and unused).
+    Sleep {
+        delay: Duration,
+        keep_session: bool,
+    },
+    /// The token was refused or expired: the next login needs a fresh one.
+    InvalidateToken,
+    Logout,
+    /// The watch is over: stopped, or `once` finished (`Err` with the reason if it failed).
+    Done(Result<(), String>),
+}
+
+/// Something the operator (logs, events, health) should hear about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    Connected,
+    /// The session ended; `error` is `None` for a deliberate close (recycle).
+    Disconnected {
+        error: Option<String>,
+        retry_in: Option<Duration>,
+    },
+    FirstSight {
+        uidvalidity: u32,
+        last_uid: u32,
+    },
+    UidValidityChanged {
+        old: u32,
+        new: u32,
+        policy: UidValidityPolicy,
+    },
+    UidNextBehindCheckpoint {
+        uidnext: u32,
+        last_uid: u32,
+    },
+    /// The server listed UIDs at or above UIDNEXT (checked again with a fresh SELECT): they
+    /// are ignored, and the checkpoint never moves to them.
+    UidsBeyondUidNext {
+        uids: Vec<u32>,
+        uidnext: u32,
+    },
+    /// Committed as delivered.
+    Delivered {
+        uid: u32,
+    },
+    Failed {
+        uid: u32,
+        attempts: u32,
+        error: String,
+        retry_in: Duration,
+    },
+    DeadLettered {
+        uid: u32,
+        error: String,
+    },
+    SkippedDuplicate {
+        uid: u32,
+    },
+    Vanished {
+        uid: u32,
+    },
+    PostActionFailed {
+        uids: Vec<u32>,
+        error: String,
+        permanent: bool,
+    },
+    CaughtUp {
+        last_uid: u32,
+    },
+}
+
+/// What the watch is doing, for health reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Connecting,
+    CatchingUp,
+    Idle,
+    Polling,
+    RetryingMessage { uid: u32, delay: Duration },
+    WaitingToReconnect { delay: Duration },
+    Stopped,
+    Failed,
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            State::Starting => f.write_str("starting"),
+            State::Connecting => f.write_str("connecting"),
+            State::CatchingUp => f.write_str("catching up"),
+            State::Idle => f.write_str("idle"),
+            State::Polling => f.write_str("polling"),
+            State::RetryingMessage { uid, delay } => write!(f, "retrying uid {uid} in {}s", delay.as_secs()),
+            State::WaitingToReconnect { delay } => write!(f, "waiting {}s to reconnect", delay.as_secs()),
+            State::Stopped => f.write_str("stopped"),
+            State::Failed => f.write_str("failed"),
+        }
+    }
+}
+
+/// Why a SELECT was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SelectFor {
+    /// The first SELECT of a session.
+    Round,
+    /// After a wake or queued jobs.
+    Resync,
+    /// The listing named UIDs at or above UIDNEXT: a fresh UIDNEXT decides.
+    RecheckUidNext,
+}
+
+/// What follows a flush and commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AfterCommit {
+    /// Go on with the catch-up.
+    Continue,
+    /// The listing after a SELECT.
+    List,
+    /// A finished catch-up.
+    CaughtUp,
+    /// Record this failed row, then wait and try again.
+    Retry { row: LogRow, delay: Duration },
+    /// End the round as a failure (the handler is unavailable).
+    Fail { class: FailureClass, error: String },
+    /// Log out and finish.
+    Stop,
+}
+
+/// What follows a logout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterLogout {
+    Reconnect,
+    Sleep { delay: Duration },
+    Finish,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Connecting,
+    Selecting(SelectFor),
+    Listing,
+    Fetching { uids: Vec<u32> },
+    Checking { uid: u32 },
+    Delivering { uid: u32, attempt: u32 },
+    Flushing(AfterCommit),
+    Committing { next: Checkpoint, then: AfterCommit },
+    Recording { uid: u32, delay: Duration },
+    PostActing { retrying: bool },
+    RunningJobs { then_wait: bool },
+    Waiting { poll: bool },
+    Probing,
+    Sleeping { reconnect: bool },
+    InvalidatingToken { delay: Duration },
+    LoggingOut(AfterLogout),
+    Done,
+}
+
+/// The catch-up in progress within one session.
+#[derive(Clone, Debug, Default)]
+struct CatchUp {
+    /// Listed UIDs not yet fetched, ascending, with their reported sizes.
+    queue: VecDeque<Listed>,
+    /// The current batch's UIDs not yet settled, ascending.
+    batch: VecDeque<u32>,
+    fetched: BTreeMap<u32, FetchedInfo>,
+    window: AckWindow,
+    /// Rows settled since the last commit.
+    log: Vec<LogRow>,
+    /// Delivered since the last commit: their post-actions follow the commit.
+    delivered: Vec<u32>,
+}
+
+/// The decision machine of one watch. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct WatchMachine {
+    spec: WatchSpec,
+    reconnect: Reconnect,
+    phase: Phase,
+    state: State,
+    /// The committed checkpoint (`None` before the folder was first seen).
+    cp: Option<Checkpoint>,
+    uidnext: u32,
+    idle: bool,
+    /// When the current session selected its folder the first time.
+    connected_at: Option<Duration>,
+    catch_up: CatchUp,
+    /// UIDs found at or above UIDNEXT after a fresh SELECT; ignored while still beyond it.
+    distrusted: BTreeSet<u32>,
+    /// Post-actions to try again at the next wake.
+    pending_post: Vec<u32>,
+    /// Post-actions in flight.
+    posting: Vec<u32>,
+    /// Failed whole-fetch attempts per UID fetched alone (a message the server cannot send).
+    fetch_failures: BTreeMap<u32, (u32, String)>,
+    /// After a failed batch fetch, UIDs up to this one are fetched one at a time.
+    single_until: u32,
+    stopping: bool,
+    /// An action was abandoned mid-command: the session cannot carry post-actions or LOGOUT.
+    session_broken: bool,
+    /// The listing was already checked against a fresh UIDNEXT.
+    rechecked: bool,
+    /// What follows the post-action in flight.
+    after_post: Option<AfterCommit>,
+    /// When the session's access token is due, as an offset like `now`.
+    token_due: Option<Duration>,
+    now: Duration,
+    jitter: f64,
+    notices: Vec<Notice>,
+}
+
+impl WatchMachine {
+    pub fn new(spec: WatchSpec, reconnect: Reconnect) -> WatchMachine {
+        WatchMachine {
+            spec,
+            reconnect,
+            phase: Phase::Start,
+            state: State::Starting,
+            cp: None,
+            uidnext: 1,
+            idle: false,
+            connected_at: None,
+            catch_up: CatchUp::default(),
+            distrusted: BTreeSet::new(),
+            pending_post: Vec::new(),
+            posting: Vec::new(),
+            fetch_failures: BTreeMap::new(),
+            single_until: 0,
+            stopping: false,
+            session_broken: false,
+            rechecked: false,
+            after_post: None,
+            token_due: None,
+            now: Duration::ZERO,
+            jitter: 0.0,
+            notices: Vec::new(),
+        }
+    }
+
+    /// A stop was requested: the delivery in flight finishes and is committed, then the
+    /// session logs out. Call it before feeding the input of the interrupted action.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Whether a stop was requested.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// The committed checkpoint.
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.cp
+    }
+
+    /// What the watch is doing.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Notices since the last call, oldest first.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        core::mem::take(&mut self.notices)
+    }
+
+    /// Feeds the result of the last action (or [`Input::Start`]) and returns the next action.
+    /// `now` is the time since the driver's origin; `jitter` a number in `[0, 1)`.
+    pub fn on(&mut self, input: Input, now: Duration, jitter: f64) -> Action {
+        self.now = now;
+        self.jitter = jitter;
+        let action = self.step(input, now, jitter);
+        if let Action::Done(result) = &action {
+            self.phase = Phase::Done;
+            self.state = if result.is_ok() { State::Stopped } else { State::Failed };
+        }
+        action
+    }
+
+    fn step(&mut self, input: Input, now: Duration, jitter: f64) -> Action {
+        if self.phase == Phase::Done {
+            return Action::Done(Ok(()));
+        }
+        let phase = core::mem::replace(&mut self.phase, Phase::Done);
+        match (phase, input) {
+            (
+                Phase::Start,
+                Input::Start {
+                    stored,
+                    pending_post_actions,
+                },
+            ) => {
+                self.cp = stored;
+                self.pending_post = pending_post_actions;
+                self.connect()
+            }
+            (phase, Input::Failed { class, error }) => {
+                if let Phase::Fetching { uids } = &phase {
+                    self.fetch_failed(uids, &error);
+                }
+                self.failed(class, error, now, jitter)
+            }
+            (phase, Input::Interrupted) => self.interrupted(phase),
+            (Phase::Connecting, Input::Connected { idle, token_left }) => {
+                self.idle = idle;
+                self.token_due = token_left.map(|t| now.saturating_add(t));
+                self.session_broken = false;
+                self.select(SelectFor::Round)
+            }
+            (Phase::Selecting(why), Input::Selected(selected)) => self.selected(why, selected, now),
+            (Phase::Listing, Input::Listed { items, news }) => self.listed(items, news),
+            (Phase::Fetching { uids }, Input::Fetched(infos)) => {
+                let wanted: BTreeSet<u32> = uids.iter().copied().collect();
+                self.catch_up.fetched = infos
+                    .into_iter()
+                    .filter(|i| wanted.contains(&i.uid))
+                    .map(|i| (i.uid, i))
+                    .collect();
+                for &uid in &uids {
+                    // Every UID of the batch holds the checkpoint until it is settled, whether
+                    // or not its body came back.
+                    self.catch_up.window.track(uid);
+                    if self.catch_up.fetched.get(&uid).is_some_and(|i| i.body) {
+                        self.fetch_failures.remove(&uid);
+                    }
+                }
+                self.catch_up.batch = uids.into();
+                self.next()
+            }
+            (Phase::Checking { uid }, Input::Exists { uid: asked, exists }) if asked == uid => {
+                self.catch_up.batch.pop_front();
+                if !exists {
+                    self.notices.push(Notice::Vanished { uid });
+                    self.settle(uid, Status::Vanished, 0, String::new());
+                    return self.after_settle();
+                }
+                let prior = self.catch_up.fetched.get(&uid).map_or(0, |i| i.prior_attempts);
+                let error = String::from("the server listed this message but did not return its body");
+                self.failed_attempt(uid, prior + 1, error)
+            }
+            (Phase::Delivering { uid, attempt }, Input::Delivered { uid: done }) if done == uid => {
+                self.catch_up.batch.pop_front();
+                self.catch_up.delivered.push(uid);
+                self.settle(uid, Status::Delivered, attempt, String::new());
+                self.after_settle()
+            }
+            (
+                Phase::Delivering { uid, attempt },
+                Input::HandlerFailed {
+                    uid: failed,
+                    error,
+                    unavailable,
+                },
+            ) if failed == uid => {
+                if unavailable {
+                    // Not this message's fault: commit the prefix and end the round; the
+                    // reconnect schedule tries again.
+                    return self.flush(AfterCommit::Fail {
+                        class: FailureClass::Network,
+                        error,
+                    });
+                }
+                self.catch_up.batch.pop_front();
+                self.failed_attempt(uid, attempt, error)
+            }
+            (Phase::Flushing(then), Input::Flushed) => {
+                let next = Checkpoint {
+                    last_uid: self.catch_up.window.advance(),
+                    ..self.cp.unwrap_or(Checkpoint {
+                        uidvalidity: 0,
+                        last_uid: 0,
+                        dedupe_through: 0,
+                    })
+                };
+                let log = core::mem::take(&mut self.catch_up.log);
+                self.phase = Phase::Committing { next, then };
+                Action::Commit { checkpoint: next, log }
+            }
+            (Phase::Committing { next, then }, Input::Committed) => {
+                self.cp = Some(next);
+                let delivered = core::mem::take(&mut self.catch_up.delivered);
+                for &uid in &delivered {
+                    self.notices.push(Notice::Delivered { uid });
+                }
+                if self.spec.post_action && !delivered.is_empty() && self.session_broken {
+                    // The session cannot carry it now: recorded as pending, tried at the next
+                    // start.
+                    self.notices.push(Notice::PostActionFailed {
+                        uids: delivered,
+                        error: String::from("stopped before the post-action could run"),
+                        permanent: false,
+                    });
+                } else if self.spec.post_action && !delivered.is_empty() {
+                    self.posting = delivered;
+                    self.phase = Phase::PostActing { retrying: false };
+                    // `then` is resumed after the post-action.
+                    self.after_post = Some(then);
+                    return Action::PostAction {
+                        uids: self.posting.clone(),
+                    };
+                }
+                self.after_commit(then)
+            }
+            (Phase::Recording { uid, delay }, Input::Recorded) => self.back_off(uid, delay),
+            (Phase::PostActing { retrying }, Input::PostActionDone) => {
+                self.posting.clear();
+                self.after_post_action(retrying)
+            }
+            (Phase::PostActing { retrying }, Input::PostActionFailed { permanent, error }) => {
+                let uids = core::mem::take(&mut self.posting);
+                self.notices.push(Notice::PostActionFailed {
+                    uids: uids.clone(),
+                    error,
+                    permanent,
+                });
+                if !permanent {
+                    // Tried again at the next wake (the driver also records them).
+                    self.pending_post.extend(uids);
+                    self.pending_post.sort_unstable();
+                    self.pending_post.dedup();
+                }
+                self.after_post_action(retrying)
+            }
+            (Phase::RunningJobs { then_wait }, Input::JobsRan { ran }) => {
+                if ran || !then_wait {
+                    // A job may have selected another folder: select ours again.
+                    self.select(SelectFor::Resync)
+                } else {
+                    self.wait(now)
+                }
+            }
+            (Phase::Waiting { poll }, Input::WaitEnded { wake, token_left }) => {
+                if let Some(t) = token_left {
+                    self.token_due = Some(now.saturating_add(t));
+                }
+                if self.stopping {
+                    return self.logout(AfterLogout::Finish);
+                }
+                if poll || wake == Wake::Silence {
+                    self.phase = Phase::Probing;
+                    return Action::Probe;
+                }
+                self.run_jobs(false)
+            }
+            (Phase::Probing, Input::Probed) => self.run_jobs(false),
+            (Phase::Sleeping { reconnect }, Input::Slept) => {
+                if self.stopping {
+                    return if reconnect {
+                        Action::Done(Ok(()))
+                    } else {
+                        self.flush(AfterCommit::Stop)
+                    };
+                }
+                if reconnect {
+                    self.connect()
+                } else {
+                    // Back from a back-off with the session: list again, which fetches the
+                    // message anew (the attempts are in the log).
+                    self.list()
+                }
+            }
+            (Phase::InvalidatingToken { delay }, Input::TokenInvalidated) => self.sleep_disconnected(delay),
+            (Phase::LoggingOut(then), Input::LoggedOut) => match then {
+                AfterLogout::Reconnect => self.connect(),
+                AfterLogout::Sleep { delay } => {
+                    if self.stopping {
+                        return Action::Done(Ok(()));
+                    }
+                    self.phase = Phase::Sleeping { reconnect: true };
+                    Action::Sleep {
+                        delay,
+                        keep_session: false,
+                    }
+                }
+                AfterLogout::Finish => Action::Done(Ok(())),
+            },
+            (phase, input) => {
+                // An input that does not answer the action in flight: a driver bug. End the
+                // round as a failure rather than guess; the schedule reconnects.
+                let error = format!("internal: {input:?} does not answer {phase:?}");
+                self.failed(FailureClass::Network, error, now, jitter)
+            }
+        }
+    }
+
+    fn connect(&mut self) -> Action {
+        self.connected_at = None;
+        self.catch_up = CatchUp::default();
+        self.state = State::Connecting;
+        self.phase = Phase::Connecting;
+        Action::Connect
+    }
+
+    fn select(&mut self, why: SelectFor) -> Action {
+        self.phase = Phase::Selecting(why);
+        Action::Select
+    }
+
+    fn selected(&mut self, why: SelectFor, selected: Selected, now: Duration) -> Action {
+        self.uidnext = selected.uidnext;
+        let outcome = mailbox::on_select(self.cp, selected, self.spec.start, self.spec.on_uidvalidity_change);
+        match outcome.notice {
+            Some(SelectNotice::FirstSight) => self.notices.push(Notice::FirstSight {
+                uidvalidity: outcome.checkpoint.uidvalidity,
+                last_uid: outcome.checkpoint.last_uid,
+            }),
+            Some(SelectNotice::UidValidityChanged { old, new, policy }) => {
+                // The old UIDs mean nothing any more.
+                self.pending_post.clear();
+                self.fetch_failures.clear();
+                self.distrusted.clear();
+                self.single_until = 0;
+                self.notices.push(Notice::UidValidityChanged { old, new, policy });
+            }
+            Some(SelectNotice::UidNextBehindCheckpoint { uidnext, last_uid }) => {
+                self.notices.push(Notice::UidNextBehindCheckpoint { uidnext, last_uid })
+            }
+            None => {}
+        }
+        self.distrusted.retain(|&u| u >= selected.uidnext);
+        if why == SelectFor::Round {
+            self.reconnect.connected(now);
+            self.connected_at = Some(now);
+            self.notices.push(Notice::Connected);
+        }
+        self.state = State::CatchingUp;
+        if outcome.store {
+            self.phase = Phase::Committing {
+                next: outcome.checkpoint,
+                then: AfterCommit::List,
+            };
+            return Action::Commit {
+                checkpoint: outcome.checkpoint,
+                log: Vec::new(),
+            };
+        }
+        self.cp = Some(outcome.checkpoint);
+        if why == SelectFor::RecheckUidNext {
+            return self.list();
+        }
+        self.list_after_select()
+    }
+
+    /// After a SELECT: post-actions that failed earlier are tried again, then the listing.
+    fn list_after_select(&mut self) -> Action {
+        if !self.pending_post.is_empty() && !self.stopping {
+            self.posting = core::mem::take(&mut self.pending_post);
+            self.phase = Phase::PostActing { retrying: true };
+            return Action::PostAction {
+                uids: self.posting.clone(),
+            };
+        }
+        self.list()
+    }
+
+    fn committed_cp(&self) -> Checkpoint {
+        self.cp.unwrap_or(Checkpoint {
+            uidvalidity: 0,
+            last_uid: 0,
+            dedupe_through: 0,
+        })
+    }
+
+    fn list(&mut self) -> Action {
+        if self.stopping {
+            return self.logout(AfterLogout::Finish);
+        }
+        let cp = self.committed_cp();
+        self.catch_up = CatchUp {
+            window: AckWindow::new(cp.last_uid),
+            ..CatchUp::default()
+        };
+        self.phase = Phase::Listing;
+        Action::List { above: cp.last_uid }
+    }
+
+    fn listed(&mut self, mut items: Vec<Listed>, news: bool) -> Action {
+        let cp = self.committed_cp();
+        // `UID FETCH n:*` may name the last message even below n (RFC 3501 §6.4.8).
+        items.retain(|l| l.uid > cp.last_uid);
+        items.sort_unstable_by_key(|l| l.uid);
+        items.dedup_by_key(|l| l.uid);
+        let beyond: Vec<u32> = items.iter().map(|l| l.uid).filter(|&u| u >= self.uidnext).collect();
+        if !beyond.is_empty() {
+            let unknown = beyond.iter().any(|u| !self.distrusted.contains(u));
+            if unknown && !self.rechecked {
+                // New mail since the SELECT, or a server naming UIDs that do not exist: a
+                // fresh UIDNEXT tells which.
+                self.rechecked = true;
+                return self.select(SelectFor::RecheckUidNext);
+            }
+            if unknown {
+                self.notices.push(Notice::UidsBeyondUidNext {
+                    uids: beyond.clone(),
+                    uidnext: self.uidnext,
+                });
+                self.distrusted.extend(beyond);
+            }
+            let uidnext = self.uidnext;
+            items.retain(|l| l.uid < uidnext);
+        }
+        self.rechecked = false;
+        if items.is_empty() {
+            if news {
+                // Announced while we listed: list again rather than wait on it.
+                return self.list();
+            }
+            let settled = mailbox::settle(cp);
+            if settled != cp {
+                self.phase = Phase::Committing {
+                    next: settled,
+                    then: AfterCommit::CaughtUp,
+                };
+                return Action::Commit {
+                    checkpoint: settled,
+                    log: Vec::new(),
+                };
+            }
+            return self.caught_up();
+        }
+        self.catch_up.queue = items.into();
+        self.next()
+    }
+
+    /// The next step of the catch-up: deliver the next message of the batch, settle what
+    /// cannot be delivered, commit a finished batch, fetch the next one, or list again.
+    fn next(&mut self) -> Action {
+        loop {
+            if let Some(&uid) = self.catch_up.batch.front() {
+                if self.stopping {
+                    return self.flush(AfterCommit::Stop);
+                }
+                match self.catch_up.fetched.get(&uid).copied() {
+                    Some(info) if info.body && info.seen_before => {
+                        self.catch_up.batch.pop_front();
+                        self.notices.push(Notice::SkippedDuplicate { uid });
+                        self.settle(uid, Status::Skipped, 0, String::new());
+                        continue;
+                    }
+                    Some(info) if info.body => {
+                        let attempt = info.prior_attempts.saturating_add(1);
+                        self.phase = Phase::Delivering { uid, attempt };
+                        return Action::Deliver { uid, attempt };
+                    }
+                    _ => {
+                        self.phase = Phase::Checking { uid };
+                        return Action::CheckExists { uid };
+                    }
+                }
+            }
+            if !self.catch_up.log.is_empty() {
+                return self.flush(AfterCommit::Continue);
+            }
+            if self.stopping {
+                return self.logout(AfterLogout::Finish);
+            }
+            let Some(front) = self.catch_up.queue.front().copied() else {
+                // Everything listed is settled and committed: list again.
+                return self.list();
+            };
+            if let Some(reason) = self.give_up_reason(front) {
+                self.catch_up.queue.pop_front();
+                self.catch_up.window.track(front.uid);
+                self.notices.push(Notice::DeadLettered {
+                    uid: front.uid,
+                    error: reason.clone(),
+                });
+                let attempts = self.fetch_failures.remove(&front.uid).map_or(0, |(n, _)| n);
+                self.settle(front.uid, Status::Dead, attempts, reason);
+                if self.spec.commit_each {
+                    return self.flush(AfterCommit::Continue);
+                }
+                continue;
+            }
+            let uids = self.take_batch();
+            self.phase = Phase::Fetching { uids: uids.clone() };
+            return Action::Fetch {
+                uids,
+                dedupe_through: self.committed_cp().dedupe_through,
+            };
+        }
+    }
+
+    /// Why a listed message is dead-lettered without a fetch, if it is.
+    fn give_up_reason(&self, listed: Listed) -> Option<String> {
+        if let Some(size) = listed.size
+            && u64::from(size) > self.spec.max_message_size
+        {
+            return Some(format!(
+                "the message is {size} bytes, above max_message_size ({} bytes)",
+                self.spec.max_message_size
+            ));
+        }
+        match self.fetch_failures.get(&listed.uid) {
+            Some((n, error)) if *n >= self.spec.retry.max_attempts.max(1) => {
+                Some(format!("the message could not be fetched in {n} attempts: {error}"))
+            }
+            _ => None,
+        }
+    }
+
+    /// The next fetch batch from the queue: at most `batch_size` messages and `batch_bytes`
+    /// bytes; a message of unknown size, or one that a failed batch fetch covered, alone.
+    fn take_batch(&mut self) -> Vec<u32> {
+        let mut uids = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(&next) = self.catch_up.queue.front() {
+            let alone = next.size.is_none() || next.uid <= self.single_until;
+            if !uids.is_empty() {
+                let size = u64::from(next.size.unwrap_or(0));
+                if alone
+                    || uids.len() >= self.spec.batch_size.max(1)
+                    || bytes.saturating_add(size) > self.spec.batch_bytes
+                    || self.give_up_reason(next).is_some()
+                {
+                    break;
+                }
+            }
+            self.catch_up.queue.pop_front();
+            uids.push(next.uid);
+            bytes = bytes.saturating_add(u64::from(next.size.unwrap_or(0)));
+            if alone {
+                break;
+            }
+        }
+        uids
+    }
+
+    fn settle(&mut self, uid: u32, status: Status, attempts: u32, error: String) {
+        self.catch_up.window.ack(uid);
+        self.catch_up.log.push(LogRow {
+            uid,
+            status,
+            attempts,
+            error,
+        });
+    }
+
+    fn after_settle(&mut self) -> Action {
+        if self.spec.commit_each {
+            self.flush(AfterCommit::Continue)
+        } else {
+            self.next()
+        }
+    }
+
+    /// The `attempts`-th attempt on `uid` failed (handler, or a body that did not come).
+    fn failed_attempt(&mut self, uid: u32, attempts: u32, error: String) -> Action {
+        match self.spec.retry.after_failure(attempts) {
+            AfterFailure::DeadLetter => {
+                self.notices.push(Notice::DeadLettered {
+                    uid,
+                    error: error.clone(),
+                });
+                self.settle(uid, Status::Dead, attempts, error);
+                self.after_settle()
+            }
+            AfterFailure::RetryAfter(delay) => {
+                self.notices.push(Notice::Failed {
+                    uid,
+                    attempts,
+                    error: error.clone(),
+                    retry_in: delay,
+                });
+                // Later messages wait their turn: the rest of the batch is fetched again
+                // after the back-off. What is settled before this one is committed first.
+                self.catch_up.batch.clear();
+                self.catch_up.queue.clear();
+                let row = LogRow {
+                    uid,
+                    status: Status::Failed,
+                    attempts,
+                    error,
+                };
+                self.flush(AfterCommit::Retry { row, delay })
+            }
+        }
+    }
+
+    fn flush(&mut self, then: AfterCommit) -> Action {
+        if self.catch_up.log.is_empty() && self.catch_up.delivered.is_empty() {
+            return self.after_commit(then);
+        }
+        self.phase = Phase::Flushing(then);
+        Action::Flush
+    }
+
+    fn after_commit(&mut self, then: AfterCommit) -> Action {
+        match then {
+            AfterCommit::Continue => self.next(),
+            AfterCommit::List => self.list_after_select(),
+            AfterCommit::CaughtUp => self.caught_up(),
+            AfterCommit::Retry { row, delay } => {
+                self.phase = Phase::Recording { uid: row.uid, delay };
+                Action::Record { log: alloc::vec![row] }
+            }
+            AfterCommit::Fail { class, error } => self.failed(class, error, self.now, self.jitter),
+            AfterCommit::Stop => {
+                if self.session_broken {
+                    Action::Done(Ok(()))
+                } else {
+                    self.logout(AfterLogout::Finish)
+                }
+            }
+        }
+    }
+
+    fn after_post_action(&mut self, retrying: bool) -> Action {
+        if retrying {
+            return self.list();
+        }
+        match self.after_post.take() {
+            Some(then) => self.after_commit(then),
+            None => self.next(),
+        }
+    }
+
+    fn back_off(&mut self, uid: u32, delay: Duration) -> Action {
+        self.state = State::RetryingMessage { uid, delay };
+        if self.stopping {
+            return self.logout(AfterLogout::Finish);
+        }
+        if delay <= KEEP_SESSION_FOR {
+            self.phase = Phase::Sleeping { reconnect: false };
+            Action::Sleep {
+                delay,
+                keep_session: true,
+            }
+        } else {
+            self.logout(AfterLogout::Sleep { delay })
+        }
+    }
+
+    fn caught_up(&mut self) -> Action {
+        let cp = self.committed_cp();
+        self.notices.push(Notice::CaughtUp { last_uid: cp.last_uid });
+        if self.spec.once || self.stopping {
+            return self.logout(AfterLogout::Finish);
+        }
+        self.run_jobs(true)
+    }
+
+    fn run_jobs(&mut self, then_wait: bool) -> Action {
+        if self.stopping {
+            return self.logout(AfterLogout::Finish);
+        }
+        self.phase = Phase::RunningJobs { then_wait };
+        Action::RunJobs
+    }
+
+    fn wait(&mut self, now: Duration) -> Action {
+        if self.stopping {
+            return self.logout(AfterLogout::Finish);
+        }
+        let connected_for = now.saturating_sub(self.connected_at.unwrap_or(now));
+        let token_left = self.token_due.map(|due| due.saturating_sub(now));
+        let wait = match next_wait(&self.spec.wait, self.idle, connected_for, token_left) {
+            Wait::Recycle if connected_for < RECYCLE_FLOOR => {
+                let rest = RECYCLE_FLOOR - connected_for;
+                if self.idle { Wait::Idle(rest) } else { Wait::Poll(rest) }
+            }
+            other => other,
+        };
+        match wait {
+            Wait::Recycle => {
+                self.notices.push(Notice::Disconnected {
+                    error: None,
+                    retry_in: None,
+                });
+                self.logout(AfterLogout::Reconnect)
+            }
+            Wait::Idle(d) => {
+                self.state = State::Idle;
+                self.phase = Phase::Waiting { poll: false };
+                Action::Idle(d)
+            }
+            Wait::Poll(d) => {
+                self.state = State::Polling;
+                self.phase = Phase::Waiting { poll: true };
+                Action::Poll(d)
+            }
+        }
+    }
+
+    fn logout(&mut self, then: AfterLogout) -> Action {
+        if self.session_broken || self.connected_at.is_none() && matches!(then, AfterLogout::Finish) {
+            // Nothing to log out of (the driver drops whatever is left).
+            if then == AfterLogout::Finish {
+                return Action::Done(Ok(()));
+            }
+        }
+        self.phase = Phase::LoggingOut(then);
+        Action::Logout
+    }
+
+    fn failed(&mut self, class: FailureClass, error: String, now: Duration, jitter: f64) -> Action {
+        self.catch_up = CatchUp::default();
+        self.connected_at = None;
+        self.session_broken = false;
+        if self.spec.once {
+            return Action::Done(Err(error));
+        }
+        if self.stopping {
+            return Action::Done(Ok(()));
+        }
+        let delay = self.reconnect.failed(now, class, jitter);
+        self.notices.push(Notice::Disconnected {
+            error: Some(error),
+            retry_in: Some(delay),
+        });
+        self.state = State::WaitingToReconnect { delay };
+        if class == FailureClass::AuthExpired {
+            self.phase = Phase::InvalidatingToken { delay };
+            return Action::InvalidateToken;
+        }
+        self.sleep_disconnected(delay)
+    }
+
+    /// A fetch failed as a whole (a deadline, a response the IMAP layer refused, a dropped
+    /// connection). A batch is fetched again one message at a time; a message fetched alone
+    /// that fails counts toward giving up on it, so one message the server cannot send never
+    /// blocks the folder for good.
+    fn fetch_failed(&mut self, uids: &[u32], error: &str) {
+        match uids {
+            [] => {}
+            [uid] => {
+                let entry = self.fetch_failures.entry(*uid).or_insert((0, String::new()));
+                entry.0 = entry.0.saturating_add(1);
+                entry.1 = String::from(error);
+            }
+            [.., last] => self.single_until = self.single_until.max(*last),
+        }
+    }
+
+    fn sleep_disconnected(&mut self, delay: Duration) -> Action {
+        self.phase = Phase::Sleeping { reconnect: true };
+        Action::Sleep {
+            delay,
+            keep_session: false,
+        }
+    }
+
+    fn interrupted(&mut self, phase: Phase) -> Action {
+        match phase {
+            // Nothing in flight that needs finishing.
+            Phase::Start
+            | Phase::Connecting
+            | Phase::Sleeping { reconnect: true }
+            | Phase::InvalidatingToken { .. } => Action::Done(Ok(())),
+            // A command was abandoned mid-way: the session is unusable, but what was settled
+            // is committed before the watch ends.
+            _ => {
+                self.session_broken = true;
+                self.catch_up.batch.clear();
+                self.flush(AfterCommit::Stop)
+            }
+        }
+    }
+}
