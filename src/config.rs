@@ -53,6 +53,46 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A size in bytes: an integer, or a string with a unit (`"150MB"`, `"200 MiB"`, `"1GiB"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Bytes(n)),
+            Raw::Text(s) => parse_bytes(&s).map(Bytes).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {s:?}; write e.g. 52428800, \"50MB\" or \"200MiB\""
+                ))
+            }),
+        }
+    }
+}
+
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..digits].parse().ok()?;
+    let factor: u64 = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
 /// How the IMAP connection is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -281,6 +321,9 @@ struct RawWatch {
     retry_max: Option<Dur>,
     /// Messages per UID FETCH command.
     batch_size: Option<usize>,
+    /// A message the server reports larger than this is dead-lettered without being fetched
+    /// (default 200 MiB).
+    max_message_size: Option<Bytes>,
 }
 
 fn inbox() -> String {
@@ -429,7 +472,16 @@ pub struct Watch {
     pub on_uidvalidity_change: UidValidityPolicy,
     pub retry: RetryPolicy,
     pub batch_size: usize,
+    /// A message the server reports larger than this is dead-lettered without being fetched.
+    pub max_message_size: u64,
 }
+
+/// Default `max_message_size`: above every mainstream provider's limit (Exchange Online
+/// allows 150 MB), below the IMAP library's 512 MiB response limit.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 200 << 20;
+
+/// Largest `max_message_size` accepted (the IMAP library refuses larger responses).
+pub const MAX_MESSAGE_SIZE_LIMIT: u64 = 500 << 20;
 
 impl Watch {
     /// `account/folder`, as used in logs and `status`.
@@ -721,6 +773,18 @@ impl Config {
             if let Some(problem) = problem {
                 return Err(invalid(Some(span), problem));
             }
+            let max_message_size = match w.max_message_size {
+                None => DEFAULT_MAX_MESSAGE_SIZE,
+                Some(size) if (1..=MAX_MESSAGE_SIZE_LIMIT).contains(&size.0) => size.0,
+                Some(_) => {
+                    return Err(invalid(
+                        Some(span),
+                        format!(
+                            "watch.max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes (500 MiB)"
+                        ),
+                    ));
+                }
+            };
             let watch = Watch {
                 account,
                 folder: w.folder,
@@ -737,6 +801,7 @@ impl Config {
                 },
                 retry,
                 batch_size: w.batch_size.unwrap_or(200),
+                max_message_size,
             };
             if watches
                 .iter()

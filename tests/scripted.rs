@@ -177,3 +177,122 @@ async fn dropping_a_watcher_stops_it_instead_of_spinning() {
         &after[..after.len().min(10)]
     );
 }
+
+fn retrying_config(dir: &Path, port: u16) -> Config {
+    let text = format!(
+        r#"state = "state.db"
+[accounts.s]
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+user = "u"
+password = "p"
+reconnect = [ {{ every = "200ms" }} ]
+[[watch]]
+account = "s"
+start = "all"
+max_attempts = 2
+retry_initial = "100ms"
+deliver = {{ maildir = "out" }}
+"#
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_message_without_a_body_is_retried_then_dead_lettered_never_skipped() {
+    let server = Scripted::start().await;
+    for s in ["one", "two", "three"] {
+        server.add_message(s);
+    }
+    server.state.lock().unwrap().no_body = vec![2];
+    let dir = tempfile::tempdir().unwrap();
+    let config = retrying_config(dir.path(), server.port);
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::DeadLettered { uid: 2, .. })).await;
+    assert!(
+        matches!(&e, Event::DeadLettered { error, .. } if error.contains("did not return its body")),
+        "{e:?}"
+    );
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { last_uid: 3, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "three"]);
+    let st = store(&config).await;
+    let dead = st.by_status(inboxd::store::DeliveryStatus::Dead, 10).await.unwrap();
+    assert_eq!(dead.iter().map(|d| d.uid).collect::<Vec<_>>(), vec![2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_expunged_between_listing_and_fetch_is_recorded_as_vanished() {
+    let server = Scripted::start().await;
+    for s in ["one", "two", "three"] {
+        server.add_message(s);
+    }
+    server.state.lock().unwrap().vanish = vec![2];
+    let dir = tempfile::tempdir().unwrap();
+    let config = retrying_config(dir.path(), server.port);
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Vanished { uid: 2, .. })).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { last_uid: 3, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "three"]);
+    let st = store(&config).await;
+    let key = inboxd::core::key::message_key("s", "INBOX", 42, 2);
+    assert_eq!(
+        st.delivery(&key).await.unwrap().map(|d| d.status),
+        Some(inboxd::store::DeliveryStatus::Vanished)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uids_far_above_uidnext_never_move_the_checkpoint() {
+    let server = Scripted::start().await;
+    for s in ["one", "two", "three"] {
+        server.add_message(s);
+    }
+    server.state.lock().unwrap().bogus_uids = vec![99, 4_000_000_000];
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    server.add_message("four");
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { uid: 4, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "two", "three", "four"]);
+    let st = store(&config).await;
+    assert_eq!(st.checkpoint("s", "INBOX").await.unwrap().unwrap().last_uid, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_select_refusal_follows_the_schedule_and_a_missing_folder_parks() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().select_refusals = vec!["UNAVAILABLE".into(), "NONEXISTENT".into()];
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, _rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected {
+        retry_in: Some(d),
+        error: Some(m),
+        ..
+    } = e
+    else {
+        unreachable!()
+    };
+    assert!(d < Duration::from_secs(5), "[UNAVAILABLE] is temporary: {d:?} ({m})");
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected {
+        retry_in: Some(d),
+        error: Some(m),
+        ..
+    } = e
+    else {
+        unreachable!()
+    };
+    assert!(d >= Duration::from_secs(3600), "[NONEXISTENT] parks: {d:?} ({m})");
+    assert!(m.contains("NONEXISTENT") && !m.contains("Outcome"), "{m}");
+    w.stop().await.unwrap();
+}

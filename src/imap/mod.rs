@@ -632,9 +632,10 @@ impl Session {
         Ok(v)
     }
 
-    /// The UIDs above `last_uid` with their sizes: `UID FETCH last+1:* (UID RFC822.SIZE)`.
-    /// The caller filters: `*` may name a message below `last_uid + 1`.
-    pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<(u32, u32)>, ImapError> {
+    /// The UIDs above `last_uid` with their sizes (`None` when the server gave none):
+    /// `UID FETCH last+1:* (UID RFC822.SIZE)`. The caller filters: `*` may name a message
+    /// below `last_uid + 1`.
+    pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<(u32, Option<u32>)>, ImapError> {
         let from = last_uid.saturating_add(1);
         let mut out = Vec::new();
         self.checked("UID FETCH", &format!("UID FETCH {from}:* (UID RFC822.SIZE)"), |resp| {
@@ -650,7 +651,7 @@ impl Session {
                     }
                 });
                 if let Some(uid) = uid {
-                    out.push((uid, size.unwrap_or(0)));
+                    out.push((uid, size));
                 }
             }
         })

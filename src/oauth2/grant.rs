@@ -315,7 +315,7 @@ async fn post(http: &reqwest::Client, url: &str, form: Vec<(&str, String)>) -> R
     let lifetime = r
         .expires_in
         .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
-        .map_or(Duration::from_secs(3600), Duration::from_secs);
+        .map_or(Duration::from_secs(3600), lifetime);
     Ok(Reply {
         token: Token {
             access: Secret::new(r.access_token),
@@ -324,6 +324,12 @@ async fn post(http: &reqwest::Client, url: &str, form: Vec<(&str, String)>) -> R
         },
         refresh_token: r.refresh_token,
     })
+}
+
+/// A token lifetime as the server (or command) states it, clamped to 5 s .. 24 h: a lifetime
+/// of 0 would make a login loop, and an absurd one would overflow the clock arithmetic.
+fn lifetime(seconds: u64) -> Duration {
+    Duration::from_secs(seconds.clamp(5, 24 * 3600))
 }
 
 /// `token_command`: the first line of stdout is the token, an optional second line its
@@ -358,10 +364,28 @@ async fn command(argv: &[String], cwd: &std::path::Path) -> Result<Token, TokenE
     let lifetime = lines
         .next()
         .and_then(|l| l.trim().parse::<u64>().ok())
-        .map_or(Duration::from_secs(3600), Duration::from_secs);
+        .map_or(Duration::from_secs(3600), lifetime);
     Ok(Token {
         access: Secret::new(token),
         obtained,
         lifetime,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lifetimes_are_clamped_so_nothing_loops_or_overflows() {
+        assert_eq!(lifetime(0), Duration::from_secs(5));
+        assert_eq!(lifetime(u64::MAX), Duration::from_secs(24 * 3600));
+        let token = Token {
+            access: Secret::new("t"),
+            obtained: Instant::now(),
+            lifetime: Duration::from_secs(u64::MAX),
+        };
+        // Used to panic: "overflow when adding duration to instant".
+        assert!(token.refresh_due(0.8) > Instant::now());
+    }
 }

@@ -81,7 +81,11 @@ pub struct Token {
 impl Token {
     /// When the token should be replaced: `refresh_at` (0–1) of its lifetime.
     pub fn refresh_due(&self, refresh_at: f64) -> Instant {
-        self.obtained + self.lifetime.mul_f64(refresh_at.clamp(0.1, 1.0))
+        let wait = self
+            .lifetime
+            .min(Duration::from_secs(24 * 3600))
+            .mul_f64(refresh_at.clamp(0.1, 1.0));
+        self.obtained.checked_add(wait).unwrap_or(self.obtained)
     }
 }
 

@@ -24,6 +24,8 @@ pub enum DeliveryStatus {
     Dead,
     /// Not delivered on purpose: its Message-ID was already delivered (UIDVALIDITY dedupe).
     Skipped,
+    /// Listed by the server, then expunged before its body could be fetched.
+    Vanished,
 }
 
 impl DeliveryStatus {
@@ -33,6 +35,7 @@ impl DeliveryStatus {
             DeliveryStatus::Failed => "failed",
             DeliveryStatus::Dead => "dead",
             DeliveryStatus::Skipped => "skipped",
+            DeliveryStatus::Vanished => "vanished",
         }
     }
 
@@ -42,6 +45,7 @@ impl DeliveryStatus {
             "failed" => DeliveryStatus::Failed,
             "dead" => DeliveryStatus::Dead,
             "skipped" => DeliveryStatus::Skipped,
+            "vanished" => DeliveryStatus::Vanished,
             _ => return None,
         })
     }
@@ -124,6 +128,21 @@ pub trait Store: Send + Sync + 'static {
     fn put_secret<'a>(&'a self, name: &'a str, value: &'a str, origin: &'a str) -> BoxFuture<'a, StoreResult<()>>;
 
     fn checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
+
+    /// Sets the post-action state of delivered messages: `""` (done), `"pending"` (retry it)
+    /// or `"failed: <reason>"` (a permanent refusal, shown by `status`).
+    fn set_post_action<'a>(&'a self, keys: &'a [String], state: &'a str) -> BoxFuture<'a, StoreResult<()>>;
+
+    /// UIDs of one folder epoch whose post-action is pending.
+    fn pending_post_actions<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        uidvalidity: u32,
+    ) -> BoxFuture<'a, StoreResult<Vec<u32>>>;
+
+    /// Delivered messages whose post-action is pending or failed: (row, state).
+    fn post_action_problems(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<(Delivery, String)>>>;
 
     /// Delivery-log rows with the given status, newest first.
     fn by_status(&self, status: DeliveryStatus, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Delivery>>>;

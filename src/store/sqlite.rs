@@ -16,6 +16,7 @@ use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreRes
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_secrets.sql"),
+    include_str!("../../migrations/sqlite/0003_post_actions.sql"),
 ];
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -202,7 +203,10 @@ fn delivery(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, sqlx::Error> {
         uidvalidity: row.try_get::<i64, _>("uidvalidity")? as u32,
         uid: row.try_get::<i64, _>("uid")? as u32,
         message_id: row.try_get("message_id")?,
-        status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Failed),
+        status: DeliveryStatus::parse(&status).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "status".into(),
+            source: format!("unknown delivery status {status:?} (a newer inboxd wrote this state?)").into(),
+        })?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         last_error: row.try_get("last_error")?,
         updated_at: row.try_get("updated_at")?,
@@ -323,7 +327,7 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let n: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM deliveries WHERE account = ?1 AND folder = ?2 AND message_id = ?3
-                 AND status IN ('delivered', 'dead', 'skipped')",
+                 AND status IN ('delivered', 'skipped')",
             )
             .bind(account)
             .bind(folder)
@@ -386,6 +390,66 @@ impl Store for SqliteStore {
                 })
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(err("read checkpoints"))
+        })
+    }
+
+    fn set_post_action<'a>(&'a self, keys: &'a [String], state: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.begin("write post-action").await?;
+            let body = async {
+                for key in keys {
+                    sqlx::query("UPDATE deliveries SET post_action = ?2, updated_at = ?3 WHERE key = ?1")
+                        .bind(key)
+                        .bind(state)
+                        .bind(now())
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            }
+            .await;
+            self.finish("write post-action", conn, body).await
+        })
+    }
+
+    fn pending_post_actions<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        uidvalidity: u32,
+    ) -> BoxFuture<'a, StoreResult<Vec<u32>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT uid FROM deliveries WHERE post_action = 'pending' AND account = ?1 AND folder = ?2 AND uidvalidity = ?3 ORDER BY uid",
+            )
+            .bind(account)
+            .bind(folder)
+            .bind(i64::from(uidvalidity))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read post-actions"))?;
+            rows.iter()
+                .map(|r| r.try_get::<i64, _>(0).map(|u| u as u32))
+                .collect::<Result<_, _>>()
+                .map_err(err("read post-actions"))
+        })
+    }
+
+    fn post_action_problems(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<(Delivery, String)>>> {
+        Box::pin(async move {
+            let rows =
+                sqlx::query("SELECT * FROM deliveries WHERE post_action <> '' ORDER BY updated_at DESC, key LIMIT ?1")
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err("read post-actions"))?;
+            rows.iter()
+                .map(|r| Ok((delivery(r)?, r.try_get::<String, _>("post_action")?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read post-actions"))
         })
     }
 

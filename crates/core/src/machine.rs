@@ -34,9 +34,9 @@ use crate::mailbox::{self, Notice as SelectNotice, Selected, StartPolicy, UidVal
 use crate::retry::{AfterFailure, RetryPolicy};
 use crate::wait::{Wait, WaitPolicy, next_wait};
 
-/// A session younger than this is not recycled (a token lifetime of seconds would otherwise
-/// make a login loop); the wait runs until it is this old instead.
-pub const RECYCLE_FLOOR: Duration = Duration::from_secs(30);
+/// A session younger than this is not recycled (a token lifetime of zero would otherwise make a
+/// login loop at network speed); the wait runs until it is this old instead.
+pub const RECYCLE_FLOOR: Duration = Duration::from_secs(2);
 
 /// A back-off wait longer than this is spent disconnected (logged out cleanly), not holding a
 /// silent session the server or a NAT would drop anyway.

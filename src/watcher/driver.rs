@@ -1,0 +1,839 @@
+//! The driver: executes the actions of the watch machine and feeds back what happened.
+//!
+//! One loop: ask the machine for the next action, run it (an IMAP command, the handler, the
+//! store, a timer), turn the outcome into an `Input`. Every decision (what comes next, when
+//! the checkpoint advances, how long to wait) is the machine's; this file only executes, and
+//! reports the machine's notices as events, log lines and health. A panic while executing an
+//! action (for example in the IMAP parser on hostile bytes) is caught here and reported to the
+//! machine as a dropped connection: other watchers never notice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use inboxd_core::checkpoint::Checkpoint;
+use inboxd_core::failure::{FailureClass, Reconnect};
+use inboxd_core::key::message_key;
+use inboxd_core::machine::{Action, FetchedInfo, Input, Listed, LogRow, Notice, Status, Wake, WatchMachine, WatchSpec};
+use inboxd_core::mailbox::Selected;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::{Event, Health, Job, Mode, WatchError};
+use crate::config::{After, Watch};
+use crate::handler::{Handler, Message};
+use crate::imap::{Fetched, ImapError, Session, WaitEnd};
+use crate::store::{Delivery, DeliveryStatus, Store};
+
+/// Largest number of message bytes fetched in one batch (a single larger message is fetched
+/// on its own).
+pub const BATCH_BYTES: u64 = 32 << 20;
+
+/// Longest error text kept in health and events.
+const MAX_ERROR: usize = 1024;
+
+/// What the watcher task starts with.
+pub(super) struct Parts {
+    pub watch: Watch,
+    pub store: Arc<dyn Store>,
+    pub handler: Box<dyn Handler>,
+    pub mode: Mode,
+    pub events: broadcast::Sender<Event>,
+    pub health: Arc<Mutex<Health>>,
+    pub stop: watch::Receiver<bool>,
+    pub jobs: mpsc::Receiver<Job>,
+}
+
+/// A fetched message waiting for its delivery.
+struct Body {
+    fetched: Fetched,
+    message_id: Option<String>,
+    /// Message-ID, or a digest of the header when there is none (for dedupe and the log).
+    identity: String,
+}
+
+struct Driver {
+    watch: Watch,
+    name: String,
+    store: Arc<dyn Store>,
+    handler: Box<dyn Handler>,
+    events: broadcast::Sender<Event>,
+    health: Arc<Mutex<Health>>,
+    stop: watch::Receiver<bool>,
+    jobs: mpsc::Receiver<Job>,
+    jobs_closed: bool,
+    /// A job that interrupted a wait.
+    waiting_job: Option<Job>,
+    session: Option<Session>,
+    bodies: BTreeMap<u32, Body>,
+    /// UIDs whose post-action is recorded as pending.
+    pending_post: HashSet<u32>,
+    dead_in_run: u64,
+    origin: Instant,
+}
+
+/// Runs a watcher until it is stopped (or, in `once` mode, caught up). Returns the number of
+/// messages dead-lettered during the run.
+pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
+    let Parts {
+        watch,
+        store,
+        handler,
+        mode,
+        events,
+        health,
+        stop,
+        jobs,
+    } = parts;
+    let account = watch.account.clone();
+    let spec = WatchSpec {
+        start: watch.start,
+        on_uidvalidity_change: watch.on_uidvalidity_change,
+        retry: watch.retry,
+        wait: account.wait,
+        batch_size: watch.batch_size,
+        batch_bytes: BATCH_BYTES,
+        max_message_size: watch.max_message_size,
+        commit_each: !handler.batches(),
+        post_action: watch.after != After::None,
+        once: mode == Mode::Once,
+    };
+    let reconnect = Reconnect::new(account.schedule.clone(), account.stable_after, account.park_for);
+    let mut machine = WatchMachine::new(spec, reconnect);
+    let mut driver = Driver {
+        name: watch.name(),
+        watch,
+        store,
+        handler,
+        events,
+        health,
+        stop,
+        jobs,
+        jobs_closed: false,
+        waiting_job: None,
+        session: None,
+        bodies: BTreeMap::new(),
+        pending_post: HashSet::new(),
+        dead_in_run: 0,
+        origin: Instant::now(),
+    };
+    let (account_name, folder) = (driver.watch.account.name.clone(), driver.watch.folder.clone());
+    let stored = driver.store.checkpoint(&account_name, &folder).await?;
+    let pending_post_actions = match stored {
+        Some(cp) => {
+            driver
+                .store
+                .pending_post_actions(&account_name, &folder, cp.uidvalidity)
+                .await?
+        }
+        None => Vec::new(),
+    };
+    driver.pending_post = pending_post_actions.iter().copied().collect();
+    let mut input = Input::Start {
+        stored,
+        pending_post_actions,
+    };
+    loop {
+        if *driver.stop.borrow() && !machine.stopping() {
+            machine.stop();
+        }
+        let now = driver.origin.elapsed();
+        let action = machine.on(input, now, fastrand::f64());
+        let notices = machine.take_notices();
+        driver.report(machine.checkpoint(), notices);
+        let state = machine.state().to_string();
+        driver.health(|h| h.state = state);
+        if let Action::Done(result) = action {
+            if let Some(s) = driver.session.take() {
+                s.logout().await;
+            }
+            return match result {
+                Ok(()) => Ok(driver.dead_in_run),
+                Err(text) => Err(WatchError::Failed(text)),
+            };
+        }
+        let uidvalidity = machine.checkpoint().map_or(0, |c| c.uidvalidity);
+        let step = std::panic::AssertUnwindSafe(driver.execute(action, uidvalidity))
+            .catch_unwind()
+            .await;
+        input = match step {
+            Ok(input) => input,
+            Err(panic) => {
+                let msg = panic_message(panic.as_ref());
+                driver.health(|h| h.panics += 1);
+                error!(watch = %driver.name, panic = %msg, "watcher panicked; treating it as a dropped connection");
+                driver.session = None;
+                Input::Failed {
+                    class: FailureClass::Network,
+                    error: clip(format!("watcher task panicked: {msg}")),
+                }
+            }
+        };
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// An error and its sources, `: `-joined, at most [`MAX_ERROR`] bytes.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    clip(text)
+}
+
+fn clip(text: String) -> String {
+    crate::imap::clip(text, MAX_ERROR)
+}
+
+fn failed(e: &ImapError) -> Input {
+    Input::Failed {
+        class: e.class(),
+        error: describe(e),
+    }
+}
+
+impl Driver {
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn health(&self, f: impl FnOnce(&mut Health)) {
+        if let Ok(mut h) = self.health.lock() {
+            f(&mut h);
+        }
+    }
+
+    fn key(&self, uidvalidity: u32, uid: u32) -> String {
+        message_key(&self.watch.account.name, &self.watch.folder, uidvalidity, uid)
+    }
+
+    /// Waits until a stop is requested (never, if it already was and that was handled).
+    async fn stopped(stop: &mut watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            if stop.changed().await.is_err() {
+                // The handle is gone without a stop (it sends one when dropped): nothing can
+                // ask any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs an IMAP step that a stop may abandon; the session is dropped if it was.
+    async fn interruptible(&mut self, step: impl std::future::Future<Output = Input>) -> Option<Input> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            input = step => Some(input),
+            _ = Self::stopped(&mut stop) => None,
+        }
+    }
+
+    async fn execute(&mut self, action: Action, uidvalidity: u32) -> Input {
+        match action {
+            Action::Connect => self.connect().await,
+            Action::Select => {
+                let folder = self.watch.folder.clone();
+                let Some(mut session) = self.session.take() else {
+                    return no_session();
+                };
+                let r = self
+                    .interruptible(async {
+                        match session.select(&folder).await {
+                            Ok(state) => Input::Selected(Selected {
+                                uidvalidity: state.uidvalidity,
+                                uidnext: state.uidnext,
+                            }),
+                            Err(e) => failed(&e),
+                        }
+                    })
+                    .await;
+                self.keep(session, r)
+            }
+            Action::List { above } => {
+                let Some(mut session) = self.session.take() else {
+                    return no_session();
+                };
+                let r = self
+                    .interruptible(async {
+                        match session.list_above(above).await {
+                            Ok(listed) => Input::Listed {
+                                items: listed.into_iter().map(|(uid, size)| Listed { uid, size }).collect(),
+                                news: session.take_news(),
+                            },
+                            Err(e) => failed(&e),
+                        }
+                    })
+                    .await;
+                self.keep(session, r)
+            }
+            Action::Fetch { uids, dedupe_through } => self.fetch(uids, dedupe_through, uidvalidity).await,
+            Action::CheckExists { uid } => {
+                let Some(mut session) = self.session.take() else {
+                    return no_session();
+                };
+                let r = self
+                    .interruptible(async {
+                        match session.search(&format!("UID {uid}")).await {
+                            Ok(found) => Input::Exists {
+                                uid,
+                                exists: found.contains(&uid),
+                            },
+                            Err(e) => failed(&e),
+                        }
+                    })
+                    .await;
+                self.keep(session, r)
+            }
+            Action::Deliver { uid, attempt } => self.deliver(uid, attempt, uidvalidity).await,
+            Action::Flush => match self.handler.flush().await {
+                Ok(()) => Input::Flushed,
+                Err(e) => Input::Failed {
+                    class: FailureClass::Network,
+                    error: clip(format!("handler cannot make the batch durable: {}", e.detail())),
+                },
+            },
+            Action::Commit { checkpoint, log } => {
+                let rows = self.rows(&log, checkpoint.uidvalidity);
+                match self
+                    .store
+                    .commit(&self.watch.account.name, &self.watch.folder, checkpoint, &rows)
+                    .await
+                {
+                    Ok(()) => {
+                        self.committed(&log);
+                        Input::Committed
+                    }
+                    Err(e) => Input::Failed {
+                        class: FailureClass::Network,
+                        error: describe(&e),
+                    },
+                }
+            }
+            Action::Record { log } => {
+                let rows = self.rows(&log, uidvalidity);
+                match self.store.record(&rows).await {
+                    Ok(()) => Input::Recorded,
+                    Err(e) => Input::Failed {
+                        class: FailureClass::Network,
+                        error: describe(&e),
+                    },
+                }
+            }
+            Action::PostAction { uids } => self.post_action(uids, uidvalidity).await,
+            Action::RunJobs => self.run_jobs().await,
+            Action::Idle(max) => self.idle(max).await,
+            Action::Poll(every) => {
+                let mut stop = self.stop.clone();
+                let wake = tokio::select! {
+                    _ = tokio::time::sleep(every) => Wake::Elapsed,
+                    _ = Self::stopped(&mut stop) => Wake::Interrupted,
+                    job = Self::next_job(&mut self.jobs, self.jobs_closed) => {
+                        self.took_job(job);
+                        Wake::Interrupted
+                    }
+                };
+                Input::WaitEnded {
+                    wake,
+                    token_left: self.token_left(),
+                }
+            }
+            Action::Probe => {
+                let Some(mut session) = self.session.take() else {
+                    return no_session();
+                };
+                let r = self
+                    .interruptible(async {
+                        match session.noop().await {
+                            Ok(()) => Input::Probed,
+                            Err(e) => failed(&e),
+                        }
+                    })
+                    .await;
+                self.keep(session, r)
+            }
+            Action::Sleep { delay, keep_session } => {
+                if !keep_session {
+                    self.session = None;
+                    self.bodies.clear();
+                }
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = Self::stopped(&mut stop) => {}
+                }
+                Input::Slept
+            }
+            Action::InvalidateToken => {
+                if let crate::config::Auth::OAuth2(source) = &self.watch.account.auth {
+                    // The server says the token expired or refused it: the next login gets a
+                    // new one.
+                    source.invalidate().await;
+                }
+                Input::TokenInvalidated
+            }
+            Action::Logout => {
+                if let Some(s) = self.session.take() {
+                    s.logout().await;
+                }
+                self.bodies.clear();
+                Input::LoggedOut
+            }
+            Action::Done(_) => Input::Interrupted,
+        }
+    }
+
+    /// Puts the session back after an interruptible step, or drops it if the step was
+    /// abandoned mid-command.
+    fn keep(&mut self, session: Session, result: Option<Input>) -> Input {
+        match result {
+            Some(input) => {
+                if !matches!(input, Input::Failed { .. }) {
+                    self.session = Some(session);
+                }
+                input
+            }
+            None => Input::Interrupted,
+        }
+    }
+
+    fn token_left(&self) -> Option<Duration> {
+        self.session
+            .as_ref()
+            .and_then(|s| s.token_due())
+            .map(|due| due.saturating_duration_since(Instant::now()))
+    }
+
+    async fn connect(&mut self) -> Input {
+        self.session = None;
+        self.bodies.clear();
+        let account = self.watch.account.clone();
+        let opened = self.interruptible_open(&account).await;
+        match opened {
+            None => Input::Interrupted,
+            Some(Err(e)) => failed(&e),
+            Some(Ok(session)) => {
+                let idle = session.has("IDLE");
+                info!(watch = %self.name, idle, "connected");
+                self.session = Some(session);
+                Input::Connected {
+                    idle,
+                    token_left: self.token_left(),
+                }
+            }
+        }
+    }
+
+    async fn interruptible_open(&mut self, account: &crate::config::Account) -> Option<Result<Session, ImapError>> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            r = Session::open(account) => Some(r),
+            _ = Self::stopped(&mut stop) => None,
+        }
+    }
+
+    async fn fetch(&mut self, uids: Vec<u32>, dedupe_through: u32, uidvalidity: u32) -> Input {
+        let Some(mut session) = self.session.take() else {
+            return no_session();
+        };
+        let mut stop = self.stop.clone();
+        let fetched = tokio::select! {
+            biased;
+            r = session.fetch(&uids) => r,
+            _ = Self::stopped(&mut stop) => return Input::Interrupted,
+        };
+        let fetched = match fetched {
+            Ok(f) => f,
+            Err(e) => return failed(&e),
+        };
+        self.session = Some(session);
+        let (account, folder) = (&self.watch.account.name, &self.watch.folder);
+        // Attempts already made on messages that failed before (e.g. before a restart).
+        let prior = match self.store.failed_attempts(account, folder).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Input::Failed {
+                    class: FailureClass::Network,
+                    error: describe(&e),
+                };
+            }
+        };
+        self.bodies.clear();
+        for f in fetched {
+            let (message_id, identity) = crate::message::identity(&f.body);
+            self.bodies.insert(
+                f.uid,
+                Body {
+                    fetched: f,
+                    message_id,
+                    identity,
+                },
+            );
+        }
+        let mut infos = Vec::with_capacity(uids.len());
+        for uid in uids {
+            let key = self.key(uidvalidity, uid);
+            let body = self.bodies.get(&uid);
+            let seen_before = match body {
+                Some(b) if uid <= dedupe_through => {
+                    match self.store.seen_message_id(account, folder, &b.identity).await {
+                        Ok(seen) => seen,
+                        Err(e) => {
+                            return Input::Failed {
+                                class: FailureClass::Network,
+                                error: describe(&e),
+                            };
+                        }
+                    }
+                }
+                _ => false,
+            };
+            infos.push(FetchedInfo {
+                uid,
+                body: body.is_some(),
+                prior_attempts: prior.get(&key).copied().unwrap_or(0),
+                seen_before,
+            });
+        }
+        Input::Fetched(infos)
+    }
+
+    async fn deliver(&mut self, uid: u32, attempt: u32, uidvalidity: u32) -> Input {
+        let key = self.key(uidvalidity, uid);
+        let Some(body) = self.bodies.get(&uid) else {
+            return Input::Failed {
+                class: FailureClass::Network,
+                error: format!("internal: no fetched body for uid {uid}"),
+            };
+        };
+        let message = Message {
+            account: &self.watch.account.name,
+            folder: &self.watch.folder,
+            uidvalidity,
+            uid,
+            key: &key,
+            message_id: body.message_id.as_deref(),
+            body: &body.fetched.body,
+        };
+        tracing::debug!(watch = %self.name, uid, attempt, "delivering");
+        match self.handler.deliver(&message).await {
+            Ok(()) => Input::Delivered { uid },
+            Err(e) => Input::HandlerFailed {
+                uid,
+                error: clip(e.detail()),
+                unavailable: e.unavailable,
+            },
+        }
+    }
+
+    /// Delivery-log rows for the store, with keys and Message-IDs filled in.
+    fn rows(&self, log: &[LogRow], uidvalidity: u32) -> Vec<Delivery> {
+        log.iter()
+            .map(|row| Delivery {
+                key: self.key(uidvalidity, row.uid),
+                account: self.watch.account.name.clone(),
+                folder: self.watch.folder.clone(),
+                uidvalidity,
+                uid: row.uid,
+                message_id: self
+                    .bodies
+                    .get(&row.uid)
+                    .map(|b| b.identity.clone())
+                    .unwrap_or_default(),
+                status: match row.status {
+                    Status::Delivered => DeliveryStatus::Delivered,
+                    Status::Dead => DeliveryStatus::Dead,
+                    Status::Skipped => DeliveryStatus::Skipped,
+                    Status::Vanished => DeliveryStatus::Vanished,
+                    Status::Failed => DeliveryStatus::Failed,
+                },
+                attempts: row.attempts,
+                last_error: row.error.clone(),
+                updated_at: 0,
+            })
+            .collect()
+    }
+
+    fn committed(&mut self, log: &[LogRow]) {
+        for row in log {
+            if row.status != Status::Failed {
+                self.bodies.remove(&row.uid);
+            }
+        }
+    }
+
+    async fn post_action(&mut self, uids: Vec<u32>, uidvalidity: u32) -> Input {
+        let Some(session) = self.session.as_mut() else {
+            return Input::PostActionFailed {
+                permanent: false,
+                error: "no session".into(),
+            };
+        };
+        let r = match &self.watch.after {
+            After::None => Ok(()),
+            After::Seen => session.add_flags(&uids, "\\Seen").await,
+            After::Flag(f) => session.add_flags(&uids, f).await,
+            After::Delete => session.delete(&uids).await,
+            After::Move(folder) => session.move_to(&uids, folder).await,
+        };
+        let keys: Vec<String> = uids.iter().map(|&u| self.key(uidvalidity, u)).collect();
+        match r {
+            Ok(()) => {
+                if uids.iter().any(|u| self.pending_post.contains(u)) {
+                    // Best effort: a stale "pending" only means one more (harmless) try.
+                    let _ = self.store.set_post_action(&keys, "").await;
+                    for u in &uids {
+                        self.pending_post.remove(u);
+                    }
+                }
+                Input::PostActionDone
+            }
+            Err(e) => {
+                let permanent = e.is_permanent_refusal();
+                let error = describe(&e);
+                let state = if permanent {
+                    clip(format!("failed: {error}"))
+                } else {
+                    "pending".to_string()
+                };
+                if let Err(se) = self.store.set_post_action(&keys, &state).await {
+                    warn!(watch = %self.name, error = %describe(&se), "cannot record the post-action state");
+                }
+                if !permanent {
+                    self.pending_post.extend(uids.iter().copied());
+                }
+                if matches!(e, ImapError::Rejected { .. }) {
+                    Input::PostActionFailed { permanent, error }
+                } else {
+                    // The session itself failed (deadline, connection): the round ends.
+                    failed(&e)
+                }
+            }
+        }
+    }
+
+    async fn next_job(jobs: &mut mpsc::Receiver<Job>, closed: bool) -> Option<Job> {
+        if closed {
+            std::future::pending::<()>().await;
+        }
+        jobs.recv().await
+    }
+
+    fn took_job(&mut self, job: Option<Job>) {
+        match job {
+            Some(j) => self.waiting_job = Some(j),
+            None => self.jobs_closed = true,
+        }
+    }
+
+    async fn run_jobs(&mut self) -> Input {
+        let mut jobs: Vec<Job> = self.waiting_job.take().into_iter().collect();
+        // Only what is queued now: the channel is bounded, and more jobs wait their turn.
+        while jobs.len() < super::JOB_QUEUE {
+            match self.jobs.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.jobs_closed = true;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+        let ran = !jobs.is_empty();
+        let Some(session) = self.session.as_mut() else {
+            return no_session();
+        };
+        let limit = self.watch.account.timeouts.command;
+        for job in jobs {
+            if tokio::time::timeout(limit, job(session)).await.is_err() {
+                return Input::Failed {
+                    class: FailureClass::Network,
+                    error: format!("a queued job did not finish within {limit:?}; the session was dropped"),
+                };
+            }
+        }
+        Input::JobsRan { ran }
+    }
+
+    async fn idle(&mut self, max: Duration) -> Input {
+        let Some(session) = self.session.take() else {
+            return no_session();
+        };
+        let mut stop = self.stop.clone();
+        let jobs = &mut self.jobs;
+        let closed = self.jobs_closed;
+        let mut took: Option<Option<Job>> = None;
+        let interrupt = async {
+            tokio::select! {
+                _ = Self::stopped(&mut stop) => {}
+                job = Self::next_job(jobs, closed) => took = Some(job),
+            }
+        };
+        let result = session.idle(max, interrupt).await;
+        if let Some(job) = took {
+            self.took_job(job);
+        }
+        match result {
+            Ok((session, end)) => {
+                self.session = Some(session);
+                let wake = match end {
+                    WaitEnd::Activity => Wake::Activity,
+                    WaitEnd::Elapsed => Wake::Elapsed,
+                    WaitEnd::Silence => Wake::Silence,
+                    WaitEnd::Interrupted => Wake::Interrupted,
+                };
+                Input::WaitEnded {
+                    wake,
+                    token_left: self.token_left(),
+                }
+            }
+            Err(e) => failed(&e),
+        }
+    }
+
+    /// Logs, emits and counts what the machine noticed.
+    fn report(&mut self, checkpoint: Option<Checkpoint>, notices: Vec<Notice>) {
+        let uidvalidity = checkpoint.map_or(0, |c| c.uidvalidity);
+        let watch = self.name.clone();
+        for notice in notices {
+            match notice {
+                Notice::Connected => {
+                    self.health(|h| h.last_error = None);
+                    self.emit(Event::Connected { watch: watch.clone() });
+                }
+                Notice::Disconnected { error, retry_in } => {
+                    match (&error, retry_in) {
+                        (Some(e), Some(d)) => {
+                            warn!(watch = %watch, error = %e, retry_in = ?d, "watch failed");
+                            self.health(|h| {
+                                h.last_error = Some(e.clone());
+                                h.reconnects += 1;
+                            });
+                        }
+                        _ => info!(watch = %watch, "recycling connection (age limit or access token due)"),
+                    }
+                    self.emit(Event::Disconnected {
+                        watch: watch.clone(),
+                        error,
+                        retry_in,
+                    });
+                }
+                Notice::FirstSight { uidvalidity, last_uid } => {
+                    info!(watch = %watch, uidvalidity, last_uid, "first sight of folder; checkpoint created")
+                }
+                Notice::UidValidityChanged { old, new, policy } => {
+                    warn!(watch = %watch, old, new, policy = ?policy, "UIDVALIDITY changed: the folder was recreated or restored");
+                    self.pending_post.clear();
+                    self.emit(Event::UidValidityChanged {
+                        watch: watch.clone(),
+                        old,
+                        new,
+                    });
+                }
+                Notice::UidNextBehindCheckpoint { uidnext, last_uid } => {
+                    warn!(watch = %watch, uidnext, last_uid, "UIDNEXT is below the checkpoint without a UIDVALIDITY change; keeping the checkpoint")
+                }
+                Notice::UidsBeyondUidNext { uids, uidnext } => {
+                    let shown: Vec<u32> = uids.iter().copied().take(10).collect();
+                    warn!(watch = %watch, uids = ?shown, count = uids.len(), uidnext, "the server listed UIDs at or above UIDNEXT; ignoring them")
+                }
+                Notice::Delivered { uid } => {
+                    self.health(|h| h.delivered += 1);
+                    self.emit(Event::Delivered {
+                        watch: watch.clone(),
+                        key: self.key(uidvalidity, uid),
+                        uid,
+                    });
+                }
+                Notice::Failed {
+                    uid,
+                    attempts,
+                    error,
+                    retry_in,
+                } => {
+                    let key = self.key(uidvalidity, uid);
+                    warn!(watch = %watch, uid, key = %key, attempts, retry_in = ?retry_in, error = %error, "delivery failed; will retry");
+                    self.emit(Event::Failed {
+                        watch: watch.clone(),
+                        key,
+                        uid,
+                        attempts,
+                        error,
+                    });
+                }
+                Notice::DeadLettered { uid, error } => {
+                    let key = self.key(uidvalidity, uid);
+                    error!(watch = %watch, uid, key = %key, error = %error, "message dead-lettered");
+                    self.health(|h| h.dead_lettered += 1);
+                    self.dead_in_run += 1;
+                    self.emit(Event::DeadLettered {
+                        watch: watch.clone(),
+                        key,
+                        uid,
+                        error,
+                    });
+                }
+                Notice::SkippedDuplicate { uid } => {
+                    let key = self.key(uidvalidity, uid);
+                    info!(watch = %watch, uid, key = %key, "already delivered before the UIDVALIDITY change; skipping");
+                    self.emit(Event::SkippedDuplicate {
+                        watch: watch.clone(),
+                        key,
+                        uid,
+                    });
+                }
+                Notice::Vanished { uid } => {
+                    let key = self.key(uidvalidity, uid);
+                    warn!(watch = %watch, uid, key = %key, "message expunged before its body could be fetched; recorded as vanished");
+                    self.emit(Event::Vanished {
+                        watch: watch.clone(),
+                        key,
+                        uid,
+                    });
+                }
+                Notice::PostActionFailed { uids, error, permanent } => {
+                    if permanent {
+                        error!(watch = %watch, uids = ?uids, error = %error, "post-action refused for good; the messages stay delivered (see `inboxd status`)");
+                    } else {
+                        warn!(watch = %watch, uids = ?uids, error = %error, "post-action failed; will retry at the next wake");
+                    }
+                    self.emit(Event::PostActionFailed {
+                        watch: watch.clone(),
+                        uids,
+                        error,
+                        permanent,
+                    });
+                }
+                Notice::CaughtUp { last_uid } => self.emit(Event::CaughtUp {
+                    watch: watch.clone(),
+                    last_uid,
+                }),
+            }
+        }
+    }
+}
+
+fn no_session() -> Input {
+    Input::Failed {
+        class: FailureClass::Network,
+        error: "internal: no session".into(),
+    }
+}

@@ -1,0 +1,63 @@
+//! What a watcher reports: [`Event`]s to subscribers and [`Health`] snapshots.
+
+use std::time::Duration;
+
+/// Something that happened in a watcher. Subscribe with [`super::Watcher::subscribe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Logged in and selected the folder.
+    Connected { watch: String },
+    /// The session ended; `error` is `None` for a deliberate close (recycle, stop).
+    Disconnected {
+        watch: String,
+        error: Option<String>,
+        retry_in: Option<Duration>,
+    },
+    /// A message was acknowledged by the handler and the checkpoint committed.
+    Delivered { watch: String, key: String, uid: u32 },
+    /// The handler failed on a message (or its body did not come); it will be retried.
+    Failed {
+        watch: String,
+        key: String,
+        uid: u32,
+        attempts: u32,
+        error: String,
+    },
+    /// The message was given up on after `max_attempts` (or could not be fetched, or is
+    /// larger than `max_message_size`); it was dead-lettered.
+    DeadLettered {
+        watch: String,
+        key: String,
+        uid: u32,
+        error: String,
+    },
+    /// A message was not delivered because its Message-ID was delivered before.
+    SkippedDuplicate { watch: String, key: String, uid: u32 },
+    /// A listed message was expunged before its body could be fetched; recorded as vanished.
+    Vanished { watch: String, key: String, uid: u32 },
+    /// The folder's UIDVALIDITY changed.
+    UidValidityChanged { watch: String, old: u32, new: u32 },
+    /// A post-action failed; `permanent` ones (e.g. `[TRYCREATE]`) are not retried.
+    PostActionFailed {
+        watch: String,
+        uids: Vec<u32>,
+        error: String,
+        permanent: bool,
+    },
+    /// Every message above the checkpoint has been handled.
+    CaughtUp { watch: String, last_uid: u32 },
+}
+
+/// Live health of one watch, for `status` and health endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// What the watch is doing: `connecting`, `catching up`, `idle`, `polling`,
+    /// `retrying uid N in Ss`, `waiting Ns to reconnect`, `stopped`, `failed`.
+    pub state: String,
+    /// The last error (at most about 1 KiB), cleared by the next successful connection.
+    pub last_error: Option<String>,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+    pub reconnects: u64,
+    pub panics: u64,
+}
