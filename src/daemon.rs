@@ -14,6 +14,20 @@ use crate::imap::Session;
 use crate::store::{DeliveryStatus, SqliteStore, StateLock, Store};
 use crate::watcher::{Mode, Watcher};
 
+/// Text from a handler or a server, safe for a terminal: control characters (escape
+/// sequences) shown as `\u{..}`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Opens the configured state store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store = SqliteStore::open(&config.state)
@@ -269,9 +283,27 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
             writeln!(
                 out,
                 "  {}  {}/{} uid {}  attempts {}  error: {}",
-                d.key, d.account, d.folder, d.uid, d.attempts, d.last_error
+                d.key,
+                d.account,
+                d.folder,
+                d.uid,
+                d.attempts,
+                printable(&d.last_error)
             )?;
         }
+    }
+    let problems = store.post_action_problems(1000).await?;
+    writeln!(out, "post-actions not done ({}):", problems.len())?;
+    for (d, state) in problems {
+        writeln!(
+            out,
+            "  {}  {}/{} uid {}  {}",
+            d.key,
+            d.account,
+            d.folder,
+            d.uid,
+            printable(&state)
+        )?;
     }
     Ok(())
 }
@@ -301,7 +333,7 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
             state.uidvalidity
         );
     }
-    let fetched = session.fetch(&[uid]).await?;
+    let fetched = session.fetch(&[uid], crate::config::MAX_MESSAGE_SIZE_LIMIT).await?;
     let m = fetched
         .first()
         .ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;

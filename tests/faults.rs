@@ -322,7 +322,7 @@ async fn finish(
         s.select(folder).await.unwrap();
         let uids = s.search("ALL").await.unwrap();
         let mut ids = std::collections::HashSet::new();
-        for m in s.fetch(&uids).await.unwrap() {
+        for m in s.fetch(&uids, u64::MAX).await.unwrap() {
             if let Some(id) = inboxd::message::message_id(&m.body) {
                 ids.insert(id);
             }

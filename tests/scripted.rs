@@ -296,3 +296,156 @@ async fn a_temporary_select_refusal_follows_the_schedule_and_a_missing_folder_pa
     assert!(m.contains("NONEXISTENT") && !m.contains("Outcome"), "{m}");
     w.stop().await.unwrap();
 }
+
+/// Peak resident memory of this test process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_literal_announcement_allocates_nothing_and_says_so_without_content() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().huge_literal = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let before = peak_rss();
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected { error: Some(m), .. } = e else {
+        unreachable!()
+    };
+    assert!(m.contains("literal of 536000000 bytes"), "{m}");
+    assert!(!m.contains("ZZZ") && m.len() <= 1100, "{m}");
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+    let grew = peak_rss().saturating_sub(before);
+    assert!(grew < 100 << 20, "peak memory grew by {grew} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_line_is_cut_off_quickly() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().endless_line = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected { error: Some(m), .. } = e else {
+        unreachable!()
+    };
+    assert!(m.contains("line longer than"), "{m}");
+    assert!(!m.contains("AAAA"), "{m}");
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_error_inside_a_message_never_puts_its_bytes_in_errors() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().garbage_fetch = Some(format!("PII-CANARY {}", "x".repeat(50_000)));
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected { error: Some(m), .. } = e else {
+        unreachable!()
+    };
+    assert!(!m.contains("PII-CANARY") && m.len() <= 1100, "{m}");
+    assert!(m.contains("cannot be parsed") || m.contains("panicked"), "{m}");
+    let health = w.health();
+    assert!(health.last_error.as_deref().is_some_and(|e| !e.contains("PII-CANARY")));
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_fetch_responses_are_dropped_as_they_arrive() {
+    let server = Scripted::start().await;
+    server.add_message_sized("one", 30_000);
+    server.state.lock().unwrap().repeat_fetch = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let before = peak_rss();
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_delivered(&mut ev, 1, 60).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+    // 5,000 copies of 30 KB: 150 MB if they were kept.
+    let grew = peak_rss().saturating_sub(before);
+    assert!(grew < 75 << 20, "peak memory grew by {grew} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_sizes_never_let_a_batch_grow_past_its_cap() {
+    let server = Scripted::start().await;
+    for i in 0..4 {
+        server.add_message_sized(&format!("big{i}"), 3_000_000);
+    }
+    server.add_message("small");
+    server.state.lock().unwrap().lie_size = Some(10);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"state = "state.db"
+[accounts.s]
+host = "127.0.0.1"
+port = {}
+tls = "none"
+user = "u"
+password = "p"
+reconnect = [ {{ every = "100ms" }} ]
+[[watch]]
+account = "s"
+start = "all"
+max_attempts = 2
+max_message_size = "1MB"
+deliver = {{ maildir = "out" }}
+"#,
+        server.port
+    );
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (w, rec, mut ev) = watch(&config).await;
+    let mut dead = Vec::new();
+    while dead.len() < 4 {
+        if let Event::DeadLettered { uid, error, .. } =
+            wait_for(&mut ev, 60, |e| matches!(e, Event::DeadLettered { .. })).await
+        {
+            assert!(
+                error.contains("could not be fetched") && error.contains("above the limit"),
+                "{error}"
+            );
+            dead.push(uid);
+        }
+    }
+    wait_for(&mut ev, 30, |e| matches!(e, Event::Delivered { uid: 5, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(dead, vec![1, 2, 3, 4]);
+    assert_eq!(rec.subjects(), vec!["small"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_makes_progress_instead_of_timing_out() {
+    let server = Scripted::start().await;
+    server.add_message_sized("slow", 60_000);
+    // 20 KB/s: three seconds for the message, against a one-second command timeout.
+    server.state.lock().unwrap().body_rate = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "timeouts = { command = \"1s\" }");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_delivered(&mut ev, 1, 30).await;
+    assert_eq!(w.health().reconnects, 0, "{:?}", w.health().last_error);
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["slow"]);
+}

@@ -619,3 +619,45 @@ async fn a_job_that_selects_another_folder_never_changes_what_is_delivered() {
     assert_eq!(rec.subjects(), vec!["inbox-1", "inbox-2"]);
     assert_eq!(st.checkpoint("t", "INBOX").await.unwrap().unwrap().last_uid, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_action_refused_for_good_never_slows_delivery_and_shows_in_status() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    append(&dv, "INBOX", &["a", "b", "c"]).await;
+    // A typo: the folder does not exist, so MOVE gets `NO [TRYCREATE]`.
+    let config = config(
+        &dv,
+        dir.path(),
+        "reconnect = [ { every = \"1s\", until = \"2s\" }, { every = \"1h\" } ]",
+        "start = \"all\"\nafter = \"move:Archiv\"\ndeliver = { exec = [\"true\"] }",
+    );
+    let st = store(&config).await;
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        st.clone(),
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::PostActionFailed { .. })).await;
+    assert!(
+        matches!(&e, Event::PostActionFailed { permanent: true, error, .. } if error.contains("TRYCREATE")),
+        "{e:?}"
+    );
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { last_uid: 3, .. })).await;
+    // More mail flows at once: the round did not end on the refusal.
+    append(&dv, "INBOX", &["d"]).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { uid: 4, .. })).await;
+    assert_eq!(w.health().reconnects, 0);
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["a", "b", "c", "d"]);
+    let mut out = Vec::new();
+    inboxd::daemon::status(&config, &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("post-actions not done (4)") && text.contains("failed: "),
+        "{text}"
+    );
+}

@@ -8,6 +8,7 @@
 //! public API; swapping the IMAP crate touches this folder only.
 
 mod connect;
+pub mod guard;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -26,7 +27,7 @@ use crate::oauth2::TokenError;
 use crate::oauth2::sasl::{self, Mechanism};
 use crate::secret::SecretError;
 
-type Inner = async_imap::Session<Conn>;
+type Inner = async_imap::Session<guard::Guard<Conn>>;
 
 /// Why an IMAP operation failed. Never contains a password.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +234,30 @@ fn describe(e: &async_imap::error::Error) -> String {
     clip(text, MAX_TEXT)
 }
 
+/// A deadline on progress rather than on the whole command: fails only when the server sent
+/// nothing for `idle` (a big FETCH over a slow link goes on as long as bytes arrive).
+pub(crate) async fn progress_deadline<T>(
+    phase: &'static str,
+    idle: Duration,
+    meter: &guard::Meter,
+    fut: impl Future<Output = Result<T, ImapError>>,
+) -> Result<T, ImapError> {
+    tokio::pin!(fut);
+    let mut seen = meter.read();
+    loop {
+        match tokio::time::timeout(idle, &mut fut).await {
+            Ok(r) => return r,
+            Err(_) => {
+                let now = meter.read();
+                if now == seen {
+                    return Err(ImapError::Timeout { phase, after: idle });
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
 pub(crate) async fn deadline<T>(
     phase: &'static str,
     after: Duration,
@@ -317,6 +342,8 @@ pub struct Session {
     news: bool,
     /// The message count of the selected folder as last reported.
     exists: u32,
+    /// Bytes read and the literal limit of this connection's guard.
+    meter: std::sync::Arc<guard::Meter>,
 }
 
 struct Plain<'a> {
@@ -349,7 +376,8 @@ impl Session {
         } else {
             Conn::Plain(tcp)
         };
-        let mut client = async_imap::Client::new(conn);
+        let meter = guard::Meter::new(guard::PRE_LOGIN_LITERAL);
+        let mut client = async_imap::Client::new(guard::Guard::new(conn, meter.clone()));
         let mut greeting_caps = greeting(&mut client, t.greeting).await?;
         if account.tls == TlsMode::Starttls {
             if !greeting_caps.is_empty() && !greeting_caps.contains("STARTTLS") {
@@ -365,10 +393,10 @@ impl Session {
                     })
             })
             .await?;
-            let Conn::Plain(tcp) = client.into_inner() else {
+            let Conn::Plain(tcp) = client.into_inner().into_inner() else {
                 return Err(ImapError::TlsConfig("STARTTLS on a TLS stream".into()));
             };
-            client = async_imap::Client::new(connect::tls(account, tcp).await?);
+            client = async_imap::Client::new(guard::Guard::new(connect::tls(account, tcp).await?, meter.clone()));
             // Capabilities seen before TLS are not to be trusted (RFC 3501 §6.2.1).
             greeting_caps.clear();
         }
@@ -475,7 +503,10 @@ impl Session {
             token_due,
             news: false,
             exists: 0,
+            meter: meter.clone(),
         };
+        // Logged in: messages may come now. The watcher narrows this to its own limit.
+        meter.set_max_literal(crate::config::MAX_MESSAGE_SIZE_LIMIT + guard::PRE_LOGIN_LITERAL);
         session.refresh_capabilities().await?;
         Ok(session)
     }
@@ -494,6 +525,17 @@ impl Session {
             })
             .collect();
         Ok(())
+    }
+
+    /// The largest message literal this session accepts from the server (a larger
+    /// announcement fails the command before anything is allocated for it).
+    pub fn set_max_literal(&self, bytes: u64) {
+        self.meter.set_max_literal(bytes);
+    }
+
+    /// Bytes read from the server on this connection.
+    pub fn bytes_read(&self) -> u64 {
+        self.meter.read()
     }
 
     /// With OAuth2: when the session's access token is due for refresh.
@@ -660,13 +702,18 @@ impl Session {
     }
 
     /// Fetches whole messages by UID with `BODY.PEEK[]`, in ascending UID order. Messages the
-    /// server no longer has are simply absent from the result.
-    pub async fn fetch(&mut self, uids: &[u32]) -> Result<Vec<Fetched>, ImapError> {
+    /// server no longer has are simply absent from the result. A UID the server sends twice,
+    /// or one not asked for, is dropped as it arrives; more than `max_bytes` of bodies in all
+    /// (a server lying about sizes) fails the fetch instead of growing without bound.
+    pub async fn fetch(&mut self, uids: &[u32], max_bytes: u64) -> Result<Vec<Fetched>, ImapError> {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
         let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let mut seen = HashSet::new();
         let mut out = Vec::new();
+        let mut total = 0u64;
+        let mut over = false;
         let command = format!("UID FETCH {} (UID BODY.PEEK[])", sequence_set(uids));
         self.checked("UID FETCH", &command, |resp| {
             let Response::Fetch(_, attrs) = resp else { return };
@@ -683,6 +730,15 @@ impl Session {
                 _ => None,
             });
             if let (Some(uid), Some(body)) = (uid.filter(|u| wanted.contains(u)), body) {
+                if over || !seen.insert(uid) {
+                    return;
+                }
+                total = total.saturating_add(body.len() as u64);
+                if total > max_bytes {
+                    over = true;
+                    out.clear();
+                    return;
+                }
                 out.push(Fetched {
                     uid,
                     body: body.to_vec(),
@@ -690,8 +746,16 @@ impl Session {
             }
         })
         .await?;
+        if over {
+            return Err(ImapError::Unexpected {
+                command: "UID FETCH",
+                detail: format!(
+                    "the server sent more than {max_bytes} bytes of message bodies for {} message(s)",
+                    uids.len()
+                ),
+            });
+        }
         out.sort_by_key(|f| f.uid);
-        out.dedup_by_key(|f| f.uid);
         Ok(out)
     }
 
@@ -720,7 +784,8 @@ impl Session {
         let inner = &mut self.inner;
         let saw_news = &mut self.news;
         let known = &mut self.exists;
-        deadline(phase, t, async move {
+        let meter = self.meter.clone();
+        progress_deadline(phase, t, &meter, async move {
             let id = inner.run_command(command).await.map_err(cmd(phase))?;
             loop {
                 let resp = inner
@@ -882,6 +947,7 @@ impl Session {
             token_due,
             news,
             exists,
+            meter,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -937,6 +1003,7 @@ impl Session {
             token_due,
             news,
             exists,
+            meter,
         };
         session.drain_unsolicited();
         Ok((session, end))
@@ -956,8 +1023,12 @@ fn quote(s: &str) -> String {
 
 /// `CAPABILITY` before login, for servers whose greeting does not list them (and after
 /// STARTTLS, where earlier ones must not be trusted).
-async fn pre_login_capabilities(client: &mut async_imap::Client<Conn>) -> Result<HashSet<String>, ImapError> {
-    let (tx, rx) = async_channel::unbounded();
+async fn pre_login_capabilities(
+    client: &mut async_imap::Client<guard::Guard<Conn>>,
+) -> Result<HashSet<String>, ImapError> {
+    // Bounded: a server that floods untagged lines before its CAPABILITY gets them dropped,
+    // not stored.
+    let (tx, rx) = async_channel::bounded(32);
     client
         .run_command_and_check_ok("CAPABILITY", Some(tx))
         .await
@@ -981,7 +1052,10 @@ fn capability_name(c: &async_imap::imap_proto::Capability<'_>) -> String {
     }
 }
 
-async fn greeting(client: &mut async_imap::Client<Conn>, after: Duration) -> Result<HashSet<String>, ImapError> {
+async fn greeting(
+    client: &mut async_imap::Client<guard::Guard<Conn>>,
+    after: Duration,
+) -> Result<HashSet<String>, ImapError> {
     deadline("greeting", after, async {
         let resp = client
             .read_response()

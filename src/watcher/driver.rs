@@ -454,10 +454,19 @@ impl Driver {
         let Some(mut session) = self.session.take() else {
             return no_session();
         };
+        // The machine sized the batch by the reported sizes; a server that lies gets this far
+        // and no further (the batch then fails and is fetched one message at a time).
+        let max_message = self.watch.max_message_size;
+        let fetch_cap = if uids.len() == 1 {
+            max_message
+        } else {
+            BATCH_BYTES.saturating_add(max_message)
+        };
+        session.set_max_literal(max_message);
         let mut stop = self.stop.clone();
         let fetched = tokio::select! {
             biased;
-            r = session.fetch(&uids) => r,
+            r = session.fetch(&uids, fetch_cap) => r,
             _ = Self::stopped(&mut stop) => return Input::Interrupted,
         };
         let fetched = match fetched {

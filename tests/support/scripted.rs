@@ -49,6 +49,16 @@ pub struct State {
     pub vanish: Vec<u32>,
     /// Send message bodies at this many bytes per second (0: as fast as possible).
     pub body_rate: u64,
+    /// Answer the next body fetch with a literal announced at 536,000,000 bytes (once).
+    pub huge_literal: bool,
+    /// Answer the next body fetch with a line that never ends (once, 4 MiB of it).
+    pub endless_line: bool,
+    /// Send each body FETCH response this many times.
+    pub repeat_fetch: u32,
+    /// Answer the next body fetch with a response that cannot be parsed, holding this text.
+    pub garbage_fetch: Option<String>,
+    /// Report this RFC822.SIZE for every message, whatever its real size.
+    pub lie_size: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -290,6 +300,63 @@ impl Scripted {
                             }
                             v
                         };
+                        if body_fetch {
+                            let (huge, endless, garbage) = {
+                                let mut st = self.state.lock().unwrap();
+                                (
+                                    std::mem::take(&mut st.huge_literal),
+                                    std::mem::take(&mut st.endless_line),
+                                    st.garbage_fetch.take(),
+                                )
+                            };
+                            if let Some((seq, uid, _)) = msgs.first() {
+                                if huge {
+                                    w.write_all(
+                                        format!("* {seq} FETCH (UID {uid} BODY[] {{536000000}}\r\n").as_bytes(),
+                                    )
+                                    .await?;
+                                    for _ in 0..64 {
+                                        if w.write_all(&[b'Z'; 65536]).await.is_err() {
+                                            return Ok(());
+                                        }
+                                    }
+                                    return Ok(());
+                                }
+                                if endless {
+                                    w.write_all(format!("* {seq} FETCH (UID {uid} FLAGS (").as_bytes())
+                                        .await?;
+                                    for _ in 0..64 {
+                                        if w.write_all(&[b'A'; 65536]).await.is_err() {
+                                            return Ok(());
+                                        }
+                                    }
+                                    return Ok(());
+                                }
+                                if let Some(text) = garbage {
+                                    w.write_all(
+                                        format!("* {seq} FETCH (UID {uid} BODY[] \"{text}\" ((( ]]] \x01\r\n")
+                                            .as_bytes(),
+                                    )
+                                    .await?;
+                                    w.write_all(format!("{tag} OK UID completed.\r\n").as_bytes()).await?;
+                                    continue;
+                                }
+                            }
+                        }
+                        let repeat = self.state.lock().unwrap().repeat_fetch.max(1);
+                        if body_fetch && repeat > 1 {
+                            for (seq, uid, body) in &msgs {
+                                let head = format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len());
+                                for _ in 0..repeat {
+                                    w.write_all(head.as_bytes()).await?;
+                                    w.write_all(body).await?;
+                                    w.write_all(b")\r\n").await?;
+                                }
+                            }
+                            self.state.lock().unwrap().bodies_sent += msgs.len() as u32;
+                            w.write_all(format!("{tag} OK UID completed.\r\n").as_bytes()).await?;
+                            continue;
+                        }
                         if body_fetch && (!no_body.is_empty() || rate > 0) {
                             for (seq, uid, body) in &msgs {
                                 if no_body.contains(uid) {
@@ -346,11 +413,11 @@ impl Scripted {
                             }
                             self.state.lock().unwrap().bodies_sent += msgs.len() as u32;
                         } else {
+                            let lie = self.state.lock().unwrap().lie_size;
                             for (seq, uid, body) in &msgs {
-                                w.write_all(
-                                    format!("* {seq} FETCH (UID {uid} RFC822.SIZE {})\r\n", body.len()).as_bytes(),
-                                )
-                                .await?;
+                                let size = lie.unwrap_or(body.len() as u32);
+                                w.write_all(format!("* {seq} FETCH (UID {uid} RFC822.SIZE {size})\r\n").as_bytes())
+                                    .await?;
                             }
                         }
                     }

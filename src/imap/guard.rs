@@ -1,0 +1,290 @@
+//! The guard between the socket and the IMAP parser: what a server sends is checked for size
+//! before the parser sees it, and every byte read counts as progress.
+//!
+//! The IMAP library buffers a whole response and allocates a buffer the size of an announced
+//! literal (`{536000000}`) before a byte of it arrives, and it parses a line again from its
+//! start at every read, so a line without an end costs quadratic time. The guard scans the
+//! stream as it passes (lines, and literals by their announced length) and fails the read,
+//! with a short content-free error, when a line outside a literal is longer than
+//! [`MAX_LINE`] or a literal is announced larger than the session's current limit. It removes
+//! the offending bytes from the read, so the parser never sees the announcement.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Longest line (outside literals) a server may send. Longer lines are an error: the longest
+/// legitimate ones are SEARCH results (about 130,000 UIDs per MiB), and inboxd never asks
+/// for an unbounded SEARCH.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// The literal limit before login: greetings, capabilities and login answers carry none.
+pub const PRE_LOGIN_LITERAL: u64 = 64 << 10;
+
+/// Limits and counters shared between a guard and the session that owns it.
+#[derive(Debug)]
+pub struct Meter {
+    /// Bytes read from the server on this connection.
+    read: AtomicU64,
+    /// Largest literal accepted now.
+    max_literal: AtomicU64,
+}
+
+impl Meter {
+    pub fn new(max_literal: u64) -> Arc<Meter> {
+        Arc::new(Meter {
+            read: AtomicU64::new(0),
+            max_literal: AtomicU64::new(max_literal),
+        })
+    }
+
+    /// Bytes read so far: a deadline on progress compares two readings.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max_literal(&self, max: u64) {
+        self.max_literal.store(max, Ordering::Relaxed);
+    }
+
+    fn max_literal(&self) -> u64 {
+        self.max_literal.load(Ordering::Relaxed)
+    }
+}
+
+/// Where the scan stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scan {
+    /// In a line, `len` bytes into it.
+    Line { len: usize },
+    /// Inside a literal, with this many bytes to go.
+    Literal { remaining: u64 },
+}
+
+/// Why the guard refused what the server sent. Says what and where, never the bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("the server sent a line longer than {max} bytes (at byte {offset} of the connection)")]
+    LongLine { max: usize, offset: u64 },
+    #[error(
+        "the server announced a literal of {size} bytes, above the limit of {max} (in the line at byte {offset} of the connection)"
+    )]
+    BigLiteral { size: u64, max: u64, offset: u64 },
+}
+
+/// Checks what `inner` yields; see the module documentation.
+#[derive(Debug)]
+pub struct Guard<S> {
+    inner: S,
+    meter: Arc<Meter>,
+    scan: Scan,
+    /// The last bytes of the current line, to read a literal announcement at its end.
+    tail: [u8; 24],
+    tail_len: usize,
+    /// Bytes of the connection scanned so far.
+    offset: u64,
+}
+
+impl<S> Guard<S> {
+    pub fn new(inner: S, meter: Arc<Meter>) -> Guard<S> {
+        Guard {
+            inner,
+            meter,
+            scan: Scan::Line { len: 0 },
+            tail: [0; 24],
+            tail_len: 0,
+            offset: 0,
+        }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Scans `bytes`; on a refusal, returns how many of them may be passed on before it.
+    fn scan(&mut self, bytes: &[u8]) -> Result<(), (usize, Refused)> {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.scan {
+                Scan::Literal { remaining } => {
+                    let take = remaining.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    self.offset += take;
+                    let remaining = remaining - take;
+                    self.scan = if remaining == 0 {
+                        Scan::Line { len: 0 }
+                    } else {
+                        Scan::Literal { remaining }
+                    };
+                }
+                Scan::Line { len } => {
+                    let b = bytes[i];
+                    let len = len + 1;
+                    if self.tail_len == self.tail.len() {
+                        self.tail.copy_within(1.., 0);
+                        self.tail_len -= 1;
+                    }
+                    self.tail[self.tail_len] = b;
+                    self.tail_len += 1;
+                    if b == b'\n' {
+                        let announced = literal_at_end(&self.tail[..self.tail_len]);
+                        self.tail_len = 0;
+                        self.scan = Scan::Line { len: 0 };
+                        if let Some(size) = announced {
+                            let max = self.meter.max_literal();
+                            if size > max {
+                                // Drop the line, as far as it is in this read (an earlier part
+                                // may have passed; without its end the parser knows no size).
+                                let line_start = (i + 1).saturating_sub(len);
+                                return Err((
+                                    line_start,
+                                    Refused::BigLiteral {
+                                        size,
+                                        max,
+                                        offset: (self.offset + 1).saturating_sub(len as u64),
+                                    },
+                                ));
+                            }
+                            if size > 0 {
+                                self.scan = Scan::Literal { remaining: size };
+                            }
+                        }
+                    } else if len > MAX_LINE {
+                        return Err((
+                            i.saturating_sub(MAX_LINE),
+                            Refused::LongLine {
+                                max: MAX_LINE,
+                                offset: self.offset,
+                            },
+                        ));
+                    } else {
+                        self.scan = Scan::Line { len };
+                    }
+                    self.offset += 1;
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The size of a literal announced at the end of a line: `... {123}\r\n` (also `~{123}` of
+/// RFC 3516 and `{123+}`), if any.
+fn literal_at_end(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r\n").or_else(|| line.strip_suffix(b"\n"))?;
+    let line = line.strip_suffix(b"}")?;
+    let line = line.strip_suffix(b"+").unwrap_or(line);
+    let open = line.iter().rposition(|&b| b == b'{')?;
+    let digits = &line[open + 1..];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // More digits than a u64 holds: as large as can be (and refused).
+    Some(std::str::from_utf8(digits).ok()?.parse().unwrap_or(u64::MAX))
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = buf.filled().len() - before;
+                this.meter.read.fetch_add(new as u64, Ordering::Relaxed);
+                let scanned = this.scan(&buf.filled()[before..]);
+                match scanned {
+                    Ok(()) => Poll::Ready(Ok(())),
+                    Err((keep, refused)) => {
+                        buf.set_filled(before + keep);
+                        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, refused)))
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn read_all(input: Vec<u8>, max_literal: u64) -> (Vec<u8>, Option<String>) {
+        let meter = Meter::new(max_literal);
+        let mut g = Guard::new(std::io::Cursor::new(input), meter);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 7];
+        loop {
+            match g.read(&mut buf).await {
+                Ok(0) => return (out, None),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => return (out, Some(e.to_string())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn literals_pass_whole_and_their_bytes_are_not_lines() {
+        let mut input = b"* 1 FETCH (UID 5 BODY[] {12}\r\n".to_vec();
+        input.extend_from_slice(b"ab\r\n}\r\n{99}\r\n");
+        input.extend_from_slice(b")\r\nA1 OK done\r\n");
+        let (out, err) = read_all(input.clone(), 100).await;
+        assert_eq!((out, err), (input, None));
+    }
+
+    #[tokio::test]
+    async fn a_big_literal_announcement_never_reaches_the_parser() {
+        let input = b"* OK hi\r\n* 1 FETCH (UID 5 BODY[] {536000000}\r\nZZZZ".to_vec();
+        let (out, err) = read_all(input, 1 << 20).await;
+        // The start of the line may have passed in an earlier read; its end never does, and
+        // without it the parser knows no size.
+        assert!(out.starts_with(b"* OK hi\r\n"));
+        assert!(
+            !out.windows(3).any(|w| w == b"}\r\n"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+        let err = err.unwrap();
+        assert!(
+            err.contains("literal of 536000000 bytes") && err.contains("byte 9"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_is_refused_without_its_content() {
+        let mut input = b"* 1 FETCH (UID 1 FLAGS (".to_vec();
+        input.extend(std::iter::repeat_n(b'A', MAX_LINE + 10));
+        let (out, err) = read_all(input, 100).await;
+        assert!(out.len() <= MAX_LINE);
+        let err = err.unwrap();
+        assert!(err.contains("longer than") && !err.contains("AAAA"), "{err}");
+    }
+
+    #[test]
+    fn literal_announcements_are_read_at_line_ends_only() {
+        assert_eq!(literal_at_end(b"* 1 FETCH (BODY[] {42}\r\n"), Some(42));
+        assert_eq!(literal_at_end(b"A1 APPEND x ~{7+}\r\n"), Some(7));
+        assert_eq!(literal_at_end(b"* OK {42} not a literal\r\n"), None);
+        assert_eq!(literal_at_end(b"* OK {}\r\n"), None);
+        assert_eq!(literal_at_end(b"* OK {99999999999999999999999}\r\n"), Some(u64::MAX));
+    }
+}
