@@ -563,12 +563,13 @@ impl Config {
                 (None, Some(o)) => {
                     let osp = o.span();
                     let grant = oauth2_grant(o.into_inner(), preset, &a.user, &base)
-                        .map_err(|m| invalid(Some(osp), format!("accounts.{name}.oauth2: {m}")))?;
+                        .map_err(|m| invalid(Some(osp.clone()), format!("accounts.{name}.oauth2: {m}")))?;
                     let refresh_at = grant.1;
                     let source = match token_sources.iter().find(|(g, _)| *g == grant.0) {
                         Some((_, source)) => source.clone(),
                         None => {
-                            let source = TokenSource::new(name.clone(), grant.0.clone(), refresh_at);
+                            let source = TokenSource::new(name.clone(), grant.0.clone(), refresh_at)
+                                .map_err(|e| invalid(Some(osp.clone()), format!("accounts.{name}.oauth2: {e}")))?;
                             token_sources.push((grant.0, source.clone()));
                             source
                         }
@@ -835,6 +836,28 @@ fn oauth2_grant(o: RawOAuth2, preset: Option<Provider>, user: &str, base: &Path)
         (None, Some(Provider::Gmail), _) => Some(crate::oauth2::grant::GOOGLE_TOKEN_URL.to_string()),
         _ => None,
     };
+    if let Some(url) = &token_url {
+        // The token endpoint gets client secrets and refresh tokens: TLS, as for IMAP, unless
+        // it is on this machine.
+        let host = url
+            .strip_prefix("http://")
+            .map(|rest| rest.split(['/', '?']).next().unwrap_or(""))
+            .map(|authority| match authority.rsplit_once(':') {
+                Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+                _ => authority,
+            });
+        match host {
+            Some(h) if !is_loopback(h) => {
+                return Err(format!(
+                    "`token_url` {url:?} is plain http to a host that is not loopback; use https"
+                ));
+            }
+            None if !url.starts_with("https://") => {
+                return Err(format!("`token_url` {url:?} is not an https:// URL"));
+            }
+            _ => {}
+        }
+    }
     let need_url = || {
         token_url
             .clone()
@@ -1170,6 +1193,20 @@ oauth2 = { grant = "refresh_token", client_id = "app", client_secret = "cs", ref
             panic!()
         };
         assert!(a.shares_cache_with(b));
+    }
+
+    #[test]
+    fn a_token_endpoint_in_clear_is_refused_unless_on_this_machine() {
+        let text = |url: &str| {
+            format!(
+                "[accounts.a]\nhost = \"h\"\nuser = \"u\"\noauth2 = {{ grant = \"client_credentials\", token_url = \"{url}\", client_id = \"c\", client_secret = \"s\" }}\n"
+            )
+        };
+        let e = parse(&text("http://login.example.com/token")).unwrap_err().to_string();
+        assert!(e.contains("plain http") && e.contains(":4:"), "{e}");
+        assert!(parse(&text("ftp://x/token")).is_err());
+        parse(&text("http://127.0.0.1:8080/token")).unwrap();
+        parse(&text("https://login.example.com/token")).unwrap();
     }
 
     #[test]

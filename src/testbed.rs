@@ -80,10 +80,12 @@ impl Dovecot {
         let base = std::env::temp_dir().join(format!("inboxd-dovecot-{}-{}", std::process::id(), free_port()?));
         fs::create_dir_all(&base)?;
         fs::set_permissions(&base, fs::Permissions::from_mode(0o755))?;
+        // SAFETY: geteuid(2) and getegid(2) only read the process's credentials.
         let root = unsafe { libc::geteuid() } == 0;
         let mail_uid = if root {
             (65534, 65534)
         } else {
+            // SAFETY: as above.
             unsafe { (libc::geteuid(), libc::getegid()) }
         };
         let mut d = Dovecot {
@@ -299,6 +301,7 @@ service imap-login {{
                 std::thread::sleep(Duration::from_millis(10));
             }
             // Children (imap, auth, log) may outlive the master by a moment; make sure.
+            // SAFETY: kill(2) on the process group this Dovecot was started in.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
             let _ = child.kill();
             let _ = child.wait();
@@ -430,6 +433,7 @@ fn make_certificates(dir: &Path) -> io::Result<()> {
 }
 
 fn chown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: geteuid(2) only reads the process's credentials.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(());
     }

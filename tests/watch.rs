@@ -547,17 +547,21 @@ async fn post_actions_fall_back_without_move_and_uidplus() {
     wait_delivered(&mut ev, 1, 20).await;
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     w.stop().await.unwrap();
-    // COPY + \Deleted + EXPUNGE: the message is in Done and gone from INBOX; the other stays.
-    let inbox = dv
-        .doveadm(&["search", "-u", "alice", "mailbox", "INBOX", "all"])
+    // COPY + \Deleted, and no bare EXPUNGE (it would also remove messages others flagged
+    // \Deleted, undelivered ones included): the copy is in Done, the original flagged.
+    let undeleted = dv
+        .doveadm(&["search", "-u", "alice", "mailbox", "INBOX", "undeleted"])
+        .unwrap();
+    let deleted = dv
+        .doveadm(&["search", "-u", "alice", "mailbox", "INBOX", "deleted"])
         .unwrap();
     let done = dv
         .doveadm(&["search", "-u", "alice", "mailbox", "Done", "all"])
         .unwrap();
     assert_eq!(
-        (inbox.lines().count(), done.lines().count()),
-        (1, 1),
-        "INBOX: {inbox} Done: {done}"
+        (undeleted.lines().count(), deleted.lines().count(), done.lines().count()),
+        (1, 1, 1),
+        "INBOX: {undeleted} / deleted {deleted} Done: {done}"
     );
 }
 

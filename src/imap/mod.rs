@@ -9,6 +9,7 @@
 
 mod connect;
 pub mod guard;
+pub mod sasl;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -22,9 +23,9 @@ use inboxd_core::mailbox::sequence_set;
 
 pub use connect::Conn;
 
+use self::sasl::Mechanism;
 use crate::config::{Account, Auth, AuthMechanism, Timeouts, TlsMode};
 use crate::oauth2::TokenError;
-use crate::oauth2::sasl::{self, Mechanism};
 use crate::secret::SecretError;
 
 type Inner = async_imap::Session<guard::Guard<Conn>>;
@@ -362,6 +363,14 @@ impl Session {
     /// Connects to the account's server and logs in.
     pub async fn open(account: &Account) -> Result<Session, ImapError> {
         let t = account.timeouts;
+        if account.tls == TlsMode::None && !crate::config::is_loopback(&account.host) {
+            // The config refuses this too; a library user building an `Account` by hand gets
+            // the same rule.
+            return Err(ImapError::TlsConfig(format!(
+                "tls = \"none\" is only allowed for loopback hosts, not {}",
+                account.host
+            )));
+        }
         if let Some(text) = connect::auth_gate::closed(account) {
             return Err(ImapError::Auth {
                 user: account.user.clone(),
@@ -848,19 +857,21 @@ impl Session {
         self.checked("UID STORE", &command, |_| {}).await
     }
 
-    /// Removes messages: `\Deleted`, then `UID EXPUNGE` (UIDPLUS) or, without it, `EXPUNGE`
-    /// (which also removes any other message already marked `\Deleted`).
+    /// Removes messages: `\Deleted`, then `UID EXPUNGE` (UIDPLUS). Without UIDPLUS the
+    /// messages are only flagged `\Deleted`: a bare `EXPUNGE` would also remove every other
+    /// message someone marked `\Deleted`, including ones inboxd has not delivered yet.
     pub async fn delete(&mut self, uids: &[u32]) -> Result<(), ImapError> {
         self.add_flags(uids, "\\Deleted").await?;
         if self.has("UIDPLUS") {
             self.checked("UID EXPUNGE", &format!("UID EXPUNGE {}", sequence_set(uids)), |_| {})
                 .await
         } else {
-            self.checked("EXPUNGE", "EXPUNGE", |_| {}).await
+            Ok(())
         }
     }
 
-    /// Moves messages to `folder`: `UID MOVE` (RFC 6851) or `UID COPY` + delete.
+    /// Moves messages to `folder`: `UID MOVE` (RFC 6851) or `UID COPY` + delete (which, without
+    /// UIDPLUS, leaves the originals flagged `\Deleted`).
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
         let (set, quoted) = (sequence_set(uids), quote(folder));
         if self.has("MOVE") {

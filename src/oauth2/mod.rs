@@ -3,12 +3,10 @@
 //! - [`grant`]: obtaining an access token: client credentials with a secret or a certificate
 //!   (`private_key_jwt`), the JWT bearer grant for Google service accounts, the refresh-token
 //!   grant (rotated refresh tokens are persisted), or an external command.
-//! - [`sasl`]: XOAUTH2 and OAUTHBEARER (RFC 7628), including the server's error challenge.
 //! - [`TokenSource`]: one cache per credential, shared by every watcher that uses it;
 //!   single-flight refresh, refreshed ahead of expiry (80 % of the lifetime by default).
 
 pub mod grant;
-pub mod sasl;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -173,13 +171,19 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    pub fn new(name: impl Into<String>, grant: Grant, refresh_at: f64) -> TokenSource {
+    /// A token source for `grant`. Fails if no HTTP client can be built (no usable system
+    /// certificates, for one). The client follows no redirects: a 307 would re-send the
+    /// form, secrets included, to wherever it points.
+    pub fn new(name: impl Into<String>, grant: Grant, refresh_at: f64) -> Result<TokenSource, TokenError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
-            .unwrap_or_default();
-        TokenSource {
+            .map_err(|e| {
+                TokenError::Credential(format!("cannot set up the HTTP client for the token endpoint: {e}"))
+            })?;
+        Ok(TokenSource {
             inner: Arc::new(Inner {
                 name: name.into(),
                 grant,
@@ -188,7 +192,7 @@ impl TokenSource {
                 cache: Mutex::new(None),
                 store: OnceLock::new(),
             }),
-        }
+        })
     }
 
     /// Whether two sources share one cache (the same credential).
