@@ -8,6 +8,11 @@
 //! with a short content-free error, when a line outside a literal is longer than
 //! [`MAX_LINE`] or a literal is announced larger than the session's current limit. It removes
 //! the offending bytes from the read, so the parser never sees the announcement.
+//!
+//! Outside literals, bytes above 0x7f become `?`: IMAP4rev1 allows them there only in
+//! human-readable text, and the parser panics on some of them (a multi-byte character right
+//! after a response code's `]`) and refuses others (an 8-bit keyword in FLAGS, which would
+//! make SELECT fail for good). Message bodies come as literals and are never touched.
 
 use std::io;
 use std::pin::Pin;
@@ -106,7 +111,7 @@ impl<S> Guard<S> {
     }
 
     /// Scans `bytes`; on a refusal, returns how many of them may be passed on before it.
-    fn scan(&mut self, bytes: &[u8]) -> Result<(), (usize, Refused)> {
+    fn scan(&mut self, bytes: &mut [u8]) -> Result<(), (usize, Refused)> {
         let mut i = 0;
         while i < bytes.len() {
             match self.scan {
@@ -122,6 +127,12 @@ impl<S> Guard<S> {
                     };
                 }
                 Scan::Line { len } => {
+                    if bytes[i] >= 0x80 {
+                        // Outside literals IMAP4rev1 allows no 8-bit bytes but in
+                        // human-readable text; the parser panics on some (a multi-byte
+                        // character right after `]`) and refuses others (an 8-bit flag).
+                        bytes[i] = b'?';
+                    }
                     let b = bytes[i];
                     let len = len + 1;
                     if self.tail_len == self.tail.len() {
@@ -196,7 +207,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
             Poll::Ready(Ok(())) => {
                 let new = buf.filled().len() - before;
                 this.meter.read.fetch_add(new as u64, Ordering::Relaxed);
-                let scanned = this.scan(&buf.filled()[before..]);
+                let scanned = this.scan(&mut buf.filled_mut()[before..]);
                 match scanned {
                     Ok(()) => Poll::Ready(Ok(())),
                     Err((keep, refused)) => {

@@ -8,6 +8,8 @@
 //! public API; swapping the IMAP crate touches this folder only.
 
 mod connect;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod guard;
 pub mod sasl;
 
@@ -690,20 +692,10 @@ impl Session {
         let from = last_uid.saturating_add(1);
         let mut out = Vec::new();
         self.checked("UID FETCH", &format!("UID FETCH {from}:* (UID RFC822.SIZE)"), |resp| {
-            if let Response::Fetch(_, attrs) = resp {
-                let uid = attrs
-                    .iter()
-                    .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None });
-                let size = attrs.iter().find_map(|a| {
-                    if let AttributeValue::Rfc822Size(n) = a {
-                        Some(*n)
-                    } else {
-                        None
-                    }
-                });
-                if let Some(uid) = uid {
-                    out.push((uid, size));
-                }
+            if let Response::Fetch(_, attrs) = resp
+                && let Some(item) = listed_item(attrs)
+            {
+                out.push(item);
             }
         })
         .await?;
@@ -726,18 +718,7 @@ impl Session {
         let command = format!("UID FETCH {} (UID BODY.PEEK[])", sequence_set(uids));
         self.checked("UID FETCH", &command, |resp| {
             let Response::Fetch(_, attrs) = resp else { return };
-            let uid = attrs
-                .iter()
-                .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None });
-            let body = attrs.iter().find_map(|a| match a {
-                AttributeValue::BodySection {
-                    section: None,
-                    data: Some(d),
-                    ..
-                } => Some(d.as_ref()),
-                AttributeValue::Rfc822(Some(d)) => Some(d.as_ref()),
-                _ => None,
-            });
+            let (uid, body) = fetched_item(attrs);
             if let (Some(uid), Some(body)) = (uid.filter(|u| wanted.contains(u)), body) {
                 if over || !seen.insert(uid) {
                     return;
@@ -804,12 +785,7 @@ impl Session {
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
-                        let info = outcome.information.as_deref().unwrap_or("");
-                        let text = match &outcome.code {
-                            Some(code) => format!("[{}] {info}", code_name(code)),
-                            None => info.to_string(),
-                        };
-                        let text = clip(text, MAX_TEXT);
+                        let text = outcome_text(outcome);
                         return match status {
                             Status::Ok => Ok(()),
                             _ if text.contains("BYE") => Err(ImapError::Bye(text)),
@@ -1027,6 +1003,49 @@ impl Session {
     }
 }
 
+/// UID and size from one answer to `UID FETCH n:* (UID RFC822.SIZE)`.
+fn listed_item(attrs: &[AttributeValue<'_>]) -> Option<(u32, Option<u32>)> {
+    let uid = attrs
+        .iter()
+        .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None })?;
+    let size = attrs.iter().find_map(|a| {
+        if let AttributeValue::Rfc822Size(n) = a {
+            Some(*n)
+        } else {
+            None
+        }
+    });
+    Some((uid, size))
+}
+
+/// UID and whole body from one answer to `UID FETCH set (UID BODY.PEEK[])`.
+fn fetched_item<'a>(attrs: &'a [AttributeValue<'a>]) -> (Option<u32>, Option<&'a [u8]>) {
+    let uid = attrs
+        .iter()
+        .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None });
+    let body = attrs.iter().find_map(|a| match a {
+        AttributeValue::BodySection {
+            section: None,
+            data: Some(d),
+            ..
+        } => Some(d.as_ref()),
+        AttributeValue::Rfc822(Some(d)) => Some(d.as_ref()),
+        _ => None,
+    });
+    (uid, body)
+}
+
+/// A status response's text with its code first (`[TRYCREATE] Mailbox doesn't exist`),
+/// at most [`MAX_TEXT`] bytes.
+fn outcome_text(outcome: &async_imap::imap_proto::Outcome<'_>) -> String {
+    let info = outcome.information.as_deref().unwrap_or("");
+    let text = match &outcome.code {
+        Some(code) => format!("[{}] {info}", code_name(code)),
+        None => info.to_string(),
+    };
+    clip(text, MAX_TEXT)
+}
+
 /// An IMAP quoted string (RFC 3501 §4.3).
 fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -1063,10 +1082,10 @@ fn capability_name(c: &async_imap::imap_proto::Capability<'_>) -> String {
     }
 }
 
-async fn greeting(
-    client: &mut async_imap::Client<guard::Guard<Conn>>,
-    after: Duration,
-) -> Result<HashSet<String>, ImapError> {
+async fn greeting<T>(client: &mut async_imap::Client<T>, after: Duration) -> Result<HashSet<String>, ImapError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::fmt::Debug + Send,
+{
     deadline("greeting", after, async {
         let resp = client
             .read_response()

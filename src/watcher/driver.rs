@@ -543,13 +543,29 @@ impl Driver {
             body: &body.fetched.body,
         };
         tracing::debug!(watch = %self.name, uid, attempt, "delivering");
-        match self.handler.deliver(&message).await {
-            Ok(()) => Input::Delivered { uid },
-            Err(e) => Input::HandlerFailed {
+        let handler = &mut self.handler;
+        let outcome = std::panic::AssertUnwindSafe(async move { handler.deliver(&message).await })
+            .catch_unwind()
+            .await;
+        match outcome {
+            Ok(Ok(())) => Input::Delivered { uid },
+            Ok(Err(e)) => Input::HandlerFailed {
                 uid,
                 error: clip(e.detail()),
                 unavailable: e.unavailable,
             },
+            Err(panic) => {
+                // A handler bug on this message: a failed attempt like any other (retried,
+                // then dead-lettered), not a dropped connection.
+                let msg = panic_message(panic.as_ref());
+                self.health(|h| h.panics += 1);
+                error!(watch = %self.name, uid, panic = %msg, "handler panicked");
+                Input::HandlerFailed {
+                    uid,
+                    error: clip(format!("handler panicked: {msg}")),
+                    unavailable: false,
+                }
+            }
         }
     }
 
