@@ -129,6 +129,18 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
 pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let store = open_store(config).await?;
     let mut failed = 0;
+    for w in &config.watches {
+        if let crate::config::Deliver::Exec { argv, timeout, cwd, .. } = &w.deliver {
+            let exec = crate::handler::exec::Exec::new(argv.clone(), *timeout, cwd.clone());
+            match exec.check() {
+                Ok(()) => writeln!(out, "watch {}: handler {} ok", w.name(), argv[0])?,
+                Err(e) => {
+                    writeln!(out, "watch {}: handler FAILED: {}", w.name(), e.reason)?;
+                    failed += 1;
+                }
+            }
+        }
+    }
     for (name, account) in &config.accounts {
         writeln!(
             out,

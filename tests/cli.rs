@@ -268,3 +268,33 @@ fn handlers_never_see_inboxd_secrets_and_die_with_inboxd() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_missing_handler_fails_check_and_the_start_instead_of_dead_lettering_mail() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\ndeliver = { exec = [\"./nope.sh\"] }",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(append(&dv, "INBOX", &["a"]));
+    let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains("handler FAILED") && text.contains("nope.sh not found"),
+        "{text}"
+    );
+    let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nope.sh not found"), "{err}");
+    // Nothing was dead-lettered.
+    let st = rt.block_on(inboxd::store::SqliteStore::open(&cfg.state)).unwrap();
+    use inboxd::store::Store;
+    let dead = rt
+        .block_on(st.by_status(inboxd::store::DeliveryStatus::Dead, 10))
+        .unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+}

@@ -430,6 +430,7 @@ impl Driver {
             None => Input::Interrupted,
             Some(Err(e)) => failed(&e),
             Some(Ok(session)) => {
+                session.set_max_literal(self.watch.max_message_size);
                 let idle = session.has("IDLE");
                 info!(watch = %self.name, idle, "connected");
                 self.session = Some(session);
