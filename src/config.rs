@@ -76,6 +76,24 @@ impl<'de> Deserialize<'de> for Bytes {
     }
 }
 
+/// `sha256:AB:CD:...` (colons and case optional) as the 32 bytes it names.
+fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let hex: String = text
+        .trim()
+        .strip_prefix("sha256:")?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -225,6 +243,9 @@ struct RawAccount {
     tls: Option<TlsMode>,
     /// Extra trust root (PEM) on top of the platform's.
     ca_file: Option<PathBuf>,
+    /// Pin the server's certificate instead: `"sha256:AB:CD:..."` (printed by `inboxd check`
+    /// when the handshake fails).
+    tls_fingerprint: Option<String>,
     user: String,
     password: Option<SecretSource>,
     oauth2: Option<Spanned<RawOAuth2>>,
@@ -403,6 +424,9 @@ pub struct Account {
     pub port: u16,
     pub tls: TlsMode,
     pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the one server certificate to accept (`tls_fingerprint`), instead of
+    /// verifying it against trust roots.
+    pub tls_fingerprint: Option<[u8; 32]>,
     pub user: String,
     pub auth: Auth,
     /// The provider preset, if any (used for diagnostics).
@@ -431,6 +455,7 @@ impl Account {
             port,
             tls,
             ca_file: None,
+            tls_fingerprint: None,
             user: user.into(),
             auth: Auth::Password(password),
             provider: None,
@@ -665,12 +690,30 @@ impl Config {
                     ));
                 }
             }
+            if a.tls_fingerprint.is_some() && a.ca_file.is_some() {
+                return Err(invalid(
+                    Some(span.clone()),
+                    format!("accounts.{name}: give `ca_file` or `tls_fingerprint`, not both"),
+                ));
+            }
+            let tls_fingerprint = match &a.tls_fingerprint {
+                None => None,
+                Some(text) => Some(parse_fingerprint(text).ok_or_else(|| {
+                    invalid(
+                        Some(span.clone()),
+                        format!(
+                            "accounts.{name}.tls_fingerprint: {text:?} is not \"sha256:\" followed by 64 hex digits"
+                        ),
+                    )
+                })?),
+            };
             let account = Account {
                 name: name.clone(),
                 port: a.port.unwrap_or(if tls == TlsMode::Implicit { 993 } else { 143 }),
                 host,
                 tls,
                 ca_file: a.ca_file.map(|p| base.join(p)),
+                tls_fingerprint,
                 user: a.user,
                 auth,
                 provider: preset,

@@ -75,6 +75,12 @@ fn init_logs(format: Option<LogFormat>, filter: &str) {
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,
     };
+    // The platform verifier logs each refused certificate at ERROR; inboxd's own error says
+    // it better, once.
+    let filter = match "rustls_platform_verifier=off".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let tty = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

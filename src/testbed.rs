@@ -33,6 +33,9 @@ pub struct Options {
     /// Accept OAuth2 bearer tokens (XOAUTH2 and OAUTHBEARER) issued by this issuer URL,
     /// validated locally as JWTs with the public keys in [`Dovecot::oauth2_keys_dir`].
     pub oauth2_issuer: Option<String>,
+    /// Serve the kind of certificate `openssl req -x509` makes by default: self-signed and
+    /// marked CA:TRUE (its own `tls/cert.pem`).
+    pub self_signed_ca: bool,
 }
 
 /// A running Dovecot instance. Stopped and removed on drop.
@@ -162,6 +165,9 @@ impl Dovecot {
         }
         fs::write(d.join("users"), users)?;
         make_certificates(&d.join("tls"))?;
+        if options.self_signed_ca {
+            make_self_signed_ca(&d.join("tls"))?;
+        }
         let mut conf = format!(
             r#"protocols = imap
 listen = 127.0.0.1
@@ -369,6 +375,40 @@ service imap-login {{
 
 /// A throwaway CA and a server certificate it signed, for `localhost` and `127.0.0.1` (a
 /// self-signed leaf is rejected by webpki as "CA used as end entity").
+/// Replaces `cert.pem`/`key.pem` with one self-signed CA:TRUE certificate.
+fn make_self_signed_ca(dir: &Path) -> io::Result<()> {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
+}
+
 fn make_certificates(dir: &Path) -> io::Result<()> {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     fs::write(

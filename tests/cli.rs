@@ -298,3 +298,45 @@ fn a_missing_handler_fails_check_and_the_start_instead_of_dead_lettering_mail() 
         .unwrap();
     assert!(dead.is_empty(), "{dead:?}");
 }
+
+#[test]
+fn a_self_signed_ca_certificate_gets_a_clear_error_and_can_be_pinned() {
+    let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
+        self_signed_ca: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dv.ca_file().with_file_name("cert.pem");
+    let cfg = config(&dv, dir.path(), "", "deliver = { maildir = \"out\" }");
+    let text = std::fs::read_to_string(&cfg.path).unwrap();
+    let with_ca = text.replace(&dv.ca_file().display().to_string(), &cert.display().to_string());
+    std::fs::write(&cfg.path, &with_ca).unwrap();
+    let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("presents a CA certificate as its own"), "{report}");
+    assert!(!report.contains("OtherError"), "{report}");
+    let pin = report
+        .split("tls_fingerprint = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no fingerprint in {report}"))
+        .to_string();
+    assert!(pin.starts_with("sha256:") && pin.len() == 7 + 95, "{pin}");
+
+    let ca_line = format!("ca_file = \"{}\"", cert.display());
+    let pinned = with_ca.replace(&ca_line, &format!("tls_fingerprint = \"{pin}\""));
+    std::fs::write(&cfg.path, &pinned).unwrap();
+    let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let wrong = pinned.replace(&pin[7..9], if &pin[7..9] == "00" { "11" } else { "00" });
+    std::fs::write(&cfg.path, &wrong).unwrap();
+    let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && report.contains("not the one pinned"),
+        "{report}"
+    );
+}

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -149,47 +151,208 @@ pub(crate) async fn tcp(account: &Account) -> Result<TcpStream, ImapError> {
     Ok(stream)
 }
 
-/// Builds the TLS connector: the platform's trust store plus the account's `ca_file`, always
-/// verifying the server's name.
-pub(crate) fn tls_connector(account: &Account) -> Result<TlsConnector, ImapError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut extra = Vec::new();
-    if let Some(path) = &account.ca_file {
-        for cert in CertificateDer::pem_file_iter(path)
-            .map_err(|e| ImapError::TlsConfig(format!("cannot read ca_file {}: {e}", path.display())))?
-        {
-            extra.push(
-                cert.map_err(|e| ImapError::TlsConfig(format!("bad certificate in ca_file {}: {e}", path.display())))?,
-            );
+/// The end-entity certificate the server presented in the last handshake, kept so that a
+/// failure can say which certificate to pin.
+type Seen = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
+
+/// Verifies as `inner` does and remembers the end-entity certificate presented.
+#[derive(Debug)]
+struct Recording<V> {
+    inner: V,
+    seen: Seen,
+}
+
+impl<V: ServerCertVerifier> ServerCertVerifier for Recording<V> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(end_entity.to_vec());
         }
-        if extra.is_empty() {
-            return Err(ImapError::TlsConfig(format!(
-                "ca_file {} holds no certificate",
-                path.display()
-            )));
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Accepts exactly the certificate whose SHA-256 the operator pinned (`tls_fingerprint`). The
+/// operator vouched for this very certificate, so its names, dates and issuer are not checked;
+/// the handshake signatures are.
+#[derive(Debug)]
+struct Pinned {
+    sha256: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if sha256(end_entity) == self.sha256 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the server's certificate is not the one pinned by tls_fingerprint".into(),
+            ))
         }
     }
-    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
-        .map_err(|e| ImapError::TlsConfig(e.to_string()))?;
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn sha256(der: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// `sha256:AB:CD:...`, the form `tls_fingerprint` takes.
+pub fn fingerprint(der: &[u8]) -> String {
+    let hex: Vec<String> = sha256(der).iter().map(|b| format!("{b:02X}")).collect();
+    format!("sha256:{}", hex.join(":"))
+}
+
+/// Builds the TLS connector: the platform's trust store plus the account's `ca_file`, always
+/// verifying the server's name; or, with `tls_fingerprint`, exactly the pinned certificate.
+fn tls_connector(account: &Account, seen: Seen) -> Result<TlsConnector, ImapError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier: Arc<dyn ServerCertVerifier> = match account.tls_fingerprint {
+        Some(sha256) => Arc::new(Recording {
+            inner: Pinned {
+                sha256,
+                provider: provider.clone(),
+            },
+            seen,
+        }),
+        None => {
+            let mut extra = Vec::new();
+            if let Some(path) = &account.ca_file {
+                for cert in CertificateDer::pem_file_iter(path)
+                    .map_err(|e| ImapError::TlsConfig(format!("cannot read ca_file {}: {e}", path.display())))?
+                {
+                    extra.push(cert.map_err(|e| {
+                        ImapError::TlsConfig(format!("bad certificate in ca_file {}: {e}", path.display()))
+                    })?);
+                }
+                if extra.is_empty() {
+                    return Err(ImapError::TlsConfig(format!(
+                        "ca_file {} holds no certificate",
+                        path.display()
+                    )));
+                }
+            }
+            let platform = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+                .map_err(|e| ImapError::TlsConfig(e.to_string()))?;
+            Arc::new(Recording { inner: platform, seen })
+        }
+    };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ImapError::TlsConfig(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
+/// A sentence for a TLS failure, and what to do about it.
+fn tls_hint(host: &str, source: &io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(e) = source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return source.to_string();
+    };
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "the certificate is signed by an authority this machine does not trust; give that authority's certificate as `ca_file`, or pin the server's certificate with `tls_fingerprint`".into()
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForNameContext { presented, .. }) => format!(
+            "the certificate is not valid for {host:?}; it names {}",
+            if presented.is_empty() { "no host".to_string() } else { presented.join(", ") }
+        ),
+        rustls::Error::InvalidCertificate(C::NotValidForName) => {
+            format!("the certificate is not valid for {host:?}")
+        }
+        rustls::Error::InvalidCertificate(C::ExpiredContext { not_after, .. }) => format!(
+            "the certificate expired {} (Unix time {})",
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after.as_secs())),
+            not_after.as_secs()
+        ),
+        rustls::Error::InvalidCertificate(C::Expired) => "the certificate has expired".into(),
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the certificate is not valid yet (is this machine's clock right?)".into()
+        }
+        rustls::Error::InvalidCertificate(C::Other(other)) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            "the server presents a CA certificate as its own (what `openssl req -x509` makes by default), which cannot be trusted through `ca_file`; pin it with `tls_fingerprint`, or give the server a certificate issued by a CA and that CA as `ca_file`".into()
+        }
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "the certificate's signature does not verify (a self-signed certificate? pin it with `tls_fingerprint`)".into()
+        }
+        other => other.to_string(),
+    }
+}
+
 pub(crate) async fn tls(account: &Account, tcp: TcpStream) -> Result<Conn, ImapError> {
-    let connector = tls_connector(account)?;
+    let seen: Seen = Arc::default();
+    let connector = tls_connector(account, seen.clone())?;
     let host = account.host.trim_start_matches('[').trim_end_matches(']').to_string();
     let name = ServerName::try_from(host.clone())
         .map_err(|_| ImapError::TlsConfig(format!("{host:?} is not a valid server name")))?;
     let stream = deadline("TLS handshake", account.timeouts.tls, async {
-        connector
-            .connect(name, tcp)
-            .await
-            .map_err(|source| ImapError::Tls { host, source })
+        connector.connect(name, tcp).await.map_err(|source| {
+            let hint = tls_hint(&host, &source);
+            let presented = seen.lock().ok().and_then(|s| s.as_deref().map(fingerprint));
+            ImapError::Tls {
+                host,
+                hint,
+                fingerprint: presented,
+            }
+        })
     })
     .await?;
     Ok(Conn::Tls(Box::new(stream)))

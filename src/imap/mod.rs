@@ -43,11 +43,13 @@ pub enum ImapError {
     },
     #[error("{phase} timed out after {after:?}")]
     Timeout { phase: &'static str, after: Duration },
-    #[error("TLS handshake with {host} failed")]
+    #[error("TLS handshake with {host} failed: {hint}{}", fingerprint.as_ref().map(|f| format!(" (the server's certificate: tls_fingerprint = \"{f}\")")).unwrap_or_default())]
     Tls {
         host: String,
-        #[source]
-        source: std::io::Error,
+        /// What went wrong and what to do, in a sentence.
+        hint: String,
+        /// The certificate the server presented, as `tls_fingerprint` takes it.
+        fingerprint: Option<String>,
     },
     #[error("TLS configuration: {0}")]
     TlsConfig(String),
