@@ -91,7 +91,12 @@ pub(crate) async fn obtain(
             let origin = fingerprint(configured.expose());
             let slot = format!("oauth2-refresh-token:{name}");
             let mut current = configured.expose().to_string();
-            if let Some(store) = store
+            // In memory, keyed by everything that makes it this credential's.
+            let memory_key = format!("{slot}\0{token_url}\0{client_id}");
+            if let Some(value) = rotated_in_memory(&memory_key, &origin) {
+                // Rotated earlier in this process: the newest, even if persisting it failed.
+                current = value;
+            } else if let Some(store) = store
                 && let Ok(Some((value, stored_origin))) = store.secret(&slot).await
                 && stored_origin == origin
             {
@@ -111,6 +116,9 @@ pub(crate) async fn obtain(
             }
             let reply = post(http, token_url, form).await?;
             if let Some(rotated) = reply.refresh_token.filter(|r| *r != current) {
+                // Kept in memory first: with one-time refresh tokens, using the old one again
+                // would revoke the whole family.
+                remember_rotated(&memory_key, &origin, &rotated);
                 match store {
                     Some(store) => {
                         if let Err(e) = store.put_secret(&slot, &rotated, &origin).await {
@@ -324,6 +332,26 @@ async fn post(http: &reqwest::Client, url: &str, form: Vec<(&str, String)>) -> R
         },
         refresh_token: r.refresh_token,
     })
+}
+
+/// Rotated refresh tokens of this process, by store slot: (origin fingerprint, token).
+fn rotated() -> &'static std::sync::Mutex<std::collections::HashMap<String, (String, Secret)>> {
+    static ROTATED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, (String, Secret)>>> =
+        std::sync::OnceLock::new();
+    ROTATED.get_or_init(Default::default)
+}
+
+fn rotated_in_memory(slot: &str, origin: &str) -> Option<String> {
+    let map = rotated().lock().ok()?;
+    map.get(slot)
+        .filter(|(o, _)| o == origin)
+        .map(|(_, t)| t.expose().to_string())
+}
+
+fn remember_rotated(slot: &str, origin: &str, token: &str) {
+    if let Ok(mut map) = rotated().lock() {
+        map.insert(slot.to_string(), (origin.to_string(), Secret::new(token)));
+    }
 }
 
 /// A token lifetime as the server (or command) states it, clamped to 5 s .. 24 h: a lifetime
