@@ -17,8 +17,8 @@ use inboxd::config::{Account, Config, TlsMode};
 use inboxd::handler::{Handler, HandlerError, Message};
 use inboxd::imap::Session;
 use inboxd::store::SqliteStore;
-use inboxd::testbed::{self, Dovecot};
 use inboxd::watcher::{Event, Mode, Watcher};
+use inboxd_testbed::{self as testbed, Dovecot};
 use tokio::sync::mpsc;
 
 /// A minimal blocking IMAP client on a plain loopback socket: the floor to compare against.

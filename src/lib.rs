@@ -12,7 +12,6 @@
 //!   the long-running handle with events, `queue` and `stop`.
 //! - [`daemon`]: the CLI's commands as functions, and [`once_with`], the one-shot mode.
 //! - [`config`], [`secret`], [`message`]: configuration, secrets, message identity.
-//! - [`testbed`]: a throwaway Dovecot for the demo, the tests and the benchmark.
 //!
 //! A long-running watcher with a handler of your own:
 //!
@@ -57,7 +56,6 @@ pub mod oauth2;
 mod process;
 pub mod secret;
 pub mod store;
-pub mod testbed;
 pub mod watcher;
 
 pub use daemon::once_with;

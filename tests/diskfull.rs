@@ -117,7 +117,7 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_when_space_returns() {
     }
     let _guard = Mount(mnt.clone());
     let msgs: Vec<Vec<u8>> = (0..12)
-        .map(|i| inboxd::testbed::sample_message(i, &format!("big{i}"), 60_000))
+        .map(|i| inboxd_testbed::sample_message(i, &format!("big{i}"), 60_000))
         .collect();
     append_raw(&dv, "INBOX", &msgs).await;
     let config = config(

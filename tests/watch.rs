@@ -4,7 +4,6 @@ mod support;
 
 use std::time::Duration;
 
-use inboxd::store::DeliveryStatus;
 use inboxd::watcher::{Event, Mode, Watcher};
 use support::*;
 
@@ -27,7 +26,7 @@ async fn message_appended_while_idle_is_delivered_to_exec() {
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
     wait_state(&w, "idle").await;
 
-    let msg = inboxd::testbed::sample_message(1, "hello", 2000);
+    let msg = inboxd_testbed::sample_message(1, "hello", 2000);
     append_raw(&dv, "INBOX", std::slice::from_ref(&msg)).await;
     let Event::Delivered { key, uid, .. } = wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { .. })).await
     else {
@@ -150,116 +149,10 @@ async fn restart_loses_nothing_and_repeats_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_handler_is_retried_blocks_later_messages_then_dead_letters_and_replays() {
-    let dv = dovecot();
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &dv,
-        dir.path(),
-        "",
-        "start = \"all\"\nmax_attempts = 3\nretry_initial = \"100ms\"\nretry_max = \"200ms\"\ndeliver = { maildir = \"out\" }",
-    );
-    let st = store(&config).await;
-    let rec = Recorder::default();
-    rec.fail_uids.lock().unwrap().push(2);
-    let w = Watcher::with_handler(
-        config.watches[0].clone(),
-        st.clone(),
-        Box::new(rec.clone()),
-        Mode::Forever,
-    );
-    let mut ev = w.subscribe();
-    append(&dv, "INBOX", &["a", "bad", "c"]).await;
-    // First failure: uid 1 is committed, uid 3 is not touched.
-    wait_for(&mut ev, 20, |e| {
-        matches!(
-            e,
-            Event::Failed {
-                uid: 2,
-                attempts: 1,
-                ..
-            }
-        )
-    })
-    .await;
-    let cp = st.checkpoint("t", "INBOX").await.unwrap().unwrap();
-    assert_eq!(cp.last_uid, 1, "the checkpoint must stop before the failing message");
-    assert_eq!(
-        rec.uids(),
-        vec![1],
-        "no later message may be handled before the failing one"
-    );
-    let Event::DeadLettered { key, .. } =
-        wait_for(&mut ev, 20, |e| matches!(e, Event::DeadLettered { uid: 2, .. })).await
-    else {
-        unreachable!()
-    };
-    wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { uid: 3, .. })).await;
-    assert_eq!(
-        *rec.attempts.lock().unwrap(),
-        vec![1, 2, 2, 2, 3],
-        "three attempts at uid 2, in order"
-    );
-    w.stop().await.unwrap();
-    let dead = st.delivery(&key).await.unwrap().unwrap();
-    assert_eq!((dead.status, dead.attempts), (DeliveryStatus::Dead, 3));
-    assert!(
-        dead.last_error.contains("told to fail uid 2") && dead.last_error.contains("stderr tail"),
-        "{}",
-        dead.last_error
-    );
-
-    // `status` shows it; `replay` delivers it (to the configured Maildir) and clears it.
-    let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        status.status.success() && text.contains("dead letters (1)") && text.contains(&key),
-        "{text}"
-    );
-    let replay = inboxd_bin()
-        .args(["replay", "-c"])
-        .arg(&config.path)
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
-    assert!(dir.path().join("out/new").join(&key).exists());
-    assert_eq!(
-        st.delivery(&key).await.unwrap().unwrap().status,
-        DeliveryStatus::Delivered
-    );
-    let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
-    assert!(String::from_utf8_lossy(&status.stdout).contains("dead letters (0)"));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_handler_failure_keeps_stderr_and_checkpoint() {
-    let dv = dovecot();
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &dv,
-        dir.path(),
-        "",
-        "start = \"all\"\nmax_attempts = 2\nretry_initial = \"50ms\"\ndeliver = { exec = [\"sh\", \"-c\", \"echo cannot parse >&2; exit 7\"] }",
-    );
-    append(&dv, "INBOX", &["x"]).await;
-    let out = inboxd_bin().args(["once", "-c"]).arg(&config.path).output().unwrap();
-    assert!(!out.status.success(), "a dead letter makes `once` fail");
-    let st = store(&config).await;
-    let dead = st.by_status(DeliveryStatus::Dead, 10).await.unwrap();
-    assert_eq!(dead.len(), 1);
-    assert!(
-        dead[0].last_error.contains("exit status: 7") && dead[0].last_error.contains("cannot parse"),
-        "{}",
-        dead[0].last_error
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uidvalidity_change_dedupes_by_default() {
     let dv = dovecot();
     imap(&dv, "CREATE Work").await;
-    let old = inboxd::testbed::sample_message(1, "old", 300);
+    let old = inboxd_testbed::sample_message(1, "old", 300);
     let dir = tempfile::tempdir().unwrap();
     let config = config(
         &dv,
@@ -283,7 +176,7 @@ async fn uidvalidity_change_dedupes_by_default() {
     // The folder is recreated holding the old message again plus a new one.
     imap(&dv, "DELETE Work").await;
     imap(&dv, "CREATE Work").await;
-    let new = inboxd::testbed::sample_message(2, "new", 300);
+    let new = inboxd_testbed::sample_message(2, "new", 300);
     append_raw(&dv, "Work", &[old.clone(), new]).await;
     let w = Watcher::with_handler(
         config.watches[0].clone(),
@@ -310,7 +203,7 @@ async fn uidvalidity_change_skip_and_replay_policies() {
     for (policy, expected) in [("skip", vec!["old"]), ("replay", vec!["old", "old", "new"])] {
         let dv = dovecot();
         imap(&dv, "CREATE Work").await;
-        let old = inboxd::testbed::sample_message(1, "old", 300);
+        let old = inboxd_testbed::sample_message(1, "old", 300);
         let dir = tempfile::tempdir().unwrap();
         let config = config(
             &dv,
@@ -336,7 +229,7 @@ async fn uidvalidity_change_skip_and_replay_policies() {
         append_raw(
             &dv,
             "Work",
-            &[old.clone(), inboxd::testbed::sample_message(2, "new", 300)],
+            &[old.clone(), inboxd_testbed::sample_message(2, "new", 300)],
         )
         .await;
         Watcher::with_handler(
@@ -354,7 +247,7 @@ async fn uidvalidity_change_skip_and_replay_policies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_without_idle_is_polled() {
-    let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
+    let dv = inboxd_testbed::Dovecot::start_with(inboxd_testbed::Options {
         capabilities: Some("IMAP4rev1 LITERAL+ UIDPLUS MOVE".into()),
         ..Default::default()
     })
@@ -521,7 +414,7 @@ async fn one_shot_mode_connects_runs_and_disconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_actions_fall_back_without_move_and_uidplus() {
-    let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
+    let dv = inboxd_testbed::Dovecot::start_with(inboxd_testbed::Options {
         capabilities: Some("IMAP4rev1 IDLE LITERAL+".into()),
         ..Default::default()
     })

@@ -119,22 +119,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         dead_in_run: 0,
         origin: Instant::now(),
     };
-    let (account_name, folder) = (driver.watch.account.name.clone(), driver.watch.folder.clone());
-    let stored = driver.store.checkpoint(&account_name, &folder).await?;
-    let pending_post_actions = match stored {
-        Some(cp) => {
-            driver
-                .store
-                .pending_post_actions(&account_name, &folder, cp.uidvalidity)
-                .await?
-        }
-        None => Vec::new(),
-    };
-    driver.pending_post = pending_post_actions.iter().copied().collect();
-    let mut input = Input::Start {
-        stored,
-        pending_post_actions,
-    };
+    let mut input = Input::Start;
     loop {
         if *driver.stop.borrow() && !machine.stopping() {
             machine.stop();
@@ -249,6 +234,7 @@ impl Driver {
     async fn execute(&mut self, action: Action, uidvalidity: u32) -> Input {
         match action {
             Action::Connect => self.connect().await,
+            Action::Load => self.load().await,
             Action::Select => {
                 let folder = self.watch.folder.clone();
                 let Some(mut session) = self.session.take() else {
@@ -439,6 +425,38 @@ impl Driver {
                     token_left: self.token_left(),
                 }
             }
+        }
+    }
+
+    /// The stored checkpoint and pending post-actions (read after the first login, as the
+    /// store is not needed before the server answered).
+    async fn load(&mut self) -> Input {
+        let (account, folder) = (&self.watch.account.name, &self.watch.folder);
+        let stored = match self.store.checkpoint(account, folder).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Input::Failed {
+                    class: FailureClass::Network,
+                    error: describe(&e),
+                };
+            }
+        };
+        let pending_post_actions = match stored {
+            Some(cp) => match self.store.pending_post_actions(account, folder, cp.uidvalidity).await {
+                Ok(p) => p,
+                Err(e) => {
+                    return Input::Failed {
+                        class: FailureClass::Network,
+                        error: describe(&e),
+                    };
+                }
+            },
+            None => Vec::new(),
+        };
+        self.pending_post = pending_post_actions.iter().copied().collect();
+        Input::Loaded {
+            stored,
+            pending_post_actions,
         }
     }
 

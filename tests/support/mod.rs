@@ -11,8 +11,8 @@ use inboxd::config::Config;
 use inboxd::handler::{Handler, HandlerError, Message};
 use inboxd::imap::Session;
 use inboxd::store::{SqliteStore, Store};
-use inboxd::testbed::{self, Dovecot};
 use inboxd::watcher::Event;
+use inboxd_testbed::{self as testbed, Dovecot};
 use tokio::sync::broadcast;
 
 pub fn dovecot() -> Dovecot {
@@ -145,8 +145,12 @@ pub async fn wait_delivered(events: &mut broadcast::Receiver<Event>, n: usize, s
     uids
 }
 
+/// The `inboxd` binary (tests of the `inboxd-cli` crate only, where Cargo builds it).
 pub fn inboxd_bin() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_inboxd"))
+    match option_env!("CARGO_BIN_EXE_inboxd") {
+        Some(path) => std::process::Command::new(path),
+        None => panic!("only the tests of crates/cli run the binary"),
+    }
 }
 
 /// Waits until the watcher reports `state`, failing the test after 10 s.

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use inboxd::testbed::{Dovecot, Options};
+use inboxd_testbed::{Dovecot, Options};
 
 pub struct AuthServer {
     child: Child,
@@ -86,7 +86,13 @@ pub fn start(extra: serde_json::Value) -> (Dovecot, AuthServer) {
     }
     let cfg = dir.path().join("auth.json");
     std::fs::write(&cfg, config.to_string()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth2/mock-oauth2.mjs");
+    // The repository root, also from the tests of crates/cli.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .ancestors()
+        .find(|d| d.join("tests/oauth2").is_dir())
+        .unwrap_or(manifest);
+    let script = root.join("tests/oauth2/mock-oauth2.mjs");
     let mut child = Command::new("node")
         .arg(&script)
         .arg(&cfg)

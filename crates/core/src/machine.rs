@@ -123,9 +123,11 @@ pub struct LogRow {
 /// What the last action produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
-    /// The watch starts; `stored` is its checkpoint, `pending_post_actions` the UIDs (of the
-    /// stored UIDVALIDITY) whose post-action failed transiently and awaits a retry.
-    Start {
+    /// The watch starts.
+    Start,
+    /// Answer to [`Action::Load`]: the stored checkpoint, and the UIDs (of the stored
+    /// UIDVALIDITY) whose post-action failed transiently and awaits a retry.
+    Loaded {
         stored: Option<Checkpoint>,
         pending_post_actions: Vec<u32>,
     },
@@ -188,6 +190,9 @@ pub enum Input {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     Connect,
+    /// Read the stored checkpoint (once, after the first login: the store is not touched
+    /// before the server answered).
+    Load,
     Select,
     /// `UID FETCH above+1:* (UID RFC822.SIZE)`.
     List {
@@ -366,6 +371,7 @@ enum AfterLogout {
 enum Phase {
     Start,
     Connecting,
+    Loading,
     Selecting(SelectFor),
     Listing,
     Fetching { uids: Vec<u32> },
@@ -424,6 +430,8 @@ pub struct WatchMachine {
     /// After a failed batch fetch, UIDs up to this one are fetched one at a time.
     single_until: u32,
     stopping: bool,
+    /// The stored state was read.
+    loaded: bool,
     /// An action was abandoned mid-command: the session cannot carry post-actions or LOGOUT.
     session_broken: bool,
     /// The listing was already checked against a fresh UIDNEXT.
@@ -455,6 +463,7 @@ impl WatchMachine {
             fetch_failures: BTreeMap::new(),
             single_until: 0,
             stopping: false,
+            loaded: false,
             session_broken: false,
             rechecked: false,
             after_post: None,
@@ -510,16 +519,18 @@ impl WatchMachine {
         }
         let phase = core::mem::replace(&mut self.phase, Phase::Done);
         match (phase, input) {
+            (Phase::Start, Input::Start) => self.connect(),
             (
-                Phase::Start,
-                Input::Start {
+                Phase::Loading,
+                Input::Loaded {
                     stored,
                     pending_post_actions,
                 },
             ) => {
                 self.cp = stored;
                 self.pending_post = pending_post_actions;
-                self.connect()
+                self.loaded = true;
+                self.select(SelectFor::Round)
             }
             (phase, Input::Failed { class, error }) => {
                 if let Phase::Fetching { uids } = &phase {
@@ -532,6 +543,10 @@ impl WatchMachine {
                 self.idle = idle;
                 self.token_due = token_left.map(|t| now.saturating_add(t));
                 self.session_broken = false;
+                if !self.loaded {
+                    self.phase = Phase::Loading;
+                    return Action::Load;
+                }
                 self.select(SelectFor::Round)
             }
             (Phase::Selecting(why), Input::Selected(selected)) => self.selected(why, selected, now),

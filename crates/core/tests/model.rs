@@ -213,11 +213,8 @@ fn new_machine(s: &WatchSpec) -> WatchMachine {
     )
 }
 
-fn start(w: &World) -> Input {
-    Input::Start {
-        stored: w.stored,
-        pending_post_actions: Vec::new(),
-    }
+fn start(_: &World) -> Input {
+    Input::Start
 }
 
 fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), TestCaseError> {
@@ -343,6 +340,10 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
         Action::Connect => Input::Connected {
             idle: true,
             token_left: None,
+        },
+        Action::Load => Input::Loaded {
+            stored: w.stored,
+            pending_post_actions: Vec::new(),
         },
         Action::List { above } => {
             let mut items: Vec<Listed> = w
@@ -479,22 +480,23 @@ fn cp(uidvalidity: u32, last_uid: u32) -> Checkpoint {
 
 fn started(spec: WatchSpec, stored: Option<Checkpoint>) -> WatchMachine {
     let mut m = new_machine(&spec);
-    assert_eq!(
-        m.on(
-            Input::Start {
-                stored,
-                pending_post_actions: vec![]
-            },
-            s(0),
-            0.0
-        ),
-        Action::Connect
-    );
+    assert_eq!(m.on(Input::Start, s(0), 0.0), Action::Connect);
     assert_eq!(
         m.on(
             Input::Connected {
                 idle: true,
                 token_left: None
+            },
+            s(0),
+            0.0
+        ),
+        Action::Load
+    );
+    assert_eq!(
+        m.on(
+            Input::Loaded {
+                stored,
+                pending_post_actions: vec![]
             },
             s(0),
             0.0
@@ -908,18 +910,19 @@ fn an_unavailable_handler_ends_the_round_without_counting_against_the_message() 
 #[test]
 fn a_token_due_at_once_does_not_make_a_login_loop() {
     let mut m = new_machine(&spec(10, false, false));
+    m.on(Input::Start, s(0), 0.0);
     m.on(
-        Input::Start {
-            stored: Some(cp(7, 0)),
-            pending_post_actions: vec![],
+        Input::Connected {
+            idle: true,
+            token_left: Some(s(0)),
         },
         s(0),
         0.0,
     );
     m.on(
-        Input::Connected {
-            idle: true,
-            token_left: Some(s(0)),
+        Input::Loaded {
+            stored: Some(cp(7, 0)),
+            pending_post_actions: vec![],
         },
         s(0),
         0.0,

@@ -7,6 +7,7 @@
 //! `INBOXD_FAULT_SEED`, limit kinds with `INBOXD_FAULT_KINDS=Freeze,Reset`). Each run prints a line; the suite prints a table of injected faults vs
 //! messages sent / delivered / lost / duplicated.
 
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use inboxd::testbed::Dovecot;
+use inboxd_testbed::Dovecot;
 use support::faultproxy::{FaultProxy, Kill};
 use support::*;
 

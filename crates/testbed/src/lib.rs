@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::config::{Account, TlsMode};
-use crate::secret::{Secret, SecretSource};
+use inboxd::config::{Account, TlsMode};
+use inboxd::secret::{Secret, SecretSource};
 
 /// The test users and their passwords.
 pub const USERS: &[(&str, &str)] = &[("alice", "alicepw"), ("bob", "bobpw"), ("quoted", "p@ss w\"rd\\x")];

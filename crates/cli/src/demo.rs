@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use inboxd::config::Config;
 use inboxd::imap::Session;
-use inboxd::testbed::{self, Dovecot};
 use inboxd::watcher::{Event, Mode, Watcher};
+use inboxd_testbed::{self as testbed, Dovecot};
 
 pub async fn run(count: usize) -> anyhow::Result<()> {
     if !testbed::available() {

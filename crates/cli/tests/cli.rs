@@ -1,7 +1,10 @@
 //! The `inboxd` command line: errors an operator sees, secrets they must never see.
 
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
+use inboxd::store::DeliveryStatus;
+use inboxd::watcher::{Event, Mode, Watcher};
 use support::*;
 
 #[test]
@@ -301,7 +304,7 @@ fn a_missing_handler_fails_check_and_the_start_instead_of_dead_lettering_mail() 
 
 #[test]
 fn a_self_signed_ca_certificate_gets_a_clear_error_and_can_be_pinned() {
-    let dv = inboxd::testbed::Dovecot::start_with(inboxd::testbed::Options {
+    let dv = inboxd_testbed::Dovecot::start_with(inboxd_testbed::Options {
         self_signed_ca: true,
         ..Default::default()
     })
@@ -338,5 +341,113 @@ fn a_self_signed_ca_certificate_gets_a_clear_error_and_can_be_pinned() {
     assert!(
         !out.status.success() && report.contains("not the one pinned"),
         "{report}"
+    );
+}
+
+// Handler failures, seen through the binary: `status` shows them and `replay` re-delivers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handler_is_retried_blocks_later_messages_then_dead_letters_and_replays() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\nmax_attempts = 3\nretry_initial = \"100ms\"\nretry_max = \"200ms\"\ndeliver = { maildir = \"out\" }",
+    );
+    let st = store(&config).await;
+    let rec = Recorder::default();
+    rec.fail_uids.lock().unwrap().push(2);
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        st.clone(),
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    append(&dv, "INBOX", &["a", "bad", "c"]).await;
+    // First failure: uid 1 is committed, uid 3 is not touched.
+    wait_for(&mut ev, 20, |e| {
+        matches!(
+            e,
+            Event::Failed {
+                uid: 2,
+                attempts: 1,
+                ..
+            }
+        )
+    })
+    .await;
+    let cp = st.checkpoint("t", "INBOX").await.unwrap().unwrap();
+    assert_eq!(cp.last_uid, 1, "the checkpoint must stop before the failing message");
+    assert_eq!(
+        rec.uids(),
+        vec![1],
+        "no later message may be handled before the failing one"
+    );
+    let Event::DeadLettered { key, .. } =
+        wait_for(&mut ev, 20, |e| matches!(e, Event::DeadLettered { uid: 2, .. })).await
+    else {
+        unreachable!()
+    };
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Delivered { uid: 3, .. })).await;
+    assert_eq!(
+        *rec.attempts.lock().unwrap(),
+        vec![1, 2, 2, 2, 3],
+        "three attempts at uid 2, in order"
+    );
+    w.stop().await.unwrap();
+    let dead = st.delivery(&key).await.unwrap().unwrap();
+    assert_eq!((dead.status, dead.attempts), (DeliveryStatus::Dead, 3));
+    assert!(
+        dead.last_error.contains("told to fail uid 2") && dead.last_error.contains("stderr tail"),
+        "{}",
+        dead.last_error
+    );
+
+    // `status` shows it; `replay` delivers it (to the configured Maildir) and clears it.
+    let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("dead letters (1)") && text.contains(&key),
+        "{text}"
+    );
+    let replay = inboxd_bin()
+        .args(["replay", "-c"])
+        .arg(&config.path)
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(dir.path().join("out/new").join(&key).exists());
+    assert_eq!(
+        st.delivery(&key).await.unwrap().unwrap().status,
+        DeliveryStatus::Delivered
+    );
+    let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("dead letters (0)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_handler_failure_keeps_stderr_and_checkpoint() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\nmax_attempts = 2\nretry_initial = \"50ms\"\ndeliver = { exec = [\"sh\", \"-c\", \"echo cannot parse >&2; exit 7\"] }",
+    );
+    append(&dv, "INBOX", &["x"]).await;
+    let out = inboxd_bin().args(["once", "-c"]).arg(&config.path).output().unwrap();
+    assert!(!out.status.success(), "a dead letter makes `once` fail");
+    let st = store(&config).await;
+    let dead = st.by_status(DeliveryStatus::Dead, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].last_error.contains("exit status: 7") && dead[0].last_error.contains("cannot parse"),
+        "{}",
+        dead[0].last_error
     );
 }

@@ -1,6 +1,7 @@
 //! OAuth2 end to end: every grant against a real authorization server (oauth2-mock-server
 //! behind our policy wrapper) and Dovecot's OAuth2 passdb validating the JWTs it signs.
 
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use serde_json::json;
 use support::oauth;
 use support::*;
 
-fn write_config(dv: &inboxd::testbed::Dovecot, dir: &Path, account_extra: &str, watch_extra: &str) -> Config {
+fn write_config(dv: &inboxd_testbed::Dovecot, dir: &Path, account_extra: &str, watch_extra: &str) -> Config {
     let text = format!(
         r#"state = "state.db"
 [accounts.t]
@@ -37,7 +38,7 @@ deliver = {{ maildir = "out" }}
 }
 
 /// Runs a watcher, appends `subjects` one by one, and returns the subjects delivered.
-async fn deliver(dv: &inboxd::testbed::Dovecot, config: &Config, subjects: &[&str]) -> Vec<String> {
+async fn deliver(dv: &inboxd_testbed::Dovecot, config: &Config, subjects: &[&str]) -> Vec<String> {
     let rec = Recorder::default();
     let w = Watcher::with_handler(
         config.watches[0].clone(),
@@ -214,7 +215,7 @@ async fn short_lived_tokens_reconnect_ahead_of_expiry_without_loss_or_repeats() 
         async move {
             for i in 0..40 {
                 let mut s = inboxd::imap::Session::open(&account).await.unwrap();
-                s.append("INBOX", &inboxd::testbed::sample_message(i, &format!("m{i}"), 200))
+                s.append("INBOX", &inboxd_testbed::sample_message(i, &format!("m{i}"), 200))
                     .await
                     .unwrap();
                 s.logout().await;
