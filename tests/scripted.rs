@@ -481,3 +481,60 @@ async fn a_slow_link_makes_progress_instead_of_timing_out() {
     w.stop().await.unwrap();
     assert_eq!(rec.subjects(), vec!["slow"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_park_every_watch_of_the_account_after_one_try() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().refuse_login = Some("[AUTHENTICATIONFAILED] Authentication failed.".into());
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"state = "state.db"
+[accounts.s]
+host = "127.0.0.1"
+port = {}
+tls = "none"
+user = "u"
+password = "p"
+reconnect = [ {{ every = "100ms" }} ]
+[[watch]]
+account = "s"
+deliver = {{ maildir = "a" }}
+[[watch]]
+account = "s"
+folder = "Other"
+deliver = {{ maildir = "b" }}
+"#,
+        server.port
+    );
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let st = store(&config).await;
+    let mut watchers = Vec::new();
+    let mut parked = Vec::new();
+    for w in &config.watches {
+        let watcher = Watcher::with_handler(w.clone(), st.clone(), Box::new(Recorder::default()), Mode::Forever);
+        let mut ev = watcher.subscribe();
+        let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+        let Event::Disconnected {
+            retry_in: Some(d),
+            error: Some(m),
+            ..
+        } = e
+        else {
+            unreachable!()
+        };
+        assert!(m.contains("AUTHENTICATIONFAILED") && !m.contains("code:"), "{m}");
+        parked.push(d);
+        watchers.push(watcher);
+    }
+    // Both parked for about an hour, and the server saw the password once, not once per watch
+    // and attempt (a lockout risk).
+    assert!(parked.iter().all(|d| *d >= Duration::from_secs(3600)), "{parked:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.state.lock().unwrap().logins, 1);
+    for w in watchers {
+        w.stop().await.unwrap();
+    }
+}

@@ -59,6 +59,10 @@ pub struct State {
     pub garbage_fetch: Option<String>,
     /// Report this RFC822.SIZE for every message, whatever its real size.
     pub lie_size: Option<u32>,
+    /// Refuse every LOGIN with this text (e.g. `[AUTHENTICATIONFAILED] Authentication failed.`).
+    pub refuse_login: Option<String>,
+    /// LOGIN commands received.
+    pub logins: u32,
 }
 
 #[derive(Clone)]
@@ -230,6 +234,15 @@ impl Scripted {
                     .await?;
                 }
                 "LOGIN" => {
+                    let refusal = {
+                        let mut st = self.state.lock().unwrap();
+                        st.logins += 1;
+                        st.refuse_login.clone()
+                    };
+                    if let Some(text) = refusal {
+                        w.write_all(format!("{tag} NO {text}\r\n").as_bytes()).await?;
+                        continue;
+                    }
                     let text = if non_ascii {
                         "Logged in – go ahead!"
                     } else {
