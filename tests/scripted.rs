@@ -13,6 +13,12 @@ use support::scripted::Scripted;
 use support::*;
 
 fn scripted_config(dir: &Path, port: u16, start: &str, account_extra: &str) -> Config {
+    config_with(dir, port, account_extra, &format!("start = \"{start}\""))
+}
+
+/// One account on the scripted server (reconnecting every 200 ms) and one watch of INBOX into
+/// a Maildir; the extras are TOML lines (`watch_extra` may add further `[[watch]]` tables).
+fn config_with(dir: &Path, port: u16, account_extra: &str, watch_extra: &str) -> Config {
     let text = format!(
         r#"state = "state.db"
 [accounts.s]
@@ -25,8 +31,8 @@ reconnect = [ {{ every = "200ms" }} ]
 {account_extra}
 [[watch]]
 account = "s"
-start = "{start}"
 deliver = {{ maildir = "out" }}
+{watch_extra}
 "#
     );
     let path = dir.join("inboxd.toml");
@@ -211,26 +217,12 @@ async fn dropping_a_watcher_stops_it_instead_of_spinning() {
 }
 
 fn retrying_config(dir: &Path, port: u16) -> Config {
-    let text = format!(
-        r#"state = "state.db"
-[accounts.s]
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-user = "u"
-password = "p"
-reconnect = [ {{ every = "200ms" }} ]
-[[watch]]
-account = "s"
-start = "all"
-max_attempts = 2
-retry_initial = "100ms"
-deliver = {{ maildir = "out" }}
-"#
-    );
-    let path = dir.join("inboxd.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
+    config_with(
+        dir,
+        port,
+        "",
+        "start = \"all\"\nmax_attempts = 2\nretry_initial = \"100ms\"",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,27 +419,12 @@ async fn lying_sizes_never_let_a_batch_grow_past_its_cap() {
     server.add_message("small");
     server.state.lock().unwrap().lie_size = Some(10);
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"state = "state.db"
-[accounts.s]
-host = "127.0.0.1"
-port = {}
-tls = "none"
-user = "u"
-password = "p"
-reconnect = [ {{ every = "100ms" }} ]
-[[watch]]
-account = "s"
-start = "all"
-max_attempts = 2
-max_message_size = "1MB"
-deliver = {{ maildir = "out" }}
-"#,
-        server.port
+    let config = config_with(
+        dir.path(),
+        server.port,
+        "",
+        "start = \"all\"\nmax_attempts = 2\nmax_message_size = \"1MB\"",
     );
-    let path = dir.path().join("inboxd.toml");
-    std::fs::write(&path, text).unwrap();
-    let config = Config::load(&path).unwrap();
     let (w, rec, mut ev) = watch(&config).await;
     let mut dead = Vec::new();
     while dead.len() < 4 {
@@ -488,28 +465,12 @@ async fn refused_credentials_park_every_watch_of_the_account_after_one_try() {
     server.add_message("one");
     server.state.lock().unwrap().refuse_login = Some("[AUTHENTICATIONFAILED] Authentication failed.".into());
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"state = "state.db"
-[accounts.s]
-host = "127.0.0.1"
-port = {}
-tls = "none"
-user = "u"
-password = "p"
-reconnect = [ {{ every = "100ms" }} ]
-[[watch]]
-account = "s"
-deliver = {{ maildir = "a" }}
-[[watch]]
-account = "s"
-folder = "Other"
-deliver = {{ maildir = "b" }}
-"#,
-        server.port
+    let config = config_with(
+        dir.path(),
+        server.port,
+        "",
+        "[[watch]]\naccount = \"s\"\nfolder = \"Other\"\ndeliver = { maildir = \"b\" }",
     );
-    let path = dir.path().join("inboxd.toml");
-    std::fs::write(&path, text).unwrap();
-    let config = Config::load(&path).unwrap();
     let st = store(&config).await;
     let mut watchers = Vec::new();
     let mut parked = Vec::new();
