@@ -3,7 +3,7 @@
 //! Maildir exactly once.
 //!
 //! Short mode (the default, in CI): one run of each fault kind. Soak mode:
-//! `INBOXD_FAULT_RUNS=121 cargo test --release --test faults -- --nocapture` (seed with
+//! `INBOXD_FAULT_RUNS=121 cargo test --release -p inboxd-cli --test faults -- --nocapture` (seed with
 //! `INBOXD_FAULT_SEED`, limit kinds with `INBOXD_FAULT_KINDS=Freeze,Reset`). Each run prints a line; the suite prints a table of injected faults vs
 //! messages sent / delivered / lost / duplicated.
 
