@@ -162,3 +162,19 @@ fn the_imap_wire_trace_can_never_be_enabled() {
         "the log crate must be capped below trace (Cargo.toml: log features max_level_debug)"
     );
 }
+
+#[test]
+fn only_the_machines_commit_action_writes_the_checkpoint() {
+    let mut sites = Vec::new();
+    for file in rust_files(&root().join("src/watcher")) {
+        let lines = product_lines(&file);
+        for (i, (n, line)) in lines.iter().enumerate() {
+            if line.contains(".commit(") {
+                let before: String = lines[i.saturating_sub(6)..i].iter().map(|(_, l)| l.as_str()).collect();
+                sites.push((format!("{}:{n}", show(&file)), before.contains("Action::Commit")));
+            }
+        }
+    }
+    assert_eq!(sites.len(), 1, "checkpoint writes in the watcher: {sites:?}");
+    assert!(sites[0].1, "the one write is not the execution of Action::Commit: {sites:?}");
+}
