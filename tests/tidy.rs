@@ -176,5 +176,8 @@ fn only_the_machines_commit_action_writes_the_checkpoint() {
         }
     }
     assert_eq!(sites.len(), 1, "checkpoint writes in the watcher: {sites:?}");
-    assert!(sites[0].1, "the one write is not the execution of Action::Commit: {sites:?}");
+    assert!(
+        sites[0].1,
+        "the one write is not the execution of Action::Commit: {sites:?}"
+    );
 }
