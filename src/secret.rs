@@ -7,12 +7,14 @@ use serde::Deserialize;
 
 /// A secret string. `Debug` and `Display` print `[redacted]`; the value is only reachable
 /// through [`Secret::expose`], whose call sites are the few places that send it to a server.
+/// The buffer is wiped when dropped (`zeroize`, whose volatile writes the optimiser cannot
+/// remove). Equality compares values; it is used on configuration, never on what a peer sent.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret(zeroize::Zeroizing<String>);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+        Secret(zeroize::Zeroizing::new(value.into()))
     }
 
     /// The secret value. Only for handing it to the server or the SASL layer.
@@ -30,14 +32,6 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        // Best effort: overwrite the bytes before the allocation is freed.
-        // SAFETY: zero bytes are valid UTF-8.
-        unsafe { self.0.as_bytes_mut().fill(0) };
     }
 }
 
@@ -115,7 +109,7 @@ impl SecretSource {
         match self {
             SecretSource::Literal(s) => Ok(s.clone()),
             SecretSource::Env(var) => std::env::var(var)
-                .map(Secret)
+                .map(Secret::new)
                 .map_err(|_| SecretError::Env(var.clone())),
             SecretSource::File(path) => {
                 let bytes = tokio::fs::read(path).await.map_err(|source| SecretError::File {
@@ -199,7 +193,7 @@ fn trimmed(mut bytes: Vec<u8>) -> Option<Secret> {
             bytes.pop();
         }
     }
-    String::from_utf8(bytes).ok().map(Secret)
+    String::from_utf8(bytes).ok().map(Secret::new)
 }
 
 #[derive(Deserialize)]
@@ -224,7 +218,7 @@ impl<'de> Deserialize<'de> for SecretSource {
             D::Error::custom("expected a string, { env = \"VAR\" }, { file = \"path\" } or { command = [..] }")
         })?;
         match raw {
-            RawSecret::Literal(s) => Ok(SecretSource::Literal(Secret(s))),
+            RawSecret::Literal(s) => Ok(SecretSource::Literal(Secret::new(s))),
             RawSecret::Table(SecretTable {
                 env: Some(v),
                 file: None,

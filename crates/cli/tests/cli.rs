@@ -334,7 +334,10 @@ fn a_self_signed_ca_certificate_gets_a_clear_error_and_can_be_pinned() {
     let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 
-    let wrong = pinned.replace(&pin[7..9], if &pin[7..9] == "00" { "11" } else { "00" });
+    // Another certificate's fingerprint: the first byte changed, nothing else in the file.
+    let first = if &pin[7..9] == "00" { "11" } else { "00" };
+    let wrong_pin = format!("sha256:{first}{}", &pin[9..]);
+    let wrong = pinned.replace(&pin, &wrong_pin);
     std::fs::write(&cfg.path, &wrong).unwrap();
     let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
