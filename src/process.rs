@@ -1,9 +1,11 @@
 //! Child processes inboxd starts (exec handlers, password and token commands): what they may
 //! see and how they end.
 //!
-//! - **Environment:** cleared, then an allowlist (`PATH`, `HOME`, `LANG`, `LC_*`, `TZ`, `USER`,
-//!   `LOGNAME`, `TMPDIR`) plus names the operator lists. Secrets given as `{ env = "VAR" }`
-//!   live in inboxd's environment; they never reach a program that reads untrusted mail.
+//! - **Environment:** for handlers (programs that read untrusted mail): cleared, then an
+//!   allowlist (`PATH`, `HOME`, `LANG`, `LC_*`, `TZ`, `USER`, `LOGNAME`, `TMPDIR`) plus names the
+//!   operator lists. For password and token commands (the operator's own tools, which may need
+//!   their own settings, such as `VAULT_ADDR`): inboxd's environment without the variables
+//!   that hold secrets given as `{ env = "VAR" }`.
 //! - **Lifetime:** each child gets its own process group (so a timeout kills its children
 //!   too) and, on Linux, a parent-death signal: if inboxd dies (even by SIGKILL), the child is
 //!   killed rather than left running beside the next inboxd's re-delivery of the same message.
@@ -58,6 +60,33 @@ fn die_with_parent(cmd: &mut tokio::process::Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut tokio::process::Command) {}
+
+/// Names of environment variables that hold secrets (`{ env = "VAR" }` sources), recorded as
+/// the config is read.
+fn secret_env_names() -> &'static std::sync::Mutex<std::collections::BTreeSet<String>> {
+    static NAMES: std::sync::OnceLock<std::sync::Mutex<std::collections::BTreeSet<String>>> =
+        std::sync::OnceLock::new();
+    NAMES.get_or_init(Default::default)
+}
+
+/// Records that `name` holds a secret: no password or token command will see it.
+pub(crate) fn register_secret_env(name: &str) {
+    if let Ok(mut names) = secret_env_names().lock() {
+        names.insert(name.to_string());
+    }
+}
+
+/// Prepares a password or token command: inboxd's environment minus the variables that hold
+/// secrets, own process group, killed when dropped and when inboxd dies.
+pub(crate) fn confine_tool(cmd: &mut tokio::process::Command) {
+    if let Ok(names) = secret_env_names().lock() {
+        for name in names.iter() {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.process_group(0).kill_on_drop(true);
+    die_with_parent(cmd);
+}
 
 /// SIGKILL to a process group we created.
 pub(crate) fn kill_group(pgid: Option<u32>) {

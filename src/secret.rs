@@ -135,13 +135,14 @@ impl SecretSource {
     }
 }
 
-/// Runs a secret command: no stdin, stderr to inboxd's, the confined environment of
-/// [`crate::process`], its own process group killed at the deadline, output capped.
+/// Runs a secret command: no stdin, stderr to inboxd's, inboxd's environment without the
+/// variables that hold secrets ([`crate::process`]), its own process group killed at the
+/// deadline, output capped.
 async fn run_command(argv: &[String], timeout: std::time::Duration) -> Result<Vec<u8>, SecretError> {
     use tokio::io::AsyncReadExt;
     let program = argv.first().cloned().unwrap_or_default();
     let mut cmd = tokio::process::Command::new(&program);
-    crate::process::confine(&mut cmd, &[]);
+    crate::process::confine_tool(&mut cmd);
     cmd.args(&argv[1.min(argv.len())..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -223,7 +224,10 @@ impl<'de> Deserialize<'de> for SecretSource {
                 env: Some(v),
                 file: None,
                 command: None,
-            }) => Ok(SecretSource::Env(v)),
+            }) => {
+                crate::process::register_secret_env(&v);
+                Ok(SecretSource::Env(v))
+            }
             RawSecret::Table(SecretTable {
                 env: None,
                 file: Some(p),
@@ -288,5 +292,20 @@ mod tests {
         let cmd = SecretSource::Command(vec!["yes".into()]);
         let e = cmd.resolve().await.unwrap_err();
         assert!(matches!(e, SecretError::TooLong { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_command_keeps_inboxd_environment_but_not_its_secrets() {
+        if std::env::var_os("HOME").is_none() || std::env::var_os("PATH").is_none() {
+            return;
+        }
+        // As if the config said `password = { env = "HOME" }`.
+        crate::process::register_secret_env("HOME");
+        let cmd = SecretSource::Command(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo ${HOME:-gone}:${PATH:+kept}".into(),
+        ]);
+        assert_eq!(cmd.resolve().await.unwrap().expose(), "gone:kept");
     }
 }

@@ -365,19 +365,16 @@ fn lifetime(seconds: u64) -> Duration {
 async fn command(argv: &[String], cwd: &std::path::Path) -> Result<Token, TokenError> {
     let program = argv.first().cloned().unwrap_or_default();
     let obtained = Instant::now();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(&program)
-            .args(&argv[1.min(argv.len())..])
-            .current_dir(cwd)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| TokenError::Command(format!("{program} did not finish within 60 s")))?
-    .map_err(|e| TokenError::Command(format!("cannot run {program}: {e}")))?;
+    let mut cmd = tokio::process::Command::new(&program);
+    crate::process::confine_tool(&mut cmd);
+    cmd.args(&argv[1.min(argv.len())..])
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .map_err(|_| TokenError::Command(format!("{program} did not finish within 60 s")))?
+        .map_err(|e| TokenError::Command(format!("cannot run {program}: {e}")))?;
     if !out.status.success() {
         return Err(TokenError::Command(format!("{program} exited with {}", out.status)));
     }
