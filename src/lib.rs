@@ -1,5 +1,6 @@
-//! inboxd watches IMAP mailboxes and hands every new message, exactly once and in order, to
-//! whatever must process it.
+//! inboxd watches IMAP mailboxes and hands every new message, in order and with a stable
+//! idempotency key, to whatever must process it: at-least-once with that key, so exactly-once
+//! in effect wherever the target deduplicates on it.
 //!
 //! The parts, from the inside out:
 //! - `inboxd_core` (re-exported as [`core`]): the pure decisions (reconnect schedule, retry,

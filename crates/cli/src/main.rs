@@ -14,7 +14,7 @@ use inboxd::config::Config;
 #[command(
     name = "inboxd",
     version,
-    about = "Watch IMAP mailboxes and hand every new message, exactly once and in order, to your code"
+    about = "Watch IMAP mailboxes and hand every new message, in order and with a stable idempotency key, to your code"
 )]
 struct Cli {
     /// Log format on stderr (default: pretty on a terminal, plain otherwise).
