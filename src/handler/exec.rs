@@ -139,7 +139,7 @@ impl Exec {
         let status = tokio::time::timeout(self.timeout, work).await;
         // The handler is done (or out of time); children it left behind in its group go too,
         // which also closes the pipes they held.
-        kill_group(pgid);
+        crate::process::kill_group(pgid);
         let collect = |task: tokio::task::JoinHandle<Vec<u8>>| async move {
             tokio::time::timeout(DRAIN_GRACE, task)
                 .await
@@ -167,10 +167,6 @@ impl Exec {
             }
         }
     }
-}
-
-fn kill_group(pgid: Option<u32>) {
-    crate::process::kill_group(pgid);
 }
 
 async fn tail(stream: Option<impl AsyncRead + Unpin + Send>) -> Vec<u8> {

@@ -546,11 +546,6 @@ impl Session {
         self.meter.set_max_literal(bytes);
     }
 
-    /// Bytes read from the server on this connection.
-    pub fn bytes_read(&self) -> u64 {
-        self.meter.read()
-    }
-
     /// With OAuth2: when the session's access token is due for refresh.
     pub fn token_due(&self) -> Option<tokio::time::Instant> {
         self.token_due

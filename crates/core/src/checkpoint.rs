@@ -78,17 +78,6 @@ impl AckWindow {
         self.base
     }
 
-    /// Lets the checkpoint jump to `uid` when nothing at or below it is pending; used when the
-    /// server says the folder holds no message up to `uid` (for example, `UIDNEXT` moved on but
-    /// the messages were expunged before we fetched them).
-    pub fn skip_to(&mut self, uid: u32) {
-        let blocked = self.pending.range(..=uid).any(|(_, a)| *a == Ack::Pending);
-        if !blocked && uid > self.base {
-            self.pending.retain(|&u, _| u > uid);
-            self.base = uid;
-        }
-    }
-
     /// The checkpoint UID as of the last `advance`.
     pub fn base(&self) -> u32 {
         self.base
@@ -127,18 +116,6 @@ mod tests {
         w.track(3);
         assert!(!w.ack(3));
         assert_eq!(w.advance(), 10);
-    }
-
-    #[test]
-    fn skip_to_does_not_jump_over_pending() {
-        let mut w = AckWindow::new(0);
-        w.track(5);
-        w.skip_to(9);
-        assert_eq!(w.base(), 0);
-        w.ack(5);
-        w.advance();
-        w.skip_to(9);
-        assert_eq!(w.base(), 9);
     }
 
     proptest! {

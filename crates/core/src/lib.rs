@@ -9,7 +9,7 @@
 //! - [`checkpoint`]: the durable checkpoint and the window that advances it only over the
 //!   contiguous prefix of acknowledged UIDs.
 //! - [`mailbox`]: what a SELECT result means for the checkpoint (first sight, UIDVALIDITY
-//!   change) and which UIDs to fetch next, in which batches.
+//!   change), the dedupe window, and IMAP sequence sets.
 //! - [`wait`]: after a catch-up, whether to IDLE, poll or recycle the connection, and for how long.
 //! - [`failure`]: the classes of failure and what each one means for the reconnect schedule.
 //! - [`key`]: the idempotency key of a message.

@@ -1,4 +1,6 @@
-//! What a SELECT result means for the checkpoint, and which UIDs to fetch.
+//! What a SELECT result means for the checkpoint (first sight, UIDVALIDITY), and which
+//! messages need the dedupe check. Which UIDs to fetch, in which batches, is the watch
+//! machine's (`machine.rs`).
 //!
 //! UIDVALIDITY (RFC 3501 §2.3.1.1) says whether the UIDs we remember still name the same
 //! messages. When it changes (folder deleted and recreated, server restored from backup), UIDs
@@ -8,7 +10,6 @@
 use alloc::{
     format,
     string::{String, ToString},
-    vec::Vec,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -143,37 +144,6 @@ pub fn settle(checkpoint: Checkpoint) -> Checkpoint {
     } else {
         checkpoint
     }
-}
-
-/// The UIDs to deliver, from a search result: above the checkpoint, ascending, no duplicates.
-/// Servers may answer `UID SEARCH UID n:*` (and `UID FETCH n:*`) with the highest message even
-/// when its UID is below `n` (RFC 3501 §6.4.8: `*` is the largest UID in use), so filter.
-pub fn uids_to_deliver(mut found: Vec<u32>, last_uid: u32) -> Vec<u32> {
-    found.retain(|&u| u > last_uid);
-    found.sort_unstable();
-    found.dedup();
-    found
-}
-
-/// Splits ascending UIDs into fetch batches of at most `max_count` messages and `max_bytes`
-/// bytes (by the sizes the server reported; unknown sizes count as 0). A single message larger
-/// than `max_bytes` gets a batch of its own.
-pub fn batches(uids: &[u32], size_of: impl Fn(u32) -> u64, max_count: usize, max_bytes: u64) -> Vec<&[u32]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, &uid) in uids.iter().enumerate() {
-        let size = size_of(uid);
-        if i > start && (i - start >= max_count.max(1) || bytes + size > max_bytes) {
-            out.push(&uids[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes += size;
-    }
-    if start < uids.len() {
-        out.push(&uids[start..]);
-    }
-    out
 }
 
 /// Formats ascending UIDs as a compact IMAP sequence set, e.g. `1:3,7,9:10`.
@@ -317,23 +287,9 @@ mod tests {
     }
 
     #[test]
-    fn filters_the_star_quirk_and_sorts() {
-        assert_eq!(uids_to_deliver(vec![9, 12, 11, 12, 3], 10), vec![11, 12]);
-    }
-
-    #[test]
     fn sequence_sets_compress_runs() {
         assert_eq!(sequence_set(&[1, 2, 3, 7, 9, 10]), "1:3,7,9:10");
         assert_eq!(sequence_set(&[4]), "4");
         assert_eq!(sequence_set(&[]), "");
-        let b = batches(&[1, 2, 3, 4, 5], |_| 0, 2, u64::MAX);
-        assert_eq!(b, vec![&[1, 2][..], &[3, 4][..], &[5][..]]);
-    }
-
-    #[test]
-    fn batches_respect_count_and_bytes() {
-        let size = |uid: u32| if uid == 3 { 40 << 20 } else { 10 };
-        let b = batches(&[1, 2, 3, 4, 5], size, 2, 32 << 20);
-        assert_eq!(b, vec![&[1, 2][..], &[3][..], &[4, 5][..]]);
     }
 }
