@@ -270,7 +270,7 @@ impl Driver {
                     .await;
                 self.keep(session, r)
             }
-            Action::Fetch { uids, dedupe_through } => self.fetch(uids, dedupe_through, uidvalidity).await,
+            Action::Fetch { uids, check_seen } => self.fetch(uids, &check_seen, uidvalidity).await,
             Action::CheckExists { uid } => {
                 let Some(mut session) = self.session.take() else {
                     return no_session();
@@ -469,7 +469,7 @@ impl Driver {
         }
     }
 
-    async fn fetch(&mut self, uids: Vec<u32>, dedupe_through: u32, uidvalidity: u32) -> Input {
+    async fn fetch(&mut self, uids: Vec<u32>, check_seen: &[u32], uidvalidity: u32) -> Input {
         let Some(mut session) = self.session.take() else {
             return no_session();
         };
@@ -521,7 +521,7 @@ impl Driver {
             let key = self.key(uidvalidity, uid);
             let body = self.bodies.get(&uid);
             let seen_before = match body {
-                Some(b) if uid <= dedupe_through => {
+                Some(b) if check_seen.contains(&uid) => {
                     match self.store.seen_message_id(account, folder, &b.identity).await {
                         Ok(seen) => seen,
                         Err(e) => {

@@ -79,7 +79,7 @@ pub struct FetchedInfo {
     pub body: bool,
     /// Failed attempts recorded in the delivery log (before a restart, or an earlier round).
     pub prior_attempts: u32,
-    /// Asked only for UIDs at or below `dedupe_through`: its Message-ID (or digest) was
+    /// Asked only for the UIDs in [`Action::Fetch`]'s `check_seen`: its Message-ID (or digest) was
     /// delivered from this folder before.
     pub seen_before: bool,
 }
@@ -198,10 +198,11 @@ pub enum Action {
     List {
         above: u32,
     },
-    /// Fetch these bodies; for UIDs at or below `dedupe_through`, say whether each was seen.
+    /// Fetch these bodies; for those in `check_seen` (the dedupe pass after a UIDVALIDITY
+    /// change), say whether each was delivered before.
     Fetch {
         uids: Vec<u32>,
-        dedupe_through: u32,
+        check_seen: Vec<u32>,
     },
     /// Does this UID still exist (`UID SEARCH UID n`)?
     CheckExists {
@@ -916,10 +917,13 @@ impl WatchMachine {
             }
             let uids = self.take_batch();
             self.phase = Phase::Fetching { uids: uids.clone() };
-            return Action::Fetch {
-                uids,
-                dedupe_through: self.committed_cp().dedupe_through,
-            };
+            let cp = self.committed_cp();
+            let check_seen = uids
+                .iter()
+                .copied()
+                .filter(|&u| mailbox::needs_dedupe(&cp, u))
+                .collect();
+            return Action::Fetch { uids, check_seen };
         }
     }
 

@@ -360,7 +360,7 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             }
             Input::Listed { items, news: false }
         }
-        Action::Fetch { uids, dedupe_through } => {
+        Action::Fetch { uids, check_seen } => {
             if std::mem::take(&mut w.fetch_fails) {
                 return Ok(Input::Failed {
                     class: FailureClass::Network,
@@ -381,7 +381,7 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
                     uid,
                     body,
                     prior_attempts: w.attempts.get(&(current, uid)).copied().unwrap_or(0),
-                    seen_before: uid <= dedupe_through && w.settled.contains_key(&mid),
+                    seen_before: check_seen.contains(&uid) && w.settled.contains_key(&mid),
                 });
             }
             Input::Fetched(infos)
@@ -544,7 +544,7 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
         m.on(listed(&[11, 12, 13]), s(0), 0.0),
         Action::Fetch {
             uids: vec![11, 12, 13],
-            dedupe_through: 0
+            check_seen: vec![]
         }
     );
     // 12 came back without a body.
@@ -663,7 +663,7 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
         m.on(listed(&[4, 4_000_000_000]), s(1), 0.0),
         Action::Fetch {
             uids: vec![4],
-            dedupe_through: 0
+            check_seen: vec![]
         }
     );
 }
@@ -680,7 +680,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
         m.on(listed(&[1, 2, 3]), s(0), 0.0),
         Action::Fetch {
             uids: vec![1, 2, 3],
-            dedupe_through: 0
+            check_seen: vec![]
         }
     );
     let mut now = 0;
@@ -712,7 +712,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
             m.on(listed(&[1, 2, 3]), s(now), 0.0),
             Action::Fetch {
                 uids: vec![1],
-                dedupe_through: 0
+                check_seen: vec![]
             }
         );
         action = m.on(
@@ -748,7 +748,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
         m.on(Input::Committed, s(now), 0.0),
         Action::Fetch {
             uids: vec![2],
-            dedupe_through: 0
+            check_seen: vec![]
         }
     );
 }
@@ -781,7 +781,7 @@ fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
         m.on(Input::Committed, s(0), 0.0),
         Action::Fetch {
             uids: vec![2],
-            dedupe_through: 0
+            check_seen: vec![]
         }
     );
     assert!(
