@@ -3,9 +3,13 @@
 //! (a) new-mail latency, APPEND done -> handler started, p50/p99, next to a raw IDLE client's
 //!     latency (Dovecot's own floor) measured on the same messages in the same run;
 //! (b) catch-up of a 10,000-message backlog (~5 KB each) into a Maildir, messages/s and MB/s,
-//!     next to a raw `UID FETCH 1:* BODY.PEEK[]` read of the same folder.
+//!     next to a raw `UID FETCH 1:* BODY.PEEK[]` read of the same folder;
+//! (c) one large message (100 MB, then 1 GB) delivered into a Maildir by a separate process
+//!     running `inboxd once` (this binary re-executed, so its memory is the daemon's alone):
+//!     peak RSS and throughput, next to a raw `UID FETCH n BODY.PEEK[]` read of it.
 //!
-//! Run: `cargo bench --bench throughput` (env: INBOXD_BENCH_MESSAGES=200, INBOXD_BENCH_BACKLOG=10000).
+//! Run: `cargo bench --bench throughput` (env: INBOXD_BENCH_MESSAGES=200,
+//! INBOXD_BENCH_BACKLOG=10000, INBOXD_BENCH_LARGE_MB=100,1000; 0 skips a part).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -218,8 +222,110 @@ async fn catch_up(n: usize) {
     );
 }
 
+/// Writes a message of exactly `len` bytes: a header, then 76-character text lines.
+fn write_large(f: &mut std::fs::File, n: usize, len: u64) -> std::io::Result<()> {
+    let mut head = format!(
+        "From: sender@example.com\r\nTo: alice@example.com\r\nSubject: large {n}\r\nMessage-ID: <large.{n}@inboxd.test>\r\n\r\n"
+    )
+    .into_bytes();
+    let line = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/ABCDEFGHIJKL\r\n";
+    let mut block = Vec::with_capacity(1 << 20);
+    while block.len() + line.len() <= 1 << 20 {
+        block.extend_from_slice(line);
+    }
+    let mut left = len;
+    let first = head.len().min(left as usize);
+    f.write_all(&head[..first])?;
+    left -= first as u64;
+    head.clear();
+    while left > 0 {
+        let n = block.len().min(left as usize);
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Runs a child process to its end; returns its wall time and peak RSS (bytes).
+fn run_measured(mut cmd: std::process::Command) -> (f64, u64) {
+    let t = Instant::now();
+    let child = cmd.spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our child, not yet waited for; both pointers are valid for the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child failed: {status}"
+    );
+    std::mem::forget(child);
+    (secs, usage.ru_maxrss as u64 * 1024)
+}
+
+fn large(mbs: &[u64]) {
+    println!(
+        "(c) one large message into a Maildir, `inboxd once` in a process of its own (spool_above 1 MiB, {} MiB pieces)",
+        inboxd::watcher::SPOOL_CHUNK >> 20
+    );
+    for &mb in mbs {
+        // A Dovecot of its own per message: uid 1, nothing else in the folder.
+        let dv = Dovecot::start().unwrap();
+        let len = mb * 1_000_000;
+        dv.drop_message_with("alice", "INBOX", 0, len, |f| write_large(f, 0, len))
+            .unwrap();
+        // The raw reader first (it also lets Dovecot index the message), then inboxd, then
+        // the raw reader again: the better raw time is the baseline.
+        let raw_read = || {
+            let mut raw = Raw::connect(&dv);
+            raw.cmd("SELECT INBOX");
+            let t = Instant::now();
+            let bytes = raw.cmd("UID FETCH 1 BODY.PEEK[]");
+            let secs = t.elapsed().as_secs_f64();
+            raw.cmd("LOGOUT");
+            assert_eq!(bytes, len);
+            secs
+        };
+        let raw1 = raw_read();
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let cfg = config(&dv, dir.path(), "start = \"all\"\ndeliver = { maildir = \"out\" }");
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.arg("--child-once").arg(&cfg.path);
+        let (ours, rss) = run_measured(cmd);
+        let raw2 = raw_read();
+        let raw = raw1.min(raw2);
+        let files: Vec<u64> = std::fs::read_dir(dir.path().join("out/new"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert_eq!(files, vec![len], "the Maildir holds {files:?}");
+        let mbytes = len as f64 / 1e6;
+        println!(
+            "    {mb:5} MB   inboxd {ours:7.2} s {:7.1} MB/s   peak RSS {:6.1} MiB   |   raw read {raw:7.2} s {:7.1} MB/s   (inboxd at {:.0} % of raw)",
+            mbytes / ours,
+            rss as f64 / (1 << 20) as f64,
+            mbytes / raw,
+            100.0 * raw / ours
+        );
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child-once") {
+        // The daemon's `once`, alone in this process, for (c).
+        let cfg = Config::load(std::path::Path::new(&args[i + 1])).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(inboxd::daemon::once(&cfg)).unwrap();
         return;
     }
     if !testbed::available() {
@@ -232,7 +338,22 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        latency(env("INBOXD_BENCH_MESSAGES", 200)).await;
-        catch_up(env("INBOXD_BENCH_BACKLOG", 10_000)).await;
+        let n = env("INBOXD_BENCH_MESSAGES", 200);
+        if n > 0 {
+            latency(n).await;
+        }
+        let n = env("INBOXD_BENCH_BACKLOG", 10_000);
+        if n > 0 {
+            catch_up(n).await;
+        }
     });
+    let large_mb: Vec<u64> = std::env::var("INBOXD_BENCH_LARGE_MB")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .filter(|&x| x > 0)
+        .collect();
+    if !large_mb.is_empty() {
+        large(&large_mb);
+    }
 }

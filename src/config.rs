@@ -226,6 +226,9 @@ struct RawConfig {
     /// SQLite file holding checkpoints and the delivery log. Default `inboxd.db`, relative to
     /// the config file's folder.
     state: Option<PathBuf>,
+    /// Directory where messages above a watch's `spool_above` are written while fetched.
+    /// Default: `<state>.spool` beside the state file (not /tmp, often a RAM disk).
+    spool: Option<PathBuf>,
     #[serde(default)]
     accounts: BTreeMap<String, Spanned<RawAccount>>,
     #[serde(default)]
@@ -345,6 +348,9 @@ struct RawWatch {
     /// A message the server reports larger than this is dead-lettered without being fetched
     /// (default 200 MiB).
     max_message_size: Option<Bytes>,
+    /// Messages larger than this are fetched in chunks into a spool file instead of memory
+    /// (default 1 MiB).
+    spool_above: Option<Bytes>,
 }
 
 fn inbox() -> String {
@@ -499,14 +505,24 @@ pub struct Watch {
     pub batch_size: usize,
     /// A message the server reports larger than this is dead-lettered without being fetched.
     pub max_message_size: u64,
+    /// A message larger than this is fetched in chunks into a file in `spool_dir`.
+    pub spool_above: u64,
+    /// Where large messages are spooled (a Maildir handler uses its own `tmp/` instead).
+    pub spool_dir: PathBuf,
 }
 
 /// Default `max_message_size`: above every mainstream provider's limit (Exchange Online
-/// allows 150 MB), below the IMAP library's 512 MiB response limit.
+/// allows 150 MB; Gmail 25 MB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 200 << 20;
 
-/// Largest `max_message_size` accepted (the IMAP library refuses larger responses).
-pub const MAX_MESSAGE_SIZE_LIMIT: u64 = 500 << 20;
+/// Largest `max_message_size` accepted: IMAP sizes are 32-bit (RFC 3501 `number`).
+pub const MAX_MESSAGE_SIZE_LIMIT: u64 = u32::MAX as u64;
+
+/// Default `spool_above`: most mail stays in memory, attachments go to disk.
+pub const DEFAULT_SPOOL_ABOVE: u64 = 1 << 20;
+
+/// The accepted range of `spool_above`.
+pub const SPOOL_ABOVE_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(64 << 20);
 
 impl Watch {
     /// `account/folder`, as used in logs and `status`.
@@ -727,6 +743,15 @@ impl Config {
             accounts.insert(name, Arc::new(account));
         }
 
+        let state = base.join(raw.state.unwrap_or_else(|| PathBuf::from("inboxd.db")));
+        let spool_dir = match raw.spool {
+            Some(dir) => base.join(dir),
+            None => {
+                let mut name = state.as_os_str().to_os_string();
+                name.push(".spool");
+                PathBuf::from(name)
+            }
+        };
         let mut watches: Vec<Watch> = Vec::new();
         for spanned in raw.watch {
             let span = spanned.span();
@@ -823,9 +848,17 @@ impl Config {
                 Some(_) => {
                     return Err(invalid(
                         Some(span),
-                        format!(
-                            "watch.max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes (500 MiB)"
-                        ),
+                        format!("watch.max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes (4 GiB)"),
+                    ));
+                }
+            };
+            let spool_above = match w.spool_above {
+                None => DEFAULT_SPOOL_ABOVE,
+                Some(size) if SPOOL_ABOVE_RANGE.contains(&size.0) => size.0,
+                Some(_) => {
+                    return Err(invalid(
+                        Some(span),
+                        "watch.spool_above must be between 64 KiB and 64 MiB".to_string(),
                     ));
                 }
             };
@@ -846,6 +879,8 @@ impl Config {
                 retry,
                 batch_size: w.batch_size.unwrap_or(200),
                 max_message_size,
+                spool_above,
+                spool_dir: spool_dir.clone(),
             };
             if watches
                 .iter()
@@ -855,7 +890,6 @@ impl Config {
             }
             watches.push(watch);
         }
-        let state = base.join(raw.state.unwrap_or_else(|| PathBuf::from("inboxd.db")));
         Ok(Config {
             path: path.to_path_buf(),
             state,

@@ -1,6 +1,7 @@
 //! What the CLI commands do, as library functions: run every watch until a signal, catch every
 //! watch up once, check accounts, show status, replay a dead letter.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -345,12 +346,24 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
             state.uidvalidity
         );
     }
-    let fetched = session.fetch(&[uid], crate::config::MAX_MESSAGE_SIZE_LIMIT).await?;
-    let m = fetched
-        .first()
-        .ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
+    // Spooled whatever its size: a replayed dead letter may be the one that was too large.
     let mut handler = crate::handler::from_config(&watch.deliver)?;
-    let (mid, _) = crate::message::identity(&m.body);
+    let dir = handler
+        .spool_dir()
+        .map_or_else(|| watch.spool_dir.clone(), Path::to_path_buf);
+    let (mut spooled, mut file) = crate::spool::Spool::create(&dir, uid)
+        .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
+    let len = session
+        .fetch_into(
+            uid,
+            crate::watcher::SPOOL_CHUNK,
+            crate::config::MAX_MESSAGE_SIZE_LIMIT,
+            &mut file,
+        )
+        .await?
+        .ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
+    spooled.set_len(len);
+    let (mid, _) = crate::message::identity(&spooled.head(crate::message::IDENTITY_HEAD)?);
     let msg = Message {
         account: &watch.account.name,
         folder: &watch.folder,
@@ -358,7 +371,10 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         uid,
         key,
         message_id: mid.as_deref(),
-        body: &m.body,
+        body: crate::handler::Body::File {
+            path: spooled.path(),
+            len,
+        },
     };
     let result = match handler.deliver(&msg).await {
         Ok(()) => handler.flush().await,

@@ -56,6 +56,7 @@ pub mod message;
 pub mod oauth2;
 mod process;
 pub mod secret;
+pub mod spool;
 pub mod store;
 pub mod watcher;
 

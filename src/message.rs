@@ -3,8 +3,13 @@
 //! Parsing never panics on hostile bytes: mail-parser is run under `catch_unwind`, and a
 //! message it cannot parse falls back to the digest.
 
+/// The most of a message read to identify it: a header block longer than this is cut here
+/// (so a spooled message needs only its first bytes read back).
+pub const IDENTITY_HEAD: usize = 1 << 20;
+
 /// The identity used to recognise a message across a UIDVALIDITY change.
 pub fn identity(raw: &[u8]) -> (Option<String>, String) {
+    let raw = &raw[..raw.len().min(IDENTITY_HEAD)];
     let mid = message_id(raw);
     let ident = match &mid {
         Some(m) => m.clone(),

@@ -558,3 +558,73 @@ async fn a_post_action_refused_for_good_never_slows_delivery_and_shows_in_status
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_are_spooled_and_arrive_byte_for_byte_in_maildir_and_exec() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    // Sizes around the spool threshold (64 KiB) and the 2 MiB fetch piece, in one backlog.
+    let sizes: [usize; 6] = [1_000, 70_000, 2 << 20, (2 << 20) + 1, 5_000_000, 300];
+    let msgs: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            // Exactly n bytes: the boundaries of the 2 MiB piece are what matters.
+            let mut m = inboxd_testbed::sample_message(i + 1, &format!("m{i}"), n.saturating_sub(400));
+            m.resize(n.max(m.len()), b'.');
+            m
+        })
+        .collect();
+    assert_eq!(msgs[2].len(), 2 << 20);
+    append_raw(&dv, "INBOX", &msgs).await;
+    // One run into a Maildir, one (with its own state) into a program.
+    let md = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\nspool_above = \"64KiB\"\ndeliver = { maildir = \"md\" }",
+    );
+    let w = Watcher::start(md.watches[0].clone(), store(&md).await, Mode::Once).unwrap();
+    assert_eq!(w.join().await.unwrap(), 0);
+    let exec_dir = dir.path().join("exec");
+    std::fs::create_dir(&exec_dir).unwrap();
+    let out = exec_dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let script = exec_dir.join("handler.sh");
+    std::fs::write(&script, "#!/bin/sh\ncat > \"out/$INBOXD_UID\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let ex = config(
+        &dv,
+        &exec_dir,
+        "",
+        "start = \"all\"\nspool_above = \"64KiB\"\ndeliver = { exec = [\"./handler.sh\"] }",
+    );
+    let w = Watcher::start(ex.watches[0].clone(), store(&ex).await, Mode::Once).unwrap();
+    assert_eq!(w.join().await.unwrap(), 0);
+    for (i, m) in msgs.iter().enumerate() {
+        let uid = i + 1;
+        let exec = std::fs::read(out.join(uid.to_string())).unwrap();
+        assert!(
+            exec == *m,
+            "exec got uid {uid} changed ({} vs {} bytes)",
+            exec.len(),
+            m.len()
+        );
+    }
+    let mut in_maildir: Vec<Vec<u8>> = std::fs::read_dir(dir.path().join("md/new"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    in_maildir.sort();
+    let mut expected = msgs.clone();
+    expected.sort();
+    assert!(
+        in_maildir == expected,
+        "the Maildir holds other bytes: {:?} vs {:?}",
+        in_maildir.iter().map(Vec::len).collect::<Vec<_>>(),
+        expected.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    // Nothing left behind in either spool.
+    assert_eq!(std::fs::read_dir(dir.path().join("md/tmp")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(exec_dir.join("state.db.spool")).unwrap().count(), 0);
+}

@@ -88,9 +88,22 @@ impl Exec {
             .env("INBOXD_UID", m.uid.to_string())
             .env("INBOXD_KEY", m.key)
             .env("INBOXD_SIZE", m.body.len().to_string())
-            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // A spooled message is the handler's stdin directly: the kernel reads the file, and
+        // nothing of it passes through our memory.
+        let body = match m.body {
+            super::Body::File { path, .. } => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| HandlerError::new(format!("cannot open the spooled message: {e}")))?;
+                cmd.stdin(Stdio::from(file));
+                None
+            }
+            other => {
+                cmd.stdin(Stdio::piped());
+                other.bytes()
+            }
+        };
         match m.message_id {
             Some(id) if id.len() <= MAX_MESSAGE_ID => {
                 cmd.env("INBOXD_MESSAGE_ID", id);
@@ -124,10 +137,9 @@ impl Exec {
         // exited 0 look like one that timed out.
         let out_task = tokio::spawn(tail(child.stdout.take()));
         let err_task = tokio::spawn(tail(child.stderr.take()));
-        let body = m.body;
         let work = async {
             let feed = async {
-                if let Some(mut s) = stdin.take() {
+                if let (Some(mut s), Some(body)) = (stdin.take(), body) {
                     // A handler may exit without reading all of stdin; that is its right.
                     let _ = s.write_all(body).await;
                     let _ = s.shutdown().await;
@@ -218,7 +230,7 @@ mod tests {
             uid: 7,
             key: "v1-k",
             message_id: Some("<x@y>"),
-            body,
+            body: crate::handler::Body::Bytes(body),
         }
     }
 
@@ -314,6 +326,32 @@ mod tests {
         Exec::new(vec!["sh".into()], Duration::from_secs(5), dir.path().into())
             .check()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_spooled_message_is_stdin_straight_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spooled = dir.path().join("spooled");
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&spooled, &body).unwrap();
+        let out = dir.path().join("out");
+        // The program learns the size from the environment, and its stdin is the file itself
+        // (a regular file, not a pipe).
+        let script = format!(
+            "test -f /dev/stdin || exit 3; cat > {0}; test \"$INBOXD_SIZE\" = {1} || exit 4",
+            out.display(),
+            body.len()
+        );
+        let m = Message {
+            body: crate::handler::Body::File {
+                path: &spooled,
+                len: body.len() as u64,
+            },
+            ..msg(b"")
+        };
+        sh(&script, Duration::from_secs(10)).run(&m).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == body);
+        assert!(spooled.exists(), "the spool file belongs to the watcher");
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
 
-use super::{Handler, HandlerError, Message};
+use super::{Body, Handler, HandlerError, Message};
 
 /// Threads used to fsync one batch.
 const SYNC_THREADS: usize = 16;
@@ -32,13 +32,24 @@ pub const DEFAULT_MODE: u32 = 0o600;
 #[derive(Debug)]
 pub struct Maildir {
     root: PathBuf,
+    /// `root/tmp`, where large messages are spooled.
+    tmp: PathBuf,
     /// Mode of message files.
     mode: u32,
     /// Keys present in `cur/` when the handler started (files named `KEY:2,FLAGS`), and keys
     /// this process published since (a reader may have moved them to `cur/` meanwhile).
     in_cur: HashSet<String>,
     /// Messages accepted since the last flush, written by the flush.
-    pending: Vec<(String, Vec<u8>)>,
+    pending: Vec<(String, Payload)>,
+}
+
+/// A message waiting for the flush.
+#[derive(Debug)]
+enum Payload {
+    Bytes(Vec<u8>),
+    /// A spooled message, already linked (or copied) into `tmp/` under a name of our own:
+    /// the flush fsyncs and renames it.
+    InTmp(PathBuf),
 }
 
 fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> HandlerError {
@@ -82,10 +93,22 @@ impl Maildir {
         }
         Ok(Maildir {
             root: root.to_path_buf(),
+            tmp: root.join("tmp"),
             mode,
             in_cur,
             pending: Vec::new(),
         })
+    }
+}
+
+impl Drop for Maildir {
+    fn drop(&mut self) {
+        // Accepted but never flushed: spooled messages linked into tmp/ for it go.
+        for (_, payload) in &self.pending {
+            if let Payload::InTmp(tmp) = payload {
+                let _ = fs::remove_file(tmp);
+            }
+        }
     }
 }
 
@@ -99,7 +122,7 @@ fn check_key(key: &str) -> Result<(), HandlerError> {
 /// Writes and fsyncs the pending messages in `tmp/` (in parallel, so the file system can group
 /// the journal commits), moves them into `new/` and fsyncs `new/`. A message already in `new/`
 /// is left alone.
-fn publish(root: &Path, mode: u32, pending: &[(String, Vec<u8>)]) -> Result<(), HandlerError> {
+fn publish(root: &Path, mode: u32, pending: &[(String, Payload)]) -> Result<(), HandlerError> {
     let chunk = pending.len().div_ceil(SYNC_THREADS).max(1);
     let written: Vec<(&str, PathBuf)> = std::thread::scope(|scope| {
         let workers: Vec<_> = pending
@@ -107,10 +130,25 @@ fn publish(root: &Path, mode: u32, pending: &[(String, Vec<u8>)]) -> Result<(), 
             .map(|part| {
                 scope.spawn(move || {
                     let mut done = Vec::new();
-                    for (key, body) in part {
+                    for (key, payload) in part {
                         if root.join("new").join(key).exists() {
+                            if let Payload::InTmp(tmp) = payload {
+                                let _ = fs::remove_file(tmp);
+                            }
                             continue;
                         }
+                        let body = match payload {
+                            Payload::Bytes(body) => body,
+                            Payload::InTmp(tmp) => {
+                                let synced = File::open(tmp).and_then(|f| f.sync_all()).map_err(io("fsync", tmp));
+                                if let Err(e) = synced {
+                                    let _ = fs::remove_file(tmp);
+                                    return Err(e);
+                                }
+                                done.push((key.as_str(), tmp.clone()));
+                                continue;
+                            }
+                        };
                         let (tmp, mut f) = create_unique(&root.join("tmp"), key, mode)?;
                         let written = f.write_all(body).and_then(|()| f.sync_all()).map_err(io("write", &tmp));
                         if let Err(e) = written {
@@ -184,6 +222,32 @@ fn create_unique(tmp_dir: &Path, key: &str, mode: u32) -> Result<(PathBuf, File)
     Err(io("create", &tmp)(e))
 }
 
+/// Puts a spooled message into `tmp/` under a name of our own: a hard link when the spool
+/// file is on the same file system (it is when the watcher spooled into this Maildir's
+/// `tmp/`), otherwise a copy made by the kernel (`copy_file_range`), never through memory.
+fn take_spooled(root: &Path, key: &str, mode: u32, spooled: &Path) -> Result<PathBuf, HandlerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp_dir = root.join("tmp");
+    for _ in 0..8 {
+        let tmp = tmp_dir.join(format!("{key}.{}.{:016x}", std::process::id(), fastrand::u64(..)));
+        match fs::hard_link(spooled, &tmp) {
+            Ok(()) => {
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io("chmod", &tmp))?;
+                return Ok(tmp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(_) => break,
+        }
+    }
+    let (tmp, mut f) = create_unique(&tmp_dir, key, mode)?;
+    let copied = File::open(spooled).and_then(|mut src| std::io::copy(&mut src, &mut f));
+    if let Err(e) = copied {
+        let _ = fs::remove_file(&tmp);
+        return Err(io("copy into", &tmp)(e));
+    }
+    Ok(tmp)
+}
+
 fn sync_dir(path: &Path) -> Result<(), HandlerError> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io("fsync", path))
 }
@@ -193,9 +257,21 @@ impl Handler for Maildir {
         Box::pin(async move {
             check_key(message.key)?;
             let known = self.in_cur.contains(message.key) || self.pending.iter().any(|(k, _)| k == message.key);
-            if !known {
-                self.pending.push((message.key.to_string(), message.body.to_vec()));
+            if known {
+                return Ok(());
             }
+            let payload = match message.body {
+                Body::File { path, .. } => {
+                    let (root, key, mode) = (self.root.clone(), message.key.to_string(), self.mode);
+                    let path = path.to_path_buf();
+                    let tmp = tokio::task::spawn_blocking(move || take_spooled(&root, &key, mode, &path))
+                        .await
+                        .map_err(blocking_failed)??;
+                    Payload::InTmp(tmp)
+                }
+                other => Payload::Bytes(other.to_vec().map_err(|e| HandlerError::new(format!("maildir: {e}")))?),
+            };
+            self.pending.push((message.key.to_string(), payload));
             Ok(())
         })
     }
@@ -209,9 +285,20 @@ impl Handler for Maildir {
             let mode = self.mode;
             let pending = std::mem::take(&mut self.pending);
             let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
-            tokio::task::spawn_blocking(move || publish(&root, mode, &pending))
-                .await
-                .map_err(blocking_failed)??;
+            tokio::task::spawn_blocking(move || {
+                let published = publish(&root, mode, &pending);
+                if published.is_err() {
+                    // Nothing of the batch counts; what was linked into tmp/ for it goes.
+                    for (_, payload) in &pending {
+                        if let Payload::InTmp(tmp) = payload {
+                            let _ = fs::remove_file(tmp);
+                        }
+                    }
+                }
+                published
+            })
+            .await
+            .map_err(blocking_failed)??;
             // Published: if the commit that follows fails and the batch comes again, a reader
             // may have moved these to cur/ by then; never write them a second time.
             self.in_cur.extend(keys);
@@ -221,6 +308,10 @@ impl Handler for Maildir {
 
     fn batches(&self) -> bool {
         true
+    }
+
+    fn spool_dir(&self) -> Option<&Path> {
+        Some(&self.tmp)
     }
 }
 
@@ -236,7 +327,7 @@ mod tests {
             uid: 1,
             key,
             message_id: None,
-            body,
+            body: Body::Bytes(body),
         }
     }
 
@@ -288,6 +379,54 @@ mod tests {
         let open = Maildir::open_with_mode(&dir.path().join("shared"), 0o640).unwrap();
         drop(open);
         assert_eq!(mode(&dir.path().join("shared/cur")), 0o750);
+    }
+
+    #[tokio::test]
+    async fn a_spooled_message_is_linked_from_tmp_not_copied() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("md");
+        let mut m = Maildir::open_with_mode(&root, 0o640).unwrap();
+        let spool_dir = m.spool_dir().unwrap().to_path_buf();
+        assert_eq!(spool_dir, root.join("tmp"));
+        let (mut spooled, mut f) = crate::spool::Spool::create(&spool_dir, 9).unwrap();
+        f.write_all(b"Subject: big\r\n\r\nbody").unwrap();
+        spooled.set_len(19);
+        let mut message = msg("v1-k-1-9", b"");
+        message.body = Body::File {
+            path: spooled.path(),
+            len: spooled.len(),
+        };
+        m.deliver(&message).await.unwrap();
+        m.flush().await.unwrap();
+        let published = root.join("new/v1-k-1-9");
+        assert_eq!(fs::read(&published).unwrap(), b"Subject: big\r\n\r\nbody");
+        // The same inode: no copy was made.
+        assert_eq!(
+            fs::metadata(&published).unwrap().ino(),
+            fs::metadata(spooled.path()).unwrap().ino()
+        );
+        assert_eq!(fs::metadata(&published).unwrap().mode() & 0o777, 0o640);
+        // The watcher removes its spool name after the delivery; only new/ keeps the message.
+        drop(spooled);
+        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+
+        // Spooled on another directory: copied, and delivered again later: not written twice.
+        let elsewhere = dir.path().join("spool");
+        let (mut spooled, mut f) = crate::spool::Spool::create(&elsewhere, 9).unwrap();
+        f.write_all(b"x").unwrap();
+        spooled.set_len(1);
+        let mut message = msg("v1-k-1-10", b"");
+        message.body = Body::File {
+            path: spooled.path(),
+            len: 1,
+        };
+        m.deliver(&message).await.unwrap();
+        m.deliver(&message).await.unwrap();
+        m.flush().await.unwrap();
+        assert_eq!(fs::read(root.join("new/v1-k-1-10")).unwrap(), b"x");
+        assert_eq!(fs::read_dir(root.join("new")).unwrap().count(), 2);
+        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]

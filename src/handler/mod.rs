@@ -1,6 +1,7 @@
 //! Handlers: where a message goes. Each is named after its destination.
 //!
-//! - [`exec`]: runs a program with the raw message on stdin; exit 0 acknowledges.
+//! - [`exec`]: runs a program with the raw message on stdin (a spooled message straight from
+//!   its file); exit 0 acknowledges.
 //! - [`maildir`]: writes the message into a Maildir, durably, at most once.
 //!
 //! Library users can implement [`Handler`] themselves.
@@ -8,9 +9,73 @@
 pub mod exec;
 pub mod maildir;
 
+use std::path::Path;
+
 use futures::future::BoxFuture;
 
 use crate::config::Deliver;
+
+/// A message's raw bytes, exactly as on the server: in memory, or (for a message larger than
+/// the watch's `spool_above`) in a file that the watcher spooled it into chunk by chunk, so that
+/// a message of any size passes through with flat memory.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Body<'a> {
+    Bytes(&'a [u8]),
+    /// `len` bytes in the file at `path`. The file belongs to the watcher and lives until the
+    /// delivery is over: read it, copy or hard-link it, never change or remove it.
+    File {
+        path: &'a Path,
+        len: u64,
+    },
+}
+
+impl<'a> Body<'a> {
+    /// The message's size in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(b) => b.len() as u64,
+            Body::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, when the message is held in memory.
+    pub fn bytes(&self) -> Option<&'a [u8]> {
+        match self {
+            Body::Bytes(b) => Some(b),
+            Body::File { .. } => None,
+        }
+    }
+
+    /// The spool file, when the message was spooled.
+    pub fn path(&self) -> Option<&'a Path> {
+        match self {
+            Body::Bytes(_) => None,
+            Body::File { path, .. } => Some(path),
+        }
+    }
+
+    /// A reader over the message, whichever way it is held (blocking reads for a file).
+    pub fn reader(&self) -> std::io::Result<Box<dyn std::io::Read + Send + 'a>> {
+        Ok(match self {
+            Body::Bytes(b) => Box::new(*b),
+            Body::File { path, .. } => Box::new(std::fs::File::open(path)?),
+        })
+    }
+
+    /// The whole message in memory: a copy, or the file read whole. For handlers that need
+    /// the bytes at once; a spooled message can be large, so prefer [`Body::reader`].
+    pub fn to_vec(&self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Body::Bytes(b) => Ok(b.to_vec()),
+            Body::File { path, .. } => std::fs::read(path),
+        }
+    }
+}
 
 /// One message handed to a handler.
 #[derive(Debug, Clone, Copy)]
@@ -23,7 +88,7 @@ pub struct Message<'a> {
     pub key: &'a str,
     pub message_id: Option<&'a str>,
     /// The raw message, exactly as on the server.
-    pub body: &'a [u8],
+    pub body: Body<'a>,
 }
 
 /// Why a handler did not acknowledge a message.
@@ -89,6 +154,13 @@ pub trait Handler: Send {
     /// every message (false; for handlers with side effects that cannot be repeated cheaply).
     fn batches(&self) -> bool {
         false
+    }
+
+    /// Where this handler wants large messages spooled; `None` means the watch's spool
+    /// directory. A Maildir answers its own `tmp/`, so that delivering a spooled message is a
+    /// hard link, not a copy.
+    fn spool_dir(&self) -> Option<&Path> {
+        None
     }
 }
 

@@ -746,6 +746,71 @@ impl Session {
         Ok(out)
     }
 
+    /// Fetches one message in pieces of at most `chunk` bytes (`BODY.PEEK[]<offset.chunk>`)
+    /// and writes each to `out` as it arrives, so memory holds one piece whatever the
+    /// message's size, and each piece is a command with its own inactivity deadline. Returns
+    /// the message's length, or `None` when the server does not have it (any more). A piece
+    /// larger than asked is refused before it is read (the literal limit); more than
+    /// `max_bytes` in all fails the fetch.
+    pub async fn fetch_into(
+        &mut self,
+        uid: u32,
+        chunk: u32,
+        max_bytes: u64,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<Option<u64>, ImapError> {
+        // Never ask for more than one byte past the limit.
+        let chunk = chunk.clamp(1, u32::try_from(max_bytes.saturating_add(1)).unwrap_or(u32::MAX));
+        self.set_max_literal(u64::from(chunk));
+        let mut offset = 0u64;
+        loop {
+            let command = format!("UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{chunk}>)");
+            let mut got: Option<u64> = None;
+            let mut problem: Option<String> = None;
+            self.checked("UID FETCH", &command, |resp| {
+                let Response::Fetch(_, attrs) = resp else { return };
+                let Some((origin, data)) = partial_item(attrs, uid) else {
+                    return;
+                };
+                if got.is_some() || problem.is_some() {
+                    return; // a repeated answer: the first one counts
+                }
+                if origin.is_some_and(|o| u64::from(o) != offset) {
+                    problem = Some(format!(
+                        "the server answered a fetch from byte {offset} with bytes from {}",
+                        origin.unwrap_or(0)
+                    ));
+                    return;
+                }
+                match out.write_all(data) {
+                    Ok(()) => got = Some(data.len() as u64),
+                    Err(e) => problem = Some(format!("cannot write the spool file: {e}")),
+                }
+            })
+            .await?;
+            if let Some(detail) = problem {
+                return Err(ImapError::Unexpected {
+                    command: "UID FETCH",
+                    detail,
+                });
+            }
+            let Some(n) = got else {
+                // Gone before the first piece (or expunged while being fetched).
+                return Ok(None);
+            };
+            offset = offset.saturating_add(n);
+            if offset > max_bytes {
+                return Err(ImapError::Unexpected {
+                    command: "UID FETCH",
+                    detail: format!("uid {uid} is larger than the limit of {max_bytes} bytes"),
+                });
+            }
+            if n < u64::from(chunk) {
+                return Ok(Some(offset));
+            }
+        }
+    }
+
     /// Runs a command, hands every untagged response to `each`, and fails unless the tagged
     /// status is OK. async-imap's own FETCH/STORE/EXPUNGE streams end at the tagged response
     /// whatever its status, so a NO or BAD (throttling, for one) would look like success.
@@ -1030,6 +1095,24 @@ fn fetched_item<'a>(attrs: &'a [AttributeValue<'a>]) -> (Option<u32>, Option<&'a
         _ => None,
     });
     (uid, body)
+}
+
+/// Origin and data of the whole-message section from one answer to
+/// `UID FETCH uid (UID BODY.PEEK[]<offset.length>)`, if it is for `uid`. A NIL section is
+/// empty data (RFC 3501: a start past the end gives an empty string).
+fn partial_item<'a>(attrs: &'a [AttributeValue<'a>], uid: u32) -> Option<(Option<u32>, &'a [u8])> {
+    let (got, _) = fetched_item(attrs);
+    if got != Some(uid) {
+        return None;
+    }
+    attrs.iter().find_map(|a| match a {
+        AttributeValue::BodySection {
+            section: None,
+            index,
+            data,
+        } => Some((*index, data.as_deref().unwrap_or(&[]))),
+        _ => None,
+    })
 }
 
 /// A status response's text with its code first (`[TRYCREATE] Mailbox doesn't exist`),

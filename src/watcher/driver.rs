@@ -23,13 +23,18 @@ use tracing::{error, info, warn};
 
 use super::{Event, Health, Job, Mode, WatchError};
 use crate::config::{After, Watch};
+use crate::handler::Body as MessageBody;
 use crate::handler::{Handler, Message};
-use crate::imap::{Fetched, ImapError, Session, WaitEnd};
+use crate::imap::{ImapError, Session, WaitEnd};
+use crate::spool::Spool;
 use crate::store::{Delivery, DeliveryStatus, Store};
 
-/// Largest number of message bytes fetched in one batch (a single larger message is fetched
-/// on its own).
-pub const BATCH_BYTES: u64 = 32 << 20;
+/// Largest number of message bytes fetched into memory in one batch (by the sizes the server
+/// reported; a message above the watch's `spool_above` is fetched on its own, into a file).
+pub const BATCH_BYTES: u64 = 8 << 20;
+
+/// The piece of a spooled message fetched per command (`BODY.PEEK[]<offset.SPOOL_CHUNK>`).
+pub const SPOOL_CHUNK: u32 = 2 << 20;
 
 /// Longest error text kept in health and events.
 const MAX_ERROR: usize = 1024;
@@ -48,10 +53,17 @@ pub(super) struct Parts {
 
 /// A fetched message waiting for its delivery.
 struct Body {
-    fetched: Fetched,
+    held: Held,
     message_id: Option<String>,
     /// Message-ID, or a digest of the header when there is none (for dedupe and the log).
     identity: String,
+}
+
+/// Where a fetched message is held until its delivery.
+enum Held {
+    Memory(Vec<u8>),
+    /// Removed when dropped.
+    Spooled(Spool),
 }
 
 struct Driver {
@@ -87,6 +99,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         stop,
         jobs,
     } = parts;
+    crate::spool::remove_stale(&watch.spool_dir);
     let account = watch.account.clone();
     let spec = WatchSpec {
         start: watch.start,
@@ -96,6 +109,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         batch_size: watch.batch_size,
         batch_bytes: BATCH_BYTES,
         max_message_size: watch.max_message_size,
+        spool_above: watch.spool_above,
         commit_each: !handler.batches(),
         post_action: watch.after != After::None,
         once: mode == Mode::Once,
@@ -270,7 +284,11 @@ impl Driver {
                     .await;
                 self.keep(session, r)
             }
-            Action::Fetch { uids, check_seen } => self.fetch(uids, &check_seen, uidvalidity).await,
+            Action::Fetch {
+                uids,
+                check_seen,
+                spool,
+            } => self.fetch(uids, &check_seen, spool, uidvalidity).await,
             Action::CheckExists { uid } => {
                 let Some(mut session) = self.session.take() else {
                     return no_session();
@@ -469,28 +487,59 @@ impl Driver {
         }
     }
 
-    async fn fetch(&mut self, uids: Vec<u32>, check_seen: &[u32], uidvalidity: u32) -> Input {
+    async fn fetch(&mut self, uids: Vec<u32>, check_seen: &[u32], spool: bool, uidvalidity: u32) -> Input {
         let Some(mut session) = self.session.take() else {
             return no_session();
         };
-        // The machine sized the batch by the reported sizes; a server that lies gets this far
-        // and no further (the batch then fails and is fetched one message at a time).
-        let max_message = self.watch.max_message_size;
-        let fetch_cap = if uids.len() == 1 {
-            max_message
-        } else {
-            BATCH_BYTES.saturating_add(max_message)
-        };
-        session.set_max_literal(max_message);
         let mut stop = self.stop.clone();
-        let fetched = tokio::select! {
-            biased;
-            r = session.fetch(&uids, fetch_cap) => r,
-            _ = Self::stopped(&mut stop) => return Input::Interrupted,
-        };
-        let fetched = match fetched {
-            Ok(f) => f,
-            Err(e) => return failed(&e),
+        let max_message = self.watch.max_message_size;
+        let fetched: Vec<(u32, Held)> = match (spool, uids.as_slice()) {
+            (true, &[uid]) => {
+                // Alone, in chunks, into a file: memory holds one chunk whatever the size.
+                let dir = match self.handler.spool_dir() {
+                    Some(d) => d.to_path_buf(),
+                    None => self.watch.spool_dir.clone(),
+                };
+                let (mut spooled, mut file) = match Spool::create(&dir, uid) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Input::Failed {
+                            class: FailureClass::Network,
+                            error: clip(format!("cannot create a spool file in {}: {e}", dir.display())),
+                        };
+                    }
+                };
+                let r = tokio::select! {
+                    biased;
+                    r = session.fetch_into(uid, SPOOL_CHUNK, max_message, &mut file) => r,
+                    _ = Self::stopped(&mut stop) => return Input::Interrupted,
+                };
+                match r {
+                    Ok(Some(len)) => {
+                        spooled.set_len(len);
+                        vec![(uid, Held::Spooled(spooled))]
+                    }
+                    Ok(None) => Vec::new(),
+                    Err(e) => return failed(&e),
+                }
+            }
+            _ => {
+                // The machine sized the batch by the reported sizes, every message at most
+                // `spool_above`; a server that lies gets this far and no further (the batch
+                // then fails, and its messages are fetched one at a time, spooled).
+                let spool_above = self.watch.spool_above;
+                session.set_max_literal(spool_above.saturating_mul(2));
+                let fetch_cap = BATCH_BYTES.saturating_add(spool_above.saturating_mul(2));
+                let r = tokio::select! {
+                    biased;
+                    r = session.fetch(&uids, fetch_cap) => r,
+                    _ = Self::stopped(&mut stop) => return Input::Interrupted,
+                };
+                match r {
+                    Ok(f) => f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
+                    Err(e) => return failed(&e),
+                }
+            }
         };
         self.session = Some(session);
         let (account, folder) = (&self.watch.account.name, &self.watch.folder);
@@ -505,12 +554,23 @@ impl Driver {
             }
         };
         self.bodies.clear();
-        for f in fetched {
-            let (message_id, identity) = crate::message::identity(&f.body);
+        for (uid, held) in fetched {
+            let (message_id, identity) = match &held {
+                Held::Memory(body) => crate::message::identity(body),
+                Held::Spooled(spooled) => match spooled.head(crate::message::IDENTITY_HEAD) {
+                    Ok(head) => crate::message::identity(&head),
+                    Err(e) => {
+                        return Input::Failed {
+                            class: FailureClass::Network,
+                            error: clip(format!("cannot read the spool file: {e}")),
+                        };
+                    }
+                },
+            };
             self.bodies.insert(
-                f.uid,
+                uid,
                 Body {
-                    fetched: f,
+                    held,
                     message_id,
                     identity,
                 },
@@ -559,7 +619,13 @@ impl Driver {
             uid,
             key: &key,
             message_id: body.message_id.as_deref(),
-            body: &body.fetched.body,
+            body: match &body.held {
+                Held::Memory(bytes) => MessageBody::Bytes(bytes),
+                Held::Spooled(spooled) => MessageBody::File {
+                    path: spooled.path(),
+                    len: spooled.len(),
+                },
+            },
         };
         tracing::debug!(watch = %self.name, uid, attempt, "delivering");
         let handler = &mut self.handler;

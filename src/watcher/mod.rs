@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use driver::{BATCH_BYTES, SPOOL_CHUNK};
 pub use event::{Event, Health};
 
 use crate::config::Watch;

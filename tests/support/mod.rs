@@ -87,10 +87,11 @@ impl Handler for Recorder {
             if self.fail_uids.lock().unwrap().contains(&m.uid) {
                 return Err(HandlerError::new(format!("told to fail uid {}", m.uid)).with_output("stderr tail"));
             }
-            self.seen
-                .lock()
-                .unwrap()
-                .push((m.uid, m.key.to_string(), m.body.to_vec()));
+            let body = m
+                .body
+                .to_vec()
+                .map_err(|e| HandlerError::new(format!("reading the body: {e}")))?;
+            self.seen.lock().unwrap().push((m.uid, m.key.to_string(), body));
             Ok(())
         })
     }

@@ -63,6 +63,10 @@ pub struct State {
     pub refuse_login: Option<String>,
     /// LOGIN commands received.
     pub logins: u32,
+    /// Answer a partial fetch (`BODY.PEEK[]<off.len>`) with the whole message (always).
+    pub ignore_partial: bool,
+    /// Partial fetches received.
+    pub partial_fetches: u32,
 }
 
 #[derive(Clone)]
@@ -313,6 +317,26 @@ impl Scripted {
                             }
                             v
                         };
+                        // `BODY.PEEK[]<offset.length>`: answer that piece, as `BODY[]<offset>`
+                        // (unless told to ignore the range, as a broken server might).
+                        let range = query
+                            .split_once("BODY.PEEK[]<")
+                            .and_then(|(_, r)| r.split_once('>'))
+                            .and_then(|(r, _)| r.split_once('.'))
+                            .and_then(|(o, l)| Some((o.parse::<usize>().ok()?, l.parse::<usize>().ok()?)));
+                        let mut label = "BODY[]".to_string();
+                        let mut msgs = msgs;
+                        if let Some((off, len)) = range {
+                            let mut st = self.state.lock().unwrap();
+                            st.partial_fetches += 1;
+                            if !st.ignore_partial {
+                                label = format!("BODY[]<{off}>");
+                                for m in &mut msgs {
+                                    let end = (off + len).min(m.2.len());
+                                    m.2 = m.2[off.min(end)..end].to_vec();
+                                }
+                            }
+                        }
                         if body_fetch {
                             let (huge, endless, garbage) = {
                                 let mut st = self.state.lock().unwrap();
@@ -359,7 +383,7 @@ impl Scripted {
                         let repeat = self.state.lock().unwrap().repeat_fetch.max(1);
                         if body_fetch && repeat > 1 {
                             for (seq, uid, body) in &msgs {
-                                let head = format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len());
+                                let head = format!("* {seq} FETCH (UID {uid} {label} {{{}}}\r\n", body.len());
                                 for _ in 0..repeat {
                                     w.write_all(head.as_bytes()).await?;
                                     w.write_all(body).await?;
@@ -378,7 +402,7 @@ impl Scripted {
                                     continue;
                                 }
                                 w.write_all(
-                                    format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                                    format!("* {seq} FETCH (UID {uid} {label} {{{}}}\r\n", body.len()).as_bytes(),
                                 )
                                 .await?;
                                 if rate > 0 {
@@ -407,7 +431,7 @@ impl Scripted {
                             if stall && !msgs.is_empty() {
                                 let (seq, uid, body) = &msgs[0];
                                 w.write_all(
-                                    format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                                    format!("* {seq} FETCH (UID {uid} {label} {{{}}}\r\n", body.len()).as_bytes(),
                                 )
                                 .await?;
                                 w.write_all(&body[..body.len() / 2]).await?;
@@ -418,7 +442,7 @@ impl Scripted {
                             }
                             for (seq, uid, body) in &msgs {
                                 w.write_all(
-                                    format!("* {seq} FETCH (UID {uid} BODY[] {{{}}}\r\n", body.len()).as_bytes(),
+                                    format!("* {seq} FETCH (UID {uid} {label} {{{}}}\r\n", body.len()).as_bytes(),
                                 )
                                 .await?;
                                 w.write_all(body).await?;

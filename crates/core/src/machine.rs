@@ -56,6 +56,9 @@ pub struct WatchSpec {
     pub batch_bytes: u64,
     /// A message the server reports larger than this is dead-lettered without being fetched.
     pub max_message_size: u64,
+    /// A message larger than this (by its reported size), of unknown size, or one a failed
+    /// batch covered, is fetched alone and spooled to disk in chunks instead of into memory.
+    pub spool_above: u64,
     /// Commit after every message (true) or once per batch (false).
     pub commit_each: bool,
     /// Whether a post-action (flag, move, delete) follows each delivery.
@@ -199,10 +202,12 @@ pub enum Action {
         above: u32,
     },
     /// Fetch these bodies; for those in `check_seen` (the dedupe pass after a UIDVALIDITY
-    /// change), say whether each was delivered before.
+    /// change), say whether each was delivered before. With `spool`, `uids` is one message, to
+    /// be fetched in chunks into a file (flat memory whatever its size).
     Fetch {
         uids: Vec<u32>,
         check_seen: Vec<u32>,
+        spool: bool,
     },
     /// Does this UID still exist (`UID SEARCH UID n`)?
     CheckExists {
@@ -915,7 +920,7 @@ impl WatchMachine {
                 }
                 continue;
             }
-            let uids = self.take_batch();
+            let (uids, spool) = self.take_batch();
             self.phase = Phase::Fetching { uids: uids.clone() };
             let cp = self.committed_cp();
             let check_seen = uids
@@ -923,7 +928,11 @@ impl WatchMachine {
                 .copied()
                 .filter(|&u| mailbox::needs_dedupe(&cp, u))
                 .collect();
-            return Action::Fetch { uids, check_seen };
+            return Action::Fetch {
+                uids,
+                check_seen,
+                spool,
+            };
         }
     }
 
@@ -946,12 +955,13 @@ impl WatchMachine {
     }
 
     /// The next fetch batch from the queue: at most `batch_size` messages and `batch_bytes`
-    /// bytes; a message of unknown size, or one that a failed batch fetch covered, alone.
-    fn take_batch(&mut self) -> Vec<u32> {
+    /// bytes; a message of unknown size, above `spool_above`, or one that a failed batch fetch
+    /// covered, alone and spooled (the `bool`).
+    fn take_batch(&mut self) -> (Vec<u32>, bool) {
         let mut uids = Vec::new();
         let mut bytes = 0u64;
         while let Some(&next) = self.catch_up.queue.front() {
-            let alone = next.size.is_none() || next.uid <= self.single_until;
+            let alone = next.size.is_none_or(|s| u64::from(s) > self.spec.spool_above) || next.uid <= self.single_until;
             if !uids.is_empty() {
                 let size = u64::from(next.size.unwrap_or(0));
                 if alone
@@ -966,10 +976,10 @@ impl WatchMachine {
             uids.push(next.uid);
             bytes = bytes.saturating_add(u64::from(next.size.unwrap_or(0)));
             if alone {
-                break;
+                return (uids, true);
             }
         }
-        uids
+        (uids, false)
     }
 
     fn settle(&mut self, uid: u32, status: Status, attempts: u32, error: String) {

@@ -75,10 +75,16 @@ fn spec(batch_size: usize, commit_each: bool, post_action: bool) -> WatchSpec {
         batch_size,
         batch_bytes: 10_000,
         max_message_size: 1_000_000,
+        spool_above: 1_000,
         commit_each,
         post_action,
         once: false,
     }
+}
+
+/// The size the model's server reports: every fifth message is large.
+fn size_of(uid: u32) -> u32 {
+    if uid.is_multiple_of(5) { 5_000 } else { 100 }
 }
 
 #[derive(Default)]
@@ -350,17 +356,30 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
                 .folder
                 .keys()
                 .filter(|&&u| u > above)
-                .map(|&uid| Listed { uid, size: Some(100) })
+                .map(|&uid| Listed {
+                    uid,
+                    size: Some(size_of(uid)),
+                })
                 .collect();
             if let Some(&max) = w.folder.keys().last() {
                 items.push(Listed {
                     uid: max,
-                    size: Some(100),
+                    size: Some(size_of(max)),
                 });
             }
             Input::Listed { items, news: false }
         }
-        Action::Fetch { uids, check_seen } => {
+        Action::Fetch {
+            uids,
+            check_seen,
+            spool,
+        } => {
+            // A message above spool_above (every fifth here) goes alone, into a spool file.
+            assert!(!spool || uids.len() == 1, "a spooled fetch of {uids:?}");
+            assert!(
+                spool || uids.iter().all(|&u| u64::from(size_of(u)) <= 1_000),
+                "a message above spool_above fetched in a batch: {uids:?}"
+            );
             if std::mem::take(&mut w.fetch_fails) {
                 return Ok(Input::Failed {
                     class: FailureClass::Network,
@@ -544,7 +563,8 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
         m.on(listed(&[11, 12, 13]), s(0), 0.0),
         Action::Fetch {
             uids: vec![11, 12, 13],
-            check_seen: vec![]
+            check_seen: vec![],
+            spool: false,
         }
     );
     // 12 came back without a body.
@@ -663,7 +683,8 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
         m.on(listed(&[4, 4_000_000_000]), s(1), 0.0),
         Action::Fetch {
             uids: vec![4],
-            check_seen: vec![]
+            check_seen: vec![],
+            spool: false,
         }
     );
 }
@@ -680,7 +701,8 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
         m.on(listed(&[1, 2, 3]), s(0), 0.0),
         Action::Fetch {
             uids: vec![1, 2, 3],
-            check_seen: vec![]
+            check_seen: vec![],
+            spool: false,
         }
     );
     let mut now = 0;
@@ -712,7 +734,8 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
             m.on(listed(&[1, 2, 3]), s(now), 0.0),
             Action::Fetch {
                 uids: vec![1],
-                check_seen: vec![]
+                check_seen: vec![],
+                spool: true,
             }
         );
         action = m.on(
@@ -748,7 +771,8 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
         m.on(Input::Committed, s(now), 0.0),
         Action::Fetch {
             uids: vec![2],
-            check_seen: vec![]
+            check_seen: vec![],
+            spool: true,
         }
     );
 }
@@ -781,7 +805,8 @@ fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
         m.on(Input::Committed, s(0), 0.0),
         Action::Fetch {
             uids: vec![2],
-            check_seen: vec![]
+            check_seen: vec![],
+            spool: false,
         }
     );
     assert!(

@@ -341,6 +341,22 @@ service imap-login {{
     /// Writes messages straight into a user's Maildir folder (`INBOX` or another), the fast way
     /// to make a large backlog. Dovecot assigns UIDs in file-name order at its next sync.
     pub fn drop_messages(&self, user: &str, folder: &str, messages: &[Vec<u8>]) -> io::Result<()> {
+        for (i, m) in messages.iter().enumerate() {
+            self.drop_message_with(user, folder, i, m.len() as u64, |f| f.write_all(m))?;
+        }
+        Ok(())
+    }
+
+    /// Puts one message of `len` bytes into a folder's Maildir, written by `write` straight
+    /// into the file (for messages too large to build in memory). `n` makes the name unique.
+    pub fn drop_message_with(
+        &self,
+        user: &str,
+        folder: &str,
+        n: usize,
+        len: u64,
+        write: impl FnOnce(&mut fs::File) -> io::Result<()>,
+    ) -> io::Result<()> {
         let root = self.maildir(user);
         let dir = if folder == "INBOX" {
             root.clone()
@@ -360,16 +376,13 @@ service imap-login {{
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        for (i, m) in messages.iter().enumerate() {
-            let name = format!("{now}.M{i:08}P{}.inboxd,S={}", std::process::id(), m.len());
-            let tmp = dir.join("tmp").join(&name);
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(m)?;
-            drop(f);
-            chown(&tmp, uid, gid)?;
-            fs::rename(&tmp, dir.join("new").join(&name))?;
-        }
-        Ok(())
+        let name = format!("{now}.M{n:08}P{}.inboxd,S={len}", std::process::id());
+        let tmp = dir.join("tmp").join(&name);
+        let mut f = fs::File::create(&tmp)?;
+        write(&mut f)?;
+        drop(f);
+        chown(&tmp, uid, gid)?;
+        fs::rename(&tmp, dir.join("new").join(&name))
     }
 }
 

@@ -1,0 +1,136 @@
+//! Spool files: where a large message is written chunk by chunk while it is fetched, so that
+//! its size never shows in the daemon's memory.
+//!
+//! A spool file is created exclusively (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600) under a name
+//! nobody can predict, `inboxd-spool-<uid>.<pid>.<random>`, and removed when the delivery is
+//! over ([`Spool`]'s `Drop`). What a killed process left behind is removed at the next start
+//! ([`remove_stale`]): files of that name whose process is gone. The Maildir handler spools
+//! into its own `tmp/`, whose clean-up recognises the same name.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+const PREFIX: &str = "inboxd-spool-";
+
+/// A spool file that is removed when dropped.
+#[derive(Debug)]
+pub struct Spool {
+    path: PathBuf,
+    len: u64,
+}
+
+impl Spool {
+    /// Creates a spool file for `uid` in `dir` (creating `dir`, mode 0700, if needed).
+    pub fn create(dir: &Path, uid: u32) -> io::Result<(Spool, File)> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        let mut last = None;
+        for _ in 0..8 {
+            let path = dir.join(format!(
+                "{PREFIX}{uid}.{}.{:016x}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            match fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+            {
+                Ok(f) => return Ok((Spool { path, len: 0 }, f)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no free spool file name")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Records how many bytes the file holds once it is complete.
+    pub fn set_len(&mut self, len: u64) {
+        self.len = len;
+    }
+
+    /// The first `max` bytes (the header block is what identifies a message).
+    pub fn head(&self, max: usize) -> io::Result<Vec<u8>> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        File::open(&self.path)?.take(max as u64).read_to_end(&mut out)?;
+        Ok(out)
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Removes spool files in `dir` left by processes that are gone.
+pub fn remove_stale(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let mut parts = rest.rsplitn(3, '.');
+        let (Some(rand), Some(pid), Some(_uid)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let ours = rand.len() == 16 && rand.bytes().all(|b| b.is_ascii_hexdigit());
+        if let (true, Ok(pid)) = (ours, pid.parse::<u32>())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn created_private_removed_on_drop_and_stale_ones_cleaned() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let (mut spool, mut f) = Spool::create(&spool_dir, 7).unwrap();
+        f.write_all(b"Subject: x\r\n\r\nbody").unwrap();
+        spool.set_len(18);
+        assert_eq!(spool.head(9).unwrap(), b"Subject: ");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(spool.path()), 0o600);
+        assert_eq!(mode(&spool_dir), 0o700);
+        let path = spool.path().to_path_buf();
+        drop(spool);
+        assert!(!path.exists());
+
+        // Left by a process that is gone (pid far above pid_max), and by this one.
+        let dead = spool_dir.join(format!("{PREFIX}3.4194999.0123456789abcdef"));
+        let alive = spool_dir.join(format!("{PREFIX}3.{}.0123456789abcdef", std::process::id()));
+        let other = spool_dir.join("someone-elses");
+        for p in [&dead, &alive, &other] {
+            fs::write(p, "x").unwrap();
+        }
+        remove_stale(&spool_dir);
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists());
+    }
+}
