@@ -351,17 +351,21 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
     let dir = handler
         .spool_dir()
         .map_or_else(|| watch.spool_dir.clone(), Path::to_path_buf);
-    let (mut spooled, mut file) = crate::spool::Spool::create(&dir, uid)
+    let (mut spooled, file) = crate::spool::Spool::create(&dir, uid)
         .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
-    let len = session
+    let mut writer = crate::spool::SpoolWriter::new(file, 3)?;
+    let fetched = session
         .fetch_into(
             uid,
             crate::watcher::SPOOL_CHUNK,
             crate::config::MAX_MESSAGE_SIZE_LIMIT,
-            &mut file,
+            &mut writer,
         )
+        .await;
+    tokio::task::spawn_blocking(move || writer.finish())
         .await?
-        .ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
+        .context("cannot write the spool file")?;
+    let len = fetched?.ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
     spooled.set_len(len);
     let (mid, _) = crate::message::identity(&spooled.head(crate::message::IDENTITY_HEAD)?);
     let msg = Message {

@@ -211,7 +211,14 @@ fn describe(e: &async_imap::error::Error) -> String {
         Error::Io(io) => {
             let t = io.to_string();
             if t.contains("during parsing of") {
-                "the server sent a response that cannot be parsed".to_string()
+                // imap-proto's error reads `Error(Error { input: [..], code: Tag }) during ...`:
+                // keep the kind (nom's error code), never the input.
+                let kind = t
+                    .split_once("code: ")
+                    .map(|(_, rest)| rest.chars().take_while(char::is_ascii_alphanumeric).collect::<String>())
+                    .filter(|k| !k.is_empty())
+                    .unwrap_or_else(|| "unknown".into());
+                format!("the server sent a response that cannot be parsed (parser error {kind})")
             } else if t.contains("incoming data too large") {
                 "the server sent a response larger than the IMAP library's 512 MiB limit".to_string()
             } else {
@@ -292,6 +299,18 @@ fn cmd(command: &'static str) -> impl FnOnce(async_imap::error::Error) -> ImapEr
             command,
             detail: describe(&source),
         },
+    }
+}
+
+/// Says where on the connection a response could not be read: the bytes received so far (the
+/// unreadable response ends at or before this offset).
+fn at_byte(e: ImapError, read: u64) -> ImapError {
+    match e {
+        ImapError::Command { command, detail } if detail.contains("cannot be parsed") => ImapError::Command {
+            command,
+            detail: format!("{detail}, within the first {read} bytes of the connection"),
+        },
+        other => other,
     }
 }
 
@@ -837,13 +856,14 @@ impl Session {
         let saw_news = &mut self.news;
         let known = &mut self.exists;
         let meter = self.meter.clone();
+        let counter = self.meter.clone();
         progress_deadline(phase, t, &meter, async move {
             let id = inner.run_command(command).await.map_err(cmd(phase))?;
             loop {
                 let resp = inner
                     .read_response()
                     .await
-                    .map_err(|e| cmd(phase)(e.into()))?
+                    .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {

@@ -26,7 +26,7 @@ use crate::config::{After, Watch};
 use crate::handler::Body as MessageBody;
 use crate::handler::{Handler, Message};
 use crate::imap::{ImapError, Session, WaitEnd};
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolWriter};
 use crate::store::{Delivery, DeliveryStatus, Store};
 
 /// Largest number of message bytes fetched into memory in one batch (by the sizes the server
@@ -34,7 +34,11 @@ use crate::store::{Delivery, DeliveryStatus, Store};
 pub const BATCH_BYTES: u64 = 8 << 20;
 
 /// The piece of a spooled message fetched per command (`BODY.PEEK[]<offset.SPOOL_CHUNK>`).
-pub const SPOOL_CHUNK: u32 = 2 << 20;
+pub const SPOOL_CHUNK: u32 = 4 << 20;
+
+/// Pieces queued for the spool writer thread: memory for a spooled message is about
+/// `(SPOOL_QUEUE + 3) * SPOOL_CHUNK` (queued, being written, being copied, the IMAP buffer).
+const SPOOL_QUEUE: usize = 3;
 
 /// Longest error text kept in health and events.
 const MAX_ERROR: usize = 1024;
@@ -500,7 +504,7 @@ impl Driver {
                     Some(d) => d.to_path_buf(),
                     None => self.watch.spool_dir.clone(),
                 };
-                let (mut spooled, mut file) = match Spool::create(&dir, uid) {
+                let (mut spooled, file) = match Spool::create(&dir, uid) {
                     Ok(s) => s,
                     Err(e) => {
                         return Input::Failed {
@@ -509,11 +513,29 @@ impl Driver {
                         };
                     }
                 };
+                let mut writer = match SpoolWriter::new(file, SPOOL_QUEUE) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        return Input::Failed {
+                            class: FailureClass::Network,
+                            error: clip(format!("cannot start the spool writer: {e}")),
+                        };
+                    }
+                };
                 let r = tokio::select! {
                     biased;
-                    r = session.fetch_into(uid, SPOOL_CHUNK, max_message, &mut file) => r,
+                    r = session.fetch_into(uid, SPOOL_CHUNK, max_message, &mut writer) => r,
                     _ = Self::stopped(&mut stop) => return Input::Interrupted,
                 };
+                if let Err(e) = tokio::task::spawn_blocking(move || writer.finish())
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                {
+                    return Input::Failed {
+                        class: FailureClass::Network,
+                        error: clip(format!("cannot write the spool file: {e}")),
+                    };
+                }
                 match r {
                     Ok(Some(len)) => {
                         spooled.set_len(len);

@@ -1,0 +1,690 @@
+//! The TOML configuration, in two stages: raw serde structs close to the file, then validated
+//! settings with defaults applied, paths resolved against the config file's folder and
+//! references checked. Every error names the file, the line and the key.
+//!
+//! The doc comments on the raw fields are the reference; README.md repeats them for operators.
+//!
+//! `raw.rs` holds the serde structs close to the file; `account.rs` and `watch.rs` validate one
+//! `[accounts.NAME]` and one `[[watch]]` table; this file holds the validated types and
+//! [`Config::load`].
+
+mod account;
+mod raw;
+mod watch;
+
+use raw::RawConfig;
+pub use raw::{Bytes, Dur};
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
+use inboxd_core::retry::RetryPolicy;
+use inboxd_core::schedule::Schedule;
+use inboxd_core::wait::WaitPolicy;
+use serde::Deserialize;
+
+use crate::oauth2::TokenSource;
+use crate::secret::SecretSource;
+
+/// A config file that cannot be used. The message is `file:line:column: problem`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// How the IMAP connection is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS from the first byte (port 993).
+    #[default]
+    Implicit,
+    /// Plain connection upgraded with STARTTLS (port 143); refuses to go on without it.
+    Starttls,
+    /// No TLS at all; accepted only for loopback hosts.
+    None,
+}
+
+/// Which authentication mechanism to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMechanism {
+    /// Passwords: LOGIN, or AUTHENTICATE PLAIN when the server advertises LOGINDISABLED.
+    /// OAuth2: OAUTHBEARER when advertised, else XOAUTH2 (Outlook offers only XOAUTH2).
+    #[default]
+    Auto,
+    Login,
+    Plain,
+    Xoauth2,
+    Oauthbearer,
+}
+
+/// How an account proves who it is.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    Password(SecretSource),
+    OAuth2(TokenSource),
+}
+
+/// Well-known providers: their host, port, TLS, token endpoint and scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Exchange Online: outlook.office365.com:993, token URL from `tenant`,
+    /// scope `https://outlook.office365.com/.default`.
+    Microsoft365,
+    /// Gmail: imap.gmail.com:993, Google's token URL, scope `https://mail.google.com/`.
+    Gmail,
+}
+
+impl Provider {
+    fn host(self) -> &'static str {
+        match self {
+            Provider::Microsoft365 => "outlook.office365.com",
+            Provider::Gmail => "imap.gmail.com",
+        }
+    }
+    fn scope(self) -> &'static str {
+        match self {
+            Provider::Microsoft365 => "https://outlook.office365.com/.default",
+            Provider::Gmail => "https://mail.google.com/",
+        }
+    }
+}
+
+/// What happens on the server after a message was acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum After {
+    #[default]
+    None,
+    /// Set `\Seen`.
+    Seen,
+    /// Set `\Deleted` and expunge the message.
+    Delete,
+    /// Move the message to another folder.
+    Move(String),
+    /// Set a keyword (or system flag) on the message.
+    Flag(String),
+}
+
+impl<'de> Deserialize<'de> for After {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || {
+            serde::de::Error::custom(format!(
+                "invalid value {s:?}; expected \"none\", \"seen\", \"delete\", \"move:<Folder>\" or \"flag:<keyword>\""
+            ))
+        };
+        match s.as_str() {
+            "none" => Ok(After::None),
+            "seen" => Ok(After::Seen),
+            "delete" => Ok(After::Delete),
+            _ => {
+                if let Some(folder) = s
+                    .strip_prefix("move:")
+                    .filter(|f| !f.is_empty() && !f.contains(['\r', '\n', '\0']))
+                {
+                    Ok(After::Move(folder.to_string()))
+                } else if let Some(kw) = s.strip_prefix("flag:") {
+                    // An IMAP atom: no spaces, parentheses, quotes or wildcards (RFC 3501 §9).
+                    let ok = !kw.is_empty() && kw.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"]".contains(&b));
+                    if ok {
+                        Ok(After::Flag(kw.to_string()))
+                    } else {
+                        Err(bad())
+                    }
+                } else {
+                    Err(bad())
+                }
+            }
+        }
+    }
+}
+
+/// Deadlines on every network phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub tls: Duration,
+    pub greeting: Duration,
+    pub login: Duration,
+    pub command: Duration,
+    pub done: Duration,
+    /// No byte from the server in IDLE for this long: leave IDLE and probe with NOOP.
+    pub idle_silence: Duration,
+    /// TCP keepalive idle time; probes follow every `max(1s, keepalive/2)`, three of them, and
+    /// `TCP_USER_TIMEOUT` is set to the same total, so a half-open connection is noticed by the
+    /// kernel even while inboxd is silent in IDLE.
+    pub keepalive: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Timeouts {
+            connect: s(15),
+            tls: s(15),
+            greeting: s(15),
+            login: s(30),
+            command: s(60),
+            done: s(15),
+            idle_silence: s(300),
+            keepalive: s(60),
+        }
+    }
+}
+
+/// A validated account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the one server certificate to accept (`tls_fingerprint`), instead of
+    /// verifying it against trust roots.
+    pub tls_fingerprint: Option<[u8; 32]>,
+    pub user: String,
+    pub auth: Auth,
+    /// The provider preset, if any (used for diagnostics).
+    pub provider: Option<Provider>,
+    pub mechanism: AuthMechanism,
+    pub wait: WaitPolicy,
+    pub schedule: Schedule,
+    pub stable_after: Duration,
+    pub park_for: Duration,
+    pub timeouts: Timeouts,
+}
+
+impl Account {
+    /// A minimal account for library users; everything else takes its default.
+    pub fn new(
+        name: impl Into<String>,
+        host: impl Into<String>,
+        port: u16,
+        tls: TlsMode,
+        user: impl Into<String>,
+        password: SecretSource,
+    ) -> Account {
+        Account {
+            name: name.into(),
+            host: host.into(),
+            port,
+            tls,
+            ca_file: None,
+            tls_fingerprint: None,
+            user: user.into(),
+            auth: Auth::Password(password),
+            provider: None,
+            mechanism: AuthMechanism::Auto,
+            wait: WaitPolicy::default(),
+            schedule: Schedule::default(),
+            stable_after: Duration::from_secs(300),
+            park_for: Duration::from_secs(3600),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Where messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deliver {
+    Exec {
+        argv: Vec<String>,
+        timeout: Duration,
+        cwd: PathBuf,
+        /// Variables passed through from inboxd's environment beyond the default allowlist.
+        pass_env: Vec<String>,
+    },
+    Maildir {
+        path: PathBuf,
+        /// Mode of message files (directories get matching search bits).
+        mode: u32,
+    },
+}
+
+/// A validated watch of one (account, folder).
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub account: Arc<Account>,
+    pub folder: String,
+    pub start: StartPolicy,
+    pub after: After,
+    pub deliver: Deliver,
+    pub on_uidvalidity_change: UidValidityPolicy,
+    pub retry: RetryPolicy,
+    pub batch_size: usize,
+    /// A message the server reports larger than this is dead-lettered without being fetched.
+    pub max_message_size: u64,
+    /// A message larger than this is fetched in chunks into a file in `spool_dir`.
+    pub spool_above: u64,
+    /// Where large messages are spooled (a Maildir handler uses its own `tmp/` instead).
+    pub spool_dir: PathBuf,
+}
+
+/// Default `max_message_size`: above every mainstream provider's limit (Exchange Online
+/// allows 150 MB; Gmail 25 MB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 200 << 20;
+
+/// Largest `max_message_size` accepted: IMAP sizes are 32-bit (RFC 3501 `number`).
+pub const MAX_MESSAGE_SIZE_LIMIT: u64 = u32::MAX as u64;
+
+/// Default `spool_above`: most mail stays in memory, attachments go to disk.
+pub const DEFAULT_SPOOL_ABOVE: u64 = 1 << 20;
+
+/// The accepted range of `spool_above`.
+pub const SPOOL_ABOVE_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(64 << 20);
+
+impl Watch {
+    /// `account/folder`, as used in logs and `status`.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.account.name, self.folder)
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub state: PathBuf,
+    pub accounts: BTreeMap<String, Arc<Account>>,
+    pub watches: Vec<Watch>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is used for messages and to resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let ctx = Ctx {
+            path,
+            text,
+            base: std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf()),
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.invalid(e.span(), e.message().to_string()))?;
+        let base = &ctx.base;
+
+        let mut accounts = BTreeMap::new();
+        // One token cache per credential, shared by the accounts that use the same one.
+        let mut token_sources: Vec<(crate::oauth2::Grant, TokenSource)> = Vec::new();
+        for (name, spanned) in raw.accounts {
+            let account = account::build(&ctx, name.clone(), spanned, &mut token_sources)?;
+            accounts.insert(name, Arc::new(account));
+        }
+
+        let state = base.join(raw.state.unwrap_or_else(|| PathBuf::from("inboxd.db")));
+        let spool_dir = match raw.spool {
+            Some(dir) => base.join(dir),
+            None => {
+                let mut name = state.as_os_str().to_os_string();
+                name.push(".spool");
+                PathBuf::from(name)
+            }
+        };
+        let mut watches: Vec<Watch> = Vec::new();
+        for spanned in raw.watch {
+            let span = spanned.span();
+            let watch = watch::build(&ctx, spanned, &accounts, &spool_dir)?;
+            if watches
+                .iter()
+                .any(|o| o.account.name == watch.account.name && o.folder == watch.folder)
+            {
+                return Err(ctx.invalid(Some(span), format!("watch: {} is watched twice", watch.name())));
+            }
+            watches.push(watch);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            state,
+            accounts,
+            watches,
+        })
+    }
+}
+
+/// What validation needs to say where a problem is and to resolve relative paths.
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+    /// The config file's folder, absolute.
+    base: PathBuf,
+}
+
+impl Ctx<'_> {
+    /// A located error: `file:line:column: message`.
+    fn invalid(&self, span: Option<std::ops::Range<usize>>, message: String) -> ConfigError {
+        let (line, column) = span.map_or((1, 1), |s| line_col(self.text, s.start));
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message,
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Whether `host` is a loopback name or address.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state = "inboxd.db"
+
+[accounts.demo]
+host = "127.0.0.1"
+port = 10143
+tls = "starttls"
+ca_file = "tls/cert.pem"
+user = "alice"
+password = { env = "DEMO_PASSWORD" }
+idle_refresh = "10m"
+poll_interval = "60s"
+recycle_after = "1h"
+reconnect = [ { every = "0s", until = "0s" }, { every = "1m", until = "10m" },
+              { every = "10m", until = "1h" }, { every = "1h" } ]
+
+[[watch]]
+account = "demo"
+folder = "INBOX"
+start = "all"
+after = "seen"
+deliver = { exec = ["./handler.sh", "--flag"] }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/inboxd/inboxd.toml"), text)
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(GOOD).unwrap();
+        let a = &c.accounts["demo"];
+        assert_eq!((a.port, a.tls), (10143, TlsMode::Starttls));
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new("/etc/inboxd/tls/cert.pem")));
+        assert_eq!(a.schedule, Schedule::default());
+        assert_eq!(c.state, Path::new("/etc/inboxd/inboxd.db"));
+        let w = &c.watches[0];
+        assert_eq!((w.start, &w.after), (StartPolicy::All, &After::Seen));
+        assert!(matches!(&w.deliver, Deliver::Exec { argv, .. } if argv[0] == "./handler.sh"));
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = err(&GOOD.replace("user = \"alice\"", "usr = \"alice\""));
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:9:"), "{e}");
+        assert!(e.contains("usr"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_missing_key_are_located() {
+        let e = err(&GOOD.replace("port = 10143", "port = \"x\""));
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:6:"), "{e}");
+        let e = err(&GOOD.replace("user = \"alice\"\n", ""));
+        assert!(e.contains("missing field `user`"), "{e}");
+        assert!(e.starts_with("/etc/inboxd/inboxd.toml:4:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let e = err(&GOOD.replace("account = \"demo\"", "account = \"nope\""));
+        assert!(
+            e.starts_with("/etc/inboxd/inboxd.toml:18:") && e.contains("nope"),
+            "{e}"
+        );
+        let e = err(&GOOD
+            .replace("127.0.0.1", "mail.example.com")
+            .replace("starttls", "none"));
+        assert!(e.contains(":5:") && e.contains("loopback"), "{e}");
+        let e = err(&GOOD.replace("every = \"0s\", until = \"0s\"", "every = \"0s\", until = \"5m\""));
+        assert!(e.contains(":14:") && e.contains("tight loop"), "{e}");
+        let e = err(&GOOD.replace("after = \"seen\"", "after = \"sen\""));
+        assert!(e.contains(":21:") && e.contains("move:<Folder>"), "{e}");
+        let e = err(&GOOD.replace("idle_refresh = \"10m\"", "idle_refresh = \"10 parsecs\""));
+        assert!(e.contains(":11:") && e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn password_literal_never_in_debug() {
+        let c = parse(&GOOD.replace("{ env = \"DEMO_PASSWORD\" }", "\"s3cr3t-pw\"")).unwrap();
+        assert!(!format!("{c:?}").contains("s3cr3t-pw"));
+    }
+
+    #[test]
+    fn provider_presets_fill_in_and_explicit_keys_win() {
+        let m365 = r#"
+[accounts.m]
+provider = "microsoft365"
+user = "support@contoso.com"
+oauth2 = { grant = "client_credentials", tenant = "contoso.onmicrosoft.com", client_id = "app", client_secret = { env = "S" } }
+"#;
+        let c = parse(m365).unwrap();
+        let a = &c.accounts["m"];
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls),
+            ("outlook.office365.com", 993, TlsMode::Implicit)
+        );
+        let Auth::OAuth2(src) = &a.auth else { panic!() };
+        let Grant::ClientSecret { token_url, scopes, .. } = src.grant() else {
+            panic!()
+        };
+        assert_eq!(
+            token_url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(scopes, &vec!["https://outlook.office365.com/.default".to_string()]);
+
+        let c = parse(&m365.replace(
+            "provider = \"microsoft365\"",
+            "provider = \"microsoft365\"\nhost = \"127.0.0.1\"\nport = 1993",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.accounts["m"].host.as_str(), c.accounts["m"].port),
+            ("127.0.0.1", 1993)
+        );
+
+        let gmail = r#"
+[accounts.g]
+provider = "gmail"
+user = "ops@example.com"
+oauth2 = { grant = "jwt_bearer", service_account_key = { file = "sa.json" } }
+"#;
+        let c = parse(gmail).unwrap();
+        let Auth::OAuth2(src) = &c.accounts["g"].auth else {
+            panic!()
+        };
+        let Grant::JwtBearer {
+            subject,
+            scopes,
+            token_url,
+            ..
+        } = src.grant()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (subject.as_str(), scopes[0].as_str()),
+            ("ops@example.com", "https://mail.google.com/")
+        );
+        assert_eq!(token_url.as_deref(), Some("https://oauth2.googleapis.com/token"));
+    }
+
+    #[test]
+    fn oauth2_mistakes_are_located() {
+        let e = err(r#"
+[accounts.m]
+provider = "microsoft365"
+user = "u"
+oauth2 = { grant = "client_credentials", client_id = "app", client_secret = "x" }
+"#);
+        assert!(e.contains(":5:") && e.contains("tenant"), "{e}");
+        let e = err(
+            "[accounts.a]\nhost = \"h\"\nuser = \"u\"\npassword = \"p\"\noauth2 = { grant = \"command\", command = [\"x\"] }\n",
+        );
+        assert!(e.contains("exactly one of `password` or `oauth2`"), "{e}");
+        let e = err("[accounts.a]\nhost = \"h\"\nuser = \"u\"\npassword = \"p\"\nauth = \"xoauth2\"\n");
+        assert!(e.contains("does not fit"), "{e}");
+    }
+
+    #[test]
+    fn accounts_with_the_same_credential_share_one_token_cache() {
+        let text = r#"
+[accounts.a]
+provider = "microsoft365"
+user = "a@contoso.com"
+oauth2 = { grant = "client_credentials", tenant = "t", client_id = "app", client_secret = { env = "S" } }
+[accounts.b]
+provider = "microsoft365"
+user = "b@contoso.com"
+oauth2 = { grant = "client_credentials", tenant = "t", client_id = "app", client_secret = { env = "S" } }
+"#;
+        let c = parse(text).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(a.shares_cache_with(b));
+        let other = text.replacen("client_id = \"app\"", "client_id = \"other\"", 1);
+        let c = parse(&other).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(!a.shares_cache_with(b));
+    }
+
+    #[test]
+    fn nonsense_numbers_are_located_errors() {
+        let base = "[accounts.a]\nhost = \"127.0.0.1\"\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\n";
+        let watch = "[[watch]]\naccount = \"a\"\ndeliver = { exec = [\"x\"] }\n";
+        for (account_extra, watch_extra, expect) in [
+            ("port = 0\n", "", "accounts.a.port"),
+            ("timeouts = { command = \"0s\" }\n", "", "accounts.a.timeouts.command"),
+            (
+                "timeouts = { idle_silence = \"0s\" }\n",
+                "",
+                "accounts.a.timeouts.idle_silence",
+            ),
+            ("timeouts = { done = \"0s\" }\n", "", "accounts.a.timeouts.done"),
+            ("", "max_attempts = 0\n", "watch.max_attempts"),
+            ("", "batch_size = 0\n", "watch.batch_size"),
+            ("", "retry_initial = \"10m\"\nretry_max = \"1m\"\n", "watch.retry_max"),
+        ] {
+            let text = format!("{base}{account_extra}{watch}{watch_extra}");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(expect), "{text}\n-> {e}");
+            assert!(
+                e.contains(":1:") || e.contains(":6:") || e.contains(":7:"),
+                "no line in {e}"
+            );
+        }
+        let e = parse(&format!(
+            "{base}[[watch]]\naccount = \"a\"\ndeliver = {{ exec = [\"x\"], timeout = \"0s\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("deliver.timeout"), "{e}");
+        let e = parse(&format!(
+            "{base}[[watch]]\naccount = \"a\"\ndeliver = {{ maildir = \"m\", mode = \"0044\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("deliver.mode"), "{e}");
+    }
+
+    #[test]
+    fn different_literal_refresh_tokens_never_share_a_token_cache() {
+        let text = r#"
+[accounts.a]
+provider = "gmail"
+user = "a@example.com"
+oauth2 = { grant = "refresh_token", client_id = "app", client_secret = "cs", refresh_token = "token-of-a" }
+[accounts.b]
+provider = "gmail"
+user = "b@example.com"
+oauth2 = { grant = "refresh_token", client_id = "app", client_secret = "cs", refresh_token = "token-of-b" }
+"#;
+        let c = parse(text).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(!a.shares_cache_with(b));
+        let same = text.replace("token-of-b", "token-of-a");
+        let c = parse(&same).unwrap();
+        let (Auth::OAuth2(a), Auth::OAuth2(b)) = (&c.accounts["a"].auth, &c.accounts["b"].auth) else {
+            panic!()
+        };
+        assert!(a.shares_cache_with(b));
+    }
+
+    #[test]
+    fn a_token_endpoint_in_clear_is_refused_unless_on_this_machine() {
+        let text = |url: &str| {
+            format!(
+                "[accounts.a]\nhost = \"h\"\nuser = \"u\"\noauth2 = {{ grant = \"client_credentials\", token_url = \"{url}\", client_id = \"c\", client_secret = \"s\" }}\n"
+            )
+        };
+        let e = parse(&text("http://login.example.com/token")).unwrap_err().to_string();
+        assert!(e.contains("plain http") && e.contains(":4:"), "{e}");
+        assert!(parse(&text("ftp://x/token")).is_err());
+        parse(&text("http://127.0.0.1:8080/token")).unwrap();
+        parse(&text("https://login.example.com/token")).unwrap();
+    }
+
+    #[test]
+    fn loopback_detection() {
+        for h in ["127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["10.0.0.1", "example.com", "localhost.example.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
+}

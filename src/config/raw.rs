@@ -1,0 +1,254 @@
+//! The config file as serde reads it: structs close to the TOML, with spans for messages.
+//! Their doc comments are the reference for each key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{After, AuthMechanism, Provider, TlsMode};
+use crate::secret::SecretSource;
+
+/// A duration written as `"90s"`, `"10m"`, `"1h 30m"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"30s\", \"10m\", \"1h\""
+            ))
+        })
+    }
+}
+
+/// A size in bytes: an integer, or a string with a unit (`"150MB"`, `"200 MiB"`, `"1GiB"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Bytes(n)),
+            Raw::Text(s) => parse_bytes(&s).map(Bytes).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {s:?}; write e.g. 52428800, \"50MB\" or \"200MiB\""
+                ))
+            }),
+        }
+    }
+}
+
+/// `sha256:AB:CD:...` (colons and case optional) as the 32 bytes it names.
+pub(super) fn parse_fingerprint(text: &str) -> Option<[u8; 32]> {
+    let hex: String = text
+        .trim()
+        .strip_prefix("sha256:")?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+pub(super) fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..digits].parse().ok()?;
+    let factor: u64 = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    /// SQLite file holding checkpoints and the delivery log. Default `inboxd.db`, relative to
+    /// the config file's folder.
+    pub(super) state: Option<PathBuf>,
+    /// Directory where messages above a watch's `spool_above` are written while fetched.
+    /// Default: `<state>.spool` beside the state file (not /tmp, often a RAM disk).
+    pub(super) spool: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,
+    #[serde(default)]
+    pub(super) watch: Vec<Spanned<RawWatch>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccount {
+    /// A well-known provider whose defaults fill in host, port, TLS, token URL and scope.
+    pub(super) provider: Option<Provider>,
+    pub(super) host: Option<Spanned<String>>,
+    /// Default 993 for implicit TLS, 143 otherwise.
+    pub(super) port: Option<u16>,
+    pub(super) tls: Option<TlsMode>,
+    /// Extra trust root (PEM) on top of the platform's.
+    pub(super) ca_file: Option<PathBuf>,
+    /// Pin the server's certificate instead: `"sha256:AB:CD:..."` (printed by `inboxd check`
+    /// when the handshake fails).
+    pub(super) tls_fingerprint: Option<String>,
+    pub(super) user: String,
+    pub(super) password: Option<SecretSource>,
+    pub(super) oauth2: Option<Spanned<RawOAuth2>>,
+    #[serde(default)]
+    pub(super) auth: AuthMechanism,
+    pub(super) idle_refresh: Option<Dur>,
+    pub(super) poll_interval: Option<Dur>,
+    pub(super) recycle_after: Option<Dur>,
+    pub(super) reconnect: Option<Spanned<Vec<RawStage>>>,
+    /// A connection must stay up this long before the reconnect schedule starts over.
+    pub(super) stable_after: Option<Dur>,
+    /// How long a watch with a permanent failure (e.g. missing folder) waits between tries.
+    pub(super) park_for: Option<Dur>,
+    #[serde(default)]
+    pub(super) timeouts: RawTimeouts,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum RawGrant {
+    ClientCredentials,
+    RefreshToken,
+    JwtBearer,
+    Command,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawThumbprint {
+    Sha256,
+    Sha1,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuth2 {
+    pub(super) grant: RawGrant,
+    /// Token endpoint; presets derive it (Microsoft 365 from `tenant`).
+    pub(super) token_url: Option<String>,
+    /// Microsoft 365 tenant (domain or id).
+    pub(super) tenant: Option<String>,
+    pub(super) client_id: Option<String>,
+    pub(super) client_secret: Option<SecretSource>,
+    /// PEM certificate for a `private_key_jwt` client assertion (with `private_key`).
+    pub(super) certificate: Option<PathBuf>,
+    pub(super) private_key: Option<SecretSource>,
+    pub(super) thumbprint: Option<RawThumbprint>,
+    pub(super) scopes: Option<Vec<String>>,
+    pub(super) refresh_token: Option<SecretSource>,
+    /// Service-account key JSON (Google), from a secret source such as `{ file = "sa.json" }`.
+    pub(super) service_account_key: Option<SecretSource>,
+    /// The mailbox user the service account acts for; default: the account's `user`.
+    pub(super) subject: Option<String>,
+    pub(super) command: Option<Vec<String>>,
+    /// Refresh the token after this fraction of its lifetime (default 0.8).
+    pub(super) refresh_at: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStage {
+    pub(super) every: Dur,
+    pub(super) until: Option<Dur>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    pub(super) connect: Option<Dur>,
+    pub(super) tls: Option<Dur>,
+    pub(super) greeting: Option<Dur>,
+    pub(super) login: Option<Dur>,
+    pub(super) command: Option<Dur>,
+    pub(super) done: Option<Dur>,
+    pub(super) idle_silence: Option<Dur>,
+    pub(super) keepalive: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWatch {
+    pub(super) account: Spanned<String>,
+    #[serde(default = "inbox")]
+    pub(super) folder: String,
+    #[serde(default)]
+    pub(super) start: RawStart,
+    #[serde(default)]
+    pub(super) after: After,
+    pub(super) deliver: Spanned<RawDeliver>,
+    #[serde(default)]
+    pub(super) on_uidvalidity_change: RawUidValidity,
+    pub(super) max_attempts: Option<u32>,
+    pub(super) retry_initial: Option<Dur>,
+    pub(super) retry_max: Option<Dur>,
+    /// Messages per UID FETCH command.
+    pub(super) batch_size: Option<usize>,
+    /// A message the server reports larger than this is dead-lettered without being fetched
+    /// (default 200 MiB).
+    pub(super) max_message_size: Option<Bytes>,
+    /// Messages larger than this are fetched in chunks into a spool file instead of memory
+    /// (default 1 MiB).
+    pub(super) spool_above: Option<Bytes>,
+}
+
+pub(super) fn inbox() -> String {
+    "INBOX".into()
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawStart {
+    #[default]
+    New,
+    All,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawUidValidity {
+    #[default]
+    Dedupe,
+    Skip,
+    Replay,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDeliver {
+    /// Program and arguments; no shell. Run in the config file's folder.
+    pub(super) exec: Option<Vec<String>>,
+    pub(super) maildir: Option<PathBuf>,
+    /// Handler deadline (exec). Default 5 minutes.
+    pub(super) timeout: Option<Dur>,
+    /// Maildir file mode, octal (default "0600"); directories get matching search bits.
+    pub(super) mode: Option<String>,
+    /// Names of further environment variables the exec handler may see (beyond `PATH`,
+    /// `HOME`, `LANG`, `LC_*`, `TZ`, `USER`, `TMPDIR` and the `INBOXD_*` it is given).
+    pub(super) pass_env: Option<Vec<String>>,
+}
