@@ -251,24 +251,21 @@ fn write_large(f: &mut std::fs::File, n: usize, len: u64) -> std::io::Result<()>
     Ok(())
 }
 
-/// Runs a child process to its end; returns its wall time and peak RSS (bytes).
+/// Runs a child process to its end; returns its wall time and the peak RSS (bytes) it reported
+/// for itself (its `VmHWM` after exec: `wait4`'s `ru_maxrss` would count the pages it shared
+/// with this process between fork and exec).
 fn run_measured(mut cmd: std::process::Command) -> (f64, u64) {
     let t = Instant::now();
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet waited for; both pointers are valid for the call.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().unwrap();
     let secs = t.elapsed().as_secs_f64();
-    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child failed: {status}"
-    );
-    std::mem::forget(child);
-    (secs, usage.ru_maxrss as u64 * 1024)
+    assert!(out.status.success(), "child failed: {}", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {text:?}"));
+    (secs, kb * 1024)
 }
 
 fn large(mbs: &[u64]) {
@@ -376,7 +373,25 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(inboxd::daemon::once(&cfg)).unwrap();
+        // What `inboxd once` runs for one watch.
+        rt.block_on(async {
+            let store = Arc::new(SqliteStore::open(&cfg.state).await.unwrap());
+            let dead = Watcher::start(cfg.watches[0].clone(), store, Mode::Once)
+                .unwrap()
+                .join()
+                .await
+                .unwrap();
+            assert_eq!(dead, 0);
+        });
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        print!(
+            "{}",
+            status
+                .lines()
+                .filter(|l| l.starts_with("VmHWM:"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         return;
     }
     if !testbed::available() {

@@ -32,9 +32,9 @@
 //!     }
 //! }
 //!
-//! # async fn demo() -> anyhow::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = inboxd::config::Config::load("inboxd.toml".as_ref())?;
-//! let store = inboxd::daemon::open_store(&config).await?;
+//! let store = Arc::new(inboxd::store::SqliteStore::open(&config.state).await?);
 //! let watcher = Watcher::with_handler(config.watches[0].clone(), store, Box::new(Print), Mode::Forever);
 //! let mut events = watcher.subscribe();
 //! while let Ok(event) = events.recv().await {
@@ -49,18 +49,18 @@
 pub use inboxd_core as core;
 
 pub mod config;
-pub mod daemon;
 pub mod handler;
 pub mod imap;
 pub mod message;
 pub mod oauth2;
+mod once;
 mod process;
 pub mod secret;
 pub mod spool;
 pub mod store;
 pub mod watcher;
 
-pub use daemon::once_with;
+pub use once::once_with;
 
 /// The README's Rust examples are compiled as doc tests so they stay true.
 #[doc = include_str!("../README.md")]

@@ -6,6 +6,7 @@
 //! - only `src/imap/` knows the IMAP library (`async_imap`, `imap_proto`);
 //! - no `unwrap`/`expect` outside tests;
 //! - every `unsafe` block says why it is sound (`SAFETY:` just above);
+//! - the library depends on no CLI crate (clap, anyhow, tracing-subscriber);
 //! - the `log` crate is capped below trace, so the IMAP library's wire trace (passwords,
 //!   message bodies) can never be turned on.
 
@@ -180,4 +181,25 @@ fn only_the_machines_commit_action_writes_the_checkpoint() {
         sites[0].1,
         "the one write is not the execution of Action::Commit: {sites:?}"
     );
+}
+
+#[test]
+fn the_library_knows_no_cli_crates() {
+    // The binary's concerns (arguments, error reports for people, log output) stay in
+    // crates/cli; the library reports typed errors and emits `tracing` events only.
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let deps = manifest
+        .split("\n[dependencies]\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .unwrap();
+    for name in ["clap", "anyhow", "tracing-subscriber"] {
+        assert!(
+            !deps
+                .lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}="))),
+            "the library depends on {name}"
+        );
+    }
+    assert!(deps.contains("tracing ="), "the [dependencies] section was not found");
 }

@@ -411,6 +411,7 @@ pub fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oauth2::Grant;
 
     const GOOD: &str = r#"
 state = "inboxd.db"

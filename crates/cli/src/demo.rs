@@ -57,7 +57,7 @@ deliver = {{ exec = ["./handler.sh"] }}
     println!("\nConfig ({}):\n{config_text}", config_path.display());
 
     let config = Config::load(&config_path)?;
-    let store = inboxd::daemon::open_store(&config).await?;
+    let store = crate::commands::open_store(&config).await?;
     let watcher = Watcher::start(config.watches[0].clone(), store, Mode::Forever)?;
     let mut events = watcher.subscribe();
     wait_for(&mut events, |e| matches!(e, Event::CaughtUp { .. })).await?;
@@ -91,7 +91,7 @@ deliver = {{ exec = ["./handler.sh"] }}
     watcher.stop().await?;
 
     println!("\n`inboxd status` now says:");
-    inboxd::daemon::status(&config, &mut std::io::stdout()).await?;
+    crate::commands::status(&config, &mut std::io::stdout()).await?;
     println!("\n(Dovecot delays IDLE notifications by up to ~500 ms: most of the time above, when there is any.)");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `inboxd` command: the daemon and its tools.
 
+mod commands;
 mod demo;
 
 use std::io::IsTerminal;
@@ -99,11 +100,11 @@ fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     match cli.command {
-        Cmd::Run(c) => inboxd::daemon::run(&load(&c)?).await,
-        Cmd::Once(c) => inboxd::daemon::once(&load(&c)?).await,
-        Cmd::Check(c) => inboxd::daemon::check(&load(&c)?, &mut stdout).await,
-        Cmd::Status(c) => inboxd::daemon::status(&load(&c)?, &mut stdout).await,
-        Cmd::Replay { config, key } => inboxd::daemon::replay(&load(&config)?, &key).await,
+        Cmd::Run(c) => commands::run(&load(&c)?).await,
+        Cmd::Once(c) => commands::once(&load(&c)?).await,
+        Cmd::Check(c) => commands::check(&load(&c)?, &mut stdout).await,
+        Cmd::Status(c) => commands::status(&load(&c)?, &mut stdout).await,
+        Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
     }
 }

@@ -454,3 +454,25 @@ async fn exec_handler_failure_keeps_stderr_and_checkpoint() {
         dead[0].last_error
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_post_actions_refused_for_good() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    append(&dv, "INBOX", &["a", "b"]).await;
+    // A typo: the folder does not exist, so MOVE gets `NO [TRYCREATE]`.
+    let cfg = config(
+        &dv,
+        dir.path(),
+        "",
+        "start = \"all\"\nafter = \"move:Archiv\"\ndeliver = { exec = [\"true\"] }",
+    );
+    let once = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    assert!(once.status.success(), "{}", String::from_utf8_lossy(&once.stderr));
+    let status = inboxd_bin().args(["status", "-c"]).arg(&cfg.path).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("post-actions not done (2)") && text.contains("failed: ") && text.contains("TRYCREATE"),
+        "{text}"
+    );
+}

@@ -1,19 +1,19 @@
-//! What the CLI commands do, as library functions: run every watch until a signal, catch every
-//! watch up once, check accounts, show status, replay a dead letter.
+//! What the CLI commands do: run every watch until a signal, catch every watch up once, check
+//! accounts, show status, replay a dead letter.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use inboxd_core::key::{parse_key, scope_hash};
+use inboxd::core::key::{parse_key, scope_hash};
 use tracing::{error, info};
 
-use crate::config::{Account, Config, Watch};
-use crate::handler::Message;
-use crate::imap::Session;
-use crate::store::{DeliveryStatus, SqliteStore, StateLock, Store};
-use crate::watcher::{Mode, Watcher};
+use inboxd::config::{Account, Config, Watch};
+use inboxd::handler::Message;
+use inboxd::imap::Session;
+use inboxd::store::{DeliveryStatus, SqliteStore, StateLock, Store};
+use inboxd::watcher::{Mode, Watcher};
 
 /// Text from a handler or a server, safe for a terminal: control characters (escape
 /// sequences) shown as `\u{..}`.
@@ -131,8 +131,8 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
     let store = open_store(config).await?;
     let mut failed = 0;
     for w in &config.watches {
-        if let crate::config::Deliver::Exec { argv, timeout, cwd, .. } = &w.deliver {
-            let exec = crate::handler::exec::Exec::new(argv.clone(), *timeout, cwd.clone());
+        if let inboxd::config::Deliver::Exec { argv, timeout, cwd, .. } = &w.deliver {
+            let exec = inboxd::handler::exec::Exec::new(argv.clone(), *timeout, cwd.clone());
             match exec.check() {
                 Ok(()) => writeln!(out, "watch {}: handler {} ok", w.name(), argv[0])?,
                 Err(e) => {
@@ -148,7 +148,7 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
             "account {name}: {}@{}:{} ({:?})",
             account.user, account.host, account.port, account.tls
         )?;
-        if let crate::config::Auth::OAuth2(source) = &account.auth {
+        if let inboxd::config::Auth::OAuth2(source) = &account.auth {
             source.attach_store(store.clone());
             if !oauth2_token_report(account, source, out).await? {
                 failed += 1;
@@ -159,7 +159,7 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
             Ok(s) => s,
             Err(e) => {
                 writeln!(out, "  FAILED: {:#}", anyhow::Error::from(e))?;
-                if matches!(account.auth, crate::config::Auth::OAuth2(_)) {
+                if matches!(account.auth, inboxd::config::Auth::OAuth2(_)) {
                     for hint in oauth2_hints(account, true) {
                         writeln!(out, "    - {hint}")?;
                     }
@@ -193,13 +193,13 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
 /// Obtains a token and prints what it says; false if no token could be had.
 async fn oauth2_token_report(
     account: &Account,
-    source: &crate::oauth2::TokenSource,
+    source: &inboxd::oauth2::TokenSource,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<bool> {
     match source.token().await {
         Ok(token) => {
             writeln!(out, "  oauth2: token obtained, lifetime {}s", token.lifetime.as_secs())?;
-            match crate::oauth2::claims(&token.access) {
+            match inboxd::oauth2::claims(&token.access) {
                 Some(claims) => {
                     for key in [
                         "aud", "iss", "sub", "roles", "scp", "scope", "tid", "appid", "azp", "email",
@@ -231,7 +231,7 @@ async fn oauth2_token_report(
 
 /// The usual causes of an OAuth2 failure, by provider.
 fn oauth2_hints(account: &Account, at_imap: bool) -> Vec<&'static str> {
-    use crate::config::Provider;
+    use inboxd::config::Provider;
     match (account.provider, at_imap) {
         (Some(Provider::Microsoft365), true) => vec![
             "the app's service principal is not registered in Exchange Online (New-ServicePrincipal -AppId <client_id> -ObjectId <enterprise app object id>)",
@@ -334,7 +334,7 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         .iter()
         .find(|w| scope_hash(&w.account.name, &w.folder) == scope && w.account.name == d.account)
         .ok_or_else(|| anyhow!("no configured watch for {}/{}", d.account, d.folder))?;
-    if let crate::config::Auth::OAuth2(source) = &watch.account.auth {
+    if let inboxd::config::Auth::OAuth2(source) = &watch.account.auth {
         source.attach_store(store.clone());
     }
     let mut session = Session::open(&watch.account).await?;
@@ -347,18 +347,18 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         );
     }
     // Spooled whatever its size: a replayed dead letter may be the one that was too large.
-    let mut handler = crate::handler::from_config(&watch.deliver)?;
+    let mut handler = inboxd::handler::from_config(&watch.deliver)?;
     let dir = handler
         .spool_dir()
         .map_or_else(|| watch.spool_dir.clone(), Path::to_path_buf);
-    let (mut spooled, file) = crate::spool::Spool::create(&dir, uid)
+    let (mut spooled, file) = inboxd::spool::Spool::create(&dir, uid)
         .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
-    let mut writer = crate::spool::SpoolWriter::new(file, 3)?;
+    let mut writer = inboxd::spool::SpoolWriter::new(file, 3)?;
     let fetched = session
         .fetch_into(
             uid,
-            crate::watcher::SPOOL_CHUNK,
-            crate::config::MAX_MESSAGE_SIZE_LIMIT,
+            inboxd::watcher::SPOOL_CHUNK,
+            inboxd::config::MAX_MESSAGE_SIZE_LIMIT,
             &mut writer,
         )
         .await;
@@ -367,7 +367,7 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         .context("cannot write the spool file")?;
     let len = fetched?.ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
     spooled.set_len(len);
-    let (mid, _) = crate::message::identity(&spooled.head(crate::message::IDENTITY_HEAD)?);
+    let (mid, _) = inboxd::message::identity(&spooled.head(inboxd::message::IDENTITY_HEAD)?);
     let msg = Message {
         account: &watch.account.name,
         folder: &watch.folder,
@@ -375,7 +375,7 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         uid,
         key,
         message_id: mid.as_deref(),
-        body: crate::handler::Body::File {
+        body: inboxd::handler::Body::File {
             path: spooled.path(),
             len,
         },
@@ -401,29 +401,4 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
             Err(anyhow!("replay of {key} failed: {}", e.detail()))
         }
     }
-}
-
-/// The seed's one-shot mode: connect, log in, select `folder`, run `f` on the session, log out.
-///
-/// ```no_run
-/// use inboxd::config::{Account, TlsMode};
-/// use inboxd::secret::SecretSource;
-///
-/// # async fn demo() -> Result<(), inboxd::imap::ImapError> {
-/// let account = Account::new("demo", "imap.example.com", 993, TlsMode::Implicit, "alice",
-///                            SecretSource::Env("IMAP_PASSWORD".into()));
-/// let unseen = inboxd::once_with(&account, "INBOX", async |s| s.search("UNSEEN").await).await??;
-/// println!("{} unseen messages", unseen.len());
-/// # Ok(()) }
-/// ```
-pub async fn once_with<T>(
-    account: &Account,
-    folder: &str,
-    f: impl AsyncFnOnce(&mut Session) -> T,
-) -> Result<T, crate::imap::ImapError> {
-    let mut session = Session::open(account).await?;
-    session.select(folder).await?;
-    let out = f(&mut session).await;
-    session.logout().await;
-    Ok(out)
 }
