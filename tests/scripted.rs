@@ -502,3 +502,26 @@ async fn refused_credentials_park_every_watch_of_the_account_after_one_try() {
         w.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_a_server_frozen_in_idle() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().freeze_at_done = true;
+    let dir = tempfile::tempdir().unwrap();
+    // DONE would wait a minute; a stop must not.
+    let config = config_with(
+        dir.path(),
+        server.port,
+        "timeouts = { done = \"60s\" }",
+        "start = \"all\"",
+    );
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_state(&w, "idle").await;
+    let t = std::time::Instant::now();
+    w.stop().await.unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(30), "stopping took {took:?}");
+    assert_eq!(rec.subjects(), vec!["one"]);
+}

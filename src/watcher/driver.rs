@@ -40,6 +40,9 @@ pub const SPOOL_CHUNK: u32 = 4 << 20;
 /// `(SPOOL_QUEUE + 3) * SPOOL_CHUNK` (queued, being written, being copied, the IMAP buffer).
 const SPOOL_QUEUE: usize = 3;
 
+/// How long a stopping watcher waits for the server to end an IDLE before dropping the session.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// Longest error text kept in health and events.
 const MAX_ERROR: usize = 1024;
 
@@ -819,7 +822,23 @@ impl Driver {
                 job = Self::next_job(jobs, closed) => took = Some(job),
             }
         };
-        let result = session.idle(max, interrupt).await;
+        // A stop ends the IDLE with DONE; a server that does not answer it gets STOP_GRACE,
+        // not the whole `timeouts.done`, before the session is dropped.
+        let mut stopping = self.stop.clone();
+        let result = {
+            let idle = session.idle(max, interrupt);
+            tokio::pin!(idle);
+            tokio::select! {
+                r = &mut idle => Some(r),
+                _ = async {
+                    Self::stopped(&mut stopping).await;
+                    tokio::time::sleep(STOP_GRACE).await;
+                } => None,
+            }
+        };
+        let Some(result) = result else {
+            return Input::Interrupted;
+        };
         if let Some(job) = took {
             self.took_job(job);
         }

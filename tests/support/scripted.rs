@@ -67,6 +67,8 @@ pub struct State {
     pub ignore_partial: bool,
     /// Partial fetches received.
     pub partial_fetches: u32,
+    /// Never answer DONE: the server freezes as IDLE ends (always).
+    pub freeze_at_done: bool,
 }
 
 #[derive(Clone)]
@@ -483,6 +485,12 @@ impl Scripted {
                             r.read_line(&mut done).await?;
                         }
                         _ = r.read_line(&mut done) => {}
+                    }
+                    if self.state.lock().unwrap().freeze_at_done {
+                        // Frozen, with the connection open, until the client gives up.
+                        let mut sink = String::new();
+                        while r.read_line(&mut sink).await.unwrap_or(0) > 0 {}
+                        return Ok(());
                     }
                     w.write_all(format!("{tag} OK Idle completed.\r\n").as_bytes()).await?;
                 }
