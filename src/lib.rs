@@ -49,6 +49,7 @@
 pub use inboxd_core as core;
 
 pub mod config;
+pub mod envelope;
 pub mod handler;
 pub mod imap;
 pub mod message;

@@ -230,6 +230,8 @@ mod tests {
             uid: 7,
             key: "v1-k",
             message_id: Some("<x@y>"),
+            internal_date: None,
+            flags: &[],
             body: crate::handler::Body::Bytes(body),
         }
     }
@@ -309,16 +311,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = Exec::new(vec!["./nope.sh".into()], Duration::from_secs(5), dir.path().into());
         let e = missing.check().unwrap_err();
-        assert!(e.unavailable && e.reason.contains("not found"), "{e:?}");
+        assert!(e.is_unavailable() && e.reason.contains("not found"), "{e:?}");
         let e = missing.run(&msg(b"x")).await.unwrap_err();
-        assert!(e.unavailable, "{e:?}");
+        assert!(e.is_unavailable(), "{e:?}");
 
         let script = dir.path().join("h.sh");
         std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
         let plain = Exec::new(vec!["./h.sh".into()], Duration::from_secs(5), dir.path().into());
         let e = plain.check().unwrap_err();
-        assert!(e.unavailable && e.reason.contains("not an executable"), "{e:?}");
-        assert!(plain.run(&msg(b"x")).await.unwrap_err().unavailable);
+        assert!(e.is_unavailable() && e.reason.contains("not an executable"), "{e:?}");
+        assert!(plain.run(&msg(b"x")).await.unwrap_err().is_unavailable());
 
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -327,6 +327,8 @@ mod tests {
             uid: 1,
             key,
             message_id: None,
+            internal_date: None,
+            flags: &[],
             body: Body::Bytes(body),
         }
     }

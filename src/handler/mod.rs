@@ -87,9 +87,15 @@ pub struct Message<'a> {
     /// The idempotency key: stable across restarts and re-deliveries.
     pub key: &'a str,
     pub message_id: Option<&'a str>,
+    /// The server's INTERNALDATE (`17-Jul-1996 02:44:25 -0700`), when it was listed.
+    pub internal_date: Option<&'a str>,
+    /// The message's flags when it was listed.
+    pub flags: &'a [String],
     /// The raw message, exactly as on the server.
     pub body: Body<'a>,
 }
+
+pub use inboxd_core::machine::HandlerFailure;
 
 /// Why a handler did not acknowledge a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,10 +104,11 @@ pub struct HandlerError {
     pub reason: String,
     /// The tail of what the handler printed (stderr, then stdout), if anything.
     pub output: String,
-    /// The handler cannot work at all (its program is missing, its destination unusable): a
-    /// failure of the watch, retried along the reconnect schedule, never counted against the
-    /// message (which would dead-letter every message in turn).
-    pub unavailable: bool,
+    /// What follows: another attempt (counted), a wait for a busy target (not counted), a dead
+    /// letter at once, or (the handler cannot work at all: its program is missing, its
+    /// destination unusable) a failure of the watch, retried along the reconnect schedule and
+    /// never counted against the message, which would dead-letter every message in turn.
+    pub kind: HandlerFailure,
 }
 
 impl HandlerError {
@@ -110,16 +117,38 @@ impl HandlerError {
         HandlerError {
             reason: reason.into(),
             output: String::new(),
-            unavailable: false,
+            kind: HandlerFailure::Attempt,
         }
     }
 
-    /// The handler cannot work at all; see [`HandlerError::unavailable`].
+    /// The handler cannot work at all; see [`HandlerError::kind`].
     pub fn unavailable(reason: impl Into<String>) -> HandlerError {
         HandlerError {
-            unavailable: true,
+            kind: HandlerFailure::Unavailable,
             ..HandlerError::new(reason)
         }
+    }
+
+    /// The target is busy or unreachable for now: try again after the back-off (and at least
+    /// `retry_after`), without counting an attempt.
+    pub fn transient(reason: impl Into<String>, retry_after: Option<std::time::Duration>) -> HandlerError {
+        HandlerError {
+            kind: HandlerFailure::Transient { retry_after },
+            ..HandlerError::new(reason)
+        }
+    }
+
+    /// The target refused this message for good: dead-letter it now.
+    pub fn permanent(reason: impl Into<String>) -> HandlerError {
+        HandlerError {
+            kind: HandlerFailure::Permanent,
+            ..HandlerError::new(reason)
+        }
+    }
+
+    /// Whether the handler cannot work at all.
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == HandlerFailure::Unavailable
     }
 
     /// Adds the tail of what the handler printed.

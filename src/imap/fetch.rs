@@ -4,13 +4,14 @@
 use super::*;
 
 impl Session {
-    /// The UIDs above `last_uid` with their sizes (`None` when the server gave none):
-    /// `UID FETCH last+1:* (UID RFC822.SIZE)`. The caller filters: `*` may name a message
-    /// below `last_uid + 1`.
-    pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<(u32, Option<u32>)>, ImapError> {
+    /// The UIDs above `last_uid` with their sizes (`None` when the server gave none),
+    /// internal dates and flags: `UID FETCH last+1:* (UID RFC822.SIZE INTERNALDATE FLAGS)`.
+    /// The caller filters: `*` may name a message below `last_uid + 1`.
+    pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<Listing>, ImapError> {
         let from = last_uid.saturating_add(1);
         let mut out = Vec::new();
-        self.checked("UID FETCH", &format!("UID FETCH {from}:* (UID RFC822.SIZE)"), |resp| {
+        let command = format!("UID FETCH {from}:* (UID RFC822.SIZE INTERNALDATE FLAGS)");
+        self.checked("UID FETCH", &command, |resp| {
             if let Response::Fetch(_, attrs) = resp
                 && let Some(item) = listed_item(attrs)
             {
@@ -135,19 +136,31 @@ impl Session {
 }
 
 /// UID and size from one answer to `UID FETCH n:* (UID RFC822.SIZE)`.
-pub(super) fn listed_item(attrs: &[AttributeValue<'_>]) -> Option<(u32, Option<u32>)> {
+pub(super) fn listed_item(attrs: &[AttributeValue<'_>]) -> Option<Listing> {
     let uid = attrs
         .iter()
         .find_map(|a| if let AttributeValue::Uid(u) = a { Some(*u) } else { None })?;
-    let size = attrs.iter().find_map(|a| {
-        if let AttributeValue::Rfc822Size(n) = a {
-            Some(*n)
-        } else {
-            None
+    let mut item = Listing {
+        uid,
+        size: None,
+        internal_date: None,
+        flags: Vec::new(),
+    };
+    for a in attrs {
+        match a {
+            AttributeValue::Rfc822Size(n) => item.size = Some(*n),
+            AttributeValue::InternalDate(d) => item.internal_date = Some(clip(d.to_string(), 64)),
+            AttributeValue::Flags(f) => {
+                item.flags = f.iter().take(MAX_FLAGS).map(|f| clip(f.to_string(), 256)).collect();
+            }
+            _ => {}
         }
-    });
-    Some((uid, size))
+    }
+    Some(item)
 }
+
+/// Flags kept per message (a server may send any number).
+const MAX_FLAGS: usize = 64;
 
 /// UID and whole body from one answer to `UID FETCH set (UID BODY.PEEK[])`.
 pub(super) fn fetched_item<'a>(attrs: &'a [AttributeValue<'a>]) -> (Option<u32>, Option<&'a [u8]>) {

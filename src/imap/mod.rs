@@ -49,6 +49,17 @@ pub struct FolderState {
     pub exists: u32,
 }
 
+/// One message of a listing: its UID, and what the server said of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listing {
+    pub uid: u32,
+    /// RFC822.SIZE, when the server gave it.
+    pub size: Option<u32>,
+    /// INTERNALDATE as the server wrote it (`17-Jul-1996 02:44:25 -0700`).
+    pub internal_date: Option<String>,
+    pub flags: Vec<String>,
+}
+
 /// One message as fetched.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Fetched {

@@ -7,7 +7,7 @@
 //! action (for example in the IMAP parser on hostile bytes) is caught here and reported to the
 //! machine as a dropped connection: other watchers never notice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,9 @@ use futures::FutureExt;
 use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
 use inboxd_core::key::message_key;
-use inboxd_core::machine::{Action, FetchedInfo, Input, Listed, LogRow, Notice, Status, Wake, WatchMachine, WatchSpec};
+use inboxd_core::machine::{
+    Action, FetchedInfo, HandlerFailure, Input, Listed, LogRow, Notice, Status, Wake, WatchMachine, WatchSpec,
+};
 use inboxd_core::mailbox::Selected;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -87,6 +89,8 @@ struct Driver {
     waiting_job: Option<Job>,
     session: Option<Session>,
     bodies: BTreeMap<u32, Body>,
+    /// INTERNALDATE and flags of the messages of the last listing.
+    listed: HashMap<u32, (Option<String>, Vec<String>)>,
     /// UIDs whose post-action is recorded as pending.
     pending_post: HashSet<u32>,
     dead_in_run: u64,
@@ -136,6 +140,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         waiting_job: None,
         session: None,
         bodies: BTreeMap::new(),
+        listed: HashMap::new(),
         pending_post: HashSet::new(),
         dead_in_run: 0,
         origin: Instant::now(),
@@ -243,7 +248,7 @@ impl Driver {
     }
 
     /// Runs an IMAP step that a stop may abandon; the session is dropped if it was.
-    async fn interruptible(&mut self, step: impl std::future::Future<Output = Input>) -> Option<Input> {
+    async fn interruptible<T>(&mut self, step: impl std::future::Future<Output = T>) -> Option<T> {
         let mut stop = self.stop.clone();
         tokio::select! {
             biased;
@@ -281,14 +286,29 @@ impl Driver {
                 let r = self
                     .interruptible(async {
                         match session.list_above(above).await {
-                            Ok(listed) => Input::Listed {
-                                items: listed.into_iter().map(|(uid, size)| Listed { uid, size }).collect(),
-                                news: session.take_news(),
-                            },
-                            Err(e) => failed(&e),
+                            Ok(listed) => Ok((listed, session.take_news())),
+                            Err(e) => Err(failed(&e)),
                         }
                     })
                     .await;
+                let r = r.map(|r| match r {
+                    Ok((listed, news)) => {
+                        let items = listed
+                            .iter()
+                            .map(|l| Listed {
+                                uid: l.uid,
+                                size: l.size,
+                            })
+                            .collect();
+                        // What the envelope tells of each message besides its bytes.
+                        self.listed = listed
+                            .into_iter()
+                            .map(|l| (l.uid, (l.internal_date, l.flags)))
+                            .collect();
+                        Input::Listed { items, news }
+                    }
+                    Err(input) => input,
+                });
                 self.keep(session, r)
             }
             Action::Fetch {
@@ -644,6 +664,8 @@ impl Driver {
             uid,
             key: &key,
             message_id: body.message_id.as_deref(),
+            internal_date: self.listed.get(&uid).and_then(|l| l.0.as_deref()),
+            flags: self.listed.get(&uid).map_or(&[], |l| l.1.as_slice()),
             body: match &body.held {
                 Held::Memory(bytes) => MessageBody::Bytes(bytes),
                 Held::Spooled(spooled) => MessageBody::File {
@@ -662,7 +684,7 @@ impl Driver {
             Ok(Err(e)) => Input::HandlerFailed {
                 uid,
                 error: clip(e.detail()),
-                unavailable: e.unavailable,
+                kind: e.kind,
             },
             Err(panic) => {
                 // A handler bug on this message: a failed attempt like any other (retried,
@@ -673,7 +695,7 @@ impl Driver {
                 Input::HandlerFailed {
                     uid,
                     error: clip(format!("handler panicked: {msg}")),
-                    unavailable: false,
+                    kind: HandlerFailure::Attempt,
                 }
             }
         }

@@ -375,6 +375,8 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         uid,
         key,
         message_id: mid.as_deref(),
+        internal_date: None,
+        flags: &[],
         body: inboxd::handler::Body::File {
             path: spooled.path(),
             len,

@@ -87,6 +87,26 @@ pub struct FetchedInfo {
     pub seen_before: bool,
 }
 
+/// How a handler failed on a message, which decides what follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandlerFailure {
+    /// A failed attempt on this message: retried with back-off, dead-lettered after
+    /// `max_attempts` (a program that exited non-zero, a webhook's 400).
+    Attempt,
+    /// The target is busy or briefly unreachable (HTTP 429/5xx, a timeout, a refused
+    /// connection): retried with back-off, waiting at least `retry_after` when the target
+    /// said so, without counting against the message.
+    Transient { retry_after: Option<Duration> },
+    /// The target refused this message for good (HTTP 410): dead-lettered at once.
+    Permanent,
+    /// The handler cannot work at all (its program is missing): a failure of the watch, not
+    /// of this message; the round ends and the reconnect schedule tries again.
+    Unavailable,
+}
+
+/// Longest wait a target's `Retry-After` can impose before the next attempt.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// How a wait ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wake {
@@ -154,12 +174,10 @@ pub enum Input {
     Delivered {
         uid: u32,
     },
-    /// `unavailable`: the handler cannot work at all (its program is missing); not this
-    /// message's fault.
     HandlerFailed {
         uid: u32,
         error: String,
-        unavailable: bool,
+        kind: HandlerFailure,
     },
     Flushed,
     Committed,
@@ -435,6 +453,8 @@ pub struct WatchMachine {
     fetch_failures: BTreeMap<u32, (u32, String)>,
     /// After a failed batch fetch, UIDs up to this one are fetched one at a time.
     single_until: u32,
+    /// The message the target was last busy on, and how many busy answers in a row.
+    busy: Option<(u32, u32)>,
     stopping: bool,
     /// The stored state was read.
     loaded: bool,
@@ -468,6 +488,7 @@ impl WatchMachine {
             posting: Vec::new(),
             fetch_failures: BTreeMap::new(),
             single_until: 0,
+            busy: None,
             stopping: false,
             loaded: false,
             session_broken: false,
@@ -587,6 +608,7 @@ impl WatchMachine {
                 self.failed_attempt(uid, prior + 1, error)
             }
             (Phase::Delivering { uid, attempt }, Input::Delivered { uid: done }) if done == uid => {
+                self.busy = None;
                 self.catch_up.batch.pop_front();
                 self.catch_up.delivered.push(uid);
                 self.settle(uid, Status::Delivered, attempt, String::new());
@@ -597,20 +619,35 @@ impl WatchMachine {
                 Input::HandlerFailed {
                     uid: failed,
                     error,
-                    unavailable,
+                    kind,
                 },
-            ) if failed == uid => {
-                if unavailable {
+            ) if failed == uid => match kind {
+                HandlerFailure::Unavailable => {
                     // Not this message's fault: commit the prefix and end the round; the
                     // reconnect schedule tries again.
-                    return self.flush(AfterCommit::Fail {
+                    self.flush(AfterCommit::Fail {
                         class: FailureClass::Network,
                         error,
-                    });
+                    })
                 }
-                self.catch_up.batch.pop_front();
-                self.failed_attempt(uid, attempt, error)
-            }
+                HandlerFailure::Attempt => {
+                    self.catch_up.batch.pop_front();
+                    self.failed_attempt(uid, attempt, error)
+                }
+                HandlerFailure::Permanent => {
+                    self.catch_up.batch.pop_front();
+                    self.notices.push(Notice::DeadLettered {
+                        uid,
+                        error: error.clone(),
+                    });
+                    self.settle(uid, Status::Dead, attempt, error);
+                    self.after_settle()
+                }
+                HandlerFailure::Transient { retry_after } => {
+                    self.catch_up.batch.pop_front();
+                    self.transient_failure(uid, attempt, error, retry_after)
+                }
+            },
             (Phase::Flushing(then), Input::Flushed) => {
                 let next = Checkpoint {
                     last_uid: self.catch_up.window.advance(),
@@ -1031,6 +1068,39 @@ impl WatchMachine {
                 self.flush(AfterCommit::Retry { row, delay })
             }
         }
+    }
+
+    /// The target was busy on the `attempt`-th try of `uid`: the same message again after the
+    /// back-off of this streak of busy answers (at least what the target asked for), and the
+    /// attempt does not count.
+    fn transient_failure(&mut self, uid: u32, attempt: u32, error: String, retry_after: Option<Duration>) -> Action {
+        let streak = match self.busy {
+            Some((u, n)) if u == uid => n.saturating_add(1),
+            _ => 1,
+        };
+        self.busy = Some((uid, streak));
+        let backoff = self
+            .spec
+            .retry
+            .initial
+            .saturating_mul(1u32 << streak.saturating_sub(1).min(30))
+            .min(self.spec.retry.max);
+        let delay = backoff.max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+        self.notices.push(Notice::Failed {
+            uid,
+            attempts: attempt.saturating_sub(1),
+            error: error.clone(),
+            retry_in: delay,
+        });
+        self.catch_up.batch.clear();
+        self.catch_up.queue.clear();
+        let row = LogRow {
+            uid,
+            status: Status::Failed,
+            attempts: attempt.saturating_sub(1),
+            error,
+        };
+        self.flush(AfterCommit::Retry { row, delay })
     }
 
     fn flush(&mut self, then: AfterCommit) -> Action {

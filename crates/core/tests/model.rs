@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
-use inboxd_core::machine::{Action, FetchedInfo, Input, Listed, LogRow, Status, Wake, WatchMachine, WatchSpec};
+use inboxd_core::machine::{
+    Action, FetchedInfo, HandlerFailure, Input, Listed, LogRow, Status, Wake, WatchMachine, WatchSpec,
+};
 use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
 use inboxd_core::retry::RetryPolicy;
 use inboxd_core::schedule::Schedule;
@@ -32,6 +34,8 @@ enum Op {
     Expunge(prop::sample::Index),
     /// The handler fails the next `n` attempts.
     HandlerFails(u32),
+    /// The target is busy for the next `n` attempts (HTTP 503: not counted).
+    TargetBusy(u32),
     /// The next fetch fails (connection dropped).
     FetchFails,
     /// The next commit fails (disk full).
@@ -52,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::Wake),
         1 => any::<prop::sample::Index>().prop_map(Op::Expunge),
         1 => (1u32..5).prop_map(Op::HandlerFails),
+        1 => (1u32..8).prop_map(Op::TargetBusy),
         1 => Just(Op::FetchFails),
         1 => Just(Op::CommitFails),
         1 => any::<bool>().prop_map(|keep_old| Op::UidValidityReset { keep_old }),
@@ -105,6 +110,7 @@ struct World {
     commit_fails: bool,
     // The handler.
     handler_failures: u32,
+    target_busy: u32,
     /// Deliveries the handler acknowledged, per message id.
     deliveries: HashMap<u64, u32>,
     /// Not yet flushed (batching handler): lost in a crash.
@@ -147,6 +153,7 @@ impl World {
                 }
             }
             Op::HandlerFails(n) => self.handler_failures = n,
+            Op::TargetBusy(n) => self.target_busy = n,
             Op::FetchFails => self.fetch_fails = true,
             Op::CommitFails => self.commit_fails = true,
             Op::UidValidityReset { keep_old } => {
@@ -255,6 +262,7 @@ fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), Test
     }
     // Quiet at last: a clean run catches everything up.
     w.handler_failures = 0;
+    w.target_busy = 0;
     w.no_body.clear();
     w.fetch_fails = false;
     w.commit_fails = false;
@@ -412,12 +420,21 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
         Action::Deliver { uid, attempt } => {
             let mid = w.mid_of(current, uid).expect("delivering a message the folder has");
             prop_assert_eq!(attempt, w.attempts.get(&(current, uid)).copied().unwrap_or(0) + 1);
-            if w.handler_failures > 0 {
+            if w.target_busy > 0 {
+                w.target_busy -= 1;
+                Input::HandlerFailed {
+                    uid,
+                    error: "503 Service Unavailable".into(),
+                    kind: HandlerFailure::Transient {
+                        retry_after: w.target_busy.is_multiple_of(2).then_some(Duration::from_secs(3)),
+                    },
+                }
+            } else if w.handler_failures > 0 {
                 w.handler_failures -= 1;
                 Input::HandlerFailed {
                     uid,
                     error: "told to fail".into(),
-                    unavailable: false,
+                    kind: HandlerFailure::Attempt,
                 }
             } else {
                 prop_assert!(
@@ -911,7 +928,7 @@ fn an_unavailable_handler_ends_the_round_without_counting_against_the_message() 
         Input::HandlerFailed {
             uid: 1,
             error: "handler ./h.sh not found".into(),
-            unavailable: true,
+            kind: HandlerFailure::Unavailable,
         },
         s(0),
         0.0,
@@ -965,5 +982,112 @@ fn a_token_due_at_once_does_not_make_a_login_loop() {
     assert_eq!(
         m.on(Input::JobsRan { ran: false }, s(0), 0.0),
         Action::Idle(inboxd_core::machine::RECYCLE_FLOOR)
+    );
+}
+
+#[test]
+fn a_busy_target_never_dead_letters_and_its_retry_after_is_honoured() {
+    // max_attempts is 3; the target answers "busy" ten times in a row, then takes the message.
+    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    let select = Input::Selected(inboxd_core::mailbox::Selected {
+        uidvalidity: 7,
+        uidnext: 2,
+    });
+    m.on(select.clone(), s(0), 0.0);
+    let mut now = 0;
+    let mut action = m.on(listed(&[1]), s(now), 0.0);
+    let mut delays = Vec::new();
+    for busy in 0..10u32 {
+        assert_eq!(
+            action,
+            Action::Fetch {
+                uids: vec![1],
+                check_seen: vec![],
+                spool: false
+            }
+        );
+        assert_eq!(m.on(fetched(&[1]), s(now), 0.0), Action::Deliver { uid: 1, attempt: 1 });
+        let retry_after = (busy == 4).then_some(Duration::from_secs(900));
+        action = m.on(
+            Input::HandlerFailed {
+                uid: 1,
+                error: "503".into(),
+                kind: HandlerFailure::Transient { retry_after },
+            },
+            s(now),
+            0.0,
+        );
+        // The failed row is recorded with the attempt not counted, then the back-off.
+        let Action::Record { log } = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!((log[0].status, log[0].attempts), (Status::Failed, 0));
+        // Then the wait (a long one without the session), and the same message again.
+        action = m.on(Input::Recorded, s(now), 0.0);
+        loop {
+            action = match action {
+                Action::Logout => m.on(Input::LoggedOut, s(now), 0.0),
+                Action::Sleep { delay, .. } => {
+                    delays.push(delay.as_secs());
+                    now += delay.as_secs();
+                    m.on(Input::Slept, s(now), 0.0)
+                }
+                Action::Connect => m.on(
+                    Input::Connected {
+                        idle: true,
+                        token_left: None,
+                    },
+                    s(now),
+                    0.0,
+                ),
+                Action::Select => m.on(select.clone(), s(now), 0.0),
+                Action::List { .. } => m.on(listed(&[1]), s(now), 0.0),
+                Action::Fetch { .. } => break,
+                other => panic!("{other:?}"),
+            };
+        }
+    }
+    // Doubling from 1 s, capped at 8 s by the policy, and 900 s when the target asked.
+    assert_eq!(delays, vec![1, 2, 4, 8, 900, 8, 8, 8, 8, 8]);
+    assert_eq!(m.on(fetched(&[1]), s(now), 0.0), Action::Deliver { uid: 1, attempt: 1 });
+    let Action::Flush = m.on(Input::Delivered { uid: 1 }, s(now), 0.0) else {
+        panic!()
+    };
+}
+
+#[test]
+fn a_target_refusing_for_good_dead_letters_at_once() {
+    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 3,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[1, 2]), s(0), 0.0);
+    assert_eq!(
+        m.on(fetched(&[1, 2]), s(0), 0.0),
+        Action::Deliver { uid: 1, attempt: 1 }
+    );
+    let Action::Flush = m.on(
+        Input::HandlerFailed {
+            uid: 1,
+            error: "410 Gone".into(),
+            kind: HandlerFailure::Permanent,
+        },
+        s(0),
+        0.0,
+    ) else {
+        panic!()
+    };
+    let Action::Commit { log, .. } = m.on(Input::Flushed, s(0), 0.0) else {
+        panic!()
+    };
+    assert_eq!((log[0].status, log[0].attempts), (Status::Dead, 1));
+    assert_eq!(
+        m.on(Input::Committed, s(0), 0.0),
+        Action::Deliver { uid: 2, attempt: 1 }
     );
 }
