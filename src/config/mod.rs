@@ -252,12 +252,29 @@ pub enum Deliver {
         cwd: PathBuf,
         /// Variables passed through from inboxd's environment beyond the default allowlist.
         pass_env: Vec<String>,
+        /// What the program reads on stdin.
+        stdin: Payload,
     },
     Maildir {
         path: PathBuf,
         /// Mode of message files (directories get matching search bits).
         mode: u32,
     },
+    Webhook {
+        url: String,
+        /// Standard Webhooks signing secret (`whsec_` + base64).
+        secret: Option<SecretSource>,
+        payload: Payload,
+        timeout: Duration,
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// What a target receives: the raw message, or `inboxd.message.v1` JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Raw,
+    Json(crate::envelope::JsonOptions),
 }
 
 /// A validated watch of one (account, folder).

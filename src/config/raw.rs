@@ -244,11 +244,36 @@ pub(super) struct RawDeliver {
     /// Program and arguments; no shell. Run in the config file's folder.
     pub(super) exec: Option<Vec<String>>,
     pub(super) maildir: Option<PathBuf>,
-    /// Handler deadline (exec). Default 5 minutes.
+    /// URL the message is POSTed to (https://, or http:// to loopback or with `allow_http`).
+    pub(super) webhook: Option<String>,
+    /// Deadline per message: exec default 5 minutes, webhook 30 seconds.
     pub(super) timeout: Option<Dur>,
     /// Maildir file mode, octal (default "0600"); directories get matching search bits.
     pub(super) mode: Option<String>,
     /// Names of further environment variables the exec handler may see (beyond `PATH`,
     /// `HOME`, `LANG`, `LC_*`, `TZ`, `USER`, `TMPDIR` and the `INBOXD_*` it is given).
     pub(super) pass_env: Option<Vec<String>>,
+    /// What the exec handler reads on stdin: "raw" (default) or "json" (`inboxd.message.v1`).
+    pub(super) stdin: Option<RawFormat>,
+    /// What the webhook POSTs: "json" (default, `inboxd.message.v1`) or "raw" (message/rfc822).
+    pub(super) format: Option<RawFormat>,
+    /// Webhook signing secret (Standard Webhooks: `whsec_` + base64), from a secret source.
+    pub(super) secret: Option<SecretSource>,
+    /// Extra trust root (PEM) for the webhook's server, on top of the platform's.
+    pub(super) ca_file: Option<PathBuf>,
+    /// Allow plain http:// to a host that is not loopback.
+    pub(super) allow_http: Option<bool>,
+    /// JSON: attachments as "metadata" (default), "inline" (base64 content) or "omit".
+    pub(super) attachments: Option<crate::envelope::Attachments>,
+    /// JSON: attachments above this size stay metadata only (default 1 MiB).
+    pub(super) attachment_max: Option<Bytes>,
+    /// JSON: include the raw message, base64 (default false).
+    pub(super) raw: Option<bool>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawFormat {
+    Raw,
+    Json,
 }

@@ -9,10 +9,12 @@ use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
 use inboxd_core::retry::RetryPolicy;
 use toml::Spanned;
 
-use super::raw::{RawStart, RawUidValidity, RawWatch};
+use crate::envelope::JsonOptions;
+
+use super::raw::{RawDeliver, RawFormat, RawStart, RawUidValidity, RawWatch};
 use super::{
-    Account, ConfigError, Ctx, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SPOOL_ABOVE, Deliver, MAX_MESSAGE_SIZE_LIMIT,
-    SPOOL_ABOVE_RANGE, Watch,
+    Account, ConfigError, Ctx, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SPOOL_ABOVE, Deliver, MAX_MESSAGE_SIZE_LIMIT, Payload,
+    SPOOL_ABOVE_RANGE, Watch, is_loopback,
 };
 
 /// Validates one watch against the accounts already validated.
@@ -36,49 +38,7 @@ pub(super) fn build(
             ),
         )
     })?;
-    let dspan = w.deliver.span();
-    let d = w.deliver.into_inner();
-    if d.maildir.is_some() && (d.pass_env.is_some() || d.timeout.is_some()) {
-        return Err(ctx.invalid(
-            Some(dspan),
-            "watch.deliver: `timeout` and `pass_env` apply to `exec` only".into(),
-        ));
-    }
-    if d.exec.is_some() && d.mode.is_some() {
-        return Err(ctx.invalid(Some(dspan), "watch.deliver: `mode` applies to `maildir` only".into()));
-    }
-    let mode = match &d.mode {
-        None => crate::handler::maildir::DEFAULT_MODE,
-        Some(text) => match u32::from_str_radix(text, 8) {
-            Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => m,
-            _ => {
-                return Err(ctx.invalid(
-                    Some(dspan),
-                    format!(
-                        "watch.deliver.mode: {text:?} is not an octal file mode that lets inboxd read and write (e.g. \"0600\" or \"0640\")"
-                    ),
-                ));
-            }
-        },
-    };
-    let deliver = match (d.exec, d.maildir) {
-        (Some(argv), None) if !argv.is_empty() => Deliver::Exec {
-            argv,
-            timeout: d.timeout.map_or(Duration::from_secs(300), |x| x.0),
-            cwd: ctx.base.clone(),
-            pass_env: d.pass_env.unwrap_or_default(),
-        },
-        (None, Some(path)) => Deliver::Maildir {
-            path: ctx.base.join(path),
-            mode,
-        },
-        _ => {
-            return Err(ctx.invalid(
-                Some(dspan),
-                "watch.deliver: give exactly one of `exec = [\"program\", ..]` or `maildir = \"path\"`".into(),
-            ));
-        }
-    };
+    let deliver = deliver(ctx, w.deliver)?;
     let r = RetryPolicy::default();
     let retry = RetryPolicy {
         initial: w.retry_initial.map_or(r.initial, |x| x.0),
@@ -96,8 +56,6 @@ pub(super) fn build(
         ))
     } else if w.batch_size.is_some_and(|b| !(1..=10_000).contains(&b)) {
         Some("watch.batch_size must be between 1 and 10000".to_string())
-    } else if matches!(deliver, Deliver::Exec { timeout, .. } if timeout.is_zero()) {
-        Some("watch.deliver.timeout must be more than 0s".to_string())
     } else {
         None
     };
@@ -145,4 +103,118 @@ pub(super) fn build(
         spool_dir: spool_dir.to_path_buf(),
     };
     Ok(watch)
+}
+
+/// Validates `deliver = { .. }`: exactly one destination, and only the keys that apply to it.
+fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, ConfigError> {
+    let dspan = spanned.span();
+    let d = spanned.into_inner();
+    let bad = |message: String| ctx.invalid(Some(dspan.clone()), message);
+    let kind = match (&d.exec, &d.maildir, &d.webhook) {
+        (Some(argv), None, None) if !argv.is_empty() => "exec",
+        (None, Some(_), None) => "maildir",
+        (None, None, Some(_)) => "webhook",
+        _ => {
+            return Err(bad(
+                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"` or `webhook = \"https://..\"`".into(),
+            ));
+        }
+    };
+    // Which destination each optional key belongs to.
+    let keys: [(&str, bool, &[&str]); 10] = [
+        ("timeout", d.timeout.is_some(), &["exec", "webhook"]),
+        ("pass_env", d.pass_env.is_some(), &["exec"]),
+        ("stdin", d.stdin.is_some(), &["exec"]),
+        ("mode", d.mode.is_some(), &["maildir"]),
+        ("secret", d.secret.is_some(), &["webhook"]),
+        ("format", d.format.is_some(), &["webhook"]),
+        ("ca_file", d.ca_file.is_some(), &["webhook"]),
+        ("allow_http", d.allow_http.is_some(), &["webhook"]),
+        (
+            "attachments",
+            d.attachments.is_some() || d.attachment_max.is_some(),
+            &["exec", "webhook"],
+        ),
+        ("raw", d.raw.is_some(), &["exec", "webhook"]),
+    ];
+    for (key, given, applies) in keys {
+        if given && !applies.contains(&kind) {
+            return Err(bad(format!(
+                "watch.deliver: `{key}` applies to {} only, not to `{kind}`",
+                applies
+                    .iter()
+                    .map(|a| format!("`{a}`"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )));
+        }
+    }
+    if d.timeout.is_some_and(|t| t.0.is_zero()) {
+        return Err(bad("watch.deliver.timeout must be more than 0s".into()));
+    }
+    let json = JsonOptions {
+        attachments: d.attachments.unwrap_or_default(),
+        attachment_max: d.attachment_max.map_or(JsonOptions::default().attachment_max, |b| b.0),
+        raw: d.raw.unwrap_or(false),
+        ..JsonOptions::default()
+    };
+    let payload = |format: Option<RawFormat>, default: RawFormat| match format.unwrap_or(default) {
+        RawFormat::Raw => Payload::Raw,
+        RawFormat::Json => Payload::Json(json),
+    };
+    Ok(match kind {
+        "exec" => Deliver::Exec {
+            argv: d.exec.unwrap_or_default(),
+            timeout: d.timeout.map_or(Duration::from_secs(300), |x| x.0),
+            cwd: ctx.base.clone(),
+            pass_env: d.pass_env.unwrap_or_default(),
+            stdin: payload(d.stdin, RawFormat::Raw),
+        },
+        "maildir" => {
+            let mode = match &d.mode {
+                None => crate::handler::maildir::DEFAULT_MODE,
+                Some(text) => match u32::from_str_radix(text, 8) {
+                    Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => m,
+                    _ => {
+                        return Err(bad(format!(
+                            "watch.deliver.mode: {text:?} is not an octal file mode that lets inboxd read and write (e.g. \"0600\" or \"0640\")"
+                        )));
+                    }
+                },
+            };
+            Deliver::Maildir {
+                path: ctx.base.join(d.maildir.unwrap_or_default()),
+                mode,
+            }
+        }
+        _ => {
+            let url = d.webhook.unwrap_or_default();
+            let parsed = reqwest::Url::parse(&url)
+                .map_err(|e| bad(format!("watch.deliver.webhook: {url:?} is not a URL: {e}")))?;
+            let loopback = parsed.host_str().is_some_and(is_loopback);
+            match parsed.scheme() {
+                "https" => {}
+                "http" if loopback || d.allow_http == Some(true) => {}
+                "http" => {
+                    return Err(bad(format!(
+                        "watch.deliver.webhook: plain http:// to {:?} would send mail in clear; use https://, or allow_http = true",
+                        parsed.host_str().unwrap_or("")
+                    )));
+                }
+                other => return Err(bad(format!("watch.deliver.webhook: unsupported scheme {other:?}"))),
+            }
+            if !parsed.username().is_empty() || parsed.password().is_some() {
+                return Err(bad(
+                    "watch.deliver.webhook: put no credentials in the URL; sign with `secret` instead".into(),
+                ));
+            }
+            Deliver::Webhook {
+                url: parsed.to_string(),
+                secret: d.secret.map(|s| s.relative_to(&ctx.base)),
+                payload: payload(d.format, RawFormat::Json),
+                timeout: d.timeout.map_or(Duration::from_secs(30), |x| x.0),
+                ca_file: d.ca_file.map(|p| ctx.base.join(p)),
+            }
+        }
+    })
 }

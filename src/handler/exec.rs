@@ -1,4 +1,5 @@
-//! The `exec` handler: runs a program (no shell) with the raw message on stdin.
+//! The `exec` handler: runs a program (no shell) with the raw message on stdin, or with
+//! `stdin = "json"` the message as `inboxd.message.v1`.
 //!
 //! Exit status 0 acknowledges. A non-zero exit, a signal, or running past the timeout is a
 //! failure; on timeout the whole process group is killed, so a handler's children cannot
@@ -12,6 +13,8 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{Handler, HandlerError, Message};
+use crate::config::Payload;
+use crate::envelope::Envelope;
 
 /// Bytes of output kept for the delivery log.
 const TAIL: usize = 2048;
@@ -31,6 +34,7 @@ pub struct Exec {
     timeout: Duration,
     cwd: PathBuf,
     pass_env: Vec<String>,
+    stdin: Payload,
 }
 
 impl Exec {
@@ -40,7 +44,14 @@ impl Exec {
             timeout,
             cwd,
             pass_env: Vec::new(),
+            stdin: Payload::Raw,
         }
+    }
+
+    /// What the program reads on stdin.
+    pub fn stdin(mut self, payload: Payload) -> Exec {
+        self.stdin = payload;
+        self
     }
 
     /// Environment variables passed through beyond the default allowlist.
@@ -92,7 +103,19 @@ impl Exec {
             .stderr(Stdio::piped());
         // A spooled message is the handler's stdin directly: the kernel reads the file, and
         // nothing of it passes through our memory.
+        let json = match self.stdin {
+            Payload::Json(options) => Some(
+                Envelope::build(m, &options)
+                    .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
+                    .to_json(),
+            ),
+            Payload::Raw => None,
+        };
         let body = match m.body {
+            _ if json.is_some() => {
+                cmd.stdin(Stdio::piped());
+                json.as_deref()
+            }
             super::Body::File { path, .. } => {
                 let file = std::fs::File::open(path)
                     .map_err(|e| HandlerError::new(format!("cannot open the spooled message: {e}")))?;

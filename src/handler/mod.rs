@@ -8,6 +8,7 @@
 
 pub mod exec;
 pub mod maildir;
+pub mod webhook;
 
 use std::path::Path;
 
@@ -201,11 +202,27 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             timeout,
             cwd,
             pass_env,
+            stdin,
         } => {
-            let exec = exec::Exec::new(argv.clone(), *timeout, cwd.clone()).pass_env(pass_env.clone());
+            let exec = exec::Exec::new(argv.clone(), *timeout, cwd.clone())
+                .pass_env(pass_env.clone())
+                .stdin(*stdin);
             exec.check()?;
             Box::new(exec)
         }
+        Deliver::Webhook {
+            url,
+            secret,
+            payload,
+            timeout,
+            ca_file,
+        } => Box::new(webhook::Webhook::new(
+            url,
+            secret.clone(),
+            *payload,
+            *timeout,
+            ca_file.as_deref(),
+        )?),
         Deliver::Maildir { path, mode } => Box::new(maildir::Maildir::open_with_mode(path, *mode)?),
     })
 }
