@@ -268,6 +268,14 @@ pub enum Deliver {
         timeout: Duration,
         ca_file: Option<PathBuf>,
     },
+    Nats {
+        servers: String,
+        /// Subject template with `{account}` and `{folder}`.
+        subject: String,
+        payload: Payload,
+        token: Option<SecretSource>,
+        timeout: Duration,
+    },
 }
 
 /// What a target receives: the raw message, or `inboxd.message.v1` JSON.

@@ -246,6 +246,12 @@ pub(super) struct RawDeliver {
     pub(super) maildir: Option<PathBuf>,
     /// URL the message is POSTed to (https://, or http:// to loopback or with `allow_http`).
     pub(super) webhook: Option<String>,
+    /// NATS server(s) the message is published to with JetStream (`nats://host:4222`).
+    pub(super) nats: Option<String>,
+    /// NATS subject, with `{account}` and `{folder}` (default "inboxd.{account}.{folder}").
+    pub(super) subject: Option<String>,
+    /// NATS authentication token, from a secret source.
+    pub(super) token: Option<SecretSource>,
     /// Deadline per message: exec default 5 minutes, webhook 30 seconds.
     pub(super) timeout: Option<Dur>,
     /// Maildir file mode, octal (default "0600"); directories get matching search bits.
@@ -255,7 +261,8 @@ pub(super) struct RawDeliver {
     pub(super) pass_env: Option<Vec<String>>,
     /// What the exec handler reads on stdin: "raw" (default) or "json" (`inboxd.message.v1`).
     pub(super) stdin: Option<RawFormat>,
-    /// What the webhook POSTs: "json" (default, `inboxd.message.v1`) or "raw" (message/rfc822).
+    /// What the webhook POSTs or NATS publishes: "json" (default, `inboxd.message.v1`) or
+    /// "raw" (message/rfc822).
     pub(super) format: Option<RawFormat>,
     /// Webhook signing secret (Standard Webhooks: `whsec_` + base64), from a secret source.
     pub(super) secret: Option<SecretSource>,

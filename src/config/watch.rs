@@ -110,24 +110,27 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
     let dspan = spanned.span();
     let d = spanned.into_inner();
     let bad = |message: String| ctx.invalid(Some(dspan.clone()), message);
-    let kind = match (&d.exec, &d.maildir, &d.webhook) {
-        (Some(argv), None, None) if !argv.is_empty() => "exec",
-        (None, Some(_), None) => "maildir",
-        (None, None, Some(_)) => "webhook",
+    let kind = match (&d.exec, &d.maildir, &d.webhook, &d.nats) {
+        (Some(argv), None, None, None) if !argv.is_empty() => "exec",
+        (None, Some(_), None, None) => "maildir",
+        (None, None, Some(_), None) => "webhook",
+        (None, None, None, Some(_)) => "nats",
         _ => {
             return Err(bad(
-                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"` or `webhook = \"https://..\"`".into(),
+                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"` or `nats = \"nats://..\"`".into(),
             ));
         }
     };
     // Which destination each optional key belongs to.
-    let keys: [(&str, bool, &[&str]); 10] = [
-        ("timeout", d.timeout.is_some(), &["exec", "webhook"]),
+    let keys: [(&str, bool, &[&str]); 12] = [
+        ("timeout", d.timeout.is_some(), &["exec", "webhook", "nats"]),
+        ("subject", d.subject.is_some(), &["nats"]),
+        ("token", d.token.is_some(), &["nats"]),
         ("pass_env", d.pass_env.is_some(), &["exec"]),
         ("stdin", d.stdin.is_some(), &["exec"]),
         ("mode", d.mode.is_some(), &["maildir"]),
         ("secret", d.secret.is_some(), &["webhook"]),
-        ("format", d.format.is_some(), &["webhook"]),
+        ("format", d.format.is_some(), &["webhook", "nats"]),
         ("ca_file", d.ca_file.is_some(), &["webhook"]),
         ("allow_http", d.allow_http.is_some(), &["webhook"]),
         (
@@ -185,6 +188,26 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
             Deliver::Maildir {
                 path: ctx.base.join(d.maildir.unwrap_or_default()),
                 mode,
+            }
+        }
+        "nats" => {
+            if !cfg!(feature = "nats") {
+                return Err(bad(
+                    "watch.deliver: this inboxd was built without the `nats` feature".into()
+                ));
+            }
+            let subject = d.subject.unwrap_or_else(|| "inboxd.{account}.{folder}".into());
+            if subject.is_empty() || subject.contains(char::is_whitespace) || subject.contains(['*', '>']) {
+                return Err(bad(format!(
+                    "watch.deliver.subject: {subject:?} is not a subject to publish to (no spaces or wildcards)"
+                )));
+            }
+            Deliver::Nats {
+                servers: d.nats.unwrap_or_default(),
+                subject,
+                payload: payload(d.format, RawFormat::Json),
+                token: d.token.map(|s| s.relative_to(&ctx.base)),
+                timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
             }
         }
         _ => {

@@ -8,6 +8,8 @@
 
 pub mod exec;
 pub mod maildir;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod webhook;
 
 use std::path::Path;
@@ -223,6 +225,20 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             *timeout,
             ca_file.as_deref(),
         )?),
+        #[cfg(feature = "nats")]
+        Deliver::Nats {
+            servers,
+            subject,
+            payload,
+            token,
+            timeout,
+        } => Box::new(nats::Nats::new(servers, subject, *payload, token.clone(), *timeout)),
+        #[cfg(not(feature = "nats"))]
+        Deliver::Nats { .. } => {
+            return Err(HandlerError::unavailable(
+                "this inboxd was built without the `nats` feature",
+            ));
+        }
         Deliver::Maildir { path, mode } => Box::new(maildir::Maildir::open_with_mode(path, *mode)?),
     })
 }

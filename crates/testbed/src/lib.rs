@@ -515,3 +515,83 @@ pub fn sample_message(n: usize, subject: &str, body_len: usize) -> Vec<u8> {
     }
     m
 }
+
+/// A throwaway NATS server with JetStream, on a free loopback port, storing in its own temp
+/// directory (Debian's `nats-server`; `scripts/install-deps` installs it). Tests that stop or
+/// restart the broker use one of their own, never the machine's.
+pub struct Nats {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Nats {
+    pub fn start() -> io::Result<Nats> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("inboxd-nats-{}-{port}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let mut n = Nats { port, dir, child: None };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "nats-server is not installed (apt-get install nats-server)",
+                )
+            })?;
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.join("js"))
+            .arg("-l")
+            .arg(self.dir.join("nats.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Err(io::Error::other(format!(
+            "nats-server did not listen on {} (log: {})",
+            self.port,
+            self.dir.join("nats.log").display()
+        )))
+    }
+
+    /// Stops the server (SIGKILL); its stored streams stay for [`Nats::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with the same stored streams.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
