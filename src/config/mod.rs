@@ -268,6 +268,15 @@ pub enum Deliver {
         timeout: Duration,
         ca_file: Option<PathBuf>,
     },
+    Redis {
+        url: String,
+        /// Stream key template with `{account}` and `{folder}`.
+        stream: String,
+        password: Option<SecretSource>,
+        payload: Payload,
+        dedupe_for: Duration,
+        timeout: Duration,
+    },
     Nats {
         servers: String,
         /// Subject template with `{account}` and `{folder}`.

@@ -252,6 +252,14 @@ pub(super) struct RawDeliver {
     pub(super) subject: Option<String>,
     /// NATS authentication token, from a secret source.
     pub(super) token: Option<SecretSource>,
+    /// Redis server URL (`redis://127.0.0.1:6379/0`; a password from `password`).
+    pub(super) redis: Option<String>,
+    /// Redis stream key, with `{account}` and `{folder}` (default "inboxd:{account}:{folder}").
+    pub(super) stream: Option<String>,
+    /// Redis password, from a secret source.
+    pub(super) password: Option<SecretSource>,
+    /// How long Redis remembers a key to drop a repeat (default 7 days).
+    pub(super) dedupe_for: Option<Dur>,
     /// Deadline per message: exec default 5 minutes, webhook 30 seconds.
     pub(super) timeout: Option<Dur>,
     /// Maildir file mode, octal (default "0600"); directories get matching search bits.

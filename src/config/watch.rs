@@ -110,27 +110,34 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
     let dspan = spanned.span();
     let d = spanned.into_inner();
     let bad = |message: String| ctx.invalid(Some(dspan.clone()), message);
-    let kind = match (&d.exec, &d.maildir, &d.webhook, &d.nats) {
-        (Some(argv), None, None, None) if !argv.is_empty() => "exec",
-        (None, Some(_), None, None) => "maildir",
-        (None, None, Some(_), None) => "webhook",
-        (None, None, None, Some(_)) => "nats",
+    let given = [
+        ("exec", d.exec.as_ref().is_some_and(|a| !a.is_empty())),
+        ("maildir", d.maildir.is_some()),
+        ("webhook", d.webhook.is_some()),
+        ("nats", d.nats.is_some()),
+        ("redis", d.redis.is_some()),
+    ];
+    let kind = match given.iter().filter(|(_, g)| *g).map(|(k, _)| *k).collect::<Vec<_>>()[..] {
+        [one] => one,
         _ => {
             return Err(bad(
-                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"` or `nats = \"nats://..\"`".into(),
+                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"` or `redis = \"redis://..\"`".into(),
             ));
         }
     };
     // Which destination each optional key belongs to.
-    let keys: [(&str, bool, &[&str]); 12] = [
-        ("timeout", d.timeout.is_some(), &["exec", "webhook", "nats"]),
+    let keys: [(&str, bool, &[&str]); 15] = [
+        ("timeout", d.timeout.is_some(), &["exec", "webhook", "nats", "redis"]),
+        ("stream", d.stream.is_some(), &["redis"]),
+        ("password", d.password.is_some(), &["redis"]),
+        ("dedupe_for", d.dedupe_for.is_some(), &["redis"]),
         ("subject", d.subject.is_some(), &["nats"]),
         ("token", d.token.is_some(), &["nats"]),
         ("pass_env", d.pass_env.is_some(), &["exec"]),
         ("stdin", d.stdin.is_some(), &["exec"]),
         ("mode", d.mode.is_some(), &["maildir"]),
         ("secret", d.secret.is_some(), &["webhook"]),
-        ("format", d.format.is_some(), &["webhook", "nats"]),
+        ("format", d.format.is_some(), &["webhook", "nats", "redis"]),
         ("ca_file", d.ca_file.is_some(), &["webhook"]),
         ("allow_http", d.allow_http.is_some(), &["webhook"]),
         (
@@ -188,6 +195,30 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
             Deliver::Maildir {
                 path: ctx.base.join(d.maildir.unwrap_or_default()),
                 mode,
+            }
+        }
+        "redis" => {
+            if !cfg!(feature = "redis") {
+                return Err(bad(
+                    "watch.deliver: this inboxd was built without the `redis` feature".into()
+                ));
+            }
+            let url = d.redis.unwrap_or_default();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                return Err(bad(format!("watch.deliver.redis: {url:?} is not a redis:// URL")));
+            }
+            if url.contains('@') {
+                return Err(bad(
+                    "watch.deliver.redis: put no password in the URL; use `password` (a secret source)".into(),
+                ));
+            }
+            Deliver::Redis {
+                url,
+                stream: d.stream.unwrap_or_else(|| "inboxd:{account}:{folder}".into()),
+                password: d.password.map(|s| s.relative_to(&ctx.base)),
+                payload: payload(d.format, RawFormat::Json),
+                dedupe_for: d.dedupe_for.map_or(Duration::from_secs(7 * 24 * 3600), |x| x.0),
+                timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
             }
         }
         "nats" => {

@@ -10,6 +10,8 @@ pub mod exec;
 pub mod maildir;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod webhook;
 
 use std::path::Path;
@@ -225,6 +227,28 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             *timeout,
             ca_file.as_deref(),
         )?),
+        #[cfg(feature = "redis")]
+        Deliver::Redis {
+            url,
+            stream,
+            password,
+            payload,
+            dedupe_for,
+            timeout,
+        } => Box::new(redis::Redis::new(
+            url,
+            stream,
+            password.clone(),
+            *payload,
+            *dedupe_for,
+            *timeout,
+        )),
+        #[cfg(not(feature = "redis"))]
+        Deliver::Redis { .. } => {
+            return Err(HandlerError::unavailable(
+                "this inboxd was built without the `redis` feature",
+            ));
+        }
         #[cfg(feature = "nats")]
         Deliver::Nats {
             servers,

@@ -595,3 +595,77 @@ impl Drop for Nats {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A throwaway Redis on a free loopback port with its own directory, writing every change to
+/// its append-only file (so a restart keeps the data, as a production Redis with AOF does).
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    pub fn start() -> io::Result<Redis> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("inboxd-redis-{}-{port}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let mut r = Redis { port, dir, child: None };
+        r.spawn()?;
+        Ok(r)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("redis-server: {e} (apt-get install redis-server)")))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                // Listening is not loaded: PING until it answers PONG.
+                use std::io::Read;
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 64];
+                if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG")) {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::other(format!(
+            "redis-server did not answer on {}",
+            self.port
+        )))
+    }
+
+    /// Stops the server (SIGKILL); its append-only file stays for [`Redis::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
