@@ -8,8 +8,14 @@
 //!     running `inboxd once` (this binary re-executed, so its memory is the daemon's alone):
 //!     peak RSS and throughput, next to a raw `UID FETCH n BODY.PEEK[]` read of it.
 //!
+//! (d) catch-up of 10,000 x 5 KB into each target (NATS JetStream, Redis stream, webhook), as
+//!     `inboxd.message.v1` JSON, next to a minimal raw client of the same target fed the same
+//!     messages' bytes (NATS: publish all, acks awaited per 200; Redis: one XADD at a time;
+//!     webhook: one POST at a time on a kept-alive connection), each against a server of its own.
+//!
 //! Run: `cargo bench --bench throughput` (env: INBOXD_BENCH_MESSAGES=200,
-//! INBOXD_BENCH_BACKLOG=10000, INBOXD_BENCH_LARGE_MB=100,1000; 0 skips a part).
+//! INBOXD_BENCH_BACKLOG=10000, INBOXD_BENCH_LARGE_MB=100,1000, INBOXD_BENCH_TARGETS=10000;
+//! 0 skips a part).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -361,6 +367,140 @@ fn large(mbs: &[u64]) {
     }
 }
 
+/// A webhook receiver that answers 204 and counts, for (d).
+async fn sink() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |_body: axum::body::Bytes| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, count)
+}
+
+async fn targets(n: usize) {
+    let dv = Dovecot::start().unwrap();
+    let msgs: Vec<Vec<u8>> = (0..n).map(|i| testbed::sample_message(i, "target", 5000)).collect();
+    dv.drop_messages("alice", "INBOX", &msgs).unwrap();
+    let mut raw = Raw::connect(&dv);
+    raw.cmd("SELECT INBOX");
+    raw.cmd("LOGOUT");
+    println!(
+        "(d) catch-up of {n} x 5 KB into each target as JSON, next to a raw client of the target fed the same bytes"
+    );
+    let batch: usize = std::env::var("INBOXD_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    println!("    (batch_size {batch}; INBOXD_BENCH_BATCH changes it)");
+    let run = |deliver: String| {
+        let dv = &dv;
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(
+                dv,
+                dir.path(),
+                &format!("start = \"all\"\nbatch_size = {batch}\ndeliver = {deliver}"),
+            );
+            let store = Arc::new(SqliteStore::open(&cfg.state).await.unwrap());
+            let t = Instant::now();
+            let dead = Watcher::start(cfg.watches[0].clone(), store, Mode::Once)
+                .unwrap()
+                .join()
+                .await
+                .unwrap();
+            assert_eq!(dead, 0);
+            t.elapsed().as_secs_f64()
+        }
+    };
+    let line = |name: &str, ours: f64, raw: f64| {
+        println!(
+            "    {name:8} inboxd {ours:6.2} s {:7.0} msg/s   raw {raw:6.2} s {:7.0} msg/s   (inboxd at {:.0} % of raw)",
+            n as f64 / ours,
+            n as f64 / raw,
+            100.0 * raw / ours
+        );
+    };
+
+    // NATS JetStream.
+    let nats = testbed::Nats::start().unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for name in ["RAW", "INBOXD"] {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{}.>", name.to_lowercase())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let t = Instant::now();
+    for (chunk_no, chunk) in msgs.chunks(200).enumerate() {
+        let mut acks = Vec::new();
+        for (i, m) in chunk.iter().enumerate() {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", format!("raw-{chunk_no}-{i}").as_str());
+            acks.push(js.publish_with_headers("raw.x", h, m.clone().into()).await.unwrap());
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    let raw_nats = t.elapsed().as_secs_f64();
+    let ours = run(format!(
+        "{{ nats = \"{}\", subject = \"inboxd.{{account}}\" }}",
+        nats.url()
+    ))
+    .await;
+    line("nats", ours, raw_nats);
+
+    // Redis stream.
+    let redis = testbed::Redis::start().unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let t = Instant::now();
+    for (i, m) in msgs.iter().enumerate() {
+        let _: String = redis::cmd("XADD")
+            .arg("raw")
+            .arg("*")
+            .arg("key")
+            .arg(i)
+            .arg("payload")
+            .arg(m.as_slice())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let raw_redis = t.elapsed().as_secs_f64();
+    let ours = run(format!("{{ redis = \"{}\" }}", redis.url())).await;
+    line("redis", ours, raw_redis);
+
+    // Webhook.
+    let (url, count) = sink().await;
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    for m in &msgs {
+        let r = http.post(&url).body(m.clone()).send().await.unwrap();
+        assert!(r.status().is_success());
+    }
+    let raw_hook = t.elapsed().as_secs_f64();
+    let ours = run(format!("{{ webhook = \"{url}\" }}")).await;
+    assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 2 * n);
+    line("webhook", ours, raw_hook);
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -421,5 +561,9 @@ fn main() {
         .collect();
     if !large_mb.is_empty() {
         large(&large_mb);
+    }
+    let n = env("INBOXD_BENCH_TARGETS", 10_000);
+    if n > 0 {
+        rt.block_on(targets(n));
     }
 }
