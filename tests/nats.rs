@@ -169,8 +169,17 @@ async fn a_subject_no_stream_captures_is_a_clear_failure_not_a_dead_letter() {
         matches!(&e, Event::Disconnected { error: Some(m), .. } if m.contains("no JetStream stream")),
         "{e:?}"
     );
+    // `inboxd check` says the same before delivering anything.
+    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let e = handler.probe("t", "INBOX").await.unwrap_err();
+    assert!(
+        e.is_unavailable() && e.reason.contains("no JetStream stream captures mail.t.INBOX"),
+        "{e:?}"
+    );
     // Once a stream exists, the message goes through: it was never dead-lettered.
     stream(&nats, "LATE", "mail.>").await;
+    let ok = handler.probe("t", "INBOX").await.unwrap();
+    assert!(ok.contains("stream LATE"), "{ok}");
     w.stop().await.unwrap();
     let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();
     assert_eq!(w.join().await.unwrap(), 0);

@@ -47,6 +47,9 @@ async fn a_backlog_lands_in_the_stream_in_order_and_a_replay_adds_nothing() {
     assert_eq!(w.join().await.unwrap(), 0);
     let got = entries(&redis, "inboxd:t:INBOX").await;
     assert_eq!(got.iter().map(|e| e.1).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let ok = handler.probe("t", "INBOX").await.unwrap();
+    assert!(ok.contains("PONG") && ok.contains("inboxd:t:INBOX"), "{ok}");
     for (key, _, payload) in &got {
         let json: serde_json::Value = serde_json::from_slice(payload).unwrap();
         assert_eq!(json["key"], key.as_str());
@@ -81,6 +84,8 @@ async fn a_redis_down_during_a_backlog_loses_and_repeats_nothing() {
     let mut ev = w.subscribe();
     wait_for(&mut ev, 60, |e| matches!(e, Event::CaughtUp { last_uid: 250, .. })).await;
     redis.stop();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    assert!(handler.probe("t", "INBOX").await.unwrap_err().is_unavailable());
     append_raw(&dv, "INBOX", &msgs[250..]).await;
     let e = wait_for(&mut ev, 60, |e| {
         matches!(e, Event::Failed { .. } | Event::Disconnected { error: Some(_), .. })

@@ -239,6 +239,13 @@ impl Handler for Exec {
     fn deliver<'a>(&'a mut self, message: &'a Message<'a>) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(self.run(message))
     }
+
+    fn probe<'a>(&'a mut self, _account: &'a str, _folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(format!("program {} can be started", self.argv[0]))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -313,6 +313,15 @@ impl Handler for Maildir {
     fn spool_dir(&self) -> Option<&Path> {
         Some(&self.tmp)
     }
+
+    fn probe<'a>(&'a mut self, _account: &'a str, _folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {
+        Box::pin(async move {
+            // Opening created tmp/, new/ and cur/; a file in tmp/ proves they can be written.
+            let (tmp, _) = create_unique(&self.tmp, "inboxd-check", self.mode)?;
+            let _ = fs::remove_file(&tmp);
+            Ok(format!("Maildir {} is writable", self.root.display()))
+        })
+    }
 }
 
 #[cfg(test)]

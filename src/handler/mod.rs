@@ -190,6 +190,12 @@ pub trait Handler: Send {
         false
     }
 
+    /// Checks that the target can take messages for `account`/`folder`, without delivering
+    /// anything (for `inboxd check`): what was checked, or why it cannot work.
+    fn probe<'a>(&'a mut self, _account: &'a str, _folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {
+        Box::pin(async { Ok("nothing to check".to_string()) })
+    }
+
     /// Where this handler wants large messages spooled; `None` means the watch's spool
     /// directory. A Maildir answers its own `tmp/`, so that delivering a spooled message is a
     /// hard link, not a copy.

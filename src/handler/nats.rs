@@ -169,6 +169,21 @@ impl Handler for Nats {
     fn batches(&self) -> bool {
         true
     }
+
+    fn probe<'a>(&'a mut self, account: &'a str, folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {
+        Box::pin(async move {
+            let (_, js) = self.context().await.map_err(|e| HandlerError::unavailable(e.reason))?;
+            let subject = subject_for(&self.subject, account, folder);
+            let stream = js
+                .stream_by_subject(subject.clone())
+                .await
+                .map_err(|e| HandlerError::unavailable(format!("nats: no JetStream stream captures {subject}: {e}")))?;
+            Ok(format!(
+                "{} connected; subject {subject} goes to stream {stream}",
+                self.servers
+            ))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -164,4 +164,19 @@ impl Handler for Redis {
     fn batches(&self) -> bool {
         true
     }
+
+    fn probe<'a>(&'a mut self, account: &'a str, folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {
+        Box::pin(async move {
+            let mut c = self
+                .connection()
+                .await
+                .map_err(|e| HandlerError::unavailable(e.reason))?;
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| HandlerError::unavailable(format!("redis: {}", e.kind_text())))?;
+            let stream = self.stream.replace("{account}", account).replace("{folder}", folder);
+            Ok(format!("connected ({pong}); entries go to stream {stream}"))
+        })
+    }
 }

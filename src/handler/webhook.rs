@@ -262,6 +262,30 @@ impl Handler for Webhook {
         Box::pin(self.post(message))
     }
 
+    fn probe<'a>(&'a mut self, _account: &'a str, _folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {
+        Box::pin(async move {
+            let signed = self.signing_key().await?.is_some();
+            // A HEAD proves the name resolves, the connection opens and TLS verifies; its
+            // status says little (many receivers answer 405 to HEAD), so it is only shown.
+            let answer = self
+                .client
+                .head(&self.url)
+                .send()
+                .await
+                .map_err(|e| HandlerError::unavailable(format!("webhook: {}", describe(&e))))?;
+            Ok(format!(
+                "{} reachable (HEAD answered {}), {}",
+                self.url,
+                answer.status(),
+                if signed {
+                    "signing secret ok"
+                } else {
+                    "requests are NOT signed (no secret)"
+                }
+            ))
+        })
+    }
+
     /// Acknowledged messages are committed once per batch: a receiver that deduplicates on
     /// `webhook-id` sees a message again only after a crash in the middle of a batch.
     fn batches(&self) -> bool {

@@ -131,14 +131,18 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
     let store = open_store(config).await?;
     let mut failed = 0;
     for w in &config.watches {
-        if let inboxd::config::Deliver::Exec { argv, timeout, cwd, .. } = &w.deliver {
-            let exec = inboxd::handler::exec::Exec::new(argv.clone(), *timeout, cwd.clone());
-            match exec.check() {
-                Ok(()) => writeln!(out, "watch {}: handler {} ok", w.name(), argv[0])?,
-                Err(e) => {
-                    writeln!(out, "watch {}: handler FAILED: {}", w.name(), e.reason)?;
-                    failed += 1;
-                }
+        // Each target is checked without delivering anything: the program can start, the
+        // Maildir is writable, the webhook answers, a NATS stream captures the subject, Redis
+        // answers PING.
+        let probed = match inboxd::handler::from_config(&w.deliver) {
+            Ok(mut handler) => handler.probe(&w.account.name, &w.folder).await,
+            Err(e) => Err(e),
+        };
+        match probed {
+            Ok(what) => writeln!(out, "watch {}: target ok: {}", w.name(), printable(&what))?,
+            Err(e) => {
+                writeln!(out, "watch {}: target FAILED: {}", w.name(), printable(&e.reason))?;
+                failed += 1;
             }
         }
     }

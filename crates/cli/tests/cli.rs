@@ -287,7 +287,7 @@ fn a_missing_handler_fails_check_and_the_start_instead_of_dead_lettering_mail() 
     let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !out.status.success() && text.contains("handler FAILED") && text.contains("nope.sh not found"),
+        !out.status.success() && text.contains("target FAILED") && text.contains("nope.sh not found"),
         "{text}"
     );
     let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
