@@ -268,6 +268,16 @@ pub enum Deliver {
         timeout: Duration,
         ca_file: Option<PathBuf>,
     },
+    Amqp {
+        url: String,
+        user: String,
+        password: Option<SecretSource>,
+        exchange: String,
+        /// Routing key template with `{account}` and `{folder}`.
+        routing_key: String,
+        payload: Payload,
+        timeout: Duration,
+    },
     Redis {
         url: String,
         /// Stream key template with `{account}` and `{folder}`.

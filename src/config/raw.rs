@@ -256,10 +256,18 @@ pub(super) struct RawDeliver {
     pub(super) redis: Option<String>,
     /// Redis stream key, with `{account}` and `{folder}` (default "inboxd:{account}:{folder}").
     pub(super) stream: Option<String>,
-    /// Redis password, from a secret source.
+    /// Redis or AMQP password, from a secret source.
     pub(super) password: Option<SecretSource>,
     /// How long Redis remembers a key to drop a repeat (default 7 days).
     pub(super) dedupe_for: Option<Dur>,
+    /// AMQP broker (`amqp://host:5672/vhost`; credentials in `user` and `password`).
+    pub(super) amqp: Option<String>,
+    /// AMQP user (default "guest").
+    pub(super) user: Option<String>,
+    /// AMQP exchange (default "", the default exchange: the routing key names the queue).
+    pub(super) exchange: Option<String>,
+    /// AMQP routing key, with `{account}` and `{folder}` (default "inboxd.{account}.{folder}").
+    pub(super) routing_key: Option<String>,
     /// Deadline per message: exec default 5 minutes, webhook 30 seconds.
     pub(super) timeout: Option<Dur>,
     /// Maildir file mode, octal (default "0600"); directories get matching search bits.

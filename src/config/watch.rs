@@ -116,20 +116,28 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         ("webhook", d.webhook.is_some()),
         ("nats", d.nats.is_some()),
         ("redis", d.redis.is_some()),
+        ("amqp", d.amqp.is_some()),
     ];
     let kind = match given.iter().filter(|(_, g)| *g).map(|(k, _)| *k).collect::<Vec<_>>()[..] {
         [one] => one,
         _ => {
             return Err(bad(
-                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"` or `redis = \"redis://..\"`".into(),
+                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"`, `redis = \"redis://..\"` or `amqp = \"amqp://..\"`".into(),
             ));
         }
     };
     // Which destination each optional key belongs to.
-    let keys: [(&str, bool, &[&str]); 15] = [
-        ("timeout", d.timeout.is_some(), &["exec", "webhook", "nats", "redis"]),
+    let keys: [(&str, bool, &[&str]); 18] = [
+        (
+            "timeout",
+            d.timeout.is_some(),
+            &["exec", "webhook", "nats", "redis", "amqp"],
+        ),
         ("stream", d.stream.is_some(), &["redis"]),
-        ("password", d.password.is_some(), &["redis"]),
+        ("password", d.password.is_some(), &["redis", "amqp"]),
+        ("user", d.user.is_some(), &["amqp"]),
+        ("exchange", d.exchange.is_some(), &["amqp"]),
+        ("routing_key", d.routing_key.is_some(), &["amqp"]),
         ("dedupe_for", d.dedupe_for.is_some(), &["redis"]),
         ("subject", d.subject.is_some(), &["nats"]),
         ("token", d.token.is_some(), &["nats"]),
@@ -137,7 +145,7 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         ("stdin", d.stdin.is_some(), &["exec"]),
         ("mode", d.mode.is_some(), &["maildir"]),
         ("secret", d.secret.is_some(), &["webhook"]),
-        ("format", d.format.is_some(), &["webhook", "nats", "redis"]),
+        ("format", d.format.is_some(), &["webhook", "nats", "redis", "amqp"]),
         ("ca_file", d.ca_file.is_some(), &["webhook"]),
         ("allow_http", d.allow_http.is_some(), &["webhook"]),
         (
@@ -195,6 +203,33 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
             Deliver::Maildir {
                 path: ctx.base.join(d.maildir.unwrap_or_default()),
                 mode,
+            }
+        }
+        "amqp" => {
+            if !cfg!(feature = "amqp") {
+                return Err(bad(
+                    "watch.deliver: this inboxd was built without the `amqp` feature".into()
+                ));
+            }
+            let url = d.amqp.unwrap_or_default();
+            if !url.starts_with("amqp://") {
+                return Err(bad(format!(
+                    "watch.deliver.amqp: {url:?} is not an amqp:// URL (amqps:// is not supported yet)"
+                )));
+            }
+            if url.contains('@') {
+                return Err(bad(
+                    "watch.deliver.amqp: put no credentials in the URL; use `user` and `password`".into(),
+                ));
+            }
+            Deliver::Amqp {
+                url,
+                user: d.user.unwrap_or_else(|| "guest".into()),
+                password: d.password.map(|s| s.relative_to(&ctx.base)),
+                exchange: d.exchange.unwrap_or_default(),
+                routing_key: d.routing_key.unwrap_or_else(|| "inboxd.{account}.{folder}".into()),
+                payload: payload(d.format, RawFormat::Json),
+                timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
             }
         }
         "redis" => {

@@ -6,6 +6,8 @@
 //!
 //! Library users can implement [`Handler`] themselves.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod exec;
 pub mod maildir;
 #[cfg(feature = "nats")]
@@ -233,6 +235,30 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             *timeout,
             ca_file.as_deref(),
         )?),
+        #[cfg(feature = "amqp")]
+        Deliver::Amqp {
+            url,
+            user,
+            password,
+            exchange,
+            routing_key,
+            payload,
+            timeout,
+        } => Box::new(amqp::Amqp::new(
+            url,
+            user,
+            password.clone(),
+            exchange,
+            routing_key,
+            *payload,
+            *timeout,
+        )),
+        #[cfg(not(feature = "amqp"))]
+        Deliver::Amqp { .. } => {
+            return Err(HandlerError::unavailable(
+                "this inboxd was built without the `amqp` feature",
+            ));
+        }
         #[cfg(feature = "redis")]
         Deliver::Redis {
             url,

@@ -1,0 +1,119 @@
+//! The AMQP target against a real Dovecot and the machine's RabbitMQ (127.0.0.1:5672,
+//! guest/guest; `.ci/run` starts it when it is not running). Each test uses queues of its own
+//! and deletes them.
+#![cfg(feature = "amqp")]
+
+mod support;
+
+use amqprs::channel::{BasicGetArguments, Channel, QueueDeclareArguments, QueueDeleteArguments};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use inboxd::watcher::{Event, Mode, Watcher};
+use support::*;
+
+async fn rabbit() -> (Connection, Channel) {
+    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+    let c = Connection::open(&args)
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it: rabbitmq-server -detached)");
+    let ch = c.open_channel(None).await.unwrap();
+    (c, ch)
+}
+
+fn queue_name() -> String {
+    format!("inboxd-test-{}-{}", std::process::id(), fastrand::u64(..))
+}
+
+/// Every message in the queue, in order: (message_id, body).
+async fn drain(ch: &Channel, queue: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some((_, props, body)) = ch
+        .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
+        .await
+        .unwrap()
+    {
+        out.push((props.message_id().cloned().unwrap_or_default(), body));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_and_live_mail_are_confirmed_persistent_and_in_order() {
+    let dv = dovecot();
+    let (_c, ch) = rabbit().await;
+    let queue = queue_name();
+    ch.queue_declare(QueueDeclareArguments::durable_client_named(&queue))
+        .await
+        .unwrap();
+    let names: Vec<String> = (1..=20).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    append(&dv, "INBOX", &refs).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The default exchange routes by queue name.
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        &format!(
+            "start = \"all\"\ndeliver = {{ amqp = \"amqp://127.0.0.1:5672/%2f\", routing_key = \"{queue}\", password = \"guest\" }}"
+        ),
+    );
+    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    assert!(
+        handler
+            .probe("t", "INBOX")
+            .await
+            .unwrap()
+            .contains("publisher confirms on")
+    );
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Forever).unwrap();
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 30, |e| matches!(e, Event::CaughtUp { last_uid: 20, .. })).await;
+    append(&dv, "INBOX", &["live"]).await;
+    wait_for(&mut ev, 30, |e| matches!(e, Event::Delivered { uid: 21, .. })).await;
+    w.stop().await.unwrap();
+    let got = drain(&ch, &queue).await;
+    ch.queue_delete(QueueDeleteArguments::new(&queue)).await.unwrap();
+    assert_eq!(got.len(), 21);
+    let mut uids = Vec::new();
+    for (id, body) in &got {
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["key"], id.as_str(), "message_id is the idempotency key");
+        uids.push(json["uid"].as_u64().unwrap());
+    }
+    assert_eq!(uids, (1..=21).collect::<Vec<u64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_message_is_a_failure_of_the_watch_not_a_silent_drop() {
+    let dv = dovecot();
+    append(&dv, "INBOX", &["a"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = queue_name();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        &format!(
+            "start = \"all\"\nmax_attempts = 1\ndeliver = {{ amqp = \"amqp://127.0.0.1:5672/%2f\", routing_key = \"{queue}\", password = \"guest\" }}"
+        ),
+    );
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Forever).unwrap();
+    let mut ev = w.subscribe();
+    let e = wait_for(&mut ev, 30, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    assert!(
+        matches!(&e, Event::Disconnected { error: Some(m), .. } if m.contains("unroutable") && m.contains("NO_ROUTE")),
+        "{e:?}"
+    );
+    assert_eq!(w.health().dead_lettered, 0);
+    w.stop().await.unwrap();
+    // With the queue there, the same message goes through.
+    let (_c, ch) = rabbit().await;
+    ch.queue_declare(QueueDeclareArguments::durable_client_named(&queue))
+        .await
+        .unwrap();
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();
+    assert_eq!(w.join().await.unwrap(), 0);
+    let got = drain(&ch, &queue).await;
+    ch.queue_delete(QueueDeleteArguments::new(&queue)).await.unwrap();
+    assert_eq!(got.len(), 1);
+}
