@@ -268,6 +268,15 @@ pub enum Deliver {
         timeout: Duration,
         ca_file: Option<PathBuf>,
     },
+    Mqtt {
+        url: String,
+        user: Option<String>,
+        password: Option<SecretSource>,
+        /// Topic template with `{account}` and `{folder}`.
+        topic: String,
+        payload: Payload,
+        timeout: Duration,
+    },
     Amqp {
         url: String,
         user: String,

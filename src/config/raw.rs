@@ -256,14 +256,18 @@ pub(super) struct RawDeliver {
     pub(super) redis: Option<String>,
     /// Redis stream key, with `{account}` and `{folder}` (default "inboxd:{account}:{folder}").
     pub(super) stream: Option<String>,
-    /// Redis or AMQP password, from a secret source.
+    /// Redis, AMQP or MQTT password, from a secret source.
     pub(super) password: Option<SecretSource>,
     /// How long Redis remembers a key to drop a repeat (default 7 days).
     pub(super) dedupe_for: Option<Dur>,
     /// AMQP broker (`amqp://host:5672/vhost`; credentials in `user` and `password`).
     pub(super) amqp: Option<String>,
-    /// AMQP user (default "guest").
+    /// AMQP user (default "guest"), or MQTT user (default none).
     pub(super) user: Option<String>,
+    /// MQTT broker (`mqtt://host:1883`).
+    pub(super) mqtt: Option<String>,
+    /// MQTT topic, with `{account}` and `{folder}` (default "inboxd/{account}/{folder}").
+    pub(super) topic: Option<String>,
     /// AMQP exchange (default "", the default exchange: the routing key names the queue).
     pub(super) exchange: Option<String>,
     /// AMQP routing key, with `{account}` and `{folder}` (default "inboxd.{account}.{folder}").

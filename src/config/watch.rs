@@ -117,53 +117,50 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         ("nats", d.nats.is_some()),
         ("redis", d.redis.is_some()),
         ("amqp", d.amqp.is_some()),
+        ("mqtt", d.mqtt.is_some()),
     ];
     let kind = match given.iter().filter(|(_, g)| *g).map(|(k, _)| *k).collect::<Vec<_>>()[..] {
         [one] => one,
         _ => {
             return Err(bad(
-                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"`, `redis = \"redis://..\"` or `amqp = \"amqp://..\"`".into(),
+                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"`, `redis = \"redis://..\"`, `amqp = \"amqp://..\"` or `mqtt = \"mqtt://..\"`".into(),
             ));
         }
     };
-    // Which destination each optional key belongs to.
-    let keys: [(&str, bool, &[&str]); 18] = [
+    // Which destinations each optional key belongs to.
+    const SENDERS: &[&str] = &["exec", "webhook", "nats", "redis", "amqp", "mqtt"];
+    const BROKERS: &[&str] = &["webhook", "nats", "redis", "amqp", "mqtt"];
+    let keys: [(&str, bool, &[&str]); 20] = [
+        ("timeout", d.timeout.is_some(), SENDERS),
+        ("format", d.format.is_some(), BROKERS),
         (
-            "timeout",
-            d.timeout.is_some(),
-            &["exec", "webhook", "nats", "redis", "amqp"],
+            "attachments",
+            d.attachments.is_some() || d.attachment_max.is_some(),
+            SENDERS,
         ),
-        ("stream", d.stream.is_some(), &["redis"]),
-        ("password", d.password.is_some(), &["redis", "amqp"]),
-        ("user", d.user.is_some(), &["amqp"]),
-        ("exchange", d.exchange.is_some(), &["amqp"]),
-        ("routing_key", d.routing_key.is_some(), &["amqp"]),
-        ("dedupe_for", d.dedupe_for.is_some(), &["redis"]),
-        ("subject", d.subject.is_some(), &["nats"]),
-        ("token", d.token.is_some(), &["nats"]),
+        ("raw", d.raw.is_some(), SENDERS),
         ("pass_env", d.pass_env.is_some(), &["exec"]),
         ("stdin", d.stdin.is_some(), &["exec"]),
         ("mode", d.mode.is_some(), &["maildir"]),
         ("secret", d.secret.is_some(), &["webhook"]),
-        ("format", d.format.is_some(), &["webhook", "nats", "redis", "amqp"]),
         ("ca_file", d.ca_file.is_some(), &["webhook"]),
         ("allow_http", d.allow_http.is_some(), &["webhook"]),
-        (
-            "attachments",
-            d.attachments.is_some() || d.attachment_max.is_some(),
-            &["exec", "webhook"],
-        ),
-        ("raw", d.raw.is_some(), &["exec", "webhook"]),
+        ("subject", d.subject.is_some(), &["nats"]),
+        ("token", d.token.is_some(), &["nats"]),
+        ("stream", d.stream.is_some(), &["redis"]),
+        ("dedupe_for", d.dedupe_for.is_some(), &["redis"]),
+        ("exchange", d.exchange.is_some(), &["amqp"]),
+        ("routing_key", d.routing_key.is_some(), &["amqp"]),
+        ("topic", d.topic.is_some(), &["mqtt"]),
+        ("user", d.user.is_some(), &["amqp", "mqtt"]),
+        ("password", d.password.is_some(), &["redis", "amqp", "mqtt"]),
+        ("attachment_max", d.attachment_max.is_some(), SENDERS),
     ];
     for (key, given, applies) in keys {
         if given && !applies.contains(&kind) {
             return Err(bad(format!(
                 "watch.deliver: `{key}` applies to {} only, not to `{kind}`",
-                applies
-                    .iter()
-                    .map(|a| format!("`{a}`"))
-                    .collect::<Vec<_>>()
-                    .join(" and ")
+                applies.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
             )));
         }
     }
@@ -203,6 +200,33 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
             Deliver::Maildir {
                 path: ctx.base.join(d.maildir.unwrap_or_default()),
                 mode,
+            }
+        }
+        "mqtt" => {
+            if !cfg!(feature = "mqtt") {
+                return Err(bad(
+                    "watch.deliver: this inboxd was built without the `mqtt` feature".into()
+                ));
+            }
+            let url = d.mqtt.unwrap_or_default();
+            if !url.starts_with("mqtt://") || url.contains('@') {
+                return Err(bad(format!(
+                    "watch.deliver.mqtt: {url:?} is not an mqtt://host[:port] URL (credentials go in `user` and `password`; mqtts:// is not supported yet)"
+                )));
+            }
+            let topic = d.topic.unwrap_or_else(|| "inboxd/{account}/{folder}".into());
+            if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+                return Err(bad(format!(
+                    "watch.deliver.topic: {topic:?} is not a topic to publish to (no wildcards)"
+                )));
+            }
+            Deliver::Mqtt {
+                url,
+                user: d.user,
+                password: d.password.map(|s| s.relative_to(&ctx.base)),
+                topic,
+                payload: payload(d.format, RawFormat::Json),
+                timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
             }
         }
         "amqp" => {
@@ -306,4 +330,67 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, Deliver, Payload};
+
+    fn load(deliver: &str) -> Result<Config, String> {
+        let text = format!(
+            "[accounts.a]\nhost = \"127.0.0.1\"\nuser = \"u\"\npassword = \"p\"\ntls = \"none\"\n\n[[watch]]\naccount = \"a\"\ndeliver = {deliver}\n"
+        );
+        Config::parse(Path::new("/etc/inboxd/inboxd.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_target_takes_its_keys_and_the_json_options() {
+        for deliver in [
+            r#"{ exec = ["h"], stdin = "json", attachments = "inline", attachment_max = "2MiB", raw = true, timeout = "1m" }"#,
+            r#"{ webhook = "https://h.example/x", secret = { env = "S" }, format = "raw", ca_file = "ca.pem", timeout = "5s" }"#,
+            r#"{ nats = "nats://127.0.0.1:4222", subject = "m.{account}", token = { env = "T" }, attachments = "omit" }"#,
+            r#"{ redis = "redis://127.0.0.1", stream = "s:{folder}", password = { env = "P" }, dedupe_for = "1d", raw = true }"#,
+            r#"{ amqp = "amqp://127.0.0.1", user = "u", password = { env = "P" }, exchange = "x", routing_key = "r", attachments = "metadata" }"#,
+            r#"{ mqtt = "mqtt://127.0.0.1", topic = "t/{account}", user = "u", password = { env = "P" }, timeout = "3s" }"#,
+        ] {
+            let c = load(deliver).unwrap_or_else(|e| panic!("{deliver}: {e}"));
+            if let Deliver::Exec {
+                stdin: Payload::Json(o),
+                ..
+            } = &c.watches[0].deliver
+            {
+                assert_eq!(o.attachment_max, 2 << 20);
+                assert!(o.raw);
+            }
+        }
+    }
+
+    #[test]
+    fn misplaced_keys_and_unsafe_urls_are_located_errors() {
+        for (deliver, expected) in [
+            (r#"{ maildir = "m", timeout = "1s" }"#, "`timeout` applies to"),
+            (r#"{ exec = ["h"], topic = "x" }"#, "`topic` applies to `mqtt` only"),
+            (r#"{ webhook = "http://hooks.example.com/x" }"#, "plain http://"),
+            (
+                r#"{ webhook = "https://u:p@hooks.example.com/x" }"#,
+                "no credentials in the URL",
+            ),
+            (r#"{ redis = "redis://:pw@127.0.0.1" }"#, "no password in the URL"),
+            (
+                r#"{ amqp = "amqp://guest:guest@127.0.0.1" }"#,
+                "no credentials in the URL",
+            ),
+            (r#"{ mqtt = "mqtt://127.0.0.1", topic = "a/#" }"#, "no wildcards"),
+            (r#"{ nats = "nats://x", subject = "a.*" }"#, "no spaces or wildcards"),
+            (r#"{ exec = ["h"], maildir = "m" }"#, "exactly one of"),
+        ] {
+            let e = load(deliver).unwrap_err();
+            assert!(
+                e.contains(expected) && e.contains("/etc/inboxd/inboxd.toml:9:"),
+                "{deliver}: {e}"
+            );
+        }
+    }
 }

@@ -10,6 +10,8 @@
 pub mod amqp;
 pub mod exec;
 pub mod maildir;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
@@ -235,6 +237,28 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             *timeout,
             ca_file.as_deref(),
         )?),
+        #[cfg(feature = "mqtt")]
+        Deliver::Mqtt {
+            url,
+            user,
+            password,
+            topic,
+            payload,
+            timeout,
+        } => Box::new(mqtt::Mqtt::new(
+            url,
+            user.clone(),
+            password.clone(),
+            topic,
+            *payload,
+            *timeout,
+        )?),
+        #[cfg(not(feature = "mqtt"))]
+        Deliver::Mqtt { .. } => {
+            return Err(HandlerError::unavailable(
+                "this inboxd was built without the `mqtt` feature",
+            ));
+        }
         #[cfg(feature = "amqp")]
         Deliver::Amqp {
             url,

@@ -669,3 +669,82 @@ impl Drop for Redis {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A throwaway Mosquitto (MQTT 5) on a free loopback port with its own directory.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> io::Result<Mosquitto> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("inboxd-mosquitto-{}-{port}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        // SAFETY: geteuid(2) only reads the process's credentials.
+        let root = unsafe { libc::geteuid() } == 0;
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{}",
+            dir.display(),
+            if root { "user root\n" } else { "" }
+        );
+        fs::write(dir.join("mosquitto.conf"), conf)?;
+        let mut m = Mosquitto { port, dir, child: None };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "mosquitto is not installed (apt-get install mosquitto)",
+                )
+            })?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::other(format!("mosquitto did not listen on {}", self.port)))
+    }
+
+    /// Stops the broker (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
