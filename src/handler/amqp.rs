@@ -24,7 +24,6 @@ use tokio::sync::mpsc;
 
 use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
-use crate::envelope::Envelope;
 use crate::secret::SecretSource;
 
 /// What the broker said about published messages.
@@ -204,18 +203,7 @@ impl Amqp {
                 "amqp: the routing key {routing_key:?} is longer than AMQP's 255 bytes"
             )));
         }
-        let (content_type, body) = match self.payload {
-            Payload::Json(options) => (
-                "application/json",
-                Envelope::build(m, &options)
-                    .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
-                    .to_json(),
-            ),
-            Payload::Raw => (
-                "message/rfc822",
-                m.body.to_vec().map_err(|e| HandlerError::new(e.to_string()))?,
-            ),
-        };
+        let (content_type, body) = super::encode(self.payload, m)?;
         self.connect().await?;
         let Some(live) = self.live.as_mut() else {
             return Err(HandlerError::transient("amqp: not connected", None));

@@ -208,6 +208,22 @@ pub trait Handler: Send {
     }
 }
 
+/// What a target sends for a message: the `inboxd.message.v1` JSON, or the raw bytes, with its
+/// content type. A spooled message is read from its file (raw: whole; a broker message is
+/// bounded by the broker anyway).
+pub fn encode(payload: crate::config::Payload, m: &Message<'_>) -> Result<(&'static str, Vec<u8>), HandlerError> {
+    let unreadable = |e: std::io::Error| HandlerError::new(format!("cannot read the spooled message: {e}"));
+    Ok(match payload {
+        crate::config::Payload::Json(options) => (
+            "application/json",
+            crate::envelope::Envelope::build(m, &options)
+                .map_err(unreadable)?
+                .to_json(),
+        ),
+        crate::config::Payload::Raw => ("message/rfc822", m.body.to_vec().map_err(unreadable)?),
+    })
+}
+
 /// Builds the handler a watch's config asks for.
 pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> {
     Ok(match deliver {

@@ -22,7 +22,6 @@ use tokio::sync::mpsc;
 
 use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
-use crate::envelope::Envelope;
 use crate::secret::SecretSource;
 
 /// What the event loop saw.
@@ -151,18 +150,7 @@ impl Mqtt {
 
     async fn publish(&mut self, m: &Message<'_>) -> Result<(), HandlerError> {
         let topic = self.topic.replace("{account}", m.account).replace("{folder}", m.folder);
-        let (content_type, body) = match self.payload {
-            Payload::Json(options) => (
-                "application/json",
-                Envelope::build(m, &options)
-                    .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
-                    .to_json(),
-            ),
-            Payload::Raw => (
-                "message/rfc822",
-                m.body.to_vec().map_err(|e| HandlerError::new(e.to_string()))?,
-            ),
-        };
+        let (content_type, body) = super::encode(self.payload, m)?;
         self.connect().await?;
         let Some(live) = self.live.as_ref() else {
             return Err(HandlerError::transient("mqtt: not connected", None));

@@ -16,7 +16,6 @@ use futures::future::BoxFuture;
 
 use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
-use crate::envelope::Envelope;
 use crate::secret::SecretSource;
 
 pub struct Nats {
@@ -79,33 +78,23 @@ impl Nats {
     async fn publish(&mut self, m: &Message<'_>) -> Result<(), HandlerError> {
         let (client, js) = self.context().await?;
         let max = client.server_info().max_payload as u64;
-        let bytes = match self.payload {
-            Payload::Json(options) => Envelope::build(m, &options)
-                .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
-                .to_json(),
-            Payload::Raw if m.body.len() > max => Vec::new(),
-            Payload::Raw => m.body.to_vec().map_err(|e| HandlerError::new(e.to_string()))?,
-        };
-        let size = if bytes.is_empty() {
-            m.body.len()
-        } else {
-            bytes.len() as u64
-        };
-        if max > 0 && size > max {
-            return Err(HandlerError::permanent(format!(
+        let too_big = |size: u64| {
+            HandlerError::permanent(format!(
                 "nats: the message is {size} bytes, above the server's max_payload ({max} bytes)"
-            )));
+            ))
+        };
+        // A raw message too large is refused before it is read.
+        if self.payload == Payload::Raw && max > 0 && m.body.len() > max {
+            return Err(too_big(m.body.len()));
+        }
+        let (content_type, bytes) = super::encode(self.payload, m)?;
+        if max > 0 && bytes.len() as u64 > max {
+            return Err(too_big(bytes.len() as u64));
         }
         let subject = subject_for(&self.subject, m.account, m.folder);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", m.key);
-        headers.insert(
-            "Content-Type",
-            match self.payload {
-                Payload::Json(_) => "application/json",
-                Payload::Raw => "message/rfc822",
-            },
-        );
+        headers.insert("Content-Type", content_type);
         match js.publish_with_headers(subject, headers, bytes.into()).await {
             Ok(ack) => {
                 self.pending.push((m.key.to_string(), ack));

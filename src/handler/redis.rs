@@ -13,7 +13,6 @@ use futures::future::BoxFuture;
 
 use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
-use crate::envelope::Envelope;
 
 /// Adds the entry only if the key is new. KEYS: stream, dedupe key. ARGV: ttl, then field,
 /// value pairs. Returns the entry id, or false for a repeat.
@@ -96,18 +95,7 @@ impl Redis {
 
     async fn add(&mut self, m: &Message<'_>) -> Result<(), HandlerError> {
         let mut c = self.connection().await?;
-        let (content_type, payload) = match self.payload {
-            Payload::Json(options) => (
-                "application/json",
-                Envelope::build(m, &options)
-                    .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
-                    .to_json(),
-            ),
-            Payload::Raw => (
-                "message/rfc822",
-                m.body.to_vec().map_err(|e| HandlerError::new(e.to_string()))?,
-            ),
-        };
+        let (content_type, payload) = super::encode(self.payload, m)?;
         let stream = self
             .stream
             .replace("{account}", m.account)

@@ -516,23 +516,129 @@ pub fn sample_message(n: usize, subject: &str, body_len: usize) -> Vec<u8> {
     m
 }
 
-/// A throwaway NATS server with JetStream, on a free loopback port, storing in its own temp
-/// directory (Debian's `nats-server`; `scripts/install-deps` installs it). Tests that stop or
-/// restart the broker use one of their own, never the machine's.
+/// A server process of a test's own: a free loopback port, a temp directory that survives
+/// restarts (so a broker keeps what it stored), SIGKILL on stop, removed on drop.
+struct Service {
+    what: &'static str,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    command: fn(&Path, u16) -> io::Result<Command>,
+    ready: fn(u16) -> bool,
+}
+
+impl Service {
+    fn start(
+        what: &'static str,
+        command: fn(&Path, u16) -> io::Result<Command>,
+        ready: fn(u16) -> bool,
+    ) -> io::Result<Service> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("inboxd-{what}-{}-{port}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let mut s = Service {
+            what,
+            port,
+            dir,
+            child: None,
+            command,
+            ready,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = (self.command)(&self.dir, self.port)?
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{}: {e} (scripts/install-deps installs it)", self.what),
+                )
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if (self.ready)(self.port) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(io::Error::other(format!(
+            "{} did not answer on port {}",
+            self.what, self.port
+        )))
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn listening(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn installed(candidates: &[&str], package: &str) -> io::Result<PathBuf> {
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{package} is not installed (apt-get install {package})"),
+            )
+        })
+}
+
+/// A throwaway NATS server with JetStream (Debian's `nats-server`). Tests that stop or restart
+/// the broker use one of their own, never the machine's.
 pub struct Nats {
     pub port: u16,
-    dir: PathBuf,
-    child: Option<std::process::Child>,
+    service: Service,
 }
 
 impl Nats {
     pub fn start() -> io::Result<Nats> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("inboxd-nats-{}-{port}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        let mut n = Nats { port, dir, child: None };
-        n.spawn()?;
-        Ok(n)
+        let service = Service::start(
+            "nats-server",
+            |dir, port| {
+                let mut c = Command::new(installed(
+                    &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
+                    "nats-server",
+                )?);
+                c.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                    .arg(dir.join("js"))
+                    .arg("-l")
+                    .arg(dir.join("nats.log"));
+                Ok(c)
+            },
+            listening,
+        )?;
+        Ok(Nats {
+            port: service.port,
+            service,
+        })
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -540,78 +646,53 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) -> io::Result<()> {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "nats-server is not installed (apt-get install nats-server)",
-                )
-            })?;
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.join("js"))
-            .arg("-l")
-            .arg(self.dir.join("nats.log"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Err(io::Error::other(format!(
-            "nats-server did not listen on {} (log: {})",
-            self.port,
-            self.dir.join("nats.log").display()
-        )))
-    }
-
     /// Stops the server (SIGKILL); its stored streams stay for [`Nats::restart`].
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.service.stop();
     }
 
     /// Starts it again on the same port, with the same stored streams.
     pub fn restart(&mut self) -> io::Result<()> {
-        self.stop();
-        self.spawn()
+        self.service.restart()
     }
 }
 
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A throwaway Redis on a free loopback port with its own directory, writing every change to
-/// its append-only file (so a restart keeps the data, as a production Redis with AOF does).
+/// A throwaway Redis writing every change to its append-only file (so a restart keeps the
+/// data, as a production Redis with AOF does).
 pub struct Redis {
     pub port: u16,
-    dir: PathBuf,
-    child: Option<std::process::Child>,
+    service: Service,
 }
 
 impl Redis {
     pub fn start() -> io::Result<Redis> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("inboxd-redis-{}-{port}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        let mut r = Redis { port, dir, child: None };
-        r.spawn()?;
-        Ok(r)
+        let service = Service::start(
+            "redis-server",
+            |dir, port| {
+                let mut c = Command::new(installed(
+                    &["/usr/bin/redis-server", "/usr/sbin/redis-server"],
+                    "redis-server",
+                )?);
+                c.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", ""])
+                    .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                    .arg(dir);
+                Ok(c)
+            },
+            // Listening is not loaded: PING until it answers PONG.
+            |port| {
+                use std::io::Read;
+                let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return false;
+                };
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 64];
+                s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+            },
+        )?;
+        Ok(Redis {
+            port: service.port,
+            service,
+        })
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -619,80 +700,45 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) -> io::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("redis-server: {e} (apt-get install redis-server)")))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                // Listening is not loaded: PING until it answers PONG.
-                use std::io::Read;
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                let mut buf = [0u8; 64];
-                if s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG")) {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(io::Error::other(format!(
-            "redis-server did not answer on {}",
-            self.port
-        )))
-    }
-
     /// Stops the server (SIGKILL); its append-only file stays for [`Redis::restart`].
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.service.stop();
     }
 
     pub fn restart(&mut self) -> io::Result<()> {
-        self.stop();
-        self.spawn()
+        self.service.restart()
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A throwaway Mosquitto (MQTT 5) on a free loopback port with its own directory.
+/// A throwaway Mosquitto (MQTT 5) keeping its state in its own directory.
 pub struct Mosquitto {
     pub port: u16,
-    dir: PathBuf,
-    child: Option<std::process::Child>,
+    service: Service,
 }
 
 impl Mosquitto {
     pub fn start() -> io::Result<Mosquitto> {
-        let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("inboxd-mosquitto-{}-{port}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        // SAFETY: geteuid(2) only reads the process's credentials.
-        let root = unsafe { libc::geteuid() } == 0;
-        let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{}",
-            dir.display(),
-            if root { "user root\n" } else { "" }
-        );
-        fs::write(dir.join("mosquitto.conf"), conf)?;
-        let mut m = Mosquitto { port, dir, child: None };
-        m.spawn()?;
-        Ok(m)
+        let service = Service::start(
+            "mosquitto",
+            |dir, port| {
+                // SAFETY: geteuid(2) only reads the process's credentials.
+                let root = unsafe { libc::geteuid() } == 0;
+                let conf = format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{}",
+                    dir.display(),
+                    if root { "user root\n" } else { "" }
+                );
+                fs::write(dir.join("mosquitto.conf"), conf)?;
+                let mut c = Command::new(installed(&["/usr/sbin/mosquitto", "/usr/bin/mosquitto"], "mosquitto")?);
+                c.arg("-c").arg(dir.join("mosquitto.conf"));
+                Ok(c)
+            },
+            listening,
+        )?;
+        Ok(Mosquitto {
+            port: service.port,
+            service,
+        })
     }
 
     /// `mqtt://127.0.0.1:PORT`.
@@ -700,51 +746,12 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) -> io::Result<()> {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    "mosquitto is not installed (apt-get install mosquitto)",
-                )
-            })?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(io::Error::other(format!("mosquitto did not listen on {}", self.port)))
-    }
-
     /// Stops the broker (SIGKILL).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.service.stop();
     }
 
     pub fn restart(&mut self) -> io::Result<()> {
-        self.stop();
-        self.spawn()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = fs::remove_dir_all(&self.dir);
+        self.service.restart()
     }
 }
