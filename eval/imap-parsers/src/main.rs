@@ -139,8 +139,16 @@ fn time(label: &str, bytes: &[u8], max: u32) {
 
 fn main() {
     std::panic::set_hook(Box::new(|_| {}));
-    time("catch-up: 10,000 x 5 KB FETCH BODY[]", &fetches(10_000, 5_000, false), 64 << 20);
-    time("large message: 25 x 4 MiB FETCH BODY[]<offset>", &fetches(25, 4 << 20, true), 64 << 20);
+    time(
+        "catch-up: 10,000 x 5 KB FETCH BODY[]",
+        &fetches(10_000, 5_000, false),
+        64 << 20,
+    );
+    time(
+        "large message: 25 x 4 MiB FETCH BODY[]<offset>",
+        &fetches(25, 4 << 20, true),
+        64 << 20,
+    );
 
     println!("hostile inputs (greeting first; limit 1 MiB for imap-codec):");
     let greeting = b"* OK ready\r\n".to_vec();
@@ -155,11 +163,23 @@ fn main() {
         v
     };
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("multi-byte character after ']'", with("A1 OK [READ-WRITE]\u{2013} x\r\n".as_bytes())),
-        ("8-bit keyword in FLAGS", with(b"* FLAGS (\\Seen caf\xc3\xa9)\r\nA1 OK done\r\n")),
-        ("literal announced at 536,000,000 bytes", with(b"* 1 FETCH (UID 1 BODY[] {536000000}\r\nZZZZ")),
+        (
+            "multi-byte character after ']'",
+            with("A1 OK [READ-WRITE]\u{2013} x\r\n".as_bytes()),
+        ),
+        (
+            "8-bit keyword in FLAGS",
+            with(b"* FLAGS (\\Seen caf\xc3\xa9)\r\nA1 OK done\r\n"),
+        ),
+        (
+            "literal announced at 536,000,000 bytes",
+            with(b"* 1 FETCH (UID 1 BODY[] {536000000}\r\nZZZZ"),
+        ),
         ("4 MiB line without CRLF", with(&long_line)),
-        ("partial fetch answer BODY[]<0>", with(b"* 1 FETCH (UID 1 BODY[]<0> {3}\r\nabc)\r\nA1 OK done\r\n")),
+        (
+            "partial fetch answer BODY[]<0>",
+            with(b"* 1 FETCH (UID 1 BODY[]<0> {3}\r\nabc)\r\nA1 OK done\r\n"),
+        ),
     ];
     for (label, bytes) in &cases {
         let t = Instant::now();
