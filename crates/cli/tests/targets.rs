@@ -1,0 +1,138 @@
+//! The broker targets under the harshest fault for a delivery guarantee: the real binary
+//! (`inboxd run`) SIGKILLed three times while a burst of mail arrives. Every message must
+//! reach NATS and Redis exactly once: nothing lost, and the repeats a kill causes (the batch
+//! in flight is handed over again with the same key) dropped by the targets' deduplication.
+
+#[path = "../../../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use inboxd_testbed::{Nats, Redis};
+use support::*;
+
+fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    inboxd_bin()
+        .args(["--log", "inboxd=debug", "run", "-c"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap()
+}
+
+async fn nats_ids(nats: &Nats) -> Vec<String> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream("MAIL").await.unwrap();
+    let count = stream.info().await.unwrap().state.messages;
+    let mut ids = Vec::new();
+    for seq in 1..=count {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            ids.push(m.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default());
+        }
+    }
+    ids
+}
+
+async fn redis_keys(redis: &Redis) -> Vec<String> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("inboxd:t:Work")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    reply.ids.iter().map(|e| e.get::<String>("key").unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_and_redis() {
+    let dv = dovecot();
+    let nats = Nats::start().unwrap();
+    let redis = Redis::start().unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "MAIL".into(),
+        subjects: vec!["mail.>".into()],
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
+    s.run("CREATE Work").await.unwrap();
+    s.logout().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg_text = std::fs::read_to_string(
+        config(
+            &dv,
+            dir.path(),
+            "",
+            &format!(
+                "start = \"all\"\nbatch_size = 20\ndeliver = {{ nats = \"{}\", subject = \"mail.{{account}}\" }}",
+                nats.url()
+            ),
+        )
+        .path,
+    )
+    .unwrap();
+    cfg_text.push_str(&format!(
+        "\n[[watch]]\naccount = \"t\"\nfolder = \"Work\"\nstart = \"all\"\nbatch_size = 20\ndeliver = {{ redis = \"{}\" }}\n",
+        redis.url()
+    ));
+    let config = dir.path().join("inboxd.toml");
+    std::fs::write(&config, cfg_text).unwrap();
+    let log = dir.path().join("inboxd.log");
+    let mut daemon = start(&config, &log);
+
+    // A burst into both folders while the daemon is killed three times and restarted.
+    let n = 150;
+    let account = dv.account("alice");
+    let sender = tokio::spawn(async move {
+        let mut s = inboxd::imap::Session::open(&account).await.unwrap();
+        for i in 0..n {
+            let m = inboxd_testbed::sample_message(i, &format!("burst {i}"), 1500);
+            s.append("INBOX", &m).await.unwrap();
+            s.append("Work", &m).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        s.logout().await;
+    });
+    let mut rng = fastrand::Rng::with_seed(20261130);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        daemon = start(&config, &log);
+    }
+    sender.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut in_nats, mut in_redis) = (Vec::new(), Vec::new());
+    while Instant::now() < deadline {
+        in_nats = nats_ids(&nats).await;
+        in_redis = redis_keys(&redis).await;
+        if in_nats.len() >= n && in_redis.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Stop cleanly, then look once more: nothing arrives late, twice.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    let in_nats_final = nats_ids(&nats).await;
+    let in_redis_final = redis_keys(&redis).await;
+    assert_eq!(in_nats_final.len(), in_nats.len());
+    assert_eq!(in_redis_final.len(), in_redis.len());
+    for (target, mut keys) in [("nats", in_nats_final), ("redis", in_redis_final)] {
+        let total = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!((total, keys.len()), (n, n), "{target}: stored/unique after three kills");
+    }
+}
