@@ -241,7 +241,10 @@ fn fill(env: &mut Envelope, raw: &[u8], options: &JsonOptions, whole: bool) -> R
         return Ok(());
     }
     env.text = m.body_text(0).map(|t| t.into_owned());
-    env.html = m.body_html(0).map(|t| t.into_owned());
+    // mail-parser makes HTML out of a text body when there is none; only a real HTML part
+    // counts here (text, by contrast, is made from the HTML when there is no text part).
+    let real_html = m.html_part(0).is_some_and(|p| p.is_text_html());
+    env.html = real_html.then(|| m.body_html(0).map(|t| t.into_owned())).flatten();
     if let Some(list) = env.attachments.as_mut() {
         use mail_parser::MimeHeaders;
         for part in m.attachments() {
@@ -409,6 +412,7 @@ mod tests {
         assert_eq!(env.headers.in_reply_to, vec!["p@y".to_string()]);
         assert_eq!(env.headers.list_id.as_deref(), Some("support.example.com"));
         assert_eq!(env.text.as_deref().map(str::trim), Some("Grüße"));
+        assert_eq!(env.html, None, "no HTML part: no HTML made up from the text");
         let a = &env.attachments.as_ref().unwrap()[0];
         assert_eq!(a.filename.as_deref(), Some("a.pdf"));
         assert_eq!(a.content_type, "application/pdf");
