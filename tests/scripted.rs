@@ -9,47 +9,11 @@ use std::time::Duration;
 
 use inboxd::config::Config;
 use inboxd::watcher::{Event, Mode, Watcher};
-use support::scripted::Scripted;
+use support::scripted::{Scripted, config_with, watch};
 use support::*;
 
 fn scripted_config(dir: &Path, port: u16, start: &str, account_extra: &str) -> Config {
     config_with(dir, port, account_extra, &format!("start = \"{start}\""))
-}
-
-/// One account on the scripted server (reconnecting every 200 ms) and one watch of INBOX into
-/// a Maildir; the extras are TOML lines (`watch_extra` may add further `[[watch]]` tables).
-fn config_with(dir: &Path, port: u16, account_extra: &str, watch_extra: &str) -> Config {
-    let text = format!(
-        r#"state = "state.db"
-[accounts.s]
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-user = "u"
-password = "p"
-reconnect = [ {{ every = "200ms" }} ]
-{account_extra}
-[[watch]]
-account = "s"
-deliver = {{ maildir = "out" }}
-{watch_extra}
-"#
-    );
-    let path = dir.join("inboxd.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
-}
-
-async fn watch(config: &Config) -> (Watcher, Recorder, tokio::sync::broadcast::Receiver<Event>) {
-    let rec = Recorder::default();
-    let w = Watcher::with_handler(
-        config.watches[0].clone(),
-        store(config).await,
-        Box::new(rec.clone()),
-        Mode::Forever,
-    );
-    let ev = w.subscribe();
-    (w, rec, ev)
 }
 
 /// A handler that panics on one UID.

@@ -4,45 +4,9 @@
 
 mod support;
 
-use std::path::Path;
-
-use inboxd::config::Config;
-use inboxd::watcher::{Event, Mode, Watcher};
-use support::scripted::Scripted;
+use inboxd::watcher::Event;
+use support::scripted::{Scripted, config_with, watch};
 use support::*;
-
-fn config_with(dir: &Path, port: u16, watch_extra: &str) -> Config {
-    let text = format!(
-        r#"state = "state.db"
-[accounts.s]
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-user = "u"
-password = "p"
-reconnect = [ {{ every = "200ms" }} ]
-[[watch]]
-account = "s"
-deliver = {{ maildir = "out" }}
-{watch_extra}
-"#
-    );
-    let path = dir.join("inboxd.toml");
-    std::fs::write(&path, text).unwrap();
-    Config::load(&path).unwrap()
-}
-
-async fn watch(config: &Config) -> (Watcher, Recorder, tokio::sync::broadcast::Receiver<Event>) {
-    let rec = Recorder::default();
-    let w = Watcher::with_handler(
-        config.watches[0].clone(),
-        store(config).await,
-        Box::new(rec.clone()),
-        Mode::Forever,
-    );
-    let ev = w.subscribe();
-    (w, rec, ev)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_message_is_fetched_in_pieces_and_handed_over_as_a_file() {
@@ -51,7 +15,7 @@ async fn a_large_message_is_fetched_in_pieces_and_handed_over_as_a_file() {
     server.add_message_sized("large", 9 << 20);
     server.add_message("after");
     let dir = tempfile::tempdir().unwrap();
-    let config = config_with(dir.path(), server.port, "start = \"all\"\nspool_above = \"64KiB\"");
+    let config = config_with(dir.path(), server.port, "", "start = \"all\"\nspool_above = \"64KiB\"");
     let (w, rec, mut ev) = watch(&config).await;
     wait_delivered(&mut ev, 3, 30).await;
     w.stop().await.unwrap();
@@ -80,6 +44,7 @@ async fn a_server_that_ignores_the_range_cannot_make_a_large_message_sit_in_memo
     let config = config_with(
         dir.path(),
         server.port,
+        "",
         "start = \"all\"\nspool_above = \"64KiB\"\nmax_attempts = 2\nretry_initial = \"100ms\"",
     );
     let (w, rec, mut ev) = watch(&config).await;

@@ -3,6 +3,7 @@
 //! middle of a FETCH, and refuse a token with the XOAUTH2 error challenge. It speaks just
 //! enough IMAP for inboxd's watcher, over plain TCP on loopback.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,6 +11,11 @@ use base64::Engine;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+
+use inboxd::config::Config;
+use inboxd::watcher::{Event, Mode, Watcher};
+
+use super::{Recorder, store};
 
 #[derive(Default)]
 pub struct State {
@@ -519,4 +525,40 @@ fn in_set(set: &str, uid: u32, max: u32) -> bool {
             None => parse(a) == uid,
         }
     })
+}
+
+/// One account on the scripted server (reconnecting every 200 ms) and one watch of INBOX into
+/// a Maildir; the extras are TOML lines (`watch_extra` may add further `[[watch]]` tables).
+pub fn config_with(dir: &Path, port: u16, account_extra: &str, watch_extra: &str) -> Config {
+    let text = format!(
+        r#"state = "state.db"
+[accounts.s]
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+user = "u"
+password = "p"
+reconnect = [ {{ every = "200ms" }} ]
+{account_extra}
+[[watch]]
+account = "s"
+deliver = {{ maildir = "out" }}
+{watch_extra}
+"#
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+pub async fn watch(config: &Config) -> (Watcher, Recorder, tokio::sync::broadcast::Receiver<Event>) {
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let ev = w.subscribe();
+    (w, rec, ev)
 }
