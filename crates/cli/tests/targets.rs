@@ -1,7 +1,8 @@
-//! The broker targets under the harshest fault for a delivery guarantee: the real binary
-//! (`inboxd run`) SIGKILLed three times while a burst of mail arrives. Every message must
-//! reach NATS and Redis exactly once: nothing lost, and the repeats a kill causes (the batch
-//! in flight is handed over again with the same key) dropped by the targets' deduplication.
+//! The deduplicating targets under the harshest fault for a delivery guarantee: the real
+//! binary (`inboxd run`) SIGKILLed three times while a burst of mail arrives. Every message
+//! must reach NATS, Redis and a webhook receiver: nothing lost, and the repeats a kill causes
+//! (the batch in flight is handed over again with the same key) dropped by NATS (Msg-Id), the
+//! Redis script (the key) and the receiver (webhook-id).
 
 #[path = "../../../tests/support/mod.rs"]
 mod support;
@@ -9,8 +10,37 @@ mod support;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
 use inboxd_testbed::{Nats, Redis};
 use support::*;
+
+/// A webhook receiver that records every request's webhook-id and answers 204.
+async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let sink = ids.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let sink = sink.clone();
+            async move {
+                let id = headers
+                    .get("webhook-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                sink.lock().unwrap().push(id);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, ids)
+}
 
 fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
     let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
@@ -50,7 +80,7 @@ async fn redis_keys(redis: &Redis) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_and_redis() {
+async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_redis_and_a_webhook() {
     let dv = dovecot();
     let nats = Nats::start().unwrap();
     let redis = Redis::start().unwrap();
@@ -65,6 +95,8 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_a
     .unwrap();
     let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
     s.run("CREATE Work").await.unwrap();
+    s.run("CREATE Hooks").await.unwrap();
+    let (hook, requests) = receiver().await;
     s.logout().await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg_text = std::fs::read_to_string(
@@ -84,6 +116,9 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_a
         "\n[[watch]]\naccount = \"t\"\nfolder = \"Work\"\nstart = \"all\"\nbatch_size = 20\ndeliver = {{ redis = \"{}\" }}\n",
         redis.url()
     ));
+    cfg_text.push_str(&format!(
+        "\n[[watch]]\naccount = \"t\"\nfolder = \"Hooks\"\nstart = \"all\"\nbatch_size = 20\ndeliver = {{ webhook = \"{hook}\" }}\n"
+    ));
     let config = dir.path().join("inboxd.toml");
     std::fs::write(&config, cfg_text).unwrap();
     let log = dir.path().join("inboxd.log");
@@ -98,6 +133,7 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_a
             let m = inboxd_testbed::sample_message(i, &format!("burst {i}"), 1500);
             s.append("INBOX", &m).await.unwrap();
             s.append("Work", &m).await.unwrap();
+            s.append("Hooks", &m).await.unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         s.logout().await;
@@ -112,11 +148,18 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_a
     sender.await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(60);
+    let distinct = |ids: &[String]| {
+        let mut v = ids.to_vec();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
     let (mut in_nats, mut in_redis) = (Vec::new(), Vec::new());
     while Instant::now() < deadline {
         in_nats = nats_ids(&nats).await;
         in_redis = redis_keys(&redis).await;
-        if in_nats.len() >= n && in_redis.len() >= n {
+        let hooked = distinct(&requests.lock().unwrap());
+        if in_nats.len() >= n && in_redis.len() >= n && hooked >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -125,6 +168,14 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_a
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let _ = daemon.wait();
+    // The receiver may have been sent a message again (a kill between its 204 and the
+    // commit); deduplicating by webhook-id, it processed each exactly once.
+    let hooked = requests.lock().unwrap().clone();
+    assert_eq!(distinct(&hooked), n, "webhook: distinct webhook-ids after three kills");
+    assert!(
+        hooked.iter().all(|id| id.starts_with("v1-")),
+        "every request carries the key"
+    );
     let in_nats_final = nats_ids(&nats).await;
     let in_redis_final = redis_keys(&redis).await;
     assert_eq!(in_nats_final.len(), in_nats.len());
