@@ -16,7 +16,8 @@ use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
 use inboxd_core::key::message_key;
 use inboxd_core::machine::{
-    Action, FetchedInfo, HandlerFailure, Input, Listed, LogRow, Notice, Status, Wake, WatchMachine, WatchSpec,
+    Action, FetchedInfo, HandlerFailure, Input, Listed, LogRow, Notice, STOP_GRACE, Status, Wake, WatchMachine,
+    WatchSpec,
 };
 use inboxd_core::mailbox::Selected;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -41,9 +42,6 @@ pub const SPOOL_CHUNK: u32 = 4 << 20;
 /// Pieces queued for the spool writer thread: memory for a spooled message is about
 /// `(SPOOL_QUEUE + 3) * SPOOL_CHUNK` (queued, being written, being copied, the IMAP buffer).
 const SPOOL_QUEUE: usize = 3;
-
-/// How long a stopping watcher waits for the server to end an IDLE before dropping the session.
-const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Longest error text kept in health and events.
 const MAX_ERROR: usize = 1024;

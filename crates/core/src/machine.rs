@@ -38,6 +38,10 @@ use crate::wait::{Wait, WaitPolicy, next_wait};
 /// login loop at network speed); the wait runs until it is this old instead.
 pub const RECYCLE_FLOOR: Duration = Duration::from_secs(2);
 
+/// How long a stopping watcher gives the server to end an IDLE (answer DONE) before it drops
+/// the session: a stop must not wait `timeouts.done` on a frozen server.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// A back-off wait longer than this is spent disconnected (logged out cleanly), not holding a
 /// silent session the server or a NAT would drop anyway.
 pub const KEEP_SESSION_FOR: Duration = Duration::from_secs(30);
@@ -636,12 +640,7 @@ impl WatchMachine {
                 }
                 HandlerFailure::Permanent => {
                     self.catch_up.batch.pop_front();
-                    self.notices.push(Notice::DeadLettered {
-                        uid,
-                        error: error.clone(),
-                    });
-                    self.settle(uid, Status::Dead, attempt, error);
-                    self.after_settle()
+                    self.dead_letter(uid, attempt, error)
                 }
                 HandlerFailure::Transient { retry_after } => {
                     self.catch_up.batch.pop_front();
@@ -1040,33 +1039,8 @@ impl WatchMachine {
     /// The `attempts`-th attempt on `uid` failed (handler, or a body that did not come).
     fn failed_attempt(&mut self, uid: u32, attempts: u32, error: String) -> Action {
         match self.spec.retry.after_failure(attempts) {
-            AfterFailure::DeadLetter => {
-                self.notices.push(Notice::DeadLettered {
-                    uid,
-                    error: error.clone(),
-                });
-                self.settle(uid, Status::Dead, attempts, error);
-                self.after_settle()
-            }
-            AfterFailure::RetryAfter(delay) => {
-                self.notices.push(Notice::Failed {
-                    uid,
-                    attempts,
-                    error: error.clone(),
-                    retry_in: delay,
-                });
-                // Later messages wait their turn: the rest of the batch is fetched again
-                // after the back-off. What is settled before this one is committed first.
-                self.catch_up.batch.clear();
-                self.catch_up.queue.clear();
-                let row = LogRow {
-                    uid,
-                    status: Status::Failed,
-                    attempts,
-                    error,
-                };
-                self.flush(AfterCommit::Retry { row, delay })
-            }
+            AfterFailure::DeadLetter => self.dead_letter(uid, attempts, error),
+            AfterFailure::RetryAfter(delay) => self.retry_later(uid, attempts, error, delay),
         }
     }
 
@@ -1079,16 +1053,30 @@ impl WatchMachine {
             _ => 1,
         };
         self.busy = Some((uid, streak));
-        let backoff = self
+        let delay = self
             .spec
             .retry
-            .initial
-            .saturating_mul(1u32 << streak.saturating_sub(1).min(30))
-            .min(self.spec.retry.max);
-        let delay = backoff.max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+            .backoff(streak)
+            .max(retry_after.unwrap_or_default().min(MAX_RETRY_AFTER));
+        self.retry_later(uid, attempt.saturating_sub(1), error, delay)
+    }
+
+    fn dead_letter(&mut self, uid: u32, attempts: u32, error: String) -> Action {
+        self.notices.push(Notice::DeadLettered {
+            uid,
+            error: error.clone(),
+        });
+        self.settle(uid, Status::Dead, attempts, error);
+        self.after_settle()
+    }
+
+    /// `uid` failed after `attempts` counted attempts: record it, then the same message again
+    /// after `delay`. Later messages wait their turn: the rest of the batch is fetched again
+    /// after the back-off. What is settled before this one is committed first.
+    fn retry_later(&mut self, uid: u32, attempts: u32, error: String, delay: Duration) -> Action {
         self.notices.push(Notice::Failed {
             uid,
-            attempts: attempt.saturating_sub(1),
+            attempts,
             error: error.clone(),
             retry_in: delay,
         });
@@ -1097,7 +1085,7 @@ impl WatchMachine {
         let row = LogRow {
             uid,
             status: Status::Failed,
-            attempts: attempt.saturating_sub(1),
+            attempts,
             error,
         };
         self.flush(AfterCommit::Retry { row, delay })

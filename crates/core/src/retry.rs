@@ -43,9 +43,14 @@ impl RetryPolicy {
         if attempts >= self.max_attempts.max(1) {
             return AfterFailure::DeadLetter;
         }
-        let exp = attempts.saturating_sub(1).min(30);
-        let delay = self.initial.saturating_mul(1u32 << exp).min(self.max);
-        AfterFailure::RetryAfter(delay)
+        AfterFailure::RetryAfter(self.backoff(attempts))
+    }
+
+    /// The wait after the `n`-th failure in a row (1 = the first): `initial`, doubling, at most
+    /// `max`.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let exp = n.saturating_sub(1).min(30);
+        self.initial.saturating_mul(1u32 << exp).min(self.max)
     }
 }
 
