@@ -194,10 +194,7 @@ impl Amqp {
     }
 
     async fn publish(&mut self, m: &Message<'_>) -> Result<(), HandlerError> {
-        let routing_key = self
-            .routing_key
-            .replace("{account}", m.account)
-            .replace("{folder}", m.folder);
+        let routing_key = super::fill(&self.routing_key, m.account, m.folder);
         if routing_key.len() > 255 || self.exchange.len() > 255 {
             return Err(HandlerError::permanent(format!(
                 "amqp: the routing key {routing_key:?} is longer than AMQP's 255 bytes"
@@ -303,6 +300,8 @@ fn endpoint(url: &str) -> Option<(String, u16, String)> {
     Some((u.host_str()?.to_string(), u.port().unwrap_or(5672), vhost))
 }
 
+/// Strict percent-decoding: a `%` not followed by two hex digits is an error (the
+/// percent-encoding crate passes such a `%` through, which would name another vhost).
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

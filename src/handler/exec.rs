@@ -14,7 +14,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
-use crate::envelope::Envelope;
 
 /// Bytes of output kept for the delivery log.
 const TAIL: usize = 2048;
@@ -104,11 +103,7 @@ impl Exec {
         // A spooled message is the handler's stdin directly: the kernel reads the file, and
         // nothing of it passes through our memory.
         let json = match self.stdin {
-            Payload::Json(options) => Some(
-                Envelope::build(m, &options)
-                    .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
-                    .to_json(),
-            ),
+            Payload::Json(_) => Some(super::encode(self.stdin, m)?.1),
             Payload::Raw => None,
         };
         let body = match m.body {

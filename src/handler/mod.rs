@@ -208,6 +208,11 @@ pub trait Handler: Send {
     }
 }
 
+/// A target name template (`inboxd.{account}.{folder}`) filled in for a message.
+pub fn fill(template: &str, account: &str, folder: &str) -> String {
+    template.replace("{account}", account).replace("{folder}", folder)
+}
+
 /// What a target sends for a message: the `inboxd.message.v1` JSON, or the raw bytes, with its
 /// content type. A spooled message is read from its file (raw: whole; a broker message is
 /// bounded by the broker anyway).

@@ -149,7 +149,7 @@ impl Mqtt {
     }
 
     async fn publish(&mut self, m: &Message<'_>) -> Result<(), HandlerError> {
-        let topic = self.topic.replace("{account}", m.account).replace("{folder}", m.folder);
+        let topic = super::fill(&self.topic, m.account, m.folder);
         let (content_type, body) = super::encode(self.payload, m)?;
         self.connect().await?;
         let Some(live) = self.live.as_ref() else {

@@ -141,9 +141,7 @@ pub fn subject_for(template: &str, account: &str, folder: &str) -> String {
             })
             .collect()
     };
-    template
-        .replace("{account}", &token(account))
-        .replace("{folder}", &token(folder))
+    super::fill(template, &token(account), &token(folder))
 }
 
 impl Handler for Nats {

@@ -96,10 +96,7 @@ impl Redis {
     async fn add(&mut self, m: &Message<'_>) -> Result<(), HandlerError> {
         let mut c = self.connection().await?;
         let (content_type, payload) = super::encode(self.payload, m)?;
-        let stream = self
-            .stream
-            .replace("{account}", m.account)
-            .replace("{folder}", m.folder);
+        let stream = super::fill(&self.stream, m.account, m.folder);
         let result: redis::RedisResult<Option<String>> = self
             .script
             .key(&stream)
@@ -163,7 +160,7 @@ impl Handler for Redis {
                 .query_async(&mut c)
                 .await
                 .map_err(|e| HandlerError::unavailable(format!("redis: {}", e.kind_text())))?;
-            let stream = self.stream.replace("{account}", account).replace("{folder}", folder);
+            let stream = super::fill(&self.stream, account, folder);
             Ok(format!("connected ({pong}); entries go to stream {stream}"))
         })
     }

@@ -19,7 +19,6 @@ use futures::future::BoxFuture;
 
 use super::{Body, Handler, HandlerError, Message};
 use crate::config::Payload;
-use crate::envelope::Envelope;
 use crate::secret::{Secret, SecretSource};
 
 /// How long a resolved secret is used before its source is read again (a rotated file or
@@ -104,21 +103,11 @@ impl Webhook {
         let key = self.signing_key().await?;
         // The body: JSON in memory, raw bytes in memory, or a spooled file streamed.
         let (content_type, bytes, file) = match (self.payload, m.body) {
-            (Payload::Json(options), _) => (
-                "application/json",
-                Some(
-                    Envelope::build(m, &options)
-                        .map_err(|e| HandlerError::new(format!("cannot read the spooled message: {e}")))?
-                        .to_json(),
-                ),
-                None,
-            ),
             (Payload::Raw, Body::File { path, .. }) => ("message/rfc822", None, Some(path.to_path_buf())),
-            (Payload::Raw, body) => (
-                "message/rfc822",
-                Some(body.to_vec().map_err(|e| HandlerError::new(e.to_string()))?),
-                None,
-            ),
+            (payload, _) => {
+                let (content_type, bytes) = super::encode(payload, m)?;
+                (content_type, Some(bytes), None)
+            }
         };
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut request = self
