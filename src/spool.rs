@@ -79,6 +79,46 @@ impl Spool {
     }
 }
 
+/// The piece of a spooled message fetched per command (`BODY.PEEK[]<offset.SPOOL_CHUNK>`).
+pub const SPOOL_CHUNK: u32 = 4 << 20;
+
+/// Pieces queued for the writer thread: memory for a spooled message is about
+/// `(SPOOL_QUEUE + 3) * SPOOL_CHUNK` (queued, being written, being copied, the IMAP buffer).
+const SPOOL_QUEUE: usize = 3;
+
+/// Why a spooled fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The spool file could not be created or written.
+    #[error("{0}")]
+    File(String),
+    #[error(transparent)]
+    Imap(#[from] crate::imap::ImapError),
+}
+
+/// Fetches message `uid` in pieces into a new spool file in `dir` (the piece being written
+/// while the next one arrives), at most `max_bytes`. `None` when the server no longer has it.
+pub async fn fetch(
+    session: &mut crate::imap::Session,
+    dir: &Path,
+    uid: u32,
+    max_bytes: u64,
+) -> Result<Option<Spool>, SpoolError> {
+    let (mut spooled, file) = Spool::create(dir, uid)
+        .map_err(|e| SpoolError::File(format!("cannot create a spool file in {}: {e}", dir.display())))?;
+    let mut writer = SpoolWriter::new(file, SPOOL_QUEUE)
+        .map_err(|e| SpoolError::File(format!("cannot start the spool writer: {e}")))?;
+    let fetched = session.fetch_into(uid, SPOOL_CHUNK, max_bytes, &mut writer).await;
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+        .map_err(|e| SpoolError::File(format!("cannot write the spool file: {e}")))?;
+    Ok(fetched?.map(|len| {
+        spooled.set_len(len);
+        spooled
+    }))
+}
+
 /// Writes a spool file on a thread of its own, so that the disk and the network work at the
 /// same time: [`Write::write`] copies the piece into a buffer and queues it (at most `depth`
 /// pieces queued; a full queue makes the writer wait, which bounds memory), and

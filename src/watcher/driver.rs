@@ -29,19 +29,12 @@ use crate::config::{After, Watch};
 use crate::handler::Body as MessageBody;
 use crate::handler::{Handler, Message};
 use crate::imap::{ImapError, Session, WaitEnd};
-use crate::spool::{Spool, SpoolWriter};
+use crate::spool::{Spool, SpoolError};
 use crate::store::{Delivery, DeliveryStatus, Store};
 
 /// Largest number of message bytes fetched into memory in one batch (by the sizes the server
 /// reported; a message above the watch's `spool_above` is fetched on its own, into a file).
 pub const BATCH_BYTES: u64 = 8 << 20;
-
-/// The piece of a spooled message fetched per command (`BODY.PEEK[]<offset.SPOOL_CHUNK>`).
-pub const SPOOL_CHUNK: u32 = 4 << 20;
-
-/// Pieces queued for the spool writer thread: memory for a spooled message is about
-/// `(SPOOL_QUEUE + 3) * SPOOL_CHUNK` (queued, being written, being copied, the IMAP buffer).
-const SPOOL_QUEUE: usize = 3;
 
 /// Longest error text kept in health and events.
 const MAX_ERROR: usize = 1024;
@@ -525,45 +518,21 @@ impl Driver {
                     Some(d) => d.to_path_buf(),
                     None => self.watch.spool_dir.clone(),
                 };
-                let (mut spooled, file) = match Spool::create(&dir, uid) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        return Input::Failed {
-                            class: FailureClass::Network,
-                            error: clip(format!("cannot create a spool file in {}: {e}", dir.display())),
-                        };
-                    }
-                };
-                let mut writer = match SpoolWriter::new(file, SPOOL_QUEUE) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        return Input::Failed {
-                            class: FailureClass::Network,
-                            error: clip(format!("cannot start the spool writer: {e}")),
-                        };
-                    }
-                };
                 let r = tokio::select! {
                     biased;
-                    r = session.fetch_into(uid, SPOOL_CHUNK, max_message, &mut writer) => r,
+                    r = crate::spool::fetch(&mut session, &dir, uid, max_message) => r,
                     _ = Self::stopped(&mut stop) => return Input::Interrupted,
                 };
-                if let Err(e) = tokio::task::spawn_blocking(move || writer.finish())
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                {
-                    return Input::Failed {
-                        class: FailureClass::Network,
-                        error: clip(format!("cannot write the spool file: {e}")),
-                    };
-                }
                 match r {
-                    Ok(Some(len)) => {
-                        spooled.set_len(len);
-                        vec![(uid, Held::Spooled(spooled))]
-                    }
+                    Ok(Some(spooled)) => vec![(uid, Held::Spooled(spooled))],
                     Ok(None) => Vec::new(),
-                    Err(e) => return failed(&e),
+                    Err(SpoolError::Imap(e)) => return failed(&e),
+                    Err(SpoolError::File(e)) => {
+                        return Input::Failed {
+                            class: FailureClass::Network,
+                            error: clip(e),
+                        };
+                    }
                 }
             }
             _ => {

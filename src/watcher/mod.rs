@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-pub use driver::{BATCH_BYTES, SPOOL_CHUNK};
+pub use crate::spool::SPOOL_CHUNK;
+pub use driver::BATCH_BYTES;
 pub use event::{Event, Health};
 
 use crate::config::Watch;

@@ -355,22 +355,10 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
     let dir = handler
         .spool_dir()
         .map_or_else(|| watch.spool_dir.clone(), Path::to_path_buf);
-    let (mut spooled, file) = inboxd::spool::Spool::create(&dir, uid)
-        .with_context(|| format!("cannot create a spool file in {}", dir.display()))?;
-    let mut writer = inboxd::spool::SpoolWriter::new(file, 3)?;
-    let fetched = session
-        .fetch_into(
-            uid,
-            inboxd::watcher::SPOOL_CHUNK,
-            inboxd::config::MAX_MESSAGE_SIZE_LIMIT,
-            &mut writer,
-        )
-        .await;
-    tokio::task::spawn_blocking(move || writer.finish())
+    let spooled = inboxd::spool::fetch(&mut session, &dir, uid, inboxd::config::MAX_MESSAGE_SIZE_LIMIT)
         .await?
-        .context("cannot write the spool file")?;
-    let len = fetched?.ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
-    spooled.set_len(len);
+        .ok_or_else(|| anyhow!("uid {uid} is no longer in {}", watch.name()))?;
+    let len = spooled.len();
     let (mid, _) = inboxd::message::identity(&spooled.head(inboxd::message::IDENTITY_HEAD)?);
     let msg = Message {
         account: &watch.account.name,
