@@ -170,3 +170,50 @@ pub async fn wait_state(w: &inboxd::watcher::Watcher, state: &str) {
 pub mod faultproxy;
 pub mod oauth;
 pub mod scripted;
+
+/// A backlog delivered across a target's outage: starts `config`'s first watch, lets it catch
+/// up the first half of `msgs` (already in INBOX), calls `outage(false)` (the target goes
+/// away), appends the second half, waits for the watch to report a failure naming `target`,
+/// calls `outage(true)` (the target is back), waits until everything is caught up. Returns
+/// the number of dead letters (a busy target must cause none).
+pub async fn backlog_across_outage(
+    dv: &Dovecot,
+    config: &Config,
+    msgs: &[Vec<u8>],
+    target: &str,
+    mut outage: impl FnMut(bool),
+) -> u64 {
+    let half = msgs.len() / 2;
+    let w = inboxd::watcher::Watcher::start(
+        config.watches[0].clone(),
+        store(config).await,
+        inboxd::watcher::Mode::Forever,
+    )
+    .unwrap();
+    let mut ev = w.subscribe();
+    wait_for(
+        &mut ev,
+        60,
+        |e| matches!(e, Event::CaughtUp { last_uid, .. } if *last_uid == half as u32),
+    )
+    .await;
+    outage(false);
+    append_raw(dv, "INBOX", &msgs[half..]).await;
+    let e = wait_for(&mut ev, 60, |e| {
+        matches!(e, Event::Failed { .. } | Event::Disconnected { error: Some(_), .. })
+    })
+    .await;
+    assert!(format!("{e:?}").contains(target), "{e:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    outage(true);
+    let all = msgs.len() as u32;
+    wait_for(
+        &mut ev,
+        120,
+        |e| matches!(e, Event::CaughtUp { last_uid, .. } if *last_uid == all),
+    )
+    .await;
+    let dead = w.health().dead_lettered;
+    w.stop().await.unwrap();
+    dead
+}
