@@ -271,7 +271,7 @@ fn fill(env: &mut Envelope, raw: &[u8], options: &JsonOptions, whole: bool) -> R
     Ok(())
 }
 
-fn mailboxes(a: Option<&mail_parser::Address<'_>>) -> Vec<Mailbox> {
+pub(crate) fn mailboxes(a: Option<&mail_parser::Address<'_>>) -> Vec<Mailbox> {
     let one = |x: &mail_parser::Addr<'_>| Mailbox {
         name: x.name.as_ref().map(|n| n.to_string()),
         address: x.address.as_ref().map(|n| n.to_string()),
@@ -297,7 +297,7 @@ fn texts(v: &mail_parser::HeaderValue<'_>) -> Vec<String> {
 }
 
 /// Every header field of a header block: name and unfolded value, as (lossy) UTF-8.
-fn raw_headers(block: &[u8]) -> Vec<RawHeader> {
+pub(crate) fn raw_headers(block: &[u8]) -> Vec<RawHeader> {
     let text = String::from_utf8_lossy(block);
     let mut out: Vec<RawHeader> = Vec::new();
     for line in text.split('\n') {

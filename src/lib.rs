@@ -56,6 +56,7 @@ pub mod message;
 pub mod oauth2;
 mod once;
 mod process;
+pub mod route;
 pub mod secret;
 pub mod spool;
 pub mod store;

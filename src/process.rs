@@ -112,3 +112,11 @@ mod tests {
         assert_eq!(names, ["PATH", "LC_ALL", "WANTED", "HOME"]);
     }
 }
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

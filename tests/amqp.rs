@@ -57,7 +57,7 @@ async fn a_backlog_and_live_mail_are_confirmed_persistent_and_in_order() {
             "start = \"all\"\ndeliver = {{ amqp = \"amqp://127.0.0.1:5672/%2f\", routing_key = \"{queue}\", password = \"guest\" }}"
         ),
     );
-    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
     assert!(
         handler
             .probe("t", "INBOX")

@@ -62,6 +62,7 @@ async fn a_failed_state_commit_leaves_the_store_usable_and_later_commits_reach_t
             status: inboxd::store::DeliveryStatus::Delivered,
             attempts: 1,
             last_error: String::new(),
+            route: String::new(),
             updated_at: 0,
         }]
     };

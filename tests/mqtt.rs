@@ -74,7 +74,7 @@ async fn a_backlog_and_live_mail_arrive_in_order_with_the_key_as_a_user_property
             broker.url()
         ),
     );
-    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
     assert!(
         handler
             .probe("t", "INBOX")

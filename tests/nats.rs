@@ -158,7 +158,7 @@ async fn a_subject_no_stream_captures_is_a_clear_failure_not_a_dead_letter() {
         "{e:?}"
     );
     // `inboxd check` says the same before delivering anything.
-    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
     let e = handler.probe("t", "INBOX").await.unwrap_err();
     assert!(
         e.is_unavailable() && e.reason.contains("no JetStream stream captures mail.t.INBOX"),

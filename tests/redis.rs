@@ -45,7 +45,7 @@ async fn a_backlog_lands_in_the_stream_in_order_and_a_replay_adds_nothing() {
     assert_eq!(w.join().await.unwrap(), 0);
     let got = entries(&redis, "inboxd:t:INBOX").await;
     assert_eq!(got.iter().map(|e| e.1).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
-    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
     let ok = handler.probe("t", "INBOX").await.unwrap();
     assert!(ok.contains("PONG") && ok.contains("inboxd:t:INBOX"), "{ok}");
     for (key, _, payload) in &got {
@@ -92,6 +92,6 @@ async fn a_redis_down_during_a_backlog_loses_and_repeats_nothing() {
     );
     // `inboxd check` sees a Redis that is down as unusable.
     redis.stop();
-    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
     assert!(handler.probe("t", "INBOX").await.unwrap_err().is_unavailable());
 }

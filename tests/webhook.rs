@@ -56,7 +56,7 @@ async fn a_backlog_arrives_signed_in_order_as_valid_json_once_per_key() {
             webhook_watch(&rx.url, ", attachments = \"inline\"")
         ),
     );
-    let mut handler = inboxd::handler::from_config(&config.watches[0].deliver).unwrap();
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
     let ok = handler.probe("t", "INBOX").await.unwrap();
     assert!(ok.contains("reachable") && ok.contains("signing secret ok"), "{ok}");
     let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();

@@ -123,37 +123,51 @@ pub enum After {
     Flag(String),
 }
 
-impl<'de> Deserialize<'de> for After {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let bad = || {
-            serde::de::Error::custom(format!(
-                "invalid value {s:?}; expected \"none\", \"seen\", \"delete\", \"move:<Folder>\" or \"flag:<keyword>\""
-            ))
-        };
-        match s.as_str() {
-            "none" => Ok(After::None),
-            "seen" => Ok(After::Seen),
-            "delete" => Ok(After::Delete),
+impl After {
+    /// `"none"`, `"seen"`, `"delete"`, `"move:<Folder>"` or `"flag:<keyword>"`.
+    pub fn parse(s: &str) -> Option<After> {
+        match s {
+            "none" => Some(After::None),
+            "seen" => Some(After::Seen),
+            "delete" => Some(After::Delete),
             _ => {
                 if let Some(folder) = s
                     .strip_prefix("move:")
                     .filter(|f| !f.is_empty() && !f.contains(['\r', '\n', '\0']))
                 {
-                    Ok(After::Move(folder.to_string()))
-                } else if let Some(kw) = s.strip_prefix("flag:") {
-                    // An IMAP atom: no spaces, parentheses, quotes or wildcards (RFC 3501 §9).
-                    let ok = !kw.is_empty() && kw.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"]".contains(&b));
-                    if ok {
-                        Ok(After::Flag(kw.to_string()))
-                    } else {
-                        Err(bad())
-                    }
+                    Some(After::Move(folder.to_string()))
                 } else {
-                    Err(bad())
+                    // An IMAP atom: no spaces, parentheses, quotes or wildcards (RFC 3501 §9).
+                    let kw = s.strip_prefix("flag:")?;
+                    let ok = !kw.is_empty() && kw.bytes().all(|b| b.is_ascii_graphic() && !b"(){%*\"]".contains(&b));
+                    ok.then(|| After::Flag(kw.to_string()))
                 }
             }
         }
+    }
+}
+
+/// The config spelling, which [`After::parse`] reads back.
+impl std::fmt::Display for After {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            After::None => f.write_str("none"),
+            After::Seen => f.write_str("seen"),
+            After::Delete => f.write_str("delete"),
+            After::Move(folder) => write!(f, "move:{folder}"),
+            After::Flag(kw) => write!(f, "flag:{kw}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for After {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        After::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid value {s:?}; expected \"none\", \"seen\", \"delete\", \"move:<Folder>\" or \"flag:<keyword>\""
+            ))
+        })
     }
 }
 
@@ -306,6 +320,28 @@ pub enum Deliver {
     },
 }
 
+/// A named destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub deliver: Deliver,
+}
+
+impl Deliver {
+    /// The destination's kind, as its config key: `exec`, `maildir`, `webhook`, ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Deliver::Exec { .. } => "exec",
+            Deliver::Maildir { .. } => "maildir",
+            Deliver::Webhook { .. } => "webhook",
+            Deliver::Nats { .. } => "nats",
+            Deliver::Redis { .. } => "redis",
+            Deliver::Amqp { .. } => "amqp",
+            Deliver::Mqtt { .. } => "mqtt",
+        }
+    }
+}
+
 /// What a target receives: the raw message, or `inboxd.message.v1` JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Payload {
@@ -319,8 +355,13 @@ pub struct Watch {
     pub account: Arc<Account>,
     pub folder: String,
     pub start: StartPolicy,
+    /// What happens on the server after delivery (a rule may override it).
     pub after: After,
-    pub deliver: Deliver,
+    /// The destinations this watch delivers to, by name (`[targets.NAME]`, or the kind of an
+    /// inline `deliver = { .. }`); the routing refers to them by index.
+    pub targets: Vec<Target>,
+    /// Which targets each message goes to.
+    pub routing: crate::route::Routing,
     pub on_uidvalidity_change: UidValidityPolicy,
     pub retry: RetryPolicy,
     pub batch_size: usize,
@@ -349,6 +390,11 @@ impl Watch {
     /// `account/folder`, as used in logs and `status`.
     pub fn name(&self) -> String {
         format!("{}/{}", self.account.name, self.folder)
+    }
+
+    /// Whether some message of this watch may have a post-action (the watch's, or a rule's).
+    pub fn posts_after(&self) -> bool {
+        self.after != After::None || self.routing.overrides_after()
     }
 }
 
@@ -402,10 +448,21 @@ impl Config {
                 PathBuf::from(name)
             }
         };
+        let mut targets = BTreeMap::new();
+        for (name, spanned) in raw.targets {
+            let what = format!("targets.{name}");
+            if !watch::is_target_name(&name) {
+                return Err(ctx.invalid(
+                    Some(spanned.span()),
+                    format!("{what}: a target name is letters, digits, `-`, `_` and `.`, and not \"skip\""),
+                ));
+            }
+            targets.insert(name, watch::deliver(&ctx, spanned, &what)?);
+        }
         let mut watches: Vec<Watch> = Vec::new();
         for spanned in raw.watch {
             let span = spanned.span();
-            let watch = watch::build(&ctx, spanned, &accounts, &spool_dir)?;
+            let watch = watch::build(&ctx, spanned, &accounts, &targets, &spool_dir)?;
             if watches
                 .iter()
                 .any(|o| o.account.name == watch.account.name && o.folder == watch.folder)
@@ -504,7 +561,7 @@ deliver = { exec = ["./handler.sh", "--flag"] }
         assert_eq!(c.state, Path::new("/etc/inboxd/inboxd.db"));
         let w = &c.watches[0];
         assert_eq!((w.start, &w.after), (StartPolicy::All, &After::Seen));
-        assert!(matches!(&w.deliver, Deliver::Exec { argv, .. } if argv[0] == "./handler.sh"));
+        assert!(matches!(&w.targets[0].deliver, Deliver::Exec { argv, .. } if argv[0] == "./handler.sh"));
     }
 
     fn err(text: &str) -> String {

@@ -95,6 +95,9 @@ pub(super) struct RawConfig {
     pub(super) spool: Option<PathBuf>,
     #[serde(default)]
     pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,
+    /// Named destinations that watches and rules refer to: `[targets.tickets]`.
+    #[serde(default)]
+    pub(super) targets: BTreeMap<String, Spanned<RawDeliver>>,
     #[serde(default)]
     pub(super) watch: Vec<Spanned<RawWatch>>,
 }
@@ -201,7 +204,14 @@ pub(super) struct RawWatch {
     pub(super) start: RawStart,
     #[serde(default)]
     pub(super) after: After,
-    pub(super) deliver: Spanned<RawDeliver>,
+    /// Where every message goes: a destination table, or names of `[targets]`. Not with rules.
+    pub(super) deliver: Option<Spanned<RawTargets>>,
+    /// Ordered routing rules: the first that matches decides.
+    #[serde(default)]
+    pub(super) rule: Vec<Spanned<RawRule>>,
+    /// With rules: where a message no rule matches goes (target names, or "skip").
+    #[serde(rename = "else")]
+    pub(super) otherwise: Option<Spanned<OneOrMany<String>>>,
     #[serde(default)]
     pub(super) on_uidvalidity_change: RawUidValidity,
     pub(super) max_attempts: Option<u32>,
@@ -303,4 +313,110 @@ pub(super) struct RawDeliver {
 pub(super) enum RawFormat {
     Raw,
     Json,
+}
+
+/// A value, or a list of them.
+#[derive(Deserialize, Clone)]
+#[serde(untagged, expecting = "a value or a list of values")]
+pub(super) enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub(super) fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A glob (`"*@example.com"`) or a regular expression (`{ regex = "..." }`).
+#[derive(Deserialize, Clone)]
+#[serde(
+    untagged,
+    expecting = "a glob such as \"*@example.com\", { regex = \"...\" }, or a list of them"
+)]
+pub(super) enum RawPattern {
+    Glob(String),
+    Regex { regex: String },
+}
+
+/// The patterns of one condition.
+#[derive(Deserialize, Clone)]
+#[serde(
+    untagged,
+    expecting = "a glob such as \"*@example.com\", { regex = \"...\" }, or a list of them"
+)]
+pub(super) enum RawPatterns {
+    One(RawPattern),
+    Many(Vec<RawPattern>),
+}
+
+impl RawPatterns {
+    pub(super) fn into_vec(self) -> Vec<RawPattern> {
+        match self {
+            RawPatterns::One(p) => vec![p],
+            RawPatterns::Many(v) => v,
+        }
+    }
+}
+
+/// `[[watch.rule]]`: conditions (all must hold; a list within one is any of), then where the
+/// message goes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    /// Shown in logs, `status` and `check --route` (default "rule N").
+    pub(super) name: Option<String>,
+    /// Sender address or display name.
+    pub(super) from: Option<RawPatterns>,
+    pub(super) to: Option<RawPatterns>,
+    pub(super) cc: Option<RawPatterns>,
+    /// The decoded subject.
+    pub(super) subject: Option<RawPatterns>,
+    /// Header name to pattern: `header = { "List-Id" = "*<alerts.example.com>" }`.
+    #[serde(default)]
+    pub(super) header: BTreeMap<String, RawPatterns>,
+    pub(super) has_attachment: Option<bool>,
+    pub(super) larger_than: Option<Bytes>,
+    pub(super) smaller_than: Option<Bytes>,
+    /// Target names, or "skip".
+    pub(super) deliver: OneOrMany<String>,
+    /// Overrides the watch's `after` for the messages this rule takes.
+    pub(super) after: Option<After>,
+}
+
+/// A watch's `deliver`: one destination written in place, or names of `[targets]`.
+pub(super) enum RawTargets {
+    Names(Vec<String>),
+    Inline(Box<RawDeliver>),
+}
+
+impl<'de> Deserialize<'de> for RawTargets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawTargets;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a destination such as { maildir = \"path\" }, a target name, or a list of target names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawTargets, E> {
+                Ok(RawTargets::Names(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawTargets, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    names.push(name);
+                }
+                Ok(RawTargets::Names(names))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawTargets, A::Error> {
+                RawDeliver::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|d| RawTargets::Inline(Box::new(d)))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }

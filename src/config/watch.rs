@@ -11,17 +11,206 @@ use toml::Spanned;
 
 use crate::envelope::JsonOptions;
 
-use super::raw::{RawDeliver, RawFormat, RawStart, RawUidValidity, RawWatch};
+use super::raw::{
+    OneOrMany, RawDeliver, RawFormat, RawPattern, RawPatterns, RawRule, RawStart, RawTargets, RawUidValidity, RawWatch,
+};
 use super::{
     Account, ConfigError, Ctx, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SPOOL_ABOVE, Deliver, MAX_MESSAGE_SIZE_LIMIT, Payload,
-    SPOOL_ABOVE_RANGE, Watch, is_loopback,
+    SPOOL_ABOVE_RANGE, Target, Watch, is_loopback,
 };
+use crate::route::{AddressField, Condition, Fallback, Pattern, Routing, Rule};
+
+/// Whether `name` can name a target: letters, digits, `-`, `_`, `.`; not `skip`.
+pub(super) fn is_target_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "skip"
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+type Span = std::ops::Range<usize>;
+
+/// The watch's targets and routing, from `deliver`, `[[watch.rule]]` and `else`.
+fn routing(
+    ctx: &Ctx<'_>,
+    wspan: Span,
+    deliver: Option<Spanned<RawTargets>>,
+    rules: Vec<Spanned<RawRule>>,
+    otherwise: Option<Spanned<OneOrMany<String>>>,
+    shared: &BTreeMap<String, Deliver>,
+) -> Result<(Vec<Target>, Routing), ConfigError> {
+    let mut targets: Vec<Target> = Vec::new();
+    // Names to indices into `targets`, taking each shared target the first time it is named.
+    let mut resolve = |names: Vec<String>, span: &Span, what: &str| -> Result<Vec<usize>, ConfigError> {
+        if names.is_empty() {
+            return Err(ctx.invalid(Some(span.clone()), format!("{what}: name at least one target")));
+        }
+        let mut out = Vec::new();
+        for name in names {
+            let i = match targets.iter().position(|t| t.name == name) {
+                Some(i) => i,
+                None => {
+                    let Some(d) = shared.get(&name) else {
+                        let known = shared.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>();
+                        return Err(ctx.invalid(
+                            Some(span.clone()),
+                            format!(
+                                "{what}: no target named {name:?} in [targets] (there: {})",
+                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                            ),
+                        ));
+                    };
+                    targets.push(Target {
+                        name: name.clone(),
+                        deliver: d.clone(),
+                    });
+                    targets.len() - 1
+                }
+            };
+            if out.contains(&i) {
+                return Err(ctx.invalid(Some(span.clone()), format!("{what}: target {name:?} is named twice")));
+            }
+            out.push(i);
+        }
+        Ok(out)
+    };
+    let skip = |names: &[String]| names.len() == 1 && names[0] == "skip";
+    match (deliver, rules.is_empty(), otherwise) {
+        (Some(d), true, None) => {
+            let span = d.span();
+            let all = match d.into_inner() {
+                RawTargets::Inline(raw) => {
+                    let deliver = destination(ctx, span, *raw, "watch.deliver")?;
+                    targets.push(Target {
+                        name: deliver.kind().to_string(),
+                        deliver,
+                    });
+                    vec![0]
+                }
+                RawTargets::Names(names) => resolve(names, &span, "watch.deliver")?,
+            };
+            Ok((targets, Routing::all_to(all)))
+        }
+        (Some(d), false, _) => Err(ctx.invalid(
+            Some(d.span()),
+            "watch.deliver: a watch with rules sends the messages no rule takes where `else` says; write `else = \"<target>\"` (or \"skip\") instead of `deliver`".into(),
+        )),
+        (_, true, Some(e)) => Err(ctx.invalid(
+            Some(e.span()),
+            "watch.else: `else` is where messages no rule matches go; this watch has no [[watch.rule]] (use `deliver`)".into(),
+        )),
+        (None, true, None) => Err(ctx.invalid(
+            Some(wspan),
+            "watch: missing `deliver` (a destination such as { maildir = \"path\" }, or names of [targets])".into(),
+        )),
+        (None, false, None) => Err(ctx.invalid(
+            Some(wspan),
+            "watch: a watch with rules needs `else`: the target(s) for messages no rule matches, or \"skip\"".into(),
+        )),
+        (None, false, Some(e)) => {
+            let mut built = Vec::new();
+            for (n, spanned) in rules.into_iter().enumerate() {
+                let span = spanned.span();
+                let r = spanned.into_inner();
+                let name = r.name.clone().unwrap_or_else(|| format!("rule {}", n + 1));
+                let what = format!("watch.rule {name:?}");
+                let conditions = conditions(&r, &what).map_err(|m| ctx.invalid(Some(span.clone()), m))?;
+                let names = r.deliver.into_vec();
+                let rule_targets = if skip(&names) {
+                    Vec::new()
+                } else {
+                    resolve(names, &span, &format!("{what}.deliver"))?
+                };
+                built.push(Rule {
+                    name,
+                    conditions,
+                    targets: rule_targets,
+                    after: r.after,
+                });
+            }
+            let espan = e.span();
+            let names = e.into_inner().into_vec();
+            let fallback = if skip(&names) {
+                Fallback::Skip
+            } else {
+                Fallback::Targets(resolve(names, &espan, "watch.else")?)
+            };
+            Ok((
+                targets,
+                Routing {
+                    rules: built,
+                    fallback,
+                },
+            ))
+        }
+    }
+}
+
+/// A rule's conditions, or what is wrong with them.
+fn conditions(r: &RawRule, what: &str) -> Result<Vec<Condition>, String> {
+    let patterns = |key: &str, raw: &RawPatterns| -> Result<Vec<Pattern>, String> {
+        let list = raw.clone().into_vec();
+        if list.is_empty() {
+            return Err(format!("{what}.{key}: give at least one pattern"));
+        }
+        list.iter()
+            .map(|p| match p {
+                RawPattern::Glob(g) => Pattern::glob(g),
+                RawPattern::Regex { regex } => Pattern::regex(regex),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{what}.{key}: {e}"))
+    };
+    let mut out = Vec::new();
+    for (key, field, raw) in [
+        ("from", AddressField::From, &r.from),
+        ("to", AddressField::To, &r.to),
+        ("cc", AddressField::Cc, &r.cc),
+    ] {
+        if let Some(raw) = raw {
+            out.push(Condition::Address(field, patterns(key, raw)?));
+        }
+    }
+    if let Some(raw) = &r.subject {
+        out.push(Condition::Subject(patterns("subject", raw)?));
+    }
+    for (name, raw) in &r.header {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(format!("{what}.header: {name:?} is not a header field name"));
+        }
+        out.push(Condition::Header(name.clone(), patterns(&format!("header.{name}"), raw)?));
+    }
+    if let Some(b) = r.has_attachment {
+        out.push(Condition::HasAttachment(b));
+    }
+    if let Some(n) = r.larger_than {
+        out.push(Condition::LargerThan(n.0));
+    }
+    if let Some(n) = r.smaller_than {
+        out.push(Condition::SmallerThan(n.0));
+    }
+    if let (Some(l), Some(s)) = (r.larger_than, r.smaller_than)
+        && s.0 <= l.0.saturating_add(1)
+    {
+        return Err(format!(
+            "{what}: no message is larger than {} and smaller than {} bytes",
+            l.0, s.0
+        ));
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{what}: a rule needs a condition (from, to, cc, subject, header, has_attachment, larger_than, smaller_than); for every other message use the watch's `else`"
+        ));
+    }
+    Ok(out)
+}
 
 /// Validates one watch against the accounts already validated.
 pub(super) fn build(
     ctx: &Ctx<'_>,
     spanned: Spanned<RawWatch>,
     accounts: &BTreeMap<String, Arc<Account>>,
+    shared: &BTreeMap<String, Deliver>,
     spool_dir: &Path,
 ) -> Result<Watch, ConfigError> {
     let span = spanned.span();
@@ -38,7 +227,7 @@ pub(super) fn build(
             ),
         )
     })?;
-    let deliver = deliver(ctx, w.deliver)?;
+    let (targets, routing) = routing(ctx, span.clone(), w.deliver, w.rule, w.otherwise, shared)?;
     let r = RetryPolicy::default();
     let retry = RetryPolicy {
         initial: w.retry_initial.map_or(r.initial, |x| x.0),
@@ -90,7 +279,8 @@ pub(super) fn build(
             RawStart::All => StartPolicy::All,
         },
         after: w.after,
-        deliver,
+        targets,
+        routing,
         on_uidvalidity_change: match w.on_uidvalidity_change {
             RawUidValidity::Dedupe => UidValidityPolicy::Dedupe,
             RawUidValidity::Skip => UidValidityPolicy::Skip,
@@ -105,10 +295,19 @@ pub(super) fn build(
     Ok(watch)
 }
 
-/// Validates `deliver = { .. }`: exactly one destination, and only the keys that apply to it.
-fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, ConfigError> {
+/// Validates `deliver = { .. }` or `[targets.NAME]` (`what`, for messages): exactly one
+/// destination, and only the keys that apply to it.
+pub(super) fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>, what: &str) -> Result<Deliver, ConfigError> {
     let dspan = spanned.span();
-    let d = spanned.into_inner();
+    destination(ctx, dspan, spanned.into_inner(), what)
+}
+
+fn destination(
+    ctx: &Ctx<'_>,
+    dspan: std::ops::Range<usize>,
+    d: RawDeliver,
+    what: &str,
+) -> Result<Deliver, ConfigError> {
     let bad = |message: String| ctx.invalid(Some(dspan.clone()), message);
     let given = [
         ("exec", d.exec.as_ref().is_some_and(|a| !a.is_empty())),
@@ -122,9 +321,9 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
     let kind = match given.iter().filter(|(_, g)| *g).map(|(k, _)| *k).collect::<Vec<_>>()[..] {
         [one] => one,
         _ => {
-            return Err(bad(
-                "watch.deliver: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"`, `redis = \"redis://..\"`, `amqp = \"amqp://..\"` or `mqtt = \"mqtt://..\"`".into(),
-            ));
+            return Err(bad(format!(
+                "{what}: give exactly one of `exec = [\"program\", ..]`, `maildir = \"path\"`, `webhook = \"https://..\"`, `nats = \"nats://..\"`, `redis = \"redis://..\"`, `amqp = \"amqp://..\"` or `mqtt = \"mqtt://..\"`"
+            )));
         }
     };
     // Which destinations each optional key belongs to.
@@ -159,13 +358,13 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
     for (key, given, applies) in keys {
         if given && !applies.contains(&kind) {
             return Err(bad(format!(
-                "watch.deliver: `{key}` applies to {} only, not to `{kind}`",
+                "{what}: `{key}` applies to {} only, not to `{kind}`",
                 applies.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
             )));
         }
     }
     if d.timeout.is_some_and(|t| t.0.is_zero()) {
-        return Err(bad("watch.deliver.timeout must be more than 0s".into()));
+        return Err(bad(format!("{what}.timeout must be more than 0s")));
     }
     let json = JsonOptions {
         attachments: d.attachments.unwrap_or_default(),
@@ -192,7 +391,7 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
                     Ok(m) if m <= 0o777 && m & 0o600 == 0o600 => m,
                     _ => {
                         return Err(bad(format!(
-                            "watch.deliver.mode: {text:?} is not an octal file mode that lets inboxd read and write (e.g. \"0600\" or \"0640\")"
+                            "{what}.mode: {text:?} is not an octal file mode that lets inboxd read and write (e.g. \"0600\" or \"0640\")"
                         )));
                     }
                 },
@@ -204,20 +403,18 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         }
         "mqtt" => {
             if !cfg!(feature = "mqtt") {
-                return Err(bad(
-                    "watch.deliver: this inboxd was built without the `mqtt` feature".into()
-                ));
+                return Err(bad(format!("{what}: this inboxd was built without the `mqtt` feature")));
             }
             let url = d.mqtt.unwrap_or_default();
             if !url.starts_with("mqtt://") || url.contains('@') {
                 return Err(bad(format!(
-                    "watch.deliver.mqtt: {url:?} is not an mqtt://host[:port] URL (credentials go in `user` and `password`; mqtts:// is not supported yet)"
+                    "{what}.mqtt: {url:?} is not an mqtt://host[:port] URL (credentials go in `user` and `password`; mqtts:// is not supported yet)"
                 )));
             }
             let topic = d.topic.unwrap_or_else(|| "inboxd/{account}/{folder}".into());
             if topic.is_empty() || topic.contains(['+', '#', '\0']) {
                 return Err(bad(format!(
-                    "watch.deliver.topic: {topic:?} is not a topic to publish to (no wildcards)"
+                    "{what}.topic: {topic:?} is not a topic to publish to (no wildcards)"
                 )));
             }
             Deliver::Mqtt {
@@ -231,20 +428,16 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         }
         "amqp" => {
             if !cfg!(feature = "amqp") {
-                return Err(bad(
-                    "watch.deliver: this inboxd was built without the `amqp` feature".into()
-                ));
+                return Err(bad(format!("{what}: this inboxd was built without the `amqp` feature")));
             }
             let url = d.amqp.unwrap_or_default();
             if !url.starts_with("amqp://") {
                 return Err(bad(format!(
-                    "watch.deliver.amqp: {url:?} is not an amqp:// URL (amqps:// is not supported yet)"
+                    "{what}.amqp: {url:?} is not an amqp:// URL (amqps:// is not supported yet)"
                 )));
             }
             if url.contains('@') {
-                return Err(bad(
-                    "watch.deliver.amqp: put no credentials in the URL; use `user` and `password`".into(),
-                ));
+                return Err(bad(format!("{what}.amqp: put no credentials in the URL; use `user` and `password`")));
             }
             Deliver::Amqp {
                 url,
@@ -258,18 +451,14 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         }
         "redis" => {
             if !cfg!(feature = "redis") {
-                return Err(bad(
-                    "watch.deliver: this inboxd was built without the `redis` feature".into()
-                ));
+                return Err(bad(format!("{what}: this inboxd was built without the `redis` feature")));
             }
             let url = d.redis.unwrap_or_default();
             if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                return Err(bad(format!("watch.deliver.redis: {url:?} is not a redis:// URL")));
+                return Err(bad(format!("{what}.redis: {url:?} is not a redis:// URL")));
             }
             if url.contains('@') {
-                return Err(bad(
-                    "watch.deliver.redis: put no password in the URL; use `password` (a secret source)".into(),
-                ));
+                return Err(bad(format!("{what}.redis: put no password in the URL; use `password` (a secret source)")));
             }
             Deliver::Redis {
                 url,
@@ -282,14 +471,12 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         }
         "nats" => {
             if !cfg!(feature = "nats") {
-                return Err(bad(
-                    "watch.deliver: this inboxd was built without the `nats` feature".into()
-                ));
+                return Err(bad(format!("{what}: this inboxd was built without the `nats` feature")));
             }
             let subject = d.subject.unwrap_or_else(|| "inboxd.{account}.{folder}".into());
             if subject.is_empty() || subject.contains(char::is_whitespace) || subject.contains(['*', '>']) {
                 return Err(bad(format!(
-                    "watch.deliver.subject: {subject:?} is not a subject to publish to (no spaces or wildcards)"
+                    "{what}.subject: {subject:?} is not a subject to publish to (no spaces or wildcards)"
                 )));
             }
             Deliver::Nats {
@@ -303,23 +490,21 @@ fn deliver(ctx: &Ctx<'_>, spanned: Spanned<RawDeliver>) -> Result<Deliver, Confi
         _ => {
             let url = d.webhook.unwrap_or_default();
             let parsed = reqwest::Url::parse(&url)
-                .map_err(|e| bad(format!("watch.deliver.webhook: {url:?} is not a URL: {e}")))?;
+                .map_err(|e| bad(format!("{what}.webhook: {url:?} is not a URL: {e}")))?;
             let loopback = parsed.host_str().is_some_and(is_loopback);
             match parsed.scheme() {
                 "https" => {}
                 "http" if loopback || d.allow_http == Some(true) => {}
                 "http" => {
                     return Err(bad(format!(
-                        "watch.deliver.webhook: plain http:// to {:?} would send mail in clear; use https://, or allow_http = true",
+                        "{what}.webhook: plain http:// to {:?} would send mail in clear; use https://, or allow_http = true",
                         parsed.host_str().unwrap_or("")
                     )));
                 }
-                other => return Err(bad(format!("watch.deliver.webhook: unsupported scheme {other:?}"))),
+                other => return Err(bad(format!("{what}.webhook: unsupported scheme {other:?}"))),
             }
             if !parsed.username().is_empty() || parsed.password().is_some() {
-                return Err(bad(
-                    "watch.deliver.webhook: put no credentials in the URL; sign with `secret` instead".into(),
-                ));
+                return Err(bad(format!("{what}.webhook: put no credentials in the URL; sign with `secret` instead")));
             }
             Deliver::Webhook {
                 url: parsed.to_string(),
@@ -359,7 +544,7 @@ mod tests {
             if let Deliver::Exec {
                 stdin: Payload::Json(o),
                 ..
-            } = &c.watches[0].deliver
+            } = &c.watches[0].targets[0].deliver
             {
                 assert_eq!(o.attachment_max, 2 << 20);
                 assert!(o.raw);
@@ -392,5 +577,101 @@ mod tests {
                 "{deliver}: {e}"
             );
         }
+    }
+
+    const ROUTED: &str = r#"
+[accounts.a]
+host = "127.0.0.1"
+user = "u"
+password = "p"
+tls = "none"
+
+[targets.tickets]
+webhook = "https://tickets.example/hook"
+
+[targets.archive]
+maildir = "archive"
+
+[targets.unused]
+maildir = "unused"
+
+[[watch]]
+account = "a"
+after = "seen"
+else = "archive"
+
+[[watch.rule]]
+name = "invoices"
+from = ["*@billing.example", { regex = "ap-[0-9]+@.*" }]
+subject = "*invoice*"
+has_attachment = true
+deliver = ["archive", "tickets"]
+after = "move:Done"
+
+[[watch.rule]]
+header = { "List-Id" = "*<news.example>" }
+larger_than = "1KiB"
+deliver = "skip"
+"#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("/etc/inboxd/inboxd.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rules_name_shared_targets_and_override_after() {
+        use crate::config::After;
+        use crate::route::{Condition, Fallback};
+        let c = parse(ROUTED).unwrap();
+        let w = &c.watches[0];
+        // Only the targets the watch names are its own, in the order first named.
+        let names: Vec<&str> = w.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["archive", "tickets"]);
+        assert!(matches!(w.targets[0].deliver, Deliver::Maildir { ref path, .. } if path == Path::new("/etc/inboxd/archive")));
+        let r = &w.routing;
+        assert_eq!(r.rules.len(), 2);
+        assert_eq!(r.rules[0].name, "invoices");
+        assert_eq!(r.rules[0].targets, [0, 1]);
+        assert_eq!(r.rules[0].after, Some(After::Move("Done".into())));
+        assert_eq!(r.rules[0].conditions.len(), 3);
+        assert_eq!(r.rules[1].name, "rule 2");
+        assert!(r.rules[1].targets.is_empty(), "deliver = \"skip\"");
+        assert!(matches!(r.rules[1].conditions[0], Condition::Header(ref n, _) if n == "List-Id"));
+        assert_eq!(r.fallback, Fallback::Targets(vec![0]));
+        assert!(w.posts_after());
+        // Fan-out without rules: a list of names.
+        let fan = ROUTED.split("[[watch]]").next().unwrap().to_string()
+            + "[[watch]]\naccount = \"a\"\ndeliver = [\"tickets\", \"archive\"]\n";
+        let c = parse(&fan).unwrap();
+        assert_eq!(c.watches[0].targets.len(), 2);
+        assert_eq!(c.watches[0].routing.fallback, Fallback::Targets(vec![0, 1]));
+        assert!(!c.watches[0].posts_after());
+    }
+
+    #[test]
+    fn routing_mistakes_are_errors_naming_the_line() {
+        let cases: [(&str, &str, &str, usize); 9] = [
+            ("deliver = [\"archive\", \"tickets\"]", "deliver = [\"archive\", \"nope\"]", "no target named \"nope\"", 22),
+            ("subject = \"*invoice*\"", "subject = { regex = \"(\" }", "is not a regular expression", 22),
+            ("subject = \"*invoice*\"", "subject = \"[\"", "is not a glob", 22),
+            ("header = { \"List-Id\" = \"*<news.example>\" }\nlarger_than = \"1KiB\"\n", "", "a rule needs a condition", 30),
+            ("else = \"archive\"", "deliver = \"archive\"", "write `else", 20),
+            ("else = \"archive\"", "", "a watch with rules needs `else`", 17),
+            ("deliver = [\"archive\", \"tickets\"]", "deliver = [\"archive\", \"archive\"]", "named twice", 22),
+            ("larger_than = \"1KiB\"", "larger_than = \"1KiB\"\nsmaller_than = \"1KB\"", "no message is larger", 30),
+            ("[targets.unused]", "[targets.\"bad name\"]", "a target name is", 14),
+        ];
+        for (from, to, expected, line) in cases {
+            assert!(ROUTED.contains(from), "{from}");
+            let text = ROUTED.replacen(from, to, 1);
+            let e = parse(&text).unwrap_err();
+            assert!(
+                e.contains(expected) && e.contains(&format!("/etc/inboxd/inboxd.toml:{line}:")),
+                "{from} -> {to}: {e}"
+            );
+        }
+        // `else` without rules.
+        let e = parse(&(ROUTED.split("[[watch.rule]]").next().unwrap().to_string())).unwrap_err();
+        assert!(e.contains("this watch has no [[watch.rule]]"), "{e}");
     }
 }

@@ -64,6 +64,9 @@ pub struct Delivery {
     pub status: DeliveryStatus,
     pub attempts: u32,
     pub last_error: String,
+    /// Where the routing sent it (`rule "invoices" -> tickets, archive`, `else -> archive`,
+    /// `skipped by else`); empty without rules, or when not known (an earlier row stands).
+    pub route: String,
     pub updated_at: i64,
 }
 
@@ -129,17 +132,25 @@ pub trait Store: Send + Sync + 'static {
 
     fn checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
 
-    /// Sets the post-action state of delivered messages: `""` (done), `"pending"` (retry it)
-    /// or `"failed: <reason>"` (a permanent refusal, shown by `status`).
+    /// Sets the post-action state of delivered messages: `""` (done), `"pending"` or
+    /// `"pending <after>"` (retry it) or `"failed: <reason>"` (a permanent refusal, shown by
+    /// `status`).
     fn set_post_action<'a>(&'a self, keys: &'a [String], state: &'a str) -> BoxFuture<'a, StoreResult<()>>;
 
-    /// UIDs of one folder epoch whose post-action is pending.
+    /// UIDs of one folder epoch whose post-action is pending, with their state: `"pending"`
+    /// (the watch's `after`) or `"pending <after>"` (a rule's, e.g. `pending move:Done`).
     fn pending_post_actions<'a>(
         &'a self,
         account: &'a str,
         folder: &'a str,
         uidvalidity: u32,
-    ) -> BoxFuture<'a, StoreResult<Vec<u32>>>;
+    ) -> BoxFuture<'a, StoreResult<Vec<(u32, String)>>>;
+
+    /// The targets that acknowledged this message while another did not (fan-out).
+    fn targets_done<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>>;
+
+    /// Records that these targets acknowledged the message.
+    fn record_targets<'a>(&'a self, key: &'a str, targets: &'a [String]) -> BoxFuture<'a, StoreResult<()>>;
 
     /// Delivered messages whose post-action is pending or failed: (row, state).
     fn post_action_problems(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<(Delivery, String)>>>;

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_secrets.sql"),
     include_str!("../../migrations/sqlite/0003_post_actions.sql"),
+    include_str!("../../migrations/sqlite/0004_routing.sql"),
 ];
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -172,10 +173,11 @@ impl SqliteStore {
         let t = now();
         for d in log {
             sqlx::query(
-                "INSERT INTO deliveries (key, account, folder, uidvalidity, uid, message_id, status, attempts, last_error, first_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+                "INSERT INTO deliveries (key, account, folder, uidvalidity, uid, message_id, status, attempts, last_error, first_at, updated_at, route)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
                  ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, status = excluded.status,
-                   attempts = excluded.attempts, last_error = excluded.last_error, updated_at = excluded.updated_at",
+                   attempts = excluded.attempts, last_error = excluded.last_error, updated_at = excluded.updated_at,
+                   route = CASE WHEN excluded.route = '' THEN deliveries.route ELSE excluded.route END",
             )
             .bind(&d.key)
             .bind(&d.account)
@@ -187,6 +189,7 @@ impl SqliteStore {
             .bind(i64::from(d.attempts))
             .bind(&d.last_error)
             .bind(t)
+            .bind(&d.route)
             .execute(&mut *conn)
             .await?;
         }
@@ -209,6 +212,7 @@ fn delivery(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, sqlx::Error> {
         })?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         last_error: row.try_get("last_error")?,
+        route: row.try_get("route")?,
         updated_at: row.try_get("updated_at")?,
     })
 }
@@ -420,10 +424,11 @@ impl Store for SqliteStore {
         account: &'a str,
         folder: &'a str,
         uidvalidity: u32,
-    ) -> BoxFuture<'a, StoreResult<Vec<u32>>> {
+    ) -> BoxFuture<'a, StoreResult<Vec<(u32, String)>>> {
         Box::pin(async move {
             let rows = sqlx::query(
-                "SELECT uid FROM deliveries WHERE post_action = 'pending' AND account = ?1 AND folder = ?2 AND uidvalidity = ?3 ORDER BY uid",
+                "SELECT uid, post_action FROM deliveries WHERE (post_action = 'pending' OR post_action LIKE 'pending %')
+                   AND account = ?1 AND folder = ?2 AND uidvalidity = ?3 ORDER BY uid",
             )
             .bind(account)
             .bind(folder)
@@ -432,8 +437,8 @@ impl Store for SqliteStore {
             .await
             .map_err(err("read post-actions"))?;
             rows.iter()
-                .map(|r| r.try_get::<i64, _>(0).map(|u| u as u32))
-                .collect::<Result<_, _>>()
+                .map(|r| Ok((r.try_get::<i64, _>(0)? as u32, r.try_get::<String, _>(1)?)))
+                .collect::<Result<_, sqlx::Error>>()
                 .map_err(err("read post-actions"))
         })
     }
@@ -450,6 +455,38 @@ impl Store for SqliteStore {
                 .map(|r| Ok((delivery(r)?, r.try_get::<String, _>("post_action")?)))
                 .collect::<Result<_, sqlx::Error>>()
                 .map_err(err("read post-actions"))
+        })
+    }
+
+    fn targets_done<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>> {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT target FROM target_deliveries WHERE key = ?1 ORDER BY target")
+                .bind(key)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("read target deliveries"))
+        })
+    }
+
+    fn record_targets<'a>(&'a self, key: &'a str, targets: &'a [String]) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            if targets.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.begin("record target deliveries").await?;
+            let body = async {
+                for target in targets {
+                    sqlx::query("INSERT OR IGNORE INTO target_deliveries (key, target, at) VALUES (?1, ?2, ?3)")
+                        .bind(key)
+                        .bind(target)
+                        .bind(now())
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            }
+            .await;
+            self.finish("record target deliveries", conn, body).await
         })
     }
 
@@ -484,6 +521,7 @@ mod tests {
             status,
             attempts: 1,
             last_error: String::new(),
+            route: String::new(),
             updated_at: 0,
         }
     }

@@ -7,7 +7,7 @@
 //! action (for example in the IMAP parser on hostile bytes) is caught here and reported to the
 //! machine as a dropped connection: other watchers never notice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,12 +22,14 @@ use inboxd_core::machine::{
 use inboxd_core::mailbox::Selected;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Event, Health, Job, Mode, WatchError};
 use crate::config::{After, Watch};
 use crate::handler::Body as MessageBody;
-use crate::handler::{Handler, Message};
+use crate::handler::Message;
+use crate::process::panic_message;
+use crate::route::{Decision, Fanout};
 use crate::imap::{ImapError, Session, WaitEnd};
 use crate::spool::{Spool, SpoolError};
 use crate::store::{Delivery, DeliveryStatus, Store};
@@ -43,7 +45,7 @@ const MAX_ERROR: usize = 1024;
 pub(super) struct Parts {
     pub watch: Watch,
     pub store: Arc<dyn Store>,
-    pub handler: Box<dyn Handler>,
+    pub fanout: Fanout,
     pub mode: Mode,
     pub events: broadcast::Sender<Event>,
     pub health: Arc<Mutex<Health>>,
@@ -70,7 +72,7 @@ struct Driver {
     watch: Watch,
     name: String,
     store: Arc<dyn Store>,
-    handler: Box<dyn Handler>,
+    fanout: Fanout,
     events: broadcast::Sender<Event>,
     health: Arc<Mutex<Health>>,
     stop: watch::Receiver<bool>,
@@ -84,6 +86,15 @@ struct Driver {
     listed: HashMap<u32, (Option<String>, Vec<String>)>,
     /// UIDs whose post-action is recorded as pending.
     pending_post: HashSet<u32>,
+    /// The routing decision of each fetched message, made at its first delivery attempt.
+    decisions: HashMap<u32, Decision>,
+    /// Targets that already acknowledged a message whose fan-out is incomplete, by key.
+    done: HashMap<String, BTreeSet<String>>,
+    /// The post-action of delivered messages, where it is not the watch's `after` (a rule's
+    /// override; `After::None` for a skipped message), until it has run.
+    afters: HashMap<u32, After>,
+    /// Delivered messages whose post-action could not even be tried, to be recorded as pending.
+    unposted: Vec<u32>,
     dead_in_run: u64,
     origin: Instant,
 }
@@ -94,7 +105,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
     let Parts {
         watch,
         store,
-        handler,
+        fanout,
         mode,
         events,
         health,
@@ -112,8 +123,8 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         batch_bytes: BATCH_BYTES,
         max_message_size: watch.max_message_size,
         spool_above: watch.spool_above,
-        commit_each: !handler.batches(),
-        post_action: watch.after != After::None,
+        commit_each: !fanout.batches(),
+        post_action: watch.posts_after(),
         once: mode == Mode::Once,
     };
     let reconnect = Reconnect::new(account.schedule.clone(), account.stable_after, account.park_for);
@@ -122,7 +133,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         name: watch.name(),
         watch,
         store,
-        handler,
+        fanout,
         events,
         health,
         stop,
@@ -133,6 +144,10 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         bodies: BTreeMap::new(),
         listed: HashMap::new(),
         pending_post: HashSet::new(),
+        decisions: HashMap::new(),
+        done: HashMap::new(),
+        afters: HashMap::new(),
+        unposted: Vec::new(),
         dead_in_run: 0,
         origin: Instant::now(),
     };
@@ -145,6 +160,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         let action = machine.on(input, now, fastrand::f64());
         let notices = machine.take_notices();
         driver.report(machine.checkpoint(), notices);
+        driver.record_unposted(machine.checkpoint().map_or(0, |c| c.uidvalidity)).await;
         let state = machine.state().to_string();
         driver.health(|h| h.state = state);
         if let Action::Done(result) = action {
@@ -174,13 +190,6 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
             }
         };
     }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// An error and its sources, `: `-joined, at most [`MAX_ERROR`] bytes.
@@ -325,7 +334,7 @@ impl Driver {
                 self.keep(session, r)
             }
             Action::Deliver { uid, attempt } => self.deliver(uid, attempt, uidvalidity).await,
-            Action::Flush => match self.handler.flush().await {
+            Action::Flush => match self.fanout.flush().await {
                 Ok(()) => Input::Flushed,
                 Err(e) => Input::Failed {
                     class: FailureClass::Network,
@@ -340,7 +349,7 @@ impl Driver {
                     .await
                 {
                     Ok(()) => {
-                        self.committed(&log);
+                        self.committed(&log, checkpoint.uidvalidity);
                         Input::Committed
                     }
                     Err(e) => Input::Failed {
@@ -489,10 +498,16 @@ impl Driver {
             },
             None => Vec::new(),
         };
-        self.pending_post = pending_post_actions.iter().copied().collect();
+        self.pending_post = pending_post_actions.iter().map(|(uid, _)| *uid).collect();
+        for (uid, state) in &pending_post_actions {
+            // `pending <after>`: a rule's post-action; plain `pending`: the watch's.
+            if let Some(after) = state.strip_prefix("pending ").and_then(After::parse) {
+                self.afters.insert(*uid, after);
+            }
+        }
         Input::Loaded {
             stored,
-            pending_post_actions,
+            pending_post_actions: pending_post_actions.into_iter().map(|(uid, _)| uid).collect(),
         }
     }
 
@@ -514,7 +529,7 @@ impl Driver {
         let fetched: Vec<(u32, Held)> = match (spool, uids.as_slice()) {
             (true, &[uid]) => {
                 // Alone, in chunks, into a file: memory holds one chunk whatever the size.
-                let dir = match self.handler.spool_dir() {
+                let dir = match self.fanout.spool_dir() {
                     Some(d) => d.to_path_buf(),
                     None => self.watch.spool_dir.clone(),
                 };
@@ -641,28 +656,69 @@ impl Driver {
                 },
             },
         };
-        tracing::debug!(watch = %self.name, uid, attempt, "delivering");
-        let handler = &mut self.handler;
-        let outcome = std::panic::AssertUnwindSafe(async move { handler.deliver(&message).await })
-            .catch_unwind()
-            .await;
-        match outcome {
-            Ok(Ok(())) => Input::Delivered { uid },
-            Ok(Err(e)) => Input::HandlerFailed {
-                uid,
-                error: clip(e.detail()),
-                kind: e.kind,
+        let decision = match self.decisions.get(&uid) {
+            Some(d) => d.clone(),
+            None => match self.fanout.decide(&message.body) {
+                Ok(d) => {
+                    self.decisions.insert(uid, d.clone());
+                    d
+                }
+                Err(e) => {
+                    return Input::HandlerFailed {
+                        uid,
+                        error: clip(format!("cannot read the spooled message: {e}")),
+                        kind: HandlerFailure::Attempt,
+                    };
+                }
             },
-            Err(panic) => {
-                // A handler bug on this message: a failed attempt like any other (retried,
-                // then dead-lettered), not a dropped connection.
-                let msg = panic_message(panic.as_ref());
-                self.health(|h| h.panics += 1);
-                error!(watch = %self.name, uid, panic = %msg, "handler panicked");
+        };
+        let targets = match &decision {
+            Decision::Skip { rule } => {
+                debug!(watch = %self.name, uid, rule = ?rule, "skipped by the routing");
+                return Input::Delivered { uid };
+            }
+            Decision::Deliver { targets, .. } => targets,
+        };
+        tracing::debug!(watch = %self.name, uid, attempt, targets = %self.fanout.names(targets), "delivering");
+        let fanout = targets.len() > 1;
+        if fanout && !self.done.contains_key(&key) {
+            // A retry after a crash: the targets that acknowledged it before are not called again.
+            match self.store.targets_done(&key).await {
+                Ok(done) => {
+                    self.done.insert(key.clone(), done.into_iter().collect());
+                }
+                Err(e) => {
+                    return Input::Failed {
+                        class: FailureClass::Network,
+                        error: describe(&e),
+                    };
+                }
+            }
+        }
+        let mut done = self.done.remove(&key).unwrap_or_default();
+        let outcome = self.fanout.deliver(&message, targets, &mut done).await;
+        match outcome {
+            Ok(()) => Input::Delivered { uid },
+            Err(failure) => {
+                if !failure.acknowledged.is_empty() {
+                    if let Err(e) = self.store.record_targets(&key, &failure.acknowledged).await {
+                        return Input::Failed {
+                            class: FailureClass::Network,
+                            error: describe(&e),
+                        };
+                    }
+                }
+                if fanout {
+                    self.done.insert(key, done);
+                }
+                if failure.error.reason.contains("handler panicked") {
+                    self.health(|h| h.panics += 1);
+                    error!(watch = %self.name, uid, error = %failure.error.reason, "handler panicked");
+                }
                 Input::HandlerFailed {
                     uid,
-                    error: clip(format!("handler panicked: {msg}")),
-                    kind: HandlerFailure::Attempt,
+                    error: clip(failure.error.detail()),
+                    kind: failure.error.kind,
                 }
             }
         }
@@ -683,6 +739,9 @@ impl Driver {
                     .map(|b| b.identity.clone())
                     .unwrap_or_default(),
                 status: match row.status {
+                    Status::Delivered if matches!(self.decisions.get(&row.uid), Some(Decision::Skip { .. })) => {
+                        DeliveryStatus::Skipped
+                    }
                     Status::Delivered => DeliveryStatus::Delivered,
                     Status::Dead => DeliveryStatus::Dead,
                     Status::Skipped => DeliveryStatus::Skipped,
@@ -691,32 +750,105 @@ impl Driver {
                 },
                 attempts: row.attempts,
                 last_error: row.error.clone(),
+                route: self.route_of(row.uid),
                 updated_at: 0,
             })
             .collect()
     }
 
-    fn committed(&mut self, log: &[LogRow]) {
+    fn committed(&mut self, log: &[LogRow], uidvalidity: u32) {
         for row in log {
-            if row.status != Status::Failed {
-                self.bodies.remove(&row.uid);
+            if row.status == Status::Failed {
+                continue;
+            }
+            self.bodies.remove(&row.uid);
+            self.done.remove(&self.key(uidvalidity, row.uid));
+            let decision = self.decisions.remove(&row.uid);
+            if row.status == Status::Delivered && self.watch.posts_after() {
+                match decision {
+                    Some(Decision::Skip { .. }) => {
+                        self.afters.insert(row.uid, After::None);
+                    }
+                    Some(Decision::Deliver { after: Some(a), .. }) => {
+                        self.afters.insert(row.uid, a);
+                    }
+                    _ => {}
+                }
             }
         }
     }
 
+    /// Where the routing sent a message, for the delivery log (empty for a watch with one
+    /// target and no rules).
+    fn route_of(&self, uid: u32) -> String {
+        let routing = &self.fanout.routing;
+        let rule = |i: usize| routing.rules.get(i).map_or(String::new(), |r| format!("rule {:?}", r.name));
+        match self.decisions.get(&uid) {
+            None => String::new(),
+            Some(Decision::Skip { rule: Some(i) }) => format!("skipped by {}", rule(*i)),
+            Some(Decision::Skip { rule: None }) => "skipped: no rule matched (else = skip)".into(),
+            Some(Decision::Deliver { rule: Some(i), targets, .. }) => {
+                format!("{} -> {}", rule(*i), self.fanout.names(targets))
+            }
+            Some(Decision::Deliver { rule: None, targets, .. }) => {
+                if routing.rules.is_empty() && targets.len() <= 1 {
+                    String::new()
+                } else if routing.rules.is_empty() {
+                    format!("-> {}", self.fanout.names(targets))
+                } else {
+                    format!("else -> {}", self.fanout.names(targets))
+                }
+            }
+        }
+    }
+
+    /// The post-action of a delivered message: a rule's, or the watch's.
+    fn after_of(&self, uid: u32) -> &After {
+        self.afters.get(&uid).unwrap_or(&self.watch.after)
+    }
+
+    /// The state recorded for a post-action to retry: `pending`, or `pending <after>` for a
+    /// rule's own, so that the next process runs the same one.
+    fn pending_state(&self, uid: u32) -> String {
+        match self.afters.get(&uid) {
+            Some(after) => format!("pending {after}"),
+            None => "pending".into(),
+        }
+    }
+
+    /// Runs the post-actions of delivered messages, one command per distinct action.
     async fn post_action(&mut self, uids: Vec<u32>, uidvalidity: u32) -> Input {
+        let mut groups: Vec<(After, Vec<u32>)> = Vec::new();
+        for uid in uids {
+            let after = self.after_of(uid).clone();
+            match groups.iter_mut().find(|g| g.0 == after) {
+                Some(g) => g.1.push(uid),
+                None => groups.push((after, vec![uid])),
+            }
+        }
+        let mut first_failure = None;
+        for (after, uids) in groups {
+            let r = self.post_group(&after, &uids, uidvalidity).await;
+            if !matches!(r, Input::PostActionDone) && first_failure.is_none() {
+                first_failure = Some(r);
+            }
+        }
+        first_failure.unwrap_or(Input::PostActionDone)
+    }
+
+    async fn post_group(&mut self, after: &After, uids: &[u32], uidvalidity: u32) -> Input {
         let Some(session) = self.session.as_mut() else {
             return Input::PostActionFailed {
                 permanent: false,
                 error: "no session".into(),
             };
         };
-        let r = match &self.watch.after {
+        let r = match after {
             After::None => Ok(()),
-            After::Seen => session.add_flags(&uids, "\\Seen").await,
-            After::Flag(f) => session.add_flags(&uids, f).await,
-            After::Delete => session.delete(&uids).await,
-            After::Move(folder) => session.move_to(&uids, folder).await,
+            After::Seen => session.add_flags(uids, "\\Seen").await,
+            After::Flag(f) => session.add_flags(uids, f).await,
+            After::Delete => session.delete(uids).await,
+            After::Move(folder) => session.move_to(uids, folder).await,
         };
         let keys: Vec<String> = uids.iter().map(|&u| self.key(uidvalidity, u)).collect();
         match r {
@@ -724,9 +856,12 @@ impl Driver {
                 if uids.iter().any(|u| self.pending_post.contains(u)) {
                     // Best effort: a stale "pending" only means one more (harmless) try.
                     let _ = self.store.set_post_action(&keys, "").await;
-                    for u in &uids {
+                    for u in uids {
                         self.pending_post.remove(u);
                     }
+                }
+                for u in uids {
+                    self.afters.remove(u);
                 }
                 Input::PostActionDone
             }
@@ -736,12 +871,16 @@ impl Driver {
                 let state = if permanent {
                     clip(format!("failed: {error}"))
                 } else {
-                    "pending".to_string()
+                    self.pending_state(uids[0])
                 };
                 if let Err(se) = self.store.set_post_action(&keys, &state).await {
                     warn!(watch = %self.name, error = %describe(&se), "cannot record the post-action state");
                 }
-                if !permanent {
+                if permanent {
+                    for u in uids {
+                        self.afters.remove(u);
+                    }
+                } else {
                     self.pending_post.extend(uids.iter().copied());
                 }
                 if matches!(e, ImapError::Rejected { .. }) {
@@ -751,6 +890,26 @@ impl Driver {
                     failed(&e)
                 }
             }
+        }
+    }
+
+    /// Records as pending the post-actions that could not be tried (the session was gone when
+    /// their messages were committed), so that the next start runs them.
+    async fn record_unposted(&mut self, uidvalidity: u32) {
+        if self.unposted.is_empty() {
+            return;
+        }
+        for uid in std::mem::take(&mut self.unposted) {
+            if *self.after_of(uid) == After::None {
+                self.afters.remove(&uid);
+                continue;
+            }
+            let state = self.pending_state(uid);
+            let key = self.key(uidvalidity, uid);
+            if let Err(e) = self.store.set_post_action(std::slice::from_ref(&key), &state).await {
+                warn!(watch = %self.name, error = %describe(&e), "cannot record the post-action state");
+            }
+            self.pending_post.insert(uid);
         }
     }
 
@@ -950,6 +1109,10 @@ impl Driver {
                     });
                 }
                 Notice::PostActionFailed { uids, error, permanent } => {
+                    if !permanent {
+                        let untried = uids.iter().filter(|u| !self.pending_post.contains(u));
+                        self.unposted.extend(untried);
+                    }
                     if permanent {
                         error!(watch = %watch, uids = ?uids, error = %error, "post-action refused for good; the messages stay delivered (see `inboxd status`)");
                     } else {

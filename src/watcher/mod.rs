@@ -23,6 +23,7 @@ pub use event::{Event, Health};
 use crate::config::Watch;
 use crate::handler::{Handler, HandlerError};
 use crate::imap::{ImapError, Session};
+use crate::route::Fanout;
 use crate::store::{Store, StoreError};
 
 /// Why a watcher stopped for good, or why a `once` run failed.
@@ -75,15 +76,21 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Starts watching with the handler the config names. Fails if the handler cannot work at
-    /// all (its program is missing, its Maildir cannot be created).
+    /// Starts watching with the targets and routing the config names. Fails if a target cannot
+    /// work at all (its program is missing, its Maildir cannot be created).
     pub fn start(watch: Watch, store: Arc<dyn Store>, mode: Mode) -> Result<Watcher, HandlerError> {
-        let handler = crate::handler::from_config(&watch.deliver)?;
-        Ok(Watcher::with_handler(watch, store, handler, mode))
+        let fanout = Fanout::new(&watch.targets, watch.routing.clone())?;
+        Ok(Watcher::with_fanout(watch, store, fanout, mode))
     }
 
-    /// Starts watching with a handler of the caller's.
+    /// Starts watching with a handler of the caller's, for every message (the config's targets
+    /// and rules are not used).
     pub fn with_handler(watch: Watch, store: Arc<dyn Store>, handler: Box<dyn Handler>, mode: Mode) -> Watcher {
+        Watcher::with_fanout(watch, store, Fanout::single("handler", handler), mode)
+    }
+
+    /// Starts watching with targets (and routing) of the caller's.
+    pub fn with_fanout(watch: Watch, store: Arc<dyn Store>, fanout: Fanout, mode: Mode) -> Watcher {
         if let crate::config::Auth::OAuth2(source) = &watch.account.auth {
             source.attach_store(store.clone());
         }
@@ -98,7 +105,7 @@ impl Watcher {
         let task = tokio::spawn(driver::run(driver::Parts {
             watch,
             store,
-            handler,
+            fanout,
             mode,
             events: events.clone(),
             health: health.clone(),

@@ -127,22 +127,29 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
 /// Logs in to every account and prints capabilities and folder status. For OAuth2 accounts it
 /// first obtains a token and prints its decoded claims (never the token), and on failure the
 /// usual causes for the provider.
-pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let store = open_store(config).await?;
     let mut failed = 0;
     for w in &config.watches {
         // Each target is checked without delivering anything: the program can start, the
         // Maildir is writable, the webhook answers, a NATS stream captures the subject, Redis
         // answers PING.
-        let probed = match inboxd::handler::from_config(&w.deliver) {
-            Ok(mut handler) => handler.probe(&w.account.name, &w.folder).await,
-            Err(e) => Err(e),
-        };
-        match probed {
-            Ok(what) => writeln!(out, "watch {}: target ok: {}", w.name(), printable(&what))?,
-            Err(e) => {
-                writeln!(out, "watch {}: target FAILED: {}", w.name(), printable(&e.reason))?;
-                failed += 1;
+        for t in &w.targets {
+            let probed = match inboxd::handler::from_config(&t.deliver) {
+                Ok(mut handler) => handler.probe(&w.account.name, &w.folder).await,
+                Err(e) => Err(e),
+            };
+            let label = if w.targets.len() == 1 {
+                "target".to_string()
+            } else {
+                format!("target {}", t.name)
+            };
+            match probed {
+                Ok(what) => writeln!(out, "watch {}: {label} ok: {}", w.name(), printable(&what))?,
+                Err(e) => {
+                    writeln!(out, "watch {}: {label} FAILED: {}", w.name(), printable(&e.reason))?;
+                    failed += 1;
+                }
             }
         }
     }
@@ -175,11 +182,19 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
         writeln!(out, "  login ok; capabilities: {}", session.capabilities().join(" "))?;
         for w in config.watches.iter().filter(|w| &w.account.name == name) {
             match session.select(&w.folder).await {
-                Ok(s) => writeln!(
-                    out,
-                    "  folder {:?}: uidvalidity {} uidnext {} messages {}",
-                    w.folder, s.uidvalidity, s.uidnext, s.exists
-                )?,
+                Ok(s) => {
+                    writeln!(
+                        out,
+                        "  folder {:?}: uidvalidity {} uidnext {} messages {}",
+                        w.folder, s.uidvalidity, s.uidnext, s.exists
+                    )?;
+                    if let Some(n) = route
+                        && let Err(e) = dry_run(w, &mut session, n, out).await
+                    {
+                        writeln!(out, "    routing dry-run FAILED: {e:#}")?;
+                        failed += 1;
+                    }
+                }
                 Err(e) => {
                     writeln!(out, "  folder {:?}: FAILED: {:#}", w.folder, anyhow::Error::from(e))?;
                     failed += 1;
@@ -190,6 +205,79 @@ pub async fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Re
     }
     if failed > 0 {
         bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+/// Prints where the routing would send each of the newest `n` messages of the selected
+/// folder, delivering nothing and changing nothing on the server (`BODY.PEEK`).
+async fn dry_run(w: &Watch, session: &mut Session, n: u32, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    use inboxd::route::{Decision, Facts};
+    let mut uids = session.search("ALL").await?;
+    uids.sort_unstable();
+    let newest = &uids[uids.len().saturating_sub(n as usize)..];
+    writeln!(out, "    routing of the newest {} message(s):", newest.len())?;
+    let Some(&first) = newest.first() else {
+        return Ok(());
+    };
+    let listed = session.list_above(first - 1).await?;
+    let names = |targets: &[usize]| {
+        targets
+            .iter()
+            .filter_map(|&i| w.targets.get(i).map(|t| t.name.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rules = &w.routing.rules;
+    for l in listed.iter().filter(|l| newest.contains(&l.uid)) {
+        let size = u64::from(l.size.unwrap_or(0));
+        // Small messages whole; a large one by its first megabyte, which holds its header.
+        let body = if size <= w.spool_above {
+            session.fetch(&[l.uid], w.spool_above).await?
+        } else {
+            Vec::new()
+        };
+        let head;
+        let facts = match body.first() {
+            Some(f) => Facts::read(&inboxd::handler::Body::Bytes(&f.body), w.routing.needs_body())?,
+            None => {
+                let mut buf = Vec::new();
+                session
+                    .fetch_into(l.uid, 1 << 20, 1 << 20, &mut buf)
+                    .await?;
+                head = buf;
+                let mut f = Facts::read(&inboxd::handler::Body::Bytes(&head), false)?;
+                f.size = size;
+                f
+            }
+        };
+        let decision = w.routing.decide(&facts);
+        let rule = |i: &Option<usize>| match i {
+            Some(i) => format!("rule {:?}", rules.get(*i).map_or("", |r| r.name.as_str())),
+            None if rules.is_empty() => "every message".to_string(),
+            None => "else".to_string(),
+        };
+        let to = match &decision {
+            Decision::Skip { rule: r } => format!("{}: skip", rule(r)),
+            Decision::Deliver { rule: r, targets, after } => {
+                let after = after.as_ref().unwrap_or(&w.after);
+                format!("{}: {} (after: {after})", rule(r), names(targets))
+            }
+        };
+        let from = facts
+            .from
+            .first()
+            .and_then(|(_, a)| a.clone())
+            .unwrap_or_else(|| "?".into());
+        writeln!(
+            out,
+            "      uid {}  from {}  {:?}  {} bytes  ->  {}",
+            l.uid,
+            printable(&from),
+            printable(facts.subject.as_deref().unwrap_or("")),
+            size,
+            printable(&to)
+        )?;
     }
     Ok(())
 }
@@ -307,7 +395,38 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
                 d.attempts,
                 printable(&d.last_error)
             )?;
+            if !d.route.is_empty() {
+                let done = store.targets_done(&d.key).await?;
+                writeln!(
+                    out,
+                    "      route: {}{}",
+                    printable(&d.route),
+                    if done.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; already acknowledged by: {}", done.join(", "))
+                    }
+                )?;
+            }
         }
+    }
+    let skipped: Vec<_> = store
+        .by_status(DeliveryStatus::Skipped, 20)
+        .await?
+        .into_iter()
+        .filter(|d| d.route.starts_with("skipped"))
+        .collect();
+    writeln!(out, "skipped by the routing (newest {}):", skipped.len())?;
+    for d in skipped {
+        writeln!(
+            out,
+            "  {}  {}/{} uid {}  {}",
+            d.key,
+            d.account,
+            d.folder,
+            d.uid,
+            printable(&d.route)
+        )?;
     }
     let problems = store.post_action_problems(1000).await?;
     writeln!(out, "post-actions not done ({}):", problems.len())?;
@@ -351,8 +470,8 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
         );
     }
     // Spooled whatever its size: a replayed dead letter may be the one that was too large.
-    let mut handler = inboxd::handler::from_config(&watch.deliver)?;
-    let dir = handler
+    let mut fanout = inboxd::route::Fanout::new(&watch.targets, watch.routing.clone())?;
+    let dir = fanout
         .spool_dir()
         .map_or_else(|| watch.spool_dir.clone(), Path::to_path_buf);
     let spooled = inboxd::spool::fetch(&mut session, &dir, uid, inboxd::config::MAX_MESSAGE_SIZE_LIMIT)
@@ -374,9 +493,19 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
             len,
         },
     };
-    let result = match handler.deliver(&msg).await {
-        Ok(()) => handler.flush().await,
-        Err(e) => Err(e),
+    // Routed again by today's rules; targets that acknowledged it before are not called again.
+    let result = match fanout.decide(&msg.body)? {
+        inboxd::route::Decision::Skip { .. } => Ok(()),
+        inboxd::route::Decision::Deliver { targets, .. } => {
+            let mut done = store.targets_done(key).await?.into_iter().collect();
+            match fanout.deliver(&msg, &targets, &mut done).await {
+                Ok(()) => fanout.flush().await,
+                Err(failure) => {
+                    store.record_targets(key, &failure.acknowledged).await?;
+                    Err(failure.error)
+                }
+            }
+        }
     };
     d.attempts += 1;
     match result {

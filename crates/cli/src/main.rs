@@ -49,7 +49,14 @@ enum Cmd {
     /// Catch every watch up, deliver, and exit (non-zero if any watch failed).
     Once(ConfigArg),
     /// Validate the config, log in to every account, print capabilities and folder status.
-    Check(ConfigArg),
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also show where the routing would send each of the newest N messages of every
+        /// watched folder (nothing is delivered or changed).
+        #[arg(long, value_name = "N")]
+        route: Option<u32>,
+    },
     /// Show checkpoints, messages being retried and dead letters.
     Status(ConfigArg),
     /// Deliver a logged message (e.g. a dead letter) again, by its key.
@@ -102,7 +109,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(c) => commands::run(&load(&c)?).await,
         Cmd::Once(c) => commands::once(&load(&c)?).await,
-        Cmd::Check(c) => commands::check(&load(&c)?, &mut stdout).await,
+        Cmd::Check { config, route } => commands::check(&load(&config)?, route, &mut stdout).await,
         Cmd::Status(c) => commands::status(&load(&c)?, &mut stdout).await,
         Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
