@@ -118,7 +118,8 @@ impl Condition {
                     AddressField::Cc => &facts.cc,
                 };
                 list.iter().any(|(name, address)| {
-                    address.as_deref().is_some_and(|a| any(patterns, a)) || name.as_deref().is_some_and(|n| any(patterns, n))
+                    address.as_deref().is_some_and(|a| any(patterns, a))
+                        || name.as_deref().is_some_and(|n| any(patterns, n))
                 })
             }
             Condition::Subject(patterns) => any(patterns, facts.subject.as_deref().unwrap_or("")),
@@ -283,14 +284,19 @@ impl Facts {
                     .collect::<Vec<_>>()
             };
             let multipart_mixed = m.root_part().content_type().is_some_and(|ct| {
-                ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("mixed"))
+                ct.ctype().eq_ignore_ascii_case("multipart")
+                    && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("mixed"))
             });
             Some((
                 list(m.from()),
                 list(m.to()),
                 list(m.cc()),
                 m.subject().map(str::to_string),
-                if whole { m.attachment_count() > 0 } else { multipart_mixed },
+                if whole {
+                    m.attachment_count() > 0
+                } else {
+                    multipart_mixed
+                },
             ))
         });
         if let Ok(Some((from, to, cc, subject, has_attachment))) = parsed {
@@ -330,8 +336,10 @@ impl Fanout {
     pub fn new(targets: &[Target], routing: Routing) -> Result<Fanout, HandlerError> {
         let mut built = Vec::with_capacity(targets.len());
         for t in targets {
-            let handler = crate::handler::from_config(&t.deliver)
-                .map_err(|e| HandlerError { reason: format!("target `{}`: {}", t.name, e.reason), ..e })?;
+            let handler = crate::handler::from_config(&t.deliver).map_err(|e| HandlerError {
+                reason: format!("target `{}`: {}", t.name, e.reason),
+                ..e
+            })?;
             built.push((t.name.clone(), handler));
         }
         Ok(Fanout {
@@ -397,7 +405,9 @@ impl Fanout {
             if done.contains(name.as_str()) {
                 continue;
             }
-            let outcome = std::panic::AssertUnwindSafe(handler.deliver(message)).catch_unwind().await;
+            let outcome = std::panic::AssertUnwindSafe(handler.deliver(message))
+                .catch_unwind()
+                .await;
             let result = match outcome {
                 Ok(r) => r,
                 // A handler bug on this message: a failed attempt like any other.
@@ -479,19 +489,22 @@ fn combine(refusals: Vec<Refusal>, single: bool) -> HandlerError {
         }
     }
     if single && refusals.len() == 1 {
-        return refusals.into_iter().next().map(|r| r.error).unwrap_or_else(|| HandlerError::new(""));
+        return refusals
+            .into_iter()
+            .next()
+            .map(|r| r.error)
+            .unwrap_or_else(|| HandlerError::new(""));
     }
     let mut kind = HandlerFailure::Transient { retry_after: None };
     for r in &refusals {
         kind = match (&kind, &r.error.kind) {
-            (
-                HandlerFailure::Transient { retry_after: a },
-                HandlerFailure::Transient { retry_after: b },
-            ) => HandlerFailure::Transient {
-                retry_after: (*a).max(*b),
-            },
-            (k, e) if rank(e) > rank(k) => e.clone(),
-            (k, _) => k.clone(),
+            (HandlerFailure::Transient { retry_after: a }, HandlerFailure::Transient { retry_after: b }) => {
+                HandlerFailure::Transient {
+                    retry_after: (*a).max(*b),
+                }
+            }
+            (k, e) if rank(e) > rank(k) => *e,
+            (k, _) => *k,
         };
     }
     let reason = refusals
@@ -530,11 +543,18 @@ mod tests {
     #[test]
     fn facts_decode_addresses_subject_headers_and_attachments() {
         let f = facts(INVOICE);
-        assert_eq!(f.from, vec![(Some("Billing Dept".into()), Some("billing@vendor.example".into()))]);
+        assert_eq!(
+            f.from,
+            vec![(Some("Billing Dept".into()), Some("billing@vendor.example".into()))]
+        );
         assert_eq!(f.to.len(), 2);
         assert_eq!(f.subject.as_deref(), Some("Invoice n° 42"));
         assert!(f.has_attachment);
-        assert!(f.headers.iter().any(|(n, v)| n == "List-Id" && v == "Vendor news <news.vendor.example>"));
+        assert!(
+            f.headers
+                .iter()
+                .any(|(n, v)| n == "List-Id" && v == "Vendor news <news.vendor.example>")
+        );
         let plain = facts("From: a@b.example\r\nSubject: hi\r\n\r\nbody\r\n");
         assert!(!plain.has_attachment);
         // Without the body, only the top-level type says whether there is an attachment.
@@ -555,7 +575,10 @@ mod tests {
         assert!(!holds(Condition::Address(AddressField::Cc, g("ann@*"))));
         assert!(holds(Condition::Subject(g("invoice*"))));
         assert!(holds(Condition::Subject(r(r"invoice n° \d+"))));
-        assert!(!holds(Condition::Subject(r("invoice"))), "a regex matches the whole value");
+        assert!(
+            !holds(Condition::Subject(r("invoice"))),
+            "a regex matches the whole value"
+        );
         assert!(holds(Condition::Header("x-priority".into(), g("1*"))));
         assert!(holds(Condition::Header("LIST-ID".into(), g("*<news.vendor.example>"))));
         assert!(!holds(Condition::Header("X-Missing".into(), g("*"))));
@@ -568,7 +591,10 @@ mod tests {
     fn the_first_matching_rule_wins_and_else_takes_the_rest() {
         let routing = Routing {
             rules: vec![
-                rule(vec![Condition::Subject(vec![Pattern::glob("*invoice*").unwrap()])], vec![1]),
+                rule(
+                    vec![Condition::Subject(vec![Pattern::glob("*invoice*").unwrap()])],
+                    vec![1],
+                ),
                 Rule {
                     after: Some(After::Seen),
                     ..rule(vec![Condition::LargerThan(0)], vec![0, 1])
@@ -608,7 +634,9 @@ mod tests {
         for raw in inputs {
             let _ = Facts::read(&Body::Bytes(raw), true).unwrap();
         }
-        let parts: String = (0..1000).map(|i| format!("--b\r\nContent-Type: application/x-{i}\r\n\r\nx\r\n")).collect();
+        let parts: String = (0..1000)
+            .map(|i| format!("--b\r\nContent-Type: application/x-{i}\r\n\r\nx\r\n"))
+            .collect();
         let many = format!("Content-Type: multipart/mixed; boundary=b\r\n\r\n{parts}--b--\r\n");
         assert!(Facts::read(&Body::Bytes(many.as_bytes()), true).unwrap().has_attachment);
     }

@@ -56,7 +56,11 @@ fn routing(
                             Some(span.clone()),
                             format!(
                                 "{what}: no target named {name:?} in [targets] (there: {})",
-                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                                if known.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
                             ),
                         ));
                     };
@@ -178,7 +182,10 @@ fn conditions(r: &RawRule, what: &str) -> Result<Vec<Condition>, String> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
             return Err(format!("{what}.header: {name:?} is not a header field name"));
         }
-        out.push(Condition::Header(name.clone(), patterns(&format!("header.{name}"), raw)?));
+        out.push(Condition::Header(
+            name.clone(),
+            patterns(&format!("header.{name}"), raw)?,
+        ));
     }
     if let Some(b) = r.has_attachment {
         out.push(Condition::HasAttachment(b));
@@ -437,7 +444,9 @@ fn destination(
                 )));
             }
             if url.contains('@') {
-                return Err(bad(format!("{what}.amqp: put no credentials in the URL; use `user` and `password`")));
+                return Err(bad(format!(
+                    "{what}.amqp: put no credentials in the URL; use `user` and `password`"
+                )));
             }
             Deliver::Amqp {
                 url,
@@ -451,14 +460,18 @@ fn destination(
         }
         "redis" => {
             if !cfg!(feature = "redis") {
-                return Err(bad(format!("{what}: this inboxd was built without the `redis` feature")));
+                return Err(bad(format!(
+                    "{what}: this inboxd was built without the `redis` feature"
+                )));
             }
             let url = d.redis.unwrap_or_default();
             if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
                 return Err(bad(format!("{what}.redis: {url:?} is not a redis:// URL")));
             }
             if url.contains('@') {
-                return Err(bad(format!("{what}.redis: put no password in the URL; use `password` (a secret source)")));
+                return Err(bad(format!(
+                    "{what}.redis: put no password in the URL; use `password` (a secret source)"
+                )));
             }
             Deliver::Redis {
                 url,
@@ -489,8 +502,8 @@ fn destination(
         }
         _ => {
             let url = d.webhook.unwrap_or_default();
-            let parsed = reqwest::Url::parse(&url)
-                .map_err(|e| bad(format!("{what}.webhook: {url:?} is not a URL: {e}")))?;
+            let parsed =
+                reqwest::Url::parse(&url).map_err(|e| bad(format!("{what}.webhook: {url:?} is not a URL: {e}")))?;
             let loopback = parsed.host_str().is_some_and(is_loopback);
             match parsed.scheme() {
                 "https" => {}
@@ -504,7 +517,9 @@ fn destination(
                 other => return Err(bad(format!("{what}.webhook: unsupported scheme {other:?}"))),
             }
             if !parsed.username().is_empty() || parsed.password().is_some() {
-                return Err(bad(format!("{what}.webhook: put no credentials in the URL; sign with `secret` instead")));
+                return Err(bad(format!(
+                    "{what}.webhook: put no credentials in the URL; sign with `secret` instead"
+                )));
             }
             Deliver::Webhook {
                 url: parsed.to_string(),
@@ -627,7 +642,9 @@ deliver = "skip"
         // Only the targets the watch names are its own, in the order first named.
         let names: Vec<&str> = w.targets.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["archive", "tickets"]);
-        assert!(matches!(w.targets[0].deliver, Deliver::Maildir { ref path, .. } if path == Path::new("/etc/inboxd/archive")));
+        assert!(
+            matches!(w.targets[0].deliver, Deliver::Maildir { ref path, .. } if path == Path::new("/etc/inboxd/archive"))
+        );
         let r = &w.routing;
         assert_eq!(r.rules.len(), 2);
         assert_eq!(r.rules[0].name, "invoices");
@@ -651,14 +668,39 @@ deliver = "skip"
     #[test]
     fn routing_mistakes_are_errors_naming_the_line() {
         let cases: [(&str, &str, &str, usize); 9] = [
-            ("deliver = [\"archive\", \"tickets\"]", "deliver = [\"archive\", \"nope\"]", "no target named \"nope\"", 22),
-            ("subject = \"*invoice*\"", "subject = { regex = \"(\" }", "is not a regular expression", 22),
+            (
+                "deliver = [\"archive\", \"tickets\"]",
+                "deliver = [\"archive\", \"nope\"]",
+                "no target named \"nope\"",
+                22,
+            ),
+            (
+                "subject = \"*invoice*\"",
+                "subject = { regex = \"(\" }",
+                "is not a regular expression",
+                22,
+            ),
             ("subject = \"*invoice*\"", "subject = \"[\"", "is not a glob", 22),
-            ("header = { \"List-Id\" = \"*<news.example>\" }\nlarger_than = \"1KiB\"\n", "", "a rule needs a condition", 30),
+            (
+                "header = { \"List-Id\" = \"*<news.example>\" }\nlarger_than = \"1KiB\"\n",
+                "",
+                "a rule needs a condition",
+                30,
+            ),
             ("else = \"archive\"", "deliver = \"archive\"", "write `else", 20),
             ("else = \"archive\"", "", "a watch with rules needs `else`", 17),
-            ("deliver = [\"archive\", \"tickets\"]", "deliver = [\"archive\", \"archive\"]", "named twice", 22),
-            ("larger_than = \"1KiB\"", "larger_than = \"1KiB\"\nsmaller_than = \"1KB\"", "no message is larger", 30),
+            (
+                "deliver = [\"archive\", \"tickets\"]",
+                "deliver = [\"archive\", \"archive\"]",
+                "named twice",
+                22,
+            ),
+            (
+                "larger_than = \"1KiB\"",
+                "larger_than = \"1KiB\"\nsmaller_than = \"1KB\"",
+                "no message is larger",
+                30,
+            ),
             ("[targets.unused]", "[targets.\"bad name\"]", "a target name is", 14),
         ];
         for (from, to, expected, line) in cases {
@@ -671,7 +713,7 @@ deliver = "skip"
             );
         }
         // `else` without rules.
-        let e = parse(&(ROUTED.split("[[watch.rule]]").next().unwrap().to_string())).unwrap_err();
+        let e = parse(ROUTED.split("[[watch.rule]]").next().unwrap()).unwrap_err();
         assert!(e.contains("this watch has no [[watch.rule]]"), "{e}");
     }
 }

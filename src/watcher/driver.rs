@@ -28,9 +28,9 @@ use super::{Event, Health, Job, Mode, WatchError};
 use crate::config::{After, Watch};
 use crate::handler::Body as MessageBody;
 use crate::handler::Message;
+use crate::imap::{ImapError, Session, WaitEnd};
 use crate::process::panic_message;
 use crate::route::{Decision, Fanout};
-use crate::imap::{ImapError, Session, WaitEnd};
 use crate::spool::{Spool, SpoolError};
 use crate::store::{Delivery, DeliveryStatus, Store};
 
@@ -160,7 +160,9 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         let action = machine.on(input, now, fastrand::f64());
         let notices = machine.take_notices();
         driver.report(machine.checkpoint(), notices);
-        driver.record_unposted(machine.checkpoint().map_or(0, |c| c.uidvalidity)).await;
+        driver
+            .record_unposted(machine.checkpoint().map_or(0, |c| c.uidvalidity))
+            .await;
         let state = machine.state().to_string();
         driver.health(|h| h.state = state);
         if let Action::Done(result) = action {
@@ -700,13 +702,13 @@ impl Driver {
         match outcome {
             Ok(()) => Input::Delivered { uid },
             Err(failure) => {
-                if !failure.acknowledged.is_empty() {
-                    if let Err(e) = self.store.record_targets(&key, &failure.acknowledged).await {
-                        return Input::Failed {
-                            class: FailureClass::Network,
-                            error: describe(&e),
-                        };
-                    }
+                if !failure.acknowledged.is_empty()
+                    && let Err(e) = self.store.record_targets(&key, &failure.acknowledged).await
+                {
+                    return Input::Failed {
+                        class: FailureClass::Network,
+                        error: describe(&e),
+                    };
                 }
                 if fanout {
                     self.done.insert(key, done);
@@ -782,15 +784,24 @@ impl Driver {
     /// target and no rules).
     fn route_of(&self, uid: u32) -> String {
         let routing = &self.fanout.routing;
-        let rule = |i: usize| routing.rules.get(i).map_or(String::new(), |r| format!("rule {:?}", r.name));
+        let rule = |i: usize| {
+            routing
+                .rules
+                .get(i)
+                .map_or(String::new(), |r| format!("rule {:?}", r.name))
+        };
         match self.decisions.get(&uid) {
             None => String::new(),
             Some(Decision::Skip { rule: Some(i) }) => format!("skipped by {}", rule(*i)),
             Some(Decision::Skip { rule: None }) => "skipped: no rule matched (else = skip)".into(),
-            Some(Decision::Deliver { rule: Some(i), targets, .. }) => {
+            Some(Decision::Deliver {
+                rule: Some(i), targets, ..
+            }) => {
                 format!("{} -> {}", rule(*i), self.fanout.names(targets))
             }
-            Some(Decision::Deliver { rule: None, targets, .. }) => {
+            Some(Decision::Deliver {
+                rule: None, targets, ..
+            }) => {
                 if routing.rules.is_empty() && targets.len() <= 1 {
                     String::new()
                 } else if routing.rules.is_empty() {

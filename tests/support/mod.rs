@@ -217,3 +217,27 @@ pub async fn backlog_across_outage(
     w.stop().await.unwrap();
     dead
 }
+
+/// An invoice from `billing@vendor.example` with a PDF attached (for routing tests).
+pub fn invoice(n: usize) -> Vec<u8> {
+    format!(
+        "From: Billing <billing@vendor.example>\r\nTo: invoices@us.example\r\nSubject: Invoice {n}\r\nMessage-ID: <inv.{n}@vendor.example>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nattached\r\n--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"i{n}.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b--\r\n"
+    )
+    .into_bytes()
+}
+
+/// A newsletter with a `List-Id`.
+pub fn newsletter(n: usize) -> Vec<u8> {
+    format!(
+        "From: News <news@vendor.example>\r\nTo: invoices@us.example\r\nSubject: News {n}\r\nList-Id: Vendor news\r\n <news.vendor.example>\r\nMessage-ID: <news.{n}@vendor.example>\r\n\r\nread me\r\n"
+    )
+    .into_bytes()
+}
+
+/// A personal message from `Ann@Example.COM`.
+pub fn personal(n: usize) -> Vec<u8> {
+    format!(
+        "From: Ann <Ann@Example.COM>\r\nTo: invoices@us.example\r\nSubject: Question {n}\r\nMessage-ID: <q.{n}@example.com>\r\n\r\nhello\r\n"
+    )
+    .into_bytes()
+}

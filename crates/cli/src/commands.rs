@@ -242,9 +242,7 @@ async fn dry_run(w: &Watch, session: &mut Session, n: u32, out: &mut impl std::i
             Some(f) => Facts::read(&inboxd::handler::Body::Bytes(&f.body), w.routing.needs_body())?,
             None => {
                 let mut buf = Vec::new();
-                session
-                    .fetch_into(l.uid, 1 << 20, 1 << 20, &mut buf)
-                    .await?;
+                session.fetch_into(l.uid, 1 << 20, 1 << 20, &mut buf).await?;
                 head = buf;
                 let mut f = Facts::read(&inboxd::handler::Body::Bytes(&head), false)?;
                 f.size = size;
@@ -259,7 +257,11 @@ async fn dry_run(w: &Watch, session: &mut Session, n: u32, out: &mut impl std::i
         };
         let to = match &decision {
             Decision::Skip { rule: r } => format!("{}: skip", rule(r)),
-            Decision::Deliver { rule: r, targets, after } => {
+            Decision::Deliver {
+                rule: r,
+                targets,
+                after,
+            } => {
                 let after = after.as_ref().unwrap_or(&w.after);
                 format!("{}: {} (after: {after})", rule(r), names(targets))
             }

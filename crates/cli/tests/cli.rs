@@ -476,3 +476,72 @@ async fn status_shows_post_actions_refused_for_good() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_route_dry_runs_the_rules_and_status_lists_what_was_skipped() {
+    let dv = dovecot();
+    append_raw(&dv, "INBOX", &[invoice(1), newsletter(2), personal(3)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "\n[targets.archive]\nmaildir = \"archive\"\n\n[targets.rest]\nmaildir = \"rest\"\n",
+        r#"start = "all"
+after = "seen"
+else = "rest"
+
+[[watch.rule]]
+name = "invoices"
+from = "*@vendor.example"
+has_attachment = true
+deliver = "archive"
+after = "flag:Invoice"
+
+[[watch.rule]]
+name = "newsletters"
+header = { "List-Id" = "*<news.vendor.example>" }
+deliver = "skip"
+"#,
+    );
+    let once = inboxd_bin().args(["once", "-c"]).arg(&config.path).output().unwrap();
+    assert!(once.status.success(), "{}", String::from_utf8_lossy(&once.stderr));
+    let status = inboxd_bin().args(["status", "-c"]).arg(&config.path).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("skipped by the routing (newest 1):")
+            && status.contains("uid 2  skipped by rule \"newsletters\""),
+        "{status}"
+    );
+
+    append_raw(&dv, "INBOX", &[invoice(4)]).await;
+    let out = inboxd_bin()
+        .args(["check", "--route", "3", "-c"])
+        .arg(&config.path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("target archive ok") && text.contains("target rest ok"),
+        "{text}"
+    );
+    assert!(text.contains("routing of the newest 3 message(s)"), "{text}");
+    for expected in [
+        "uid 2  from news@vendor.example  \"News 2\"",
+        "->  rule \"newsletters\": skip",
+        "uid 3  from ann@example.com  \"Question 3\"",
+        "->  else: rest (after: seen)",
+        "uid 4  from billing@vendor.example  \"Invoice 4\"",
+        "->  rule \"invoices\": archive (after: flag:Invoice)",
+    ] {
+        assert!(text.contains(expected), "{expected}\n{text}");
+    }
+    // The rule's post-action replaced the watch's for uid 1 (flagged, not seen). A dry run
+    // delivers and changes nothing: uid 4 is still new and unflagged.
+    assert_eq!(std::fs::read_dir(dir.path().join("archive/new")).unwrap().count(), 1);
+    let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
+    s.select("INBOX").await.unwrap();
+    assert_eq!(s.search("UNSEEN").await.unwrap(), [1, 2, 4]);
+    assert_eq!(s.search("KEYWORD Invoice").await.unwrap(), [1]);
+    s.logout().await;
+}
