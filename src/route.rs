@@ -321,6 +321,8 @@ pub struct Refusal {
 pub struct FanoutError {
     pub error: HandlerError,
     pub acknowledged: Vec<String>,
+    /// How many targets panicked (a handler bug, counted in the watch's health).
+    pub panicked: u32,
 }
 
 /// A watch's targets, built from its config (or one handler of the library user's).
@@ -398,6 +400,7 @@ impl Fanout {
     ) -> Result<(), FanoutError> {
         let mut refusals: Vec<Refusal> = Vec::new();
         let mut acknowledged: Vec<usize> = Vec::new();
+        let mut panicked = 0;
         for &i in targets {
             let Some((name, handler)) = self.targets.get_mut(i) else {
                 continue;
@@ -405,16 +408,21 @@ impl Fanout {
             if done.contains(name.as_str()) {
                 continue;
             }
-            let outcome = std::panic::AssertUnwindSafe(handler.deliver(message))
+            // The call inside the future: a handler that panics before returning its future
+            // is caught too.
+            let outcome = std::panic::AssertUnwindSafe(async { handler.deliver(message).await })
                 .catch_unwind()
                 .await;
             let result = match outcome {
                 Ok(r) => r,
                 // A handler bug on this message: a failed attempt like any other.
-                Err(panic) => Err(HandlerError::new(format!(
-                    "handler panicked: {}",
-                    crate::process::panic_message(panic.as_ref())
-                ))),
+                Err(panic) => {
+                    panicked += 1;
+                    Err(HandlerError::new(format!(
+                        "handler panicked: {}",
+                        crate::process::panic_message(panic.as_ref())
+                    )))
+                }
             };
             self.dirty[i] = true;
             match result {
@@ -441,6 +449,7 @@ impl Fanout {
         Err(FanoutError {
             error: combine(refusals, single),
             acknowledged: recorded,
+            panicked,
         })
     }
 

@@ -713,8 +713,8 @@ impl Driver {
                 if fanout {
                     self.done.insert(key, done);
                 }
-                if failure.error.reason.contains("handler panicked") {
-                    self.health(|h| h.panics += 1);
+                if failure.panicked > 0 {
+                    self.health(|h| h.panics += u64::from(failure.panicked));
                     error!(watch = %self.name, uid, error = %failure.error.reason, "handler panicked");
                 }
                 Input::HandlerFailed {

@@ -2,8 +2,11 @@
 //! binary (`inboxd run`) SIGKILLed three times while a burst of mail arrives. Every message
 //! must reach NATS, Redis and a webhook receiver: nothing lost, and the repeats a kill causes
 //! (the batch in flight is handed over again with the same key) dropped by NATS (Msg-Id), the
-//! Redis script (the key) and the receiver (webhook-id).
+//! Redis script (the key) and the receiver (webhook-id). AMQP and MQTT cannot drop a repeat:
+//! there, each kill may repeat at most the message in flight (`batch_size = 1`).
 
+#[path = "../../../tests/support/mqtt_sub.rs"]
+mod mqtt_sub;
 #[path = "../../../tests/support/mod.rs"]
 mod support;
 
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::{Arc, Mutex};
 
-use inboxd_testbed::{Nats, Redis};
+use inboxd_testbed::{Mosquitto, Nats, Redis};
 use support::*;
 
 /// A webhook receiver that records every request's webhook-id and answers 204.
@@ -185,5 +188,131 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_r
         keys.sort();
         keys.dedup();
         assert_eq!((total, keys.len()), (n, n), "{target}: stored/unique after three kills");
+    }
+}
+
+/// How many messages an AMQP queue holds.
+async fn amqp_count(queue: &str) -> usize {
+    use amqprs::channel::QueueDeclareArguments;
+    use amqprs::connection::{Connection, OpenConnectionArguments};
+    let c = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it)");
+    let ch = c.open_channel(None).await.unwrap();
+    let declared = ch
+        .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+        .await
+        .unwrap();
+    let _ = c.close().await;
+    declared.map_or(0, |(_, messages, _)| messages as usize)
+}
+
+/// Every message in an AMQP queue, in order: message_id of each.
+async fn amqp_ids(queue: &str) -> Vec<String> {
+    use amqprs::channel::BasicGetArguments;
+    use amqprs::connection::{Connection, OpenConnectionArguments};
+    let c = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it)");
+    let ch = c.open_channel(None).await.unwrap();
+    let mut out = Vec::new();
+    while let Some((_, props, _)) = ch
+        .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
+        .await
+        .unwrap()
+    {
+        out.push(props.message_id().cloned().unwrap_or_default());
+    }
+    let _ = ch.queue_delete(amqprs::channel::QueueDeleteArguments::new(queue)).await;
+    let _ = c.close().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sigkills_during_a_burst_lose_nothing_in_amqp_and_mqtt_and_repeat_at_most_the_message_in_flight() {
+    let dv = dovecot();
+    let broker = Mosquitto::start().unwrap();
+    let got = mqtt_sub::subscriber(&broker, "mail/#").await;
+    let queue = format!("inboxd-kill-{}-{}", std::process::id(), fastrand::u32(..));
+    {
+        use amqprs::channel::QueueDeclareArguments;
+        use amqprs::connection::{Connection, OpenConnectionArguments};
+        let c = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it)");
+        let ch = c.open_channel(None).await.unwrap();
+        ch.queue_declare(QueueDeclareArguments::durable_client_named(&queue))
+            .await
+            .unwrap();
+        let _ = c.close().await;
+    }
+    let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
+    s.run("CREATE Work").await.unwrap();
+    s.logout().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg_text = std::fs::read_to_string(
+        config(
+            &dv,
+            dir.path(),
+            "",
+            &format!(
+                "start = \"all\"\nbatch_size = 1\ndeliver = {{ amqp = \"amqp://127.0.0.1:5672\", routing_key = \"{queue}\", password = \"guest\" }}"
+            ),
+        )
+        .path,
+    )
+    .unwrap();
+    cfg_text.push_str(&format!(
+        "\n[[watch]]\naccount = \"t\"\nfolder = \"Work\"\nstart = \"all\"\nbatch_size = 1\ndeliver = {{ mqtt = \"{}\", topic = \"mail/{{folder}}\" }}\n",
+        broker.url()
+    ));
+    let config = dir.path().join("inboxd.toml");
+    std::fs::write(&config, cfg_text).unwrap();
+    let log = dir.path().join("inboxd.log");
+    let mut daemon = start(&config, &log);
+
+    let n = 150;
+    let account = dv.account("alice");
+    let sender = tokio::spawn(async move {
+        let mut s = inboxd::imap::Session::open(&account).await.unwrap();
+        for i in 0..n {
+            let m = inboxd_testbed::sample_message(i, &format!("burst {i}"), 1500);
+            s.append("INBOX", &m).await.unwrap();
+            s.append("Work", &m).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        s.logout().await;
+    });
+    let mut rng = fastrand::Rng::with_seed(20261201);
+    let kills = 3;
+    for _ in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        daemon = start(&config, &log);
+    }
+    sender.await.unwrap();
+    let distinct = |ids: &[String]| {
+        let mut v = ids.to_vec();
+        v.sort();
+        v.dedup();
+        v.len()
+    };
+    let mqtt_keys = || got.lock().unwrap().iter().map(|g| g.1.clone()).collect::<Vec<_>>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && (distinct(&mqtt_keys()) < n || amqp_count(&queue).await < n) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    for (target, keys) in [("amqp", amqp_ids(&queue).await), ("mqtt", mqtt_keys())] {
+        let repeats = keys.len() - distinct(&keys);
+        assert_eq!(distinct(&keys), n, "{target}: lost messages after {kills} kills");
+        assert!(
+            repeats <= kills,
+            "{target}: {repeats} repeats after {kills} kills: more than the message in flight at each"
+        );
+        eprintln!("{target}: {n} delivered, {repeats} repeated after {kills} kills");
     }
 }

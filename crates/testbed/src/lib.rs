@@ -549,7 +549,10 @@ impl Service {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: a server started by a script (RabbitMQ) dies with it.
         let child = (self.command)(&self.dir, self.port)?
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -561,7 +564,7 @@ impl Service {
                 )
             })?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if (self.ready)(self.port) {
                 return Ok(());
@@ -576,6 +579,12 @@ impl Service {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                // SAFETY: kill(2) with a negative pid signals the process group we created.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -747,6 +756,58 @@ impl Mosquitto {
     }
 
     /// Stops the broker (SIGKILL).
+    pub fn stop(&mut self) {
+        self.service.stop();
+    }
+
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.service.restart()
+    }
+}
+
+/// A throwaway RabbitMQ node of its own (Debian's `rabbitmq-server`): own node name, ports,
+/// database and Erlang cookie in its directory, no plugins; its queues survive a restart.
+pub struct Rabbit {
+    pub port: u16,
+    service: Service,
+}
+
+impl Rabbit {
+    pub fn start() -> io::Result<Rabbit> {
+        let service = Service::start(
+            "rabbitmq-server",
+            |dir, port| {
+                let script = installed(&["/usr/lib/rabbitmq/bin/rabbitmq-server"], "rabbitmq-server")?;
+                fs::write(dir.join("enabled_plugins"), "[].\n")?;
+                fs::write(dir.join("rabbitmq-env.conf"), "")?;
+                let mut c = Command::new(script);
+                c.env("HOME", dir)
+                    .env("RABBITMQ_NODENAME", format!("inboxd{port}@localhost"))
+                    .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                    .env("RABBITMQ_NODE_PORT", port.to_string())
+                    .env("RABBITMQ_DIST_PORT", free_port()?.to_string())
+                    .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+                    .env("RABBITMQ_LOG_BASE", dir.join("log"))
+                    .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+                    .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+                    .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+                    .env("ERL_EPMD_ADDRESS", "127.0.0.1");
+                Ok(c)
+            },
+            listening,
+        )?;
+        Ok(Rabbit {
+            port: service.port,
+            service,
+        })
+    }
+
+    /// `amqp://127.0.0.1:PORT` (user guest, password guest).
+    pub fn url(&self) -> String {
+        format!("amqp://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the node (SIGKILL to its process group); durable queues stay for a restart.
     pub fn stop(&mut self) {
         self.service.stop();
     }
