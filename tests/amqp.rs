@@ -4,6 +4,8 @@
 #![cfg(feature = "amqp")]
 
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 
 use amqprs::channel::{BasicGetArguments, Channel, QueueDeclareArguments, QueueDeleteArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
@@ -168,4 +170,51 @@ async fn a_broker_killed_during_a_backlog_loses_nothing_and_repeats_at_most_a_ba
         "amqp broker killed mid-backlog: 500 delivered, {} repeated",
         total - 500
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_verifies_the_broker_with_the_given_ca() {
+    let dv = dovecot();
+    let broker = inboxd_testbed::Rabbit::start_tls().unwrap();
+    // The test's own client, over TLS, trusting only the test bed's CA.
+    let connect = || async {
+        let mut args = OpenConnectionArguments::new("localhost", broker.port, "guest", "guest");
+        args.tls_adaptor(amqprs::tls::TlsAdaptor::new(
+            tokio_rustls::TlsConnector::from(tls::client_config(&broker.ca_file())),
+            "localhost".into(),
+        ));
+        let c = Connection::open(&args.finish()).await.unwrap();
+        let ch = c.open_channel(None).await.unwrap();
+        (c, ch)
+    };
+    let (_c, ch) = connect().await;
+    ch.queue_declare(QueueDeclareArguments::durable_client_named("mail"))
+        .await
+        .unwrap();
+    append(&dv, "INBOX", &["over tls"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let watch = |ca: &str| {
+        format!(
+            "start = \"all\"\ndeliver = {{ amqp = \"{}\", routing_key = \"mail\", password = \"guest\", timeout = \"5s\"{ca} }}",
+            broker.url()
+        )
+    };
+    let untrusted = config(&dv, dir.path(), "", &watch(""));
+    let mut handler = inboxd::handler::from_config(&untrusted.watches[0].targets[0].deliver).unwrap();
+    assert!(
+        handler.probe("t", "INBOX").await.is_err(),
+        "an unknown CA must not be accepted"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        &watch(&format!(", ca_file = \"{}\"", broker.ca_file().display())),
+    );
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();
+    assert_eq!(w.join().await.unwrap(), 0);
+    let got = drain(&ch, "mail").await;
+    assert_eq!(got.len(), 1);
+    assert!(got[0].0.starts_with("v1-"));
 }

@@ -4,6 +4,8 @@
 #[path = "support/mqtt_sub.rs"]
 mod mqtt_sub;
 mod support;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::time::Duration;
 
@@ -115,4 +117,50 @@ async fn a_broker_down_during_a_backlog_loses_nothing() {
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), 200, "lost messages across the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_verifies_the_broker_with_the_given_ca_and_refuses_it_without() {
+    let dv = dovecot();
+    let broker = Mosquitto::start_tls().unwrap();
+    append(&dv, "INBOX", &["over tls"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let watch = |ca: &str| {
+        format!(
+            "start = \"all\"\ndeliver = {{ mqtt = \"{}\", topic = \"mail/{{account}}\", timeout = \"5s\"{ca} }}",
+            broker.url()
+        )
+    };
+    // Without the CA, the platform's roots do not know the broker: a clear refusal.
+    let untrusted = config(&dv, dir.path(), "", &watch(""));
+    let mut handler = inboxd::handler::from_config(&untrusted.watches[0].targets[0].deliver).unwrap();
+    let e = handler.probe("t", "INBOX").await.unwrap_err();
+    assert!(
+        e.reason.contains("TLS") && e.reason.contains("certificate"),
+        "{}",
+        e.reason
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        &watch(&format!(", ca_file = \"{}\"", broker.ca_file().display())),
+    );
+    let mut handler = inboxd::handler::from_config(&config.watches[0].targets[0].deliver).unwrap();
+    let ok = handler.probe("t", "INBOX").await.unwrap();
+    assert!(ok.contains("certificate verified"), "{ok}");
+    let got = subscriber(&broker, "mail/#").await;
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();
+    assert_eq!(w.join().await.unwrap(), 0);
+    for _ in 0..100 {
+        if !got.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].1.starts_with("v1-"), "the key travels over TLS too");
 }

@@ -10,8 +10,17 @@ use inboxd::watcher::{Event, Mode, Watcher};
 use inboxd_testbed::Nats;
 use support::*;
 
+/// A client of the test's server (trusting its CA when it speaks TLS).
+async fn client(nats: &Nats) -> async_nats::Client {
+    let mut options = async_nats::ConnectOptions::new();
+    if nats.url().starts_with("tls:") {
+        options = options.add_root_certificates(nats.ca_file()).require_tls(true);
+    }
+    options.connect(nats.url()).await.unwrap()
+}
+
 async fn stream(nats: &Nats, name: &str, subjects: &str) -> async_nats::jetstream::stream::Stream {
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let client = client(nats).await;
     let js = async_nats::jetstream::new(client);
     js.create_stream(async_nats::jetstream::stream::Config {
         name: name.to_string(),
@@ -25,7 +34,7 @@ async fn stream(nats: &Nats, name: &str, subjects: &str) -> async_nats::jetstrea
 
 /// Every message of the stream: (subject, Nats-Msg-Id, payload).
 async fn stored(nats: &Nats, name: &str) -> Vec<(String, String, Vec<u8>)> {
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let client = client(nats).await;
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(name).await.unwrap();
     let count = stream.info().await.unwrap().state.messages as usize;
@@ -172,4 +181,35 @@ async fn a_subject_no_stream_captures_is_a_clear_failure_not_a_dead_letter() {
     let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();
     assert_eq!(w.join().await.unwrap(), 0);
     assert_eq!(stored(&nats, "LATE").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_is_verified_with_the_given_ca() {
+    let dv = dovecot();
+    let nats = Nats::start_tls().unwrap();
+    stream(&nats, "MAIL", "mail.>").await;
+    append(&dv, "INBOX", &["over tls"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let watch = |ca: &str| {
+        format!(
+            "start = \"all\"\ndeliver = {{ nats = \"{}\", subject = \"mail.{{account}}\", timeout = \"3s\"{ca} }}",
+            nats.url()
+        )
+    };
+    // Without the CA the server's certificate is not trusted: the watch waits, nothing is lost.
+    let untrusted = config(&dv, dir.path(), "", &watch(""));
+    let mut handler = inboxd::handler::from_config(&untrusted.watches[0].targets[0].deliver).unwrap();
+    assert!(handler.probe("t", "INBOX").await.is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        &watch(&format!(", ca_file = \"{}\"", nats.ca_file().display())),
+    );
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Once).unwrap();
+    assert_eq!(w.join().await.unwrap(), 0);
+    let got = stored(&nats, "MAIL").await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "mail.t");
 }

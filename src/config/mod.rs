@@ -290,6 +290,8 @@ pub enum Deliver {
         topic: String,
         payload: Payload,
         timeout: Duration,
+        /// Extra trust root for `mqtts://`.
+        ca_file: Option<PathBuf>,
     },
     Amqp {
         url: String,
@@ -300,6 +302,8 @@ pub enum Deliver {
         routing_key: String,
         payload: Payload,
         timeout: Duration,
+        /// Extra trust root for `amqps://`.
+        ca_file: Option<PathBuf>,
     },
     Redis {
         url: String,
@@ -316,7 +320,11 @@ pub enum Deliver {
         subject: String,
         payload: Payload,
         token: Option<SecretSource>,
+        user: Option<String>,
+        password: Option<SecretSource>,
         timeout: Duration,
+        /// Extra trust root for `tls://` servers.
+        ca_file: Option<PathBuf>,
     },
 }
 

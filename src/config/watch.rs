@@ -349,7 +349,7 @@ fn destination(
         ("stdin", d.stdin.is_some(), &["exec"]),
         ("mode", d.mode.is_some(), &["maildir"]),
         ("secret", d.secret.is_some(), &["webhook"]),
-        ("ca_file", d.ca_file.is_some(), &["webhook"]),
+        ("ca_file", d.ca_file.is_some(), &["webhook", "nats", "amqp", "mqtt"]),
         ("allow_http", d.allow_http.is_some(), &["webhook"]),
         ("subject", d.subject.is_some(), &["nats"]),
         ("token", d.token.is_some(), &["nats"]),
@@ -358,8 +358,8 @@ fn destination(
         ("exchange", d.exchange.is_some(), &["amqp"]),
         ("routing_key", d.routing_key.is_some(), &["amqp"]),
         ("topic", d.topic.is_some(), &["mqtt"]),
-        ("user", d.user.is_some(), &["amqp", "mqtt"]),
-        ("password", d.password.is_some(), &["redis", "amqp", "mqtt"]),
+        ("user", d.user.is_some(), &["nats", "amqp", "mqtt"]),
+        ("password", d.password.is_some(), &["nats", "redis", "amqp", "mqtt"]),
         ("attachment_max", d.attachment_max.is_some(), SENDERS),
     ];
     for (key, given, applies) in keys {
@@ -413,9 +413,9 @@ fn destination(
                 return Err(bad(format!("{what}: this inboxd was built without the `mqtt` feature")));
             }
             let url = d.mqtt.unwrap_or_default();
-            if !url.starts_with("mqtt://") || url.contains('@') {
+            if !(url.starts_with("mqtt://") || url.starts_with("mqtts://")) || url.contains('@') {
                 return Err(bad(format!(
-                    "{what}.mqtt: {url:?} is not an mqtt://host[:port] URL (credentials go in `user` and `password`; mqtts:// is not supported yet)"
+                    "{what}.mqtt: {url:?} is not an mqtt://host[:port] or mqtts://host[:port] URL (credentials go in `user` and `password`)"
                 )));
             }
             let topic = d.topic.unwrap_or_else(|| "inboxd/{account}/{folder}".into());
@@ -431,6 +431,7 @@ fn destination(
                 topic,
                 payload: payload(d.format, RawFormat::Json),
                 timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
+                ca_file: d.ca_file.map(|p| ctx.base.join(p)),
             }
         }
         "amqp" => {
@@ -438,10 +439,8 @@ fn destination(
                 return Err(bad(format!("{what}: this inboxd was built without the `amqp` feature")));
             }
             let url = d.amqp.unwrap_or_default();
-            if !url.starts_with("amqp://") {
-                return Err(bad(format!(
-                    "{what}.amqp: {url:?} is not an amqp:// URL (amqps:// is not supported yet)"
-                )));
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(bad(format!("{what}.amqp: {url:?} is not an amqp:// or amqps:// URL")));
             }
             if url.contains('@') {
                 return Err(bad(format!(
@@ -456,6 +455,7 @@ fn destination(
                 routing_key: d.routing_key.unwrap_or_else(|| "inboxd.{account}.{folder}".into()),
                 payload: payload(d.format, RawFormat::Json),
                 timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
+                ca_file: d.ca_file.map(|p| ctx.base.join(p)),
             }
         }
         "redis" => {
@@ -492,12 +492,27 @@ fn destination(
                     "{what}.subject: {subject:?} is not a subject to publish to (no spaces or wildcards)"
                 )));
             }
+            let servers = d.nats.unwrap_or_default();
+            if servers.contains('@') {
+                return Err(bad(format!(
+                    "{what}.nats: put no credentials in the URL; use `token`, or `user` and `password`"
+                )));
+            }
+            if d.token.is_some() && (d.user.is_some() || d.password.is_some()) {
+                return Err(bad(format!("{what}: give `token`, or `user` and `password`, not both")));
+            }
+            if d.password.is_some() && d.user.is_none() {
+                return Err(bad(format!("{what}.password: a NATS password goes with a `user`")));
+            }
             Deliver::Nats {
-                servers: d.nats.unwrap_or_default(),
+                servers,
                 subject,
                 payload: payload(d.format, RawFormat::Json),
                 token: d.token.map(|s| s.relative_to(&ctx.base)),
+                user: d.user,
+                password: d.password.map(|s| s.relative_to(&ctx.base)),
                 timeout: d.timeout.map_or(Duration::from_secs(10), |x| x.0),
+                ca_file: d.ca_file.map(|p| ctx.base.join(p)),
             }
         }
         _ => {

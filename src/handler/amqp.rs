@@ -94,6 +94,8 @@ pub struct Amqp {
     routing_key: String,
     payload: Payload,
     timeout: Duration,
+    /// For `amqps://`.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     live: Option<Live>,
     /// Published, not yet confirmed: delivery tag -> key.
     pending: BTreeMap<u64, String>,
@@ -110,6 +112,8 @@ impl std::fmt::Debug for Amqp {
 }
 
 impl Amqp {
+    // One argument per key of the target's config table.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         url: &str,
         user: &str,
@@ -118,8 +122,14 @@ impl Amqp {
         routing_key: &str,
         payload: Payload,
         timeout: Duration,
-    ) -> Amqp {
-        Amqp {
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Amqp, HandlerError> {
+        let tls = match endpoint(url) {
+            Some((_, _, _, true)) => Some(super::tls_config(ca_file, "amqp")?),
+            _ => None,
+        };
+        Ok(Amqp {
+            tls,
             url: url.to_string(),
             user: user.to_string(),
             password,
@@ -129,7 +139,7 @@ impl Amqp {
             timeout,
             live: None,
             pending: BTreeMap::new(),
-        }
+        })
     }
 
     async fn connect(&mut self) -> Result<(), HandlerError> {
@@ -145,12 +155,18 @@ impl Amqp {
                 .to_string(),
             None => String::new(),
         };
-        let (host, port, vhost) = endpoint(&self.url)
+        let (host, port, vhost, _) = endpoint(&self.url)
             .ok_or_else(|| HandlerError::unavailable(format!("amqp: {} is not an amqp:// URL", self.url)))?;
-        let args = OpenConnectionArguments::new(&host, port, &self.user, &password)
-            .virtual_host(&vhost)
-            .connection_name(concat!("inboxd/", env!("CARGO_PKG_VERSION")))
-            .finish();
+        let mut args = OpenConnectionArguments::new(&host, port, &self.user, &password);
+        args.virtual_host(&vhost)
+            .connection_name(concat!("inboxd/", env!("CARGO_PKG_VERSION")));
+        if let Some(config) = &self.tls {
+            args.tls_adaptor(amqprs::tls::TlsAdaptor::new(
+                tokio_rustls::TlsConnector::from(config.clone()),
+                host.clone(),
+            ));
+        }
+        let args = args.finish();
         let busy = |what: &str, e: amqprs::error::Error| HandlerError::transient(format!("amqp: {what}: {e}"), None);
         let open = async {
             let connection = Connection::open(&args).await.map_err(|e| busy("cannot connect", e))?;
@@ -286,18 +302,21 @@ impl Amqp {
 
 /// Host, port and virtual host of `amqp://host[:port][/vhost]` (vhost percent-decoded; none or
 /// empty is `/`).
-fn endpoint(url: &str) -> Option<(String, u16, String)> {
+fn endpoint(url: &str) -> Option<(String, u16, String, bool)> {
     let u = reqwest::Url::parse(url).ok()?;
-    if u.scheme() != "amqp" {
-        return None;
-    }
+    let tls = match u.scheme() {
+        "amqp" => false,
+        "amqps" => true,
+        _ => return None,
+    };
     let path = u.path().strip_prefix('/').unwrap_or("");
     let vhost = if path.is_empty() {
         "/".to_string()
     } else {
         percent_decode(path)?
     };
-    Some((u.host_str()?.to_string(), u.port().unwrap_or(5672), vhost))
+    let port = u.port().unwrap_or(if tls { 5671 } else { 5672 });
+    Some((u.host_str()?.to_string(), port, vhost, tls))
 }
 
 /// Strict percent-decoding: a `%` not followed by two hex digits is an error (the
@@ -351,11 +370,18 @@ mod tests {
     fn endpoints() {
         assert_eq!(
             endpoint("amqp://127.0.0.1"),
-            Some(("127.0.0.1".into(), 5672, "/".into()))
+            Some(("127.0.0.1".into(), 5672, "/".into(), false))
         );
-        assert_eq!(endpoint("amqp://mq:5673/%2f"), Some(("mq".into(), 5673, "/".into())));
-        assert_eq!(endpoint("amqp://mq/prod"), Some(("mq".into(), 5672, "prod".into())));
-        assert_eq!(endpoint("amqps://mq"), None);
+        assert_eq!(
+            endpoint("amqp://mq:5673/%2f"),
+            Some(("mq".into(), 5673, "/".into(), false))
+        );
+        assert_eq!(
+            endpoint("amqp://mq/prod"),
+            Some(("mq".into(), 5672, "prod".into(), false))
+        );
+        assert_eq!(endpoint("amqps://mq"), Some(("mq".into(), 5671, "/".into(), true)));
+        assert_eq!(endpoint("http://mq"), None);
         assert_eq!(endpoint("amqp://mq/%zz"), None);
     }
 }

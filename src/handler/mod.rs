@@ -208,6 +208,39 @@ pub trait Handler: Send {
     }
 }
 
+/// The TLS client configuration of a broker target: the platform's trust store plus the
+/// target's `ca_file`, always verifying the server's name (the same verifier as the accounts').
+#[cfg(any(feature = "amqp", feature = "mqtt"))]
+pub(crate) fn tls_config(
+    ca_file: Option<&Path>,
+    what: &str,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, HandlerError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bad = |m: String| HandlerError::unavailable(format!("{what}: {m}"));
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut extra = Vec::new();
+    if let Some(path) = ca_file {
+        for cert in CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(format!("cannot read ca_file {}: {e}", path.display())))?
+        {
+            extra.push(cert.map_err(|e| bad(format!("bad certificate in ca_file {}: {e}", path.display())))?);
+        }
+        if extra.is_empty() {
+            return Err(bad(format!("ca_file {} holds no certificate", path.display())));
+        }
+    }
+    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+        .map_err(|e| bad(format!("TLS: {e}")))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// A target name template (`inboxd.{account}.{folder}`) filled in for a message.
 pub fn fill(template: &str, account: &str, folder: &str) -> String {
     template.replace("{account}", account).replace("{folder}", folder)
@@ -266,6 +299,7 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             topic,
             payload,
             timeout,
+            ca_file,
         } => Box::new(mqtt::Mqtt::new(
             url,
             user.clone(),
@@ -273,6 +307,7 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             topic,
             *payload,
             *timeout,
+            ca_file.as_deref(),
         )?),
         #[cfg(not(feature = "mqtt"))]
         Deliver::Mqtt { .. } => {
@@ -289,6 +324,7 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             routing_key,
             payload,
             timeout,
+            ca_file,
         } => Box::new(amqp::Amqp::new(
             url,
             user,
@@ -297,7 +333,8 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             routing_key,
             *payload,
             *timeout,
-        )),
+            ca_file.as_deref(),
+        )?),
         #[cfg(not(feature = "amqp"))]
         Deliver::Amqp { .. } => {
             return Err(HandlerError::unavailable(
@@ -332,8 +369,22 @@ pub fn from_config(deliver: &Deliver) -> Result<Box<dyn Handler>, HandlerError> 
             subject,
             payload,
             token,
+            user,
+            password,
             timeout,
-        } => Box::new(nats::Nats::new(servers, subject, *payload, token.clone(), *timeout)),
+            ca_file,
+        } => Box::new(nats::Nats::new(
+            servers,
+            subject,
+            *payload,
+            nats::Auth {
+                token: token.clone(),
+                user: user.clone(),
+                password: password.clone(),
+            },
+            *timeout,
+            ca_file.clone(),
+        )),
         #[cfg(not(feature = "nats"))]
         Deliver::Nats { .. } => {
             return Err(HandlerError::unavailable(

@@ -43,6 +43,8 @@ struct Live {
 pub struct Mqtt {
     host: String,
     port: u16,
+    /// For `mqtts://`.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     user: Option<String>,
     password: Option<SecretSource>,
     topic: String,
@@ -73,12 +75,20 @@ impl Mqtt {
         topic: &str,
         payload: Payload,
         timeout: Duration,
+        ca_file: Option<&std::path::Path>,
     ) -> Result<Mqtt, HandlerError> {
-        let (host, port) = endpoint(url)
-            .ok_or_else(|| HandlerError::unavailable(format!("mqtt: {url} is not an mqtt://host[:port] URL")))?;
+        let (host, port, tls) = endpoint(url).ok_or_else(|| {
+            HandlerError::unavailable(format!("mqtt: {url} is not an mqtt:// or mqtts://host[:port] URL"))
+        })?;
+        let tls = if tls {
+            Some(super::tls_config(ca_file, "mqtt")?)
+        } else {
+            None
+        };
         Ok(Mqtt {
             host,
             port,
+            tls,
             user,
             password,
             topic: topic.to_string(),
@@ -98,6 +108,11 @@ impl Mqtt {
         let mut options = MqttOptions::new(id, self.host.clone(), self.port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_connection_timeout(self.timeout.as_secs().max(1));
+        if let Some(config) = &self.tls {
+            options.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                config.clone(),
+            )));
+        }
         if let Some(user) = &self.user {
             let password = match &self.password {
                 Some(source) => source
@@ -224,11 +239,20 @@ impl Mqtt {
     }
 }
 
-/// Host and port of `mqtt://host[:port]` (default port 1883).
-fn endpoint(url: &str) -> Option<(String, u16)> {
+/// Host, port and TLS of `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]`
+/// (8883).
+fn endpoint(url: &str) -> Option<(String, u16, bool)> {
     let u = reqwest::Url::parse(url).ok()?;
-    (u.scheme() == "mqtt").then_some(())?;
-    Some((u.host_str()?.to_string(), u.port().unwrap_or(1883)))
+    let tls = match u.scheme() {
+        "mqtt" => false,
+        "mqtts" => true,
+        _ => return None,
+    };
+    Some((
+        u.host_str()?.to_string(),
+        u.port().unwrap_or(if tls { 8883 } else { 1883 }),
+        tls,
+    ))
 }
 
 impl Handler for Mqtt {
@@ -256,6 +280,22 @@ impl Handler for Mqtt {
             .map_err(|e| {
                 HandlerError::unavailable(format!("mqtt: cannot connect to {}:{}: {e}", self.host, self.port))
             })?;
+            if let Some(config) = &self.tls {
+                // The handshake too, so that a certificate problem shows here.
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| HandlerError::unavailable(format!("mqtt: {}: {e}", self.host)))?;
+                tokio::time::timeout(
+                    self.timeout,
+                    tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream),
+                )
+                .await
+                .map_err(|_| HandlerError::unavailable(format!("mqtt: {}:{}: no TLS handshake", self.host, self.port)))?
+                .map_err(|e| HandlerError::unavailable(format!("mqtt: TLS with {}:{}: {e}", self.host, self.port)))?;
+                return Ok(format!(
+                    "{}:{} accepts TLS connections (certificate verified)",
+                    self.host, self.port
+                ));
+            }
             drop(stream);
             Ok(format!("{}:{} accepts connections", self.host, self.port))
         })
@@ -276,8 +316,9 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(endpoint("mqtt://127.0.0.1"), Some(("127.0.0.1".into(), 1883)));
-        assert_eq!(endpoint("mqtt://broker:8883"), Some(("broker".into(), 8883)));
+        assert_eq!(endpoint("mqtt://127.0.0.1"), Some(("127.0.0.1".into(), 1883, false)));
+        assert_eq!(endpoint("mqtt://broker:8883"), Some(("broker".into(), 8883, false)));
+        assert_eq!(endpoint("mqtts://broker"), Some(("broker".into(), 8883, true)));
         assert_eq!(endpoint("http://broker"), None);
     }
 }

@@ -18,12 +18,22 @@ use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
 use crate::secret::SecretSource;
 
+/// How inboxd authenticates to NATS: a token, or a user and password (or neither).
+#[derive(Default)]
+pub struct Auth {
+    pub token: Option<SecretSource>,
+    pub user: Option<String>,
+    pub password: Option<SecretSource>,
+}
+
 pub struct Nats {
     servers: String,
     subject: String,
     payload: Payload,
-    token: Option<SecretSource>,
+    auth: Auth,
     timeout: Duration,
+    /// Extra trust root for `tls://` servers.
+    ca_file: Option<std::path::PathBuf>,
     client: Option<(async_nats::Client, async_nats::jetstream::Context)>,
     /// Published, ack not yet awaited: (key, ack).
     pending: Vec<(String, async_nats::jetstream::context::PublishAckFuture)>,
@@ -39,13 +49,21 @@ impl std::fmt::Debug for Nats {
 }
 
 impl Nats {
-    pub fn new(servers: &str, subject: &str, payload: Payload, token: Option<SecretSource>, timeout: Duration) -> Nats {
+    pub fn new(
+        servers: &str,
+        subject: &str,
+        payload: Payload,
+        auth: Auth,
+        timeout: Duration,
+        ca_file: Option<std::path::PathBuf>,
+    ) -> Nats {
         Nats {
             servers: servers.to_string(),
             subject: subject.to_string(),
             payload,
-            token,
+            auth,
             timeout,
+            ca_file,
             client: None,
             pending: Vec::new(),
         }
@@ -58,12 +76,27 @@ impl Nats {
         let mut options = async_nats::ConnectOptions::new()
             .connection_timeout(self.timeout)
             .name(concat!("inboxd/", env!("CARGO_PKG_VERSION")));
-        if let Some(source) = &self.token {
+        if let Some(source) = &self.auth.token {
             let token = source
                 .resolve()
                 .await
                 .map_err(|e| HandlerError::unavailable(format!("nats: cannot read the token: {e}")))?;
             options = options.token(token.expose().to_string());
+        }
+        if let Some(user) = &self.auth.user {
+            let password = match &self.auth.password {
+                Some(source) => source
+                    .resolve()
+                    .await
+                    .map_err(|e| HandlerError::unavailable(format!("nats: cannot read the password: {e}")))?
+                    .expose()
+                    .to_string(),
+                None => String::new(),
+            };
+            options = options.user_and_password(user.clone(), password);
+        }
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client = options
             .connect(self.servers.as_str())

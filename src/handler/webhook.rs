@@ -176,7 +176,7 @@ impl Webhook {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
         let location = response
             .headers()
             .get("location")
@@ -223,9 +223,15 @@ fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from webhook receivers; it is ignored).
-fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// `Retry-After` (RFC 9110 §10.2.3): delay-seconds, or an HTTP-date, taken relative to `now`
+/// (a date already past means at once). The core caps what it honours at an hour.
+fn parse_retry_after(v: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The start of a refusing answer's body, for the delivery log (printable text only).
@@ -287,8 +293,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_after_seconds() {
-        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+    fn retry_after_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:30:30 GMT", now),
+            Some(Duration::from_secs(150))
+        );
+        // The obsolete forms RFC 9110 still asks recipients to accept.
+        assert_eq!(
+            parse_retry_after("Wednesday, 21-Oct-26 07:29:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2026 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 }

@@ -11,8 +11,15 @@ use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
 /// Subscribes to `filter` and records (topic, inboxd-key, payload) of what arrives.
 pub async fn subscriber(broker: &Mosquitto, filter: &str) -> Arc<Mutex<Vec<(String, String, Vec<u8>)>>> {
     let got = Arc::new(Mutex::new(Vec::new()));
-    let mut options = MqttOptions::new(format!("sub-{}", fastrand::u32(..)), "127.0.0.1", broker.port);
+    let tls = broker.url().starts_with("mqtts:");
+    let host = if tls { "localhost" } else { "127.0.0.1" };
+    let mut options = MqttOptions::new(format!("sub-{}", fastrand::u32(..)), host, broker.port);
     options.set_keep_alive(Duration::from_secs(30));
+    if tls {
+        options.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            super::tls::client_config(&broker.ca_file()),
+        )));
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 100);
     client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let sink = got.clone();

@@ -9,6 +9,8 @@
 mod mqtt_sub;
 #[path = "../../../tests/support/mod.rs"]
 mod support;
+#[path = "../../../tests/support/tls.rs"]
+mod tls;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

@@ -523,24 +523,31 @@ struct Service {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
-    command: fn(&Path, u16) -> io::Result<Command>,
+    /// Serve TLS only, with `cert.pem`/`key.pem` issued by `ca.pem` in `dir`.
+    tls: bool,
+    command: fn(&Path, u16, bool) -> io::Result<Command>,
     ready: fn(u16) -> bool,
 }
 
 impl Service {
     fn start(
         what: &'static str,
-        command: fn(&Path, u16) -> io::Result<Command>,
+        tls: bool,
+        command: fn(&Path, u16, bool) -> io::Result<Command>,
         ready: fn(u16) -> bool,
     ) -> io::Result<Service> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("inboxd-{what}-{}-{port}", std::process::id()));
         fs::create_dir_all(&dir)?;
+        if tls {
+            make_certificates(&dir)?;
+        }
         let mut s = Service {
             what,
             port,
             dir,
             child: None,
+            tls,
             command,
             ready,
         };
@@ -551,7 +558,7 @@ impl Service {
     fn spawn(&mut self) -> io::Result<()> {
         use std::os::unix::process::CommandExt;
         // Its own process group: a server started by a script (RabbitMQ) dies with it.
-        let child = (self.command)(&self.dir, self.port)?
+        let child = (self.command)(&self.dir, self.port, self.tls)?
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -629,9 +636,20 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> io::Result<Nats> {
+        Nats::start_with(false)
+    }
+
+    /// A server that speaks TLS only, with a certificate for `localhost`/127.0.0.1 issued by
+    /// [`Nats::ca_file`].
+    pub fn start_tls() -> io::Result<Nats> {
+        Nats::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> io::Result<Nats> {
         let service = Service::start(
             "nats-server",
-            |dir, port| {
+            tls,
+            |dir, port, tls| {
                 let mut c = Command::new(installed(
                     &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
                     "nats-server",
@@ -640,6 +658,13 @@ impl Nats {
                     .arg(dir.join("js"))
                     .arg("-l")
                     .arg(dir.join("nats.log"));
+                if tls {
+                    c.arg("--tls")
+                        .arg("--tlscert")
+                        .arg(dir.join("cert.pem"))
+                        .arg("--tlskey")
+                        .arg(dir.join("key.pem"));
+                }
                 Ok(c)
             },
             listening,
@@ -650,9 +675,18 @@ impl Nats {
         })
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// `nats://127.0.0.1:PORT` (`tls://localhost:PORT` for a TLS server).
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        if self.service.tls {
+            format!("tls://localhost:{}", self.port)
+        } else {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The CA that issued a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.service.dir.join("ca.pem")
     }
 
     /// Stops the server (SIGKILL); its stored streams stay for [`Nats::restart`].
@@ -677,7 +711,8 @@ impl Redis {
     pub fn start() -> io::Result<Redis> {
         let service = Service::start(
             "redis-server",
-            |dir, port| {
+            false,
+            |dir, port, _| {
                 let mut c = Command::new(installed(
                     &["/usr/bin/redis-server", "/usr/sbin/redis-server"],
                     "redis-server",
@@ -727,13 +762,32 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> io::Result<Mosquitto> {
+        Mosquitto::start_with(false)
+    }
+
+    /// A broker that speaks TLS only (MQTT over TLS), its certificate issued by
+    /// [`Mosquitto::ca_file`].
+    pub fn start_tls() -> io::Result<Mosquitto> {
+        Mosquitto::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> io::Result<Mosquitto> {
         let service = Service::start(
             "mosquitto",
-            |dir, port| {
+            tls,
+            |dir, port, tls| {
                 // SAFETY: geteuid(2) only reads the process's credentials.
                 let root = unsafe { libc::geteuid() } == 0;
+                let tls_lines = if tls {
+                    format!(
+                        "cafile {0}/ca.pem\ncertfile {0}/cert.pem\nkeyfile {0}/key.pem\n",
+                        dir.display()
+                    )
+                } else {
+                    String::new()
+                };
                 let conf = format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{}",
+                    "listener {port} 127.0.0.1\n{tls_lines}allow_anonymous true\npersistence true\npersistence_location {}/\n{}",
                     dir.display(),
                     if root { "user root\n" } else { "" }
                 );
@@ -750,9 +804,18 @@ impl Mosquitto {
         })
     }
 
-    /// `mqtt://127.0.0.1:PORT`.
+    /// `mqtt://127.0.0.1:PORT` (`mqtts://localhost:PORT` for a TLS broker).
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        if self.service.tls {
+            format!("mqtts://localhost:{}", self.port)
+        } else {
+            format!("mqtt://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The CA that issued a TLS broker's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.service.dir.join("ca.pem")
     }
 
     /// Stops the broker (SIGKILL).
@@ -774,12 +837,32 @@ pub struct Rabbit {
 
 impl Rabbit {
     pub fn start() -> io::Result<Rabbit> {
+        Rabbit::start_with(false)
+    }
+
+    /// A node that speaks AMQP over TLS only (amqps), its certificate issued by
+    /// [`Rabbit::ca_file`].
+    pub fn start_tls() -> io::Result<Rabbit> {
+        Rabbit::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> io::Result<Rabbit> {
         let service = Service::start(
             "rabbitmq-server",
-            |dir, port| {
+            tls,
+            |dir, port, tls| {
                 let script = installed(&["/usr/lib/rabbitmq/bin/rabbitmq-server"], "rabbitmq-server")?;
                 fs::write(dir.join("enabled_plugins"), "[].\n")?;
                 fs::write(dir.join("rabbitmq-env.conf"), "")?;
+                let conf = if tls {
+                    format!(
+                        "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\nssl_options.cacertfile = {0}/ca.pem\nssl_options.certfile = {0}/cert.pem\nssl_options.keyfile = {0}/key.pem\nloopback_users = none\n",
+                        dir.display()
+                    )
+                } else {
+                    String::new()
+                };
+                fs::write(dir.join("rabbitmq.conf"), conf)?;
                 let mut c = Command::new(script);
                 c.env("HOME", dir)
                     .env("RABBITMQ_NODENAME", format!("inboxd{port}@localhost"))
@@ -802,9 +885,19 @@ impl Rabbit {
         })
     }
 
-    /// `amqp://127.0.0.1:PORT` (user guest, password guest).
+    /// `amqp://127.0.0.1:PORT` (`amqps://localhost:PORT` for a TLS node; user guest,
+    /// password guest).
     pub fn url(&self) -> String {
-        format!("amqp://127.0.0.1:{}", self.port)
+        if self.service.tls {
+            format!("amqps://localhost:{}", self.port)
+        } else {
+            format!("amqp://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The CA that issued a TLS node's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.service.dir.join("ca.pem")
     }
 
     /// Stops the node (SIGKILL to its process group); durable queues stay for a restart.
