@@ -125,7 +125,7 @@ async fn an_unroutable_message_is_a_failure_of_the_watch_not_a_silent_drop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_killed_during_a_backlog_loses_nothing_and_repeats_at_most_a_batch() {
+async fn a_broker_restarted_during_a_backlog_loses_nothing_and_repeats_at_most_a_batch() {
     let dv = dovecot();
     let mut broker = inboxd_testbed::Rabbit::start().unwrap();
     let queue = "mail";
@@ -150,7 +150,8 @@ async fn a_broker_killed_during_a_backlog_loses_nothing_and_repeats_at_most_a_ba
             broker.url()
         ),
     );
-    // SIGKILL to the node's process group, then the same node again on the same port and data.
+    // The node stopped (SIGTERM to its process group) mid-backlog, then started again on the
+    // same port and data.
     let dead = backlog_across_outage(&dv, &config, &msgs, "amqp", |up| {
         if up { broker.restart().unwrap() } else { broker.stop() }
     })
@@ -167,7 +168,7 @@ async fn a_broker_killed_during_a_backlog_loses_nothing_and_repeats_at_most_a_ba
     // broker died can come again.
     assert!(total - 500 <= batch, "{} repeats, more than a batch", total - 500);
     eprintln!(
-        "amqp broker killed mid-backlog: 500 delivered, {} repeated",
+        "amqp broker restarted mid-backlog: 500 delivered, {} repeated",
         total - 500
     );
 }

@@ -525,6 +525,8 @@ struct Service {
     child: Option<Child>,
     /// Serve TLS only, with `cert.pem`/`key.pem` issued by `ca.pem` in `dir`.
     tls: bool,
+    /// Stop with SIGTERM first (a clean shutdown), SIGKILL only if it does not exit in 30 s.
+    gentle: bool,
     command: fn(&Path, u16, bool) -> io::Result<Command>,
     ready: fn(u16) -> bool,
 }
@@ -548,6 +550,7 @@ impl Service {
             dir,
             child: None,
             tls,
+            gentle: false,
             command,
             ready,
         };
@@ -586,6 +589,18 @@ impl Service {
 
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.gentle
+                && let Ok(pid) = i32::try_from(c.id())
+            {
+                // SAFETY: kill(2) with a negative pid signals the process group we created.
+                unsafe {
+                    libc::kill(-pid, libc::SIGTERM);
+                }
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
             if let Ok(pid) = i32::try_from(c.id()) {
                 // SAFETY: kill(2) with a negative pid signals the process group we created.
                 unsafe {
@@ -879,6 +894,10 @@ impl Rabbit {
             },
             listening,
         )?;
+        let mut service = service;
+        // RabbitMQ buffers its metadata log in the Erlang process: a SIGKILL soon after a queue
+        // was declared can lose the queue. It is stopped as an operator (or systemd) would.
+        service.gentle = true;
         Ok(Rabbit {
             port: service.port,
             service,
@@ -900,7 +919,8 @@ impl Rabbit {
         self.service.dir.join("ca.pem")
     }
 
-    /// Stops the node (SIGKILL to its process group); durable queues stay for a restart.
+    /// Stops the node (SIGTERM to its process group: a clean shutdown; SIGKILL after 30 s);
+    /// durable queues and their persistent messages stay for a restart.
     pub fn stop(&mut self) {
         self.service.stop();
     }
