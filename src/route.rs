@@ -351,6 +351,15 @@ impl Fanout {
         })
     }
 
+    /// Handlers of the caller's, by name, with rules whose targets index into them.
+    pub fn with_handlers(handlers: Vec<(String, Box<dyn Handler>)>, routing: Routing) -> Fanout {
+        Fanout {
+            dirty: vec![false; handlers.len()],
+            targets: handlers,
+            routing,
+        }
+    }
+
     /// One handler for every message.
     pub fn single(name: &str, handler: Box<dyn Handler>) -> Fanout {
         Fanout {
