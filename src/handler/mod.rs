@@ -215,21 +215,12 @@ pub(crate) fn tls_config(
     ca_file: Option<&Path>,
     what: &str,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, HandlerError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
     let bad = |m: String| HandlerError::unavailable(format!("{what}: {m}"));
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut extra = Vec::new();
-    if let Some(path) = ca_file {
-        for cert in CertificateDer::pem_file_iter(path)
-            .map_err(|e| bad(format!("cannot read ca_file {}: {e}", path.display())))?
-        {
-            extra.push(cert.map_err(|e| bad(format!("bad certificate in ca_file {}: {e}", path.display())))?);
-        }
-        if extra.is_empty() {
-            return Err(bad(format!("ca_file {} holds no certificate", path.display())));
-        }
-    }
+    let extra = match ca_file {
+        Some(path) => crate::imap::connect::ca_certificates(path).map_err(bad)?,
+        None => Vec::new(),
+    };
     let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
         .map_err(|e| bad(format!("TLS: {e}")))?;
     let config = rustls::ClientConfig::builder_with_provider(provider)

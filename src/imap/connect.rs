@@ -258,6 +258,20 @@ pub fn fingerprint(der: &[u8]) -> String {
     format!("sha256:{}", hex.join(":"))
 }
 
+/// The certificates of a `ca_file` (PEM), or why it cannot serve as one.
+pub(crate) fn ca_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let mut certs = Vec::new();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?
+    {
+        certs.push(cert.map_err(|e| format!("bad certificate in ca_file {}: {e}", path.display()))?);
+    }
+    if certs.is_empty() {
+        return Err(format!("ca_file {} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
 /// Builds the TLS connector: the platform's trust store plus the account's `ca_file`, always
 /// verifying the server's name; or, with `tls_fingerprint`, exactly the pinned certificate.
 fn tls_connector(account: &Account, seen: Seen) -> Result<TlsConnector, ImapError> {
@@ -271,22 +285,10 @@ fn tls_connector(account: &Account, seen: Seen) -> Result<TlsConnector, ImapErro
             seen,
         }),
         None => {
-            let mut extra = Vec::new();
-            if let Some(path) = &account.ca_file {
-                for cert in CertificateDer::pem_file_iter(path)
-                    .map_err(|e| ImapError::TlsConfig(format!("cannot read ca_file {}: {e}", path.display())))?
-                {
-                    extra.push(cert.map_err(|e| {
-                        ImapError::TlsConfig(format!("bad certificate in ca_file {}: {e}", path.display()))
-                    })?);
-                }
-                if extra.is_empty() {
-                    return Err(ImapError::TlsConfig(format!(
-                        "ca_file {} holds no certificate",
-                        path.display()
-                    )));
-                }
-            }
+            let extra = match &account.ca_file {
+                Some(path) => ca_certificates(path).map_err(ImapError::TlsConfig)?,
+                None => Vec::new(),
+            };
             let platform = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
                 .map_err(|e| ImapError::TlsConfig(e.to_string()))?;
             Arc::new(Recording { inner: platform, seen })

@@ -7,7 +7,7 @@
 //! **Architecture Invariant:** no type of `async-imap` or `imap-proto` appears in this module's
 //! public API; swapping the IMAP crate touches this folder only.
 
-mod connect;
+pub(crate) mod connect;
 mod error;
 mod fetch;
 #[doc(hidden)]
