@@ -413,6 +413,21 @@ pub struct Config {
     pub state: PathBuf,
     pub accounts: BTreeMap<String, Arc<Account>>,
     pub watches: Vec<Watch>,
+    /// The HTTP endpoint, when configured.
+    pub http: Option<Http>,
+}
+
+/// Default address of the HTTP endpoint.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9877";
+
+/// `[http]`, validated.
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub listen: std::net::SocketAddr,
+    /// Bearer token for everything but `/healthz`; always set off loopback.
+    pub token: Option<SecretSource>,
+    /// A watch disconnected longer than this makes `/readyz` fail.
+    pub unready_after: Duration,
 }
 
 impl Config {
@@ -479,11 +494,39 @@ impl Config {
             }
             watches.push(watch);
         }
+        let http = match raw.http {
+            None => None,
+            Some(spanned) => {
+                let span = spanned.span();
+                let h = spanned.into_inner();
+                let text = h.listen.unwrap_or_else(|| DEFAULT_HTTP_LISTEN.into());
+                let listen: std::net::SocketAddr = text.parse().map_err(|_| {
+                    ctx.invalid(
+                        Some(span.clone()),
+                        format!("http.listen: {text:?} is not an address and port such as \"127.0.0.1:9877\""),
+                    )
+                })?;
+                if !listen.ip().is_loopback() && h.token.is_none() {
+                    return Err(ctx.invalid(
+                        Some(span),
+                        format!(
+                            "http.token: listening on {listen}, beyond this machine, needs a bearer token (a secret source, e.g. token = {{ env = \"INBOXD_HTTP_TOKEN\" }})"
+                        ),
+                    ));
+                }
+                Some(Http {
+                    listen,
+                    token: h.token.map(|s| s.relative_to(base)),
+                    unready_after: h.unready_after.map_or(Duration::from_secs(600), |d| d.0),
+                })
+            }
+        };
         Ok(Config {
             path: path.to_path_buf(),
             state,
             accounts,
             watches,
+            http,
         })
     }
 }

@@ -95,6 +95,8 @@ pub(super) struct RawConfig {
     pub(super) spool: Option<PathBuf>,
     #[serde(default)]
     pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,
+    /// The HTTP endpoint (metrics, health, the watches' state); off unless given.
+    pub(super) http: Option<Spanned<RawHttp>>,
     /// Named destinations that watches and rules refer to: `[targets.tickets]`.
     #[serde(default)]
     pub(super) targets: BTreeMap<String, Spanned<RawDeliver>>,
@@ -419,4 +421,16 @@ impl<'de> Deserialize<'de> for RawTargets {
         }
         d.deserialize_any(Visitor)
     }
+}
+
+/// `[http]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttp {
+    /// `host:port`; default `127.0.0.1:9877`.
+    pub(super) listen: Option<String>,
+    /// Bearer token required for everything but `/healthz` (required off loopback).
+    pub(super) token: Option<SecretSource>,
+    /// `/readyz` fails for a watch disconnected longer than this (default 10 minutes).
+    pub(super) unready_after: Option<Dur>,
 }

@@ -38,6 +38,13 @@ use crate::store::{Delivery, DeliveryStatus, Store};
 /// reported; a message above the watch's `spool_above` is fetched on its own, into a file).
 pub const BATCH_BYTES: u64 = 8 << 20;
 
+/// Now, in Unix seconds (for health timestamps; decisions never use it).
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Longest error text kept in health and events.
 const MAX_ERROR: usize = 1024;
 
@@ -95,6 +102,8 @@ struct Driver {
     afters: HashMap<u32, After>,
     /// Delivered messages whose post-action could not even be tried, to be recorded as pending.
     unposted: Vec<u32>,
+    /// Messages the routing skipped, committed and not yet reported: uid -> route.
+    skipped_now: HashMap<u32, String>,
     dead_in_run: u64,
     origin: Instant,
 }
@@ -148,6 +157,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         done: HashMap::new(),
         afters: HashMap::new(),
         unposted: Vec::new(),
+        skipped_now: HashMap::new(),
         dead_in_run: 0,
         origin: Instant::now(),
     };
@@ -164,7 +174,11 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
             .record_unposted(machine.checkpoint().map_or(0, |c| c.uidvalidity))
             .await;
         let state = machine.state().to_string();
-        driver.health(|h| h.state = state);
+        let backlog = machine.backlog() as u64;
+        driver.health(|h| {
+            h.state = state;
+            h.backlog = backlog;
+        });
         if let Action::Done(result) = action {
             if let Some(s) = driver.session.take() {
                 s.logout().await;
@@ -583,6 +597,14 @@ impl Driver {
             }
         };
         self.bodies.clear();
+        let bytes: u64 = fetched
+            .iter()
+            .map(|(_, held)| match held {
+                Held::Memory(body) => body.len() as u64,
+                Held::Spooled(spooled) => spooled.len(),
+            })
+            .sum();
+        self.health(|h| h.fetched_bytes += bytes);
         for (uid, held) in fetched {
             let (message_id, identity) = match &held {
                 Held::Memory(body) => crate::message::identity(body),
@@ -765,6 +787,10 @@ impl Driver {
             }
             self.bodies.remove(&row.uid);
             self.done.remove(&self.key(uidvalidity, row.uid));
+            if matches!(self.decisions.get(&row.uid), Some(Decision::Skip { .. })) {
+                let route = self.route_of(row.uid);
+                self.skipped_now.insert(row.uid, route);
+            }
             let decision = self.decisions.remove(&row.uid);
             if row.status == Status::Delivered && self.watch.posts_after() {
                 match decision {
@@ -1026,16 +1052,27 @@ impl Driver {
         for notice in notices {
             match notice {
                 Notice::Connected => {
-                    self.health(|h| h.last_error = None);
+                    self.health(|h| {
+                        h.last_error = None;
+                        h.connected = true;
+                        h.disconnected_since = None;
+                    });
                     self.emit(Event::Connected { watch: watch.clone() });
                 }
-                Notice::Disconnected { error, retry_in } => {
+                Notice::Disconnected { error, class, retry_in } => {
+                    self.health(|h| {
+                        h.connected = false;
+                        h.disconnected_since.get_or_insert_with(unix_now);
+                    });
                     match (&error, retry_in) {
                         (Some(e), Some(d)) => {
                             warn!(watch = %watch, error = %e, retry_in = ?d, "watch failed");
                             self.health(|h| {
                                 h.last_error = Some(e.clone());
                                 h.reconnects += 1;
+                                if let Some(class) = class {
+                                    *h.reconnects_by_class.entry(class.name()).or_default() += 1;
+                                }
                             });
                         }
                         _ => info!(watch = %watch, "recycling connection (age limit or access token due)"),
@@ -1066,7 +1103,20 @@ impl Driver {
                     warn!(watch = %watch, uids = ?shown, count = uids.len(), uidnext, "the server listed UIDs at or above UIDNEXT; ignoring them")
                 }
                 Notice::Delivered { uid } => {
-                    self.health(|h| h.delivered += 1);
+                    if let Some(route) = self.skipped_now.remove(&uid) {
+                        self.health(|h| h.skipped += 1);
+                        self.emit(Event::SkippedByRoute {
+                            watch: watch.clone(),
+                            key: self.key(uidvalidity, uid),
+                            uid,
+                            route,
+                        });
+                        continue;
+                    }
+                    self.health(|h| {
+                        h.delivered += 1;
+                        h.last_delivery = Some(unix_now());
+                    });
                     self.emit(Event::Delivered {
                         watch: watch.clone(),
                         key: self.key(uidvalidity, uid),
@@ -1080,6 +1130,7 @@ impl Driver {
                     retry_in,
                 } => {
                     let key = self.key(uidvalidity, uid);
+                    self.health(|h| h.failed += 1);
                     warn!(watch = %watch, uid, key = %key, attempts, retry_in = ?retry_in, error = %error, "delivery failed; will retry");
                     self.emit(Event::Failed {
                         watch: watch.clone(),
@@ -1103,6 +1154,7 @@ impl Driver {
                 }
                 Notice::SkippedDuplicate { uid } => {
                     let key = self.key(uidvalidity, uid);
+                    self.health(|h| h.skipped += 1);
                     info!(watch = %watch, uid, key = %key, "already delivered before the UIDVALIDITY change; skipping");
                     self.emit(Event::SkippedDuplicate {
                         watch: watch.clone(),
@@ -1136,10 +1188,13 @@ impl Driver {
                         permanent,
                     });
                 }
-                Notice::CaughtUp { last_uid } => self.emit(Event::CaughtUp {
-                    watch: watch.clone(),
-                    last_uid,
-                }),
+                Notice::CaughtUp { last_uid } => {
+                    self.health(|h| h.last_sync = Some(unix_now()));
+                    self.emit(Event::CaughtUp {
+                        watch: watch.clone(),
+                        last_uid,
+                    })
+                }
             }
         }
     }

@@ -31,6 +31,14 @@ pub enum Event {
         uid: u32,
         error: String,
     },
+    /// The routing skipped a message (a rule's `deliver = "skip"`, or `else = "skip"`); it is
+    /// settled and logged as skipped. `route` says which.
+    SkippedByRoute {
+        watch: String,
+        key: String,
+        uid: u32,
+        route: String,
+    },
     /// A message was not delivered because its Message-ID was delivered before.
     SkippedDuplicate { watch: String, key: String, uid: u32 },
     /// A listed message was expunged before its body could be fetched; recorded as vanished.
@@ -57,7 +65,27 @@ pub struct Health {
     /// The last error (at most about 1 KiB), cleared by the next successful connection.
     pub last_error: Option<String>,
     pub delivered: u64,
+    /// Failed delivery attempts (each retry counts).
+    pub failed: u64,
     pub dead_lettered: u64,
+    /// Messages settled without delivery: skipped by the routing, or duplicates after a
+    /// UIDVALIDITY change.
+    pub skipped: u64,
     pub reconnects: u64,
+    /// Reconnects by failure class (`network`, `bye`, `throttled`, `auth`, `auth_expired`,
+    /// `permanent`).
+    pub reconnects_by_class: std::collections::BTreeMap<&'static str, u64>,
     pub panics: u64,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// Since when (Unix seconds) the watch has had no session; `None` while connected.
+    pub disconnected_since: Option<u64>,
+    /// When (Unix seconds) the watch last caught up with its folder.
+    pub last_sync: Option<u64>,
+    /// When (Unix seconds) a message was last delivered.
+    pub last_delivery: Option<u64>,
+    /// Messages listed above the checkpoint and not yet settled.
+    pub backlog: u64,
+    /// Message bytes fetched.
+    pub fetched_bytes: u64,
 }

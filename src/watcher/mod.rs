@@ -26,6 +26,16 @@ use crate::imap::{ImapError, Session};
 use crate::route::Fanout;
 use crate::store::{Store, StoreError};
 
+/// Reads a watcher's [`Health`]; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct HealthHandle(Arc<Mutex<Health>>);
+
+impl HealthHandle {
+    pub fn get(&self) -> Health {
+        self.0.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
 /// Why a watcher stopped for good, or why a `once` run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -99,6 +109,7 @@ impl Watcher {
         let (events, first) = broadcast::channel(EVENT_BUFFER);
         let health = Arc::new(Mutex::new(Health {
             state: "starting".into(),
+            disconnected_since: Some(driver::unix_now()),
             ..Health::default()
         }));
         let name = watch.name();
@@ -139,6 +150,12 @@ impl Watcher {
     /// A snapshot of the watcher's health.
     pub fn health(&self) -> Health {
         self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// A handle that reads this watcher's health from elsewhere (an HTTP endpoint), also
+    /// after the watcher was moved.
+    pub fn health_handle(&self) -> HealthHandle {
+        HealthHandle(self.health.clone())
     }
 
     /// Runs `f` on the watcher's own session between waits (interrupting IDLE to do so) and

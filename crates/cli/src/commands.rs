@@ -62,6 +62,21 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state)?;
     let store = open_store(config).await?;
     let watchers = start_all(config, &store, Mode::Forever).await?;
+    let endpoint = match &config.http {
+        Some(http) => {
+            let views = watchers
+                .iter()
+                .zip(&config.watches)
+                .map(|(w, c)| crate::http::WatchView {
+                    account: c.account.name.clone(),
+                    folder: c.folder.clone(),
+                    health: w.health_handle(),
+                })
+                .collect();
+            Some(crate::http::serve(http, views).await?)
+        }
+        None => None,
+    };
     info!(watches = watchers.len(), state = %config.state.display(), "inboxd running");
     wait_for_signal().await?;
     info!("stopping");
@@ -75,6 +90,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
         }
     }));
+    let _endpoint = endpoint.map(AbortOnDrop);
     tokio::select! {
         _ = joined => Ok(()),
         _ = wait_for_signal() => {
@@ -82,6 +98,15 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             // Their messages are not committed and will be delivered again, with the same keys.
             Err(anyhow!("second signal: exiting without waiting for the deliveries in flight"))
         }
+    }
+}
+
+/// Stops a task when dropped (the HTTP endpoint, when `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

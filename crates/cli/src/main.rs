@@ -2,6 +2,7 @@
 
 mod commands;
 mod demo;
+mod http;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -30,6 +30,20 @@ pub enum FailureClass {
     Permanent,
 }
 
+impl FailureClass {
+    /// A short lower-case name, for metrics labels and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FailureClass::Network => "network",
+            FailureClass::Bye => "bye",
+            FailureClass::Throttled(_) => "throttled",
+            FailureClass::Auth => "auth",
+            FailureClass::AuthExpired => "auth_expired",
+            FailureClass::Permanent => "permanent",
+        }
+    }
+}
+
 /// The response code (RFC 3501 §7.1, RFC 5530) in a server's text, uppercased without its
 /// brackets: `[AUTHENTICATIONFAILED] Authentication failed.` gives `AUTHENTICATIONFAILED`.
 /// The code is looked for at the start of the text, or after a `"` (where an IMAP library

@@ -275,9 +275,10 @@ pub enum Action {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
     Connected,
-    /// The session ended; `error` is `None` for a deliberate close (recycle).
+    /// The session ended; `error` and `class` are `None` for a deliberate close (recycle).
     Disconnected {
         error: Option<String>,
+        class: Option<FailureClass>,
         retry_in: Option<Duration>,
     },
     FirstSight {
@@ -519,6 +520,12 @@ impl WatchMachine {
     /// The committed checkpoint.
     pub fn checkpoint(&self) -> Option<Checkpoint> {
         self.cp
+    }
+
+    /// Messages of the last listing above the checkpoint not yet settled (the watch's lag as
+    /// far as it knows).
+    pub fn backlog(&self) -> usize {
+        self.catch_up.queue.len() + self.catch_up.batch.len()
     }
 
     /// What the watch is doing.
@@ -1179,6 +1186,7 @@ impl WatchMachine {
             Wait::Recycle => {
                 self.notices.push(Notice::Disconnected {
                     error: None,
+                    class: None,
                     retry_in: None,
                 });
                 self.logout(AfterLogout::Reconnect)
@@ -1220,6 +1228,7 @@ impl WatchMachine {
         let delay = self.reconnect.failed(now, class, jitter);
         self.notices.push(Notice::Disconnected {
             error: Some(error),
+            class: Some(class),
             retry_in: Some(delay),
         });
         self.state = State::WaitingToReconnect { delay };

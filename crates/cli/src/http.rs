@@ -1,0 +1,404 @@
+//! The HTTP endpoint of `inboxd run` (`[http]`): Prometheus metrics, liveness, readiness and
+//! the watches' health as JSON. Off unless configured; on loopback by default; every path but
+//! `/healthz` needs the bearer token when one is set (always, off loopback). It only reads: no
+//! request can change anything, and no response carries a secret.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use inboxd::config::Http;
+use inboxd::watcher::{Health, HealthHandle};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// One watch as the endpoint sees it.
+#[derive(Clone)]
+pub struct WatchView {
+    pub account: String,
+    pub folder: String,
+    pub health: HealthHandle,
+}
+
+struct AppState {
+    watches: Vec<WatchView>,
+    token: Option<inboxd::secret::Secret>,
+    unready_after: Duration,
+}
+
+/// Binds the endpoint and serves it until the returned task is aborted. Fails (before any
+/// watch starts) if the address cannot be bound or the token cannot be read.
+pub async fn serve(config: &Http, watches: Vec<WatchView>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let token = match &config.token {
+        Some(source) => Some(source.resolve().await.map_err(|e| anyhow::anyhow!("http.token: {e}"))?),
+        None => None,
+    };
+    let state = Arc::new(AppState {
+        watches,
+        token,
+        unready_after: config.unready_after,
+    });
+    let protected = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/api/v1/watches", axum::routing::get(watches_json))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .merge(protected)
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("http.listen: cannot listen on {}: {e}", config.listen))?;
+    let bound: SocketAddr = listener.local_addr()?;
+    tracing::info!(listen = %bound, "HTTP endpoint up (/metrics, /healthz, /readyz, /api/v1/watches)");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the HTTP endpoint stopped");
+        }
+    }))
+}
+
+/// Lets a request through when no token is configured, or when it carries it as
+/// `Authorization: Bearer <token>` (compared in constant time).
+async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.expose().as_bytes()).into();
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a bearer token is required\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    account: String,
+    folder: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    account: String,
+    folder: String,
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// The metrics of every watch, in the OpenMetrics text format, from the watches' health at
+/// this moment (counters are the watches' own totals since the process started).
+fn encode(watches: &[(WatchLabels, Health)]) -> String {
+    let mut registry = Registry::with_prefix("inboxd");
+    let counter = |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&Health) -> u64| {
+        let family = Family::<WatchLabels, Counter>::default();
+        for (labels, h) in watches {
+            family.get_or_create(labels).inc_by(value(h));
+        }
+        registry.register(name, help, family);
+    };
+    let gauge = |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&Health) -> Option<i64>| {
+        let family = Family::<WatchLabels, Gauge>::default();
+        for (labels, h) in watches {
+            if let Some(v) = value(h) {
+                family.get_or_create(labels).set(v);
+            }
+        }
+        registry.register(name, help, family);
+    };
+    counter(
+        &mut registry,
+        "messages_delivered",
+        "Messages every target of their route acknowledged",
+        &|h| h.delivered,
+    );
+    counter(
+        &mut registry,
+        "delivery_failures",
+        "Failed delivery attempts (each retry counts)",
+        &|h| h.failed,
+    );
+    counter(
+        &mut registry,
+        "messages_dead_lettered",
+        "Messages given up on and dead-lettered",
+        &|h| h.dead_lettered,
+    );
+    counter(
+        &mut registry,
+        "messages_skipped",
+        "Messages settled without delivery (routing skip, duplicate after a UIDVALIDITY change)",
+        &|h| h.skipped,
+    );
+    counter(
+        &mut registry,
+        "fetched_bytes",
+        "Message bytes fetched from the server",
+        &|h| h.fetched_bytes,
+    );
+    counter(
+        &mut registry,
+        "panics",
+        "Panics caught in the watcher or a handler",
+        &|h| h.panics,
+    );
+    let reconnects = Family::<ClassLabels, Counter>::default();
+    for (labels, h) in watches {
+        for (class, n) in &h.reconnects_by_class {
+            reconnects
+                .get_or_create(&ClassLabels {
+                    account: labels.account.clone(),
+                    folder: labels.folder.clone(),
+                    class: (*class).to_string(),
+                })
+                .inc_by(*n);
+        }
+    }
+    registry.register("reconnects", "Sessions lost, by failure class", reconnects);
+    let as_i64 = |v: u64| i64::try_from(v).ok();
+    gauge(
+        &mut registry,
+        "watch_connected",
+        "1 while the watch has a session, else 0",
+        &|h| Some(i64::from(h.connected)),
+    );
+    gauge(
+        &mut registry,
+        "backlog_messages",
+        "Messages listed above the checkpoint and not yet settled",
+        &|h| as_i64(h.backlog),
+    );
+    gauge(
+        &mut registry,
+        "last_sync_timestamp_seconds",
+        "When the watch last caught up with its folder (Unix time)",
+        &|h| h.last_sync.and_then(as_i64),
+    );
+    gauge(
+        &mut registry,
+        "last_delivery_timestamp_seconds",
+        "When a message was last delivered (Unix time)",
+        &|h| h.last_delivery.and_then(as_i64),
+    );
+    gauge(
+        &mut registry,
+        "disconnected_since_timestamp_seconds",
+        "Since when the watch has had no session (Unix time); absent while connected",
+        &|h| h.disconnected_since.and_then(as_i64),
+    );
+    let build = Family::<BuildLabels, Gauge>::default();
+    build
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+        .set(1);
+    registry.register("build_info", "The running inboxd's version", build);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+fn snapshot(state: &AppState) -> Vec<(WatchLabels, Health)> {
+    state
+        .watches
+        .iter()
+        .map(|w| {
+            (
+                WatchLabels {
+                    account: w.account.clone(),
+                    folder: w.folder.clone(),
+                },
+                w.health.get(),
+            )
+        })
+        .collect()
+}
+
+/// OpenMetrics to a scraper that asks for it (Prometheus does), else the classic text format
+/// (what `promtool check metrics`, older scrapers and people read).
+async fn metrics(State(state): State<Arc<AppState>>, request_headers: HeaderMap) -> Response {
+    let open_metrics = request_headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let text = encode(&snapshot(&state));
+    let mut headers = HeaderMap::new();
+    if open_metrics {
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        (headers, text).into_response()
+    } else {
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        (headers, classic(&text)).into_response()
+    }
+}
+
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics text: a counter's `# HELP` and
+/// `# TYPE` name its `_total` series, and there is no `# EOF`. (The client library encodes
+/// OpenMetrics only; these are the two differences for the metric types used here.)
+fn classic(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Why a watch is not ready, if it is not.
+fn unready(h: &Health, now: u64, unready_after: Duration) -> Option<String> {
+    let error = h.last_error.as_deref().unwrap_or("no error recorded");
+    if h.state == "failed" {
+        return Some(format!("failed: {error}"));
+    }
+    match h.disconnected_since {
+        Some(since) if now.saturating_sub(since) > unready_after.as_secs() => Some(format!(
+            "disconnected for {}s (more than {}s): {error}",
+            now.saturating_sub(since),
+            unready_after.as_secs()
+        )),
+        _ => None,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// 200 when every watch is ready; 503 with one line per watch that is not.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let now = unix_now();
+    let reasons: Vec<String> = snapshot(&state)
+        .iter()
+        .filter_map(|(l, h)| {
+            unready(h, now, state.unready_after).map(|why| format!("{}/{}: {why}", l.account, l.folder))
+        })
+        .collect();
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", reasons.join("\n"))).into_response()
+    }
+}
+
+/// The health of every watch, as JSON.
+async fn watches_json(State(state): State<Arc<AppState>>) -> Response {
+    let now = unix_now();
+    let list: Vec<serde_json::Value> = snapshot(&state)
+        .into_iter()
+        .map(|(l, h)| {
+            serde_json::json!({
+                "account": l.account,
+                "folder": l.folder,
+                "state": h.state,
+                "connected": h.connected,
+                "ready": unready(&h, now, state.unready_after).is_none(),
+                "unready_reason": unready(&h, now, state.unready_after),
+                "last_error": h.last_error,
+                "delivered": h.delivered,
+                "failed": h.failed,
+                "dead_lettered": h.dead_lettered,
+                "skipped": h.skipped,
+                "reconnects": h.reconnects,
+                "reconnects_by_class": h.reconnects_by_class,
+                "panics": h.panics,
+                "backlog": h.backlog,
+                "fetched_bytes": h.fetched_bytes,
+                "last_sync": h.last_sync,
+                "last_delivery": h.last_delivery,
+                "disconnected_since": h.disconnected_since,
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "watches": list })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_total() {
+        let om = "# HELP inboxd_x Things.\n# TYPE inboxd_x counter\ninboxd_x_total{a=\"b\"} 3\n# HELP inboxd_g G.\n# TYPE inboxd_g gauge\ninboxd_g 1\n# EOF\n";
+        assert_eq!(
+            classic(om),
+            "# HELP inboxd_x_total Things.\n# TYPE inboxd_x_total counter\ninboxd_x_total{a=\"b\"} 3\n# HELP inboxd_g G.\n# TYPE inboxd_g gauge\ninboxd_g 1\n"
+        );
+    }
+
+    #[test]
+    fn readiness_fails_for_a_failed_or_long_disconnected_watch() {
+        let ok = Health {
+            state: "idle".into(),
+            connected: true,
+            ..Health::default()
+        };
+        assert_eq!(unready(&ok, 1000, Duration::from_secs(60)), None);
+        let down = Health {
+            state: "waiting 60s to reconnect".into(),
+            disconnected_since: Some(900),
+            last_error: Some("connection refused".into()),
+            ..Health::default()
+        };
+        assert_eq!(unready(&down, 950, Duration::from_secs(60)), None, "not yet");
+        let why = unready(&down, 1000, Duration::from_secs(60)).unwrap();
+        assert!(
+            why.contains("disconnected for 100s") && why.contains("connection refused"),
+            "{why}"
+        );
+        let failed = Health {
+            state: "failed".into(),
+            ..Health::default()
+        };
+        assert!(
+            unready(&failed, 0, Duration::from_secs(60))
+                .unwrap()
+                .starts_with("failed")
+        );
+    }
+}

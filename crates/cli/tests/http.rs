@@ -1,0 +1,220 @@
+//! The HTTP endpoint of `inboxd run` against a real Dovecot: `/metrics` checked by Prometheus's
+//! own `promtool`, readiness that follows the server going away, the watches as JSON, and the
+//! bearer token.
+
+#[path = "../../../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a config with `[http]` (`http` lines) and a Maildir watch, and starts `inboxd run`.
+fn start(dv: &inboxd_testbed::Dovecot, dir: &std::path::Path, http: &str) -> (Child, std::path::PathBuf) {
+    let cfg = config(
+        dv,
+        dir,
+        "reconnect = [ { every = \"1s\" } ]",
+        "start = \"all\"\ndeliver = { maildir = \"out\" }",
+    );
+    let text = format!("{}\n[http]\n{http}\n", std::fs::read_to_string(&cfg.path).unwrap());
+    std::fs::write(&cfg.path, text).unwrap();
+    let child = inboxd_bin()
+        .args(["run", "-c"])
+        .arg(&cfg.path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, cfg.path)
+}
+
+fn stop(child: Child) -> String {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+async fn get(url: &str, token: Option<&str>) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let mut req = client.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Polls `url` until `pred` holds on (status, body), failing after `secs`.
+async fn until(url: &str, token: Option<&str>, secs: u64, pred: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = (0, String::new());
+    while Instant::now() < deadline {
+        last = get(url, token).await;
+        if pred(last.0, &last.1) {
+            return last.1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{url}: condition not met within {secs}s; last answer {} {}",
+        last.0, last.1
+    );
+}
+
+fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/install-deps installs it)");
+    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_readiness_follows_the_server() {
+    let mut dv = dovecot();
+    append(&dv, "INBOX", &["one", "two", "three"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (daemon, _) = start(
+        &dv,
+        dir.path(),
+        &format!("listen = \"127.0.0.1:{port}\"\nunready_after = \"2s\""),
+    );
+    let watches = until(&format!("{base}/api/v1/watches"), None, 30, |s, b| {
+        s == 200 && b.contains("\"delivered\":3") && b.contains("\"connected\":true")
+    })
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&watches).unwrap();
+    let w = &json["watches"][0];
+    assert_eq!(
+        (w["account"].as_str(), w["folder"].as_str()),
+        (Some("t"), Some("INBOX"))
+    );
+    assert_eq!(w["ready"], true);
+    assert!(
+        w["last_delivery"].as_u64().is_some() && w["last_sync"].as_u64().is_some(),
+        "{w}"
+    );
+
+    let (status, metrics) = get(&format!("{base}/metrics"), None).await;
+    assert_eq!(status, 200);
+    promtool_check(&metrics);
+    for line in [
+        "inboxd_messages_delivered_total{account=\"t\",folder=\"INBOX\"} 3",
+        "inboxd_watch_connected{account=\"t\",folder=\"INBOX\"} 1",
+        "inboxd_backlog_messages{account=\"t\",folder=\"INBOX\"} 0",
+        "inboxd_messages_dead_lettered_total{account=\"t\",folder=\"INBOX\"} 0",
+        "inboxd_build_info{version=\"",
+        "# TYPE inboxd_messages_delivered_total counter",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+    // Prometheus asks for OpenMetrics, and gets it.
+    let om = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        om.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let om = om.text().await.unwrap();
+    assert!(
+        om.ends_with("# EOF\n") && om.contains("# TYPE inboxd_messages_delivered counter"),
+        "{om}"
+    );
+    assert_eq!(get(&format!("{base}/readyz"), None).await, (200, "ready\n".into()));
+    assert_eq!(get(&format!("{base}/healthz"), None).await.0, 200);
+
+    // The server goes away: the watch is disconnected, then (past unready_after) not ready.
+    dv.stop();
+    let why = until(&format!("{base}/readyz"), None, 30, |s, _| s == 503).await;
+    assert!(why.contains("t/INBOX: disconnected for"), "{why}");
+    let (_, metrics) = get(&format!("{base}/metrics"), None).await;
+    promtool_check(&metrics);
+    assert!(
+        metrics.contains("inboxd_watch_connected{account=\"t\",folder=\"INBOX\"} 0")
+            && metrics.contains("inboxd_reconnects_total{account=\"t\",folder=\"INBOX\",class=\"network\"}")
+            && metrics.contains("inboxd_disconnected_since_timestamp_seconds{account=\"t\",folder=\"INBOX\"}"),
+        "{metrics}"
+    );
+    // And back: ready again once it reconnected.
+    dv.restart().unwrap();
+    until(&format!("{base}/readyz"), None, 30, |s, _| s == 200).await;
+    stop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_guards_everything_but_healthz_and_is_required_off_loopback() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let token = "t0k3n-for-the-test";
+    let (daemon, path) = start(
+        &dv,
+        dir.path(),
+        &format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{token}\""),
+    );
+    until(&format!("{base}/healthz"), None, 30, |s, _| s == 200).await;
+    for path in ["/metrics", "/readyz", "/api/v1/watches"] {
+        let (status, body) = get(&format!("{base}{path}"), None).await;
+        assert_eq!(status, 401, "{path}");
+        assert!(!body.contains(token));
+        assert_eq!(get(&format!("{base}{path}"), Some("wrong")).await.0, 401, "{path}");
+        let (status, body) = get(&format!("{base}{path}"), Some(token)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(
+            !body.contains(token) && !body.contains("alicepw"),
+            "{path} leaks a secret"
+        );
+    }
+    let log = stop(daemon);
+    assert!(!log.contains(token), "the log shows the token");
+
+    // Off loopback, a token is required: a located config error.
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{token}\""),
+        "listen = \"0.0.0.0:9877\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = inboxd_bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:", path.display())) && err.contains("http.token"),
+        "{err}"
+    );
+}
