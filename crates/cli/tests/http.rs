@@ -218,3 +218,53 @@ async fn a_bearer_token_guards_everything_but_healthz_and_is_required_off_loopba
         "{err}"
     );
 }
+
+/// A Prometheus server of the test's own (Debian's `prometheus`) scraping `targets` every
+/// second; returns the child and its API base URL.
+fn prometheus(dir: &std::path::Path, target: &str) -> (Child, String) {
+    let port = free_port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: inboxd\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian's prometheus package; scripts/install-deps installs it)");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_a_series_per_watch() {
+    let dv = dovecot();
+    append(&dv, "INBOX", &["one", "two"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (daemon, _) = start(&dv, dir.path(), &format!("listen = \"127.0.0.1:{port}\""));
+    let (mut prom, api) = prometheus(dir.path(), &format!("127.0.0.1:{port}"));
+    let query = format!(
+        "{api}/api/v1/query?query=inboxd_messages_delivered_total%7Baccount%3D%22t%22%2Cfolder%3D%22INBOX%22%7D"
+    );
+    let answer = until(&query, None, 60, |s, b| s == 200 && b.contains("\"result\":[{")).await;
+    let json: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let series = &json["data"]["result"][0];
+    assert_eq!(series["metric"]["job"], "inboxd");
+    assert_eq!(series["value"][1], "2", "{answer}");
+    // The scrape itself was healthy (Prometheus parsed the OpenMetrics it asked for).
+    let up = until(&format!("{api}/api/v1/query?query=up"), None, 30, |s, b| {
+        s == 200 && b.contains("\"result\":[{")
+    })
+    .await;
+    assert!(up.contains("\"1\"]"), "{up}");
+    let _ = prom.kill();
+    let _ = prom.wait();
+    stop(daemon);
+}
