@@ -36,13 +36,16 @@ impl fmt::Display for Secret {
 }
 
 /// Where a secret comes from, as written in the config:
-/// `"literal"`, `{ env = "VAR" }`, `{ file = "path" }` or `{ command = ["prog", "arg"] }`.
+/// `"literal"`, `{ env = "VAR" }`, `{ file = "path" }`, `{ command = ["prog", "arg"] }` or
+/// `{ credential = "NAME" }` (a systemd credential: `$CREDENTIALS_DIRECTORY/NAME`, as given by
+/// `LoadCredential=` or `SetCredentialEncrypted=`).
 #[derive(Clone, PartialEq, Eq)]
 pub enum SecretSource {
     Literal(Secret),
     Env(String),
     File(PathBuf),
     Command(Vec<String>),
+    Credential(String),
 }
 
 impl fmt::Debug for SecretSource {
@@ -52,6 +55,7 @@ impl fmt::Debug for SecretSource {
             SecretSource::Env(v) => f.debug_tuple("Env").field(v).finish(),
             SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
             SecretSource::Command(c) => f.debug_tuple("Command").field(c).finish(),
+            SecretSource::Credential(n) => f.debug_tuple("Credential").field(n).finish(),
         }
     }
 }
@@ -78,6 +82,10 @@ pub enum SecretError {
         program: String,
         status: std::process::ExitStatus,
     },
+    #[error(
+        "no systemd credential {0}: $CREDENTIALS_DIRECTORY is not set (run under systemd with LoadCredential={0}:...)"
+    )]
+    NoCredentials(String),
     #[error("secret from {0} is not valid UTF-8")]
     Utf8(String),
     #[error("secret command {program} did not finish within {after:?}; killed")]
@@ -122,6 +130,16 @@ impl SecretSource {
                 let program = argv.first().cloned().unwrap_or_default();
                 let stdout = run_command(argv, timeout).await?;
                 trimmed(stdout).ok_or(SecretError::Utf8(program))
+            }
+            SecretSource::Credential(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                    .ok_or_else(|| SecretError::NoCredentials(name.clone()))?;
+                let path = Path::new(&dir).join(name);
+                let bytes = tokio::fs::read(&path).await.map_err(|source| SecretError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+                trimmed(bytes).ok_or_else(|| SecretError::Utf8(path.display().to_string()))
             }
         }
     }
@@ -203,6 +221,7 @@ struct SecretTable {
     env: Option<String>,
     file: Option<PathBuf>,
     command: Option<Vec<String>>,
+    credential: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -216,7 +235,9 @@ impl<'de> Deserialize<'de> for SecretSource {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let raw = RawSecret::deserialize(d).map_err(|_| {
-            D::Error::custom("expected a string, { env = \"VAR\" }, { file = \"path\" } or { command = [..] }")
+            D::Error::custom(
+                "expected a string, { env = \"VAR\" }, { file = \"path\" }, { command = [..] } or { credential = \"NAME\" }",
+            )
         })?;
         match raw {
             RawSecret::Literal(s) => Ok(SecretSource::Literal(Secret::new(s))),
@@ -224,6 +245,7 @@ impl<'de> Deserialize<'de> for SecretSource {
                 env: Some(v),
                 file: None,
                 command: None,
+                credential: None,
             }) => {
                 crate::process::register_secret_env(&v);
                 Ok(SecretSource::Env(v))
@@ -232,18 +254,34 @@ impl<'de> Deserialize<'de> for SecretSource {
                 env: None,
                 file: Some(p),
                 command: None,
+                credential: None,
             }) => Ok(SecretSource::File(p)),
             RawSecret::Table(SecretTable {
                 env: None,
                 file: None,
+                command: None,
+                credential: Some(name),
+            }) => {
+                // A name, not a path: systemd's credential names cannot hold `/`.
+                if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                    return Err(D::Error::custom(format!("{name:?} is not a credential name")));
+                }
+                Ok(SecretSource::Credential(name))
+            }
+            RawSecret::Table(SecretTable {
+                env: None,
+                file: None,
                 command: Some(c),
+                credential: None,
             }) => {
                 if c.is_empty() {
                     return Err(D::Error::custom("`command` needs at least a program"));
                 }
                 Ok(SecretSource::Command(c))
             }
-            RawSecret::Table(_) => Err(D::Error::custom("give exactly one of `env`, `file` or `command`")),
+            RawSecret::Table(_) => Err(D::Error::custom(
+                "give exactly one of `env`, `file`, `command` or `credential`",
+            )),
         }
     }
 }

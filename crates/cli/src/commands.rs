@@ -77,9 +77,11 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let _notifier = crate::service::start(watchers.iter().map(Watcher::health_handle).collect()).map(AbortOnDrop);
     info!(watches = watchers.len(), state = %config.state.display(), "inboxd running");
     wait_for_signal().await?;
     info!("stopping");
+    crate::service::stopping();
     // Ask every watch first, then wait for all: none goes on delivering while another stops.
     for w in &watchers {
         w.request_stop();

@@ -3,6 +3,7 @@
 mod commands;
 mod demo;
 mod http;
+mod service;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
