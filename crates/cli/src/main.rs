@@ -68,6 +68,13 @@ enum Cmd {
         /// The message's idempotency key, as shown by `status`.
         key: String,
     },
+    /// Print a shell completion script (e.g. `inboxd completions bash > /etc/bash_completion.d/inboxd`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; e.g. `inboxd man > /usr/share/man/man1/inboxd.1`).
+    Man,
     /// Start a throwaway Dovecot, watch it, append a few messages and show them processed.
     Demo {
         /// How many messages to append.
@@ -115,6 +122,16 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status(c) => commands::status(&load(&c)?, &mut stdout).await,
         Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "inboxd", &mut stdout);
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut stdout)?;
+            Ok(())
+        }
     }
 }
 

@@ -545,3 +545,42 @@ deliver = "skip"
     assert_eq!(s.search("KEYWORD Invoice").await.unwrap(), [1]);
     s.logout().await;
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_definition() {
+    let run = |args: &[&str]| {
+        let out = inboxd_bin().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    for sub in ["run", "once", "check", "status", "replay", "completions", "man"] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+    }
+    assert!(bash.contains("--route"), "subcommand options are completed too");
+    // bash itself accepts the script.
+    let mut check = std::process::Command::new("bash")
+        .arg("-n")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check.stdin.take().unwrap().write_all(bash.as_bytes()).unwrap();
+    assert!(check.wait().unwrap().success(), "bash -n refused the completion script");
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef inboxd"));
+    assert!(run(&["completions", "fish"]).contains("complete -c inboxd"));
+    let man = run(&["man"]);
+    assert!(man.contains(".TH inboxd 1"), "{man}");
+    for sub in ["run", "once", "check", "status", "replay"] {
+        assert!(man.contains(sub), "the man page lacks {sub}");
+    }
+    assert!(
+        inboxd_bin()
+            .args(["completions", "tcsh"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+            == Some(2)
+    );
+}
