@@ -380,38 +380,189 @@ fn oauth2_hints(account: &Account, at_imap: bool) -> Vec<&'static str> {
     }
 }
 
-/// Prints checkpoints, messages being retried and dead letters.
-pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+/// The running daemon's view of its watches, from its HTTP endpoint when one is configured
+/// and answers: (where it was asked, the answer or why there is none).
+async fn live_watches(config: &Config) -> (Option<String>, Result<Vec<serde_json::Value>, String>) {
+    let Some(http) = &config.http else {
+        return (None, Err("no [http] endpoint configured".into()));
+    };
+    let url = format!("http://{}/api/v1/watches", http.listen);
+    let answer = async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut req = client.get(&url);
+        if let Some(token) = &http.token {
+            let token = token.resolve().await.map_err(|e| format!("http.token: {e}"))?;
+            req = req.bearer_auth(token.expose());
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|_| "inboxd is not answering there (not running?)".to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("it answered {}", r.status()));
+        }
+        let v: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+        Ok(v["watches"].as_array().cloned().unwrap_or_default())
+    }
+    .await;
+    (Some(url), answer)
+}
+
+fn delivery_json(d: &inboxd::store::Delivery) -> serde_json::Value {
+    serde_json::json!({
+        "key": d.key,
+        "account": d.account,
+        "folder": d.folder,
+        "uidvalidity": d.uidvalidity,
+        "uid": d.uid,
+        "message_id": d.message_id,
+        "status": d.status.as_str(),
+        "attempts": d.attempts,
+        "last_error": d.last_error,
+        "route": d.route,
+        "updated_at": d.updated_at,
+    })
+}
+
+/// `2026-11-30T10:42:52Z` from Unix seconds.
+fn utc(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Prints per watch its state, checkpoint, backlog and last mail (live from the daemon's HTTP
+/// endpoint when it answers), then messages being retried, dead letters, what the routing
+/// skipped and post-actions not done; as one JSON document with `json`.
+pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) -> anyhow::Result<()> {
     let store = open_store(config).await?;
-    writeln!(out, "checkpoints ({}):", config.state.display())?;
     let rows = store.checkpoints().await?;
+    let (live_url, live) = live_watches(config).await;
+    let live_of = |w: &Watch| {
+        live.as_ref().ok().and_then(|list| {
+            list.iter()
+                .find(|v| v["account"] == w.account.name.as_str() && v["folder"] == w.folder.as_str())
+                .cloned()
+        })
+    };
+    let retrying = store.by_status(DeliveryStatus::Failed, 1000).await?;
+    let dead = store.by_status(DeliveryStatus::Dead, 1000).await?;
+    let skipped: Vec<_> = store
+        .by_status(DeliveryStatus::Skipped, 20)
+        .await?
+        .into_iter()
+        .filter(|d| d.route.starts_with("skipped"))
+        .collect();
+    let problems = store.post_action_problems(1000).await?;
+    if json {
+        let mut watches = Vec::new();
+        for w in &config.watches {
+            let row = rows
+                .iter()
+                .find(|r| r.account == w.account.name && r.folder == w.folder);
+            watches.push(serde_json::json!({
+                "account": w.account.name,
+                "folder": w.folder,
+                "uidvalidity": row.map(|r| r.checkpoint.uidvalidity),
+                "last_uid": row.map(|r| r.checkpoint.last_uid),
+                "last_commit": row.map(|r| r.updated_at),
+                "live": live_of(w),
+            }));
+        }
+        let mut dead_json = Vec::new();
+        for d in &dead {
+            let mut v = delivery_json(d);
+            v["targets_done"] = serde_json::json!(store.targets_done(&d.key).await?);
+            dead_json.push(v);
+        }
+        let doc = serde_json::json!({
+            "state": config.state,
+            "live_from": live_url,
+            "live_error": live.as_ref().err(),
+            "watches": watches,
+            "retrying": retrying.iter().map(delivery_json).collect::<Vec<_>>(),
+            "dead_letters": dead_json,
+            "skipped": skipped.iter().map(delivery_json).collect::<Vec<_>>(),
+            "post_actions": problems.iter().map(|(d, state)| {
+                let mut v = delivery_json(d);
+                v["post_action"] = serde_json::json!(state);
+                v
+            }).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "watches (state {}; live state {}):",
+        config.state.display(),
+        match (&live_url, &live) {
+            (Some(url), Ok(_)) => format!("from {url}"),
+            (Some(url), Err(e)) => format!("unknown: {url}: {e}"),
+            (None, Err(e)) => format!("unknown: {e}"),
+            (None, Ok(_)) => String::new(),
+        }
+    )?;
+    let mut table = vec![[
+        "WATCH".to_string(),
+        "STATE".into(),
+        "UIDVALIDITY".into(),
+        "LAST UID".into(),
+        "BACKLOG".into(),
+        "LAST MAIL".into(),
+    ]];
     for w in &config.watches {
         let row = rows
             .iter()
             .find(|r| r.account == w.account.name && r.folder == w.folder);
-        match row {
-            Some(r) => writeln!(
-                out,
-                "  {}  uidvalidity {}  last_uid {}{}",
-                w.name(),
-                r.checkpoint.uidvalidity,
-                r.checkpoint.last_uid,
-                if r.checkpoint.dedupe_through == u32::MAX {
-                    "  (checking Message-IDs since a UIDVALIDITY change)".to_string()
-                } else if r.checkpoint.dedupe_through > 0 {
-                    format!("  (checking Message-IDs through uid {})", r.checkpoint.dedupe_through)
+        let live = live_of(w);
+        let state = live
+            .as_ref()
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+            .unwrap_or_else(|| {
+                if row.is_some() {
+                    "-".into()
                 } else {
-                    String::new()
+                    "never connected".into()
                 }
-            )?,
-            None => writeln!(out, "  {}  (never connected)", w.name())?,
-        }
+            });
+        let last_mail = live
+            .as_ref()
+            .and_then(|v| v["last_delivery"].as_i64())
+            .map(utc)
+            .or_else(|| row.map(|r| format!("{} (last commit)", utc(r.updated_at))))
+            .unwrap_or_else(|| "-".into());
+        table.push([
+            printable(&w.name()),
+            printable(&state),
+            row.map_or("-".into(), |r| r.checkpoint.uidvalidity.to_string()),
+            row.map_or("-".into(), |r| {
+                let mut s = r.checkpoint.last_uid.to_string();
+                if r.checkpoint.dedupe_through > 0 {
+                    s.push_str(" (dedupe)");
+                }
+                s
+            }),
+            live.as_ref()
+                .and_then(|v| v["backlog"].as_u64())
+                .map_or("-".into(), |b| b.to_string()),
+            last_mail,
+        ]);
     }
-    for (title, status) in [
-        ("retrying", DeliveryStatus::Failed),
-        ("dead letters", DeliveryStatus::Dead),
-    ] {
-        let rows = store.by_status(status, 1000).await?;
+    let widths: Vec<usize> = (0..6)
+        .map(|c| table.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &table {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}", w = *w))
+            .collect();
+        writeln!(out, "  {}", line.join("  ").trim_end())?;
+    }
+    for (title, rows) in [("retrying", &retrying), ("dead letters", &dead)] {
         writeln!(out, "{title} ({}):", rows.len())?;
         for d in rows {
             writeln!(
@@ -439,12 +590,6 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
             }
         }
     }
-    let skipped: Vec<_> = store
-        .by_status(DeliveryStatus::Skipped, 20)
-        .await?
-        .into_iter()
-        .filter(|d| d.route.starts_with("skipped"))
-        .collect();
     writeln!(out, "skipped by the routing (newest {}):", skipped.len())?;
     for d in skipped {
         writeln!(
@@ -457,7 +602,6 @@ pub async fn status(config: &Config, out: &mut impl std::io::Write) -> anyhow::R
             printable(&d.route)
         )?;
     }
-    let problems = store.post_action_problems(1000).await?;
     writeln!(out, "post-actions not done ({}):", problems.len())?;
     for (d, state) in problems {
         writeln!(
@@ -552,5 +696,14 @@ pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
             session.logout().await;
             Err(anyhow!("replay of {key} failed: {}", e.detail()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unix_seconds_as_utc() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(1_796_035_372), "2026-11-30T10:42:52Z");
     }
 }

@@ -91,7 +91,7 @@ deliver = {{ exec = ["./handler.sh"] }}
     watcher.stop().await?;
 
     println!("\n`inboxd status` now says:");
-    crate::commands::status(&config, &mut std::io::stdout()).await?;
+    crate::commands::status(&config, false, &mut std::io::stdout()).await?;
     println!("\n(Dovecot delays IDLE notifications by up to ~500 ms: most of the time above, when there is any.)");
     Ok(())
 }

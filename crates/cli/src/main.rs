@@ -59,8 +59,15 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         route: Option<u32>,
     },
-    /// Show checkpoints, messages being retried and dead letters.
-    Status(ConfigArg),
+    /// Show each watch's state, checkpoint, backlog and last mail, messages being retried, dead
+    /// letters, what the routing skipped and post-actions not done.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Deliver a logged message (e.g. a dead letter) again, by its key.
     Replay {
         #[command(flatten)]
@@ -119,7 +126,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run(c) => commands::run(&load(&c)?).await,
         Cmd::Once(c) => commands::once(&load(&c)?).await,
         Cmd::Check { config, route } => commands::check(&load(&config)?, route, &mut stdout).await,
-        Cmd::Status(c) => commands::status(&load(&c)?, &mut stdout).await,
+        Cmd::Status { config, json } => commands::status(&load(&config)?, json, &mut stdout).await,
         Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
         Cmd::Completions { shell } => {

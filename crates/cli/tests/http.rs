@@ -100,7 +100,7 @@ async fn metrics_pass_promtool_and_readiness_follows_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let (daemon, _) = start(
+    let (daemon, path) = start(
         &dv,
         dir.path(),
         &format!("listen = \"127.0.0.1:{port}\"\nunready_after = \"2s\""),
@@ -158,6 +158,32 @@ async fn metrics_pass_promtool_and_readiness_follows_the_server() {
     assert_eq!(get(&format!("{base}/readyz"), None).await, (200, "ready\n".into()));
     assert_eq!(get(&format!("{base}/healthz"), None).await.0, 200);
 
+    // `status` asks the running daemon: the same state as the endpoint, in a table and as JSON.
+    let status = inboxd_bin().args(["status", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains(&format!("live state from http://127.0.0.1:{port}/api/v1/watches")),
+        "{text}"
+    );
+    let row = text.lines().find(|l| l.trim_start().starts_with("t/INBOX")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cells[1], cells[3], cells[4]), ("idle", "3", "0"), "{text}");
+    assert!(row.ends_with('Z'), "{row}");
+    let json = inboxd_bin()
+        .args(["status", "--json", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let w = &json["watches"][0];
+    assert_eq!(
+        (w["last_uid"].as_u64(), w["live"]["state"].as_str()),
+        (Some(3), Some("idle")),
+        "{json}"
+    );
+    assert_eq!(w["live"]["delivered"], 3);
+    assert_eq!(json["dead_letters"], serde_json::json!([]));
+
     // The server goes away: the watch is disconnected, then (past unready_after) not ready.
     dv.stop();
     let why = until(&format!("{base}/readyz"), None, 30, |s, _| s == 503).await;
@@ -174,6 +200,14 @@ async fn metrics_pass_promtool_and_readiness_follows_the_server() {
     dv.restart().unwrap();
     until(&format!("{base}/readyz"), None, 30, |s, _| s == 200).await;
     stop(daemon);
+    // Without the daemon, `status` says it cannot tell the live state, and still shows the rest.
+    let status = inboxd_bin().args(["status", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("not answering there (not running?)"),
+        "{text}"
+    );
+    assert!(text.contains("(last commit)"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
