@@ -104,6 +104,8 @@ struct Driver {
     unposted: Vec<u32>,
     /// Messages the routing skipped, committed and not yet reported: uid -> route.
     skipped_now: HashMap<u32, String>,
+    /// When the server last told of new mail, until the watch caught up again.
+    woke_at: Option<Instant>,
     dead_in_run: u64,
     origin: Instant,
 }
@@ -158,6 +160,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         afters: HashMap::new(),
         unposted: Vec::new(),
         skipped_now: HashMap::new(),
+        woke_at: None,
         dead_in_run: 0,
         origin: Instant::now(),
     };
@@ -720,7 +723,10 @@ impl Driver {
             }
         }
         let mut done = self.done.remove(&key).unwrap_or_default();
+        let began = Instant::now();
         let outcome = self.fanout.deliver(&message, targets, &mut done).await;
+        let took = began.elapsed();
+        self.health(|h| h.handler_seconds.observe(took));
         match outcome {
             Ok(()) => Input::Delivered { uid },
             Err(failure) => {
@@ -1030,6 +1036,9 @@ impl Driver {
         match result {
             Ok((session, end)) => {
                 self.session = Some(session);
+                if end == WaitEnd::Activity {
+                    self.woke_at.get_or_insert_with(Instant::now);
+                }
                 let wake = match end {
                     WaitEnd::Activity => Wake::Activity,
                     WaitEnd::Elapsed => Wake::Elapsed,
@@ -1113,9 +1122,13 @@ impl Driver {
                         });
                         continue;
                     }
+                    let latency = self.woke_at.map(|t| t.elapsed());
                     self.health(|h| {
                         h.delivered += 1;
                         h.last_delivery = Some(unix_now());
+                        if let Some(l) = latency {
+                            h.new_mail_seconds.observe(l);
+                        }
                     });
                     self.emit(Event::Delivered {
                         watch: watch.clone(),
@@ -1189,6 +1202,7 @@ impl Driver {
                     });
                 }
                 Notice::CaughtUp { last_uid } => {
+                    self.woke_at = None;
                     self.health(|h| h.last_sync = Some(unix_now()));
                     self.emit(Event::CaughtUp {
                         watch: watch.clone(),

@@ -56,6 +56,33 @@ pub enum Event {
     CaughtUp { watch: String, last_uid: u32 },
 }
 
+/// Upper bounds, in seconds, of the buckets of [`Histogram`] (a last bucket takes the rest).
+pub const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A histogram of durations over [`LATENCY_BUCKETS`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    pub counts: [u64; LATENCY_BUCKETS.len() + 1],
+    pub count: u64,
+    pub sum_micros: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i] += 1;
+        self.count += 1;
+        self.sum_micros = self
+            .sum_micros
+            .saturating_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
 /// Live health of one watch, for `status` and health endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Health {
@@ -88,4 +115,9 @@ pub struct Health {
     pub backlog: u64,
     /// Message bytes fetched.
     pub fetched_bytes: u64,
+    /// How long each delivery to the targets took.
+    pub handler_seconds: Histogram,
+    /// From the server's notification of new mail in IDLE to
+    /// the message acknowledged and committed.
+    pub new_mail_seconds: Histogram,
 }

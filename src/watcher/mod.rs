@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use crate::spool::SPOOL_CHUNK;
 pub use driver::BATCH_BYTES;
-pub use event::{Event, Health};
+pub use event::{Event, Health, Histogram, LATENCY_BUCKETS};
 
 use crate::config::Watch;
 use crate::handler::{Handler, HandlerError};

@@ -102,6 +102,38 @@ struct ClassLabels {
     class: String,
 }
 
+/// A watch's histogram as it is at the scrape: its buckets are filled from [`Health`], not
+/// observed here (prometheus-client's own histogram can only observe).
+#[derive(Debug, Default)]
+struct HistogramSnapshot(std::sync::Mutex<inboxd::watcher::Histogram>);
+
+impl prometheus_client::metrics::TypedMetric for HistogramSnapshot {
+    const TYPE: prometheus_client::metrics::MetricType = prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for HistogramSnapshot {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = self.0.lock().map(|h| h.clone()).unwrap_or_default();
+        // The last bucket is +Inf.
+        let buckets: Vec<(f64, u64)> = inboxd::watcher::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(h.counts.iter().copied())
+            .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            h.sum_micros as f64 / 1e6,
+            h.count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
@@ -207,6 +239,26 @@ fn encode(watches: &[(WatchLabels, Health)]) -> String {
         "Since when the watch has had no session (Unix time); absent while connected",
         &|h| h.disconnected_since.and_then(as_i64),
     );
+    for (name, help, pick) in [
+        (
+            "handler_duration_seconds",
+            "How long each delivery to the targets took",
+            (|h: &Health| h.handler_seconds.clone()) as fn(&Health) -> inboxd::watcher::Histogram,
+        ),
+        (
+            "new_mail_latency_seconds",
+            "From the server's notification of new mail in IDLE to the message acknowledged",
+            |h: &Health| h.new_mail_seconds.clone(),
+        ),
+    ] {
+        let family = Family::<WatchLabels, HistogramSnapshot>::default();
+        for (labels, h) in watches {
+            if let Ok(mut slot) = family.get_or_create(labels).0.lock() {
+                *slot = pick(h);
+            }
+        }
+        registry.register(name, help, family);
+    }
     let build = Family::<BuildLabels, Gauge>::default();
     build
         .get_or_create(&BuildLabels {

@@ -184,6 +184,23 @@ async fn metrics_pass_promtool_and_readiness_follows_the_server() {
     assert_eq!(w["live"]["delivered"], 3);
     assert_eq!(json["dead_letters"], serde_json::json!([]));
 
+    // Live mail: the latency from the server's IDLE notification to the commit is observed; the
+    // backlog at the start was not (no notification announced it).
+    append(&dv, "INBOX", &["live"]).await;
+    until(&format!("{base}/api/v1/watches"), None, 30, |s, b| {
+        s == 200 && b.contains("\"delivered\":4")
+    })
+    .await;
+    let (_, metrics) = get(&format!("{base}/metrics"), None).await;
+    promtool_check(&metrics);
+    for line in [
+        "inboxd_new_mail_latency_seconds_count{account=\"t\",folder=\"INBOX\"} 1",
+        "inboxd_handler_duration_seconds_count{account=\"t\",folder=\"INBOX\"} 4",
+        "inboxd_handler_duration_seconds_bucket{le=\"+Inf\",account=\"t\",folder=\"INBOX\"} 4",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+
     // The server goes away: the watch is disconnected, then (past unready_after) not ready.
     dv.stop();
     let why = until(&format!("{base}/readyz"), None, 30, |s, _| s == 503).await;
