@@ -135,6 +135,7 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state)?;
     let store = open_store(config).await?;
     let watchers = start_all(config, &store, Mode::Once).await?;
+    let progress = crate::progress::Progress::start(watchers.iter().map(Watcher::health_handle).collect());
     let mut failures = Vec::new();
     for w in watchers {
         let name = w.name().to_string();
@@ -144,6 +145,7 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
             Err(e) => failures.push(format!("{name}: {:#}", anyhow::Error::from(e))),
         }
     }
+    progress.finish();
     if failures.is_empty() {
         Ok(())
     } else {

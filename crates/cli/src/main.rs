@@ -3,6 +3,7 @@
 mod commands;
 mod demo;
 mod http;
+mod progress;
 mod service;
 
 use std::io::IsTerminal;

@@ -584,3 +584,36 @@ fn completions_and_the_man_page_come_from_the_command_definition() {
             == Some(2)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_shows_progress_as_a_bar_on_a_terminal_and_a_summary_otherwise() {
+    let dv = dovecot();
+    let msgs: Vec<Vec<u8>> = (0..300)
+        .map(|i| inboxd_testbed::sample_message(i, &format!("p{i}"), 2000))
+        .collect();
+    dv.drop_messages("alice", "INBOX", &msgs).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("caught up: 300 message(s)"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no terminal codes when stderr is not a terminal"
+    );
+
+    // On a terminal (a pseudo-terminal from `script`): the bar, ending at 300/300.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_inboxd"));
+    let out = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!("{} once -c {}", bin.display(), cfg.path.display()))
+        .arg("/dev/null")
+        .output()
+        .expect("script (util-linux)");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(tty.contains("300/300 messages"), "{tty}");
+}
