@@ -323,6 +323,11 @@ pub(crate) fn raw_headers(block: &[u8]) -> Vec<RawHeader> {
 }
 
 /// IMAP's INTERNALDATE (`17-Jul-1996 02:44:25 -0700`) as RFC 3339.
+/// IMAP's INTERNALDATE as Unix seconds.
+pub(crate) fn internal_date_unix(s: &str) -> Option<i64> {
+    mail_parser::DateTime::parse_rfc3339(&internal_date_rfc3339(s)?).map(|d| d.to_timestamp())
+}
+
 fn internal_date_rfc3339(s: &str) -> Option<String> {
     let s = s.trim().trim_matches('"').trim();
     let (date, rest) = s.split_once(' ')?;
@@ -472,6 +477,13 @@ mod tests {
         assert_eq!(env.headers.subject.as_deref(), Some("big"));
         assert!(!env.parse.complete && env.text.is_none());
         assert_eq!(env.size, raw.len() as u64);
+    }
+
+    #[test]
+    fn internal_dates_as_unix_seconds() {
+        assert_eq!(internal_date_unix("17-Jul-1996 02:44:25 -0700"), Some(837_596_665));
+        assert_eq!(internal_date_unix("30-Nov-2026 10:42:52 +0000"), Some(1_796_035_372));
+        assert_eq!(internal_date_unix("nonsense"), None);
     }
 
     #[test]

@@ -159,6 +159,9 @@ struct Inner {
     http: reqwest::Client,
     cache: Mutex<Option<Token>>,
     store: OnceLock<Arc<dyn Store>>,
+    /// Tokens obtained, and attempts that failed (for metrics).
+    obtained: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -191,6 +194,8 @@ impl TokenSource {
                 http,
                 cache: Mutex::new(None),
                 store: OnceLock::new(),
+                obtained: std::sync::atomic::AtomicU64::new(0),
+                failed: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -222,16 +227,29 @@ impl TokenSource {
         {
             return Ok(t.clone());
         }
-        let token = grant::obtain(
+        let obtained = grant::obtain(
             &self.inner.name,
             &self.inner.grant,
             &self.inner.http,
             self.inner.store.get(),
         )
-        .await?;
+        .await;
+        let counter = if obtained.is_ok() {
+            &self.inner.obtained
+        } else {
+            &self.inner.failed
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = obtained?;
         tracing::debug!(credential = %self.inner.name, lifetime = ?token.lifetime, "obtained access token");
         *cache = Some(token.clone());
         Ok(token)
+    }
+
+    /// Tokens obtained from the endpoint so far, and attempts that failed.
+    pub fn refreshes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.inner.obtained.load(Relaxed), self.inner.failed.load(Relaxed))
     }
 
     /// Forgets the cached token (the server said it expired or refused it).

@@ -178,9 +178,15 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
             .await;
         let state = machine.state().to_string();
         let backlog = machine.backlog() as u64;
+        let oldest = machine
+            .oldest_pending()
+            .and_then(|uid| driver.listed.get(&uid))
+            .and_then(|(date, _)| date.as_deref())
+            .and_then(crate::envelope::internal_date_unix);
         driver.health(|h| {
             h.state = state;
             h.backlog = backlog;
+            h.oldest_pending = oldest;
         });
         if let Action::Done(result) = action {
             if let Some(s) = driver.session.take() {

@@ -113,6 +113,8 @@ pub struct Health {
     pub last_delivery: Option<u64>,
     /// Messages listed above the checkpoint and not yet settled.
     pub backlog: u64,
+    /// The server's INTERNALDATE (Unix seconds) of the oldest of them, when known.
+    pub oldest_pending: Option<i64>,
     /// Message bytes fetched.
     pub fetched_bytes: u64,
     /// How long each delivery to the targets took.

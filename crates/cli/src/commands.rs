@@ -73,7 +73,16 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                     health: w.health_handle(),
                 })
                 .collect();
-            Some(crate::http::serve(http, views).await?)
+            // One entry per token cache (accounts may share a credential).
+            let mut credentials: Vec<(String, inboxd::oauth2::TokenSource)> = Vec::new();
+            for account in config.accounts.values() {
+                if let inboxd::config::Auth::OAuth2(source) = &account.auth
+                    && !credentials.iter().any(|(_, s)| s.shares_cache_with(source))
+                {
+                    credentials.push((source.name().to_string(), source.clone()));
+                }
+            }
+            Some(crate::http::serve(http, views, credentials).await?)
         }
         None => None,
     };

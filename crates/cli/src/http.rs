@@ -29,19 +29,26 @@ pub struct WatchView {
 
 struct AppState {
     watches: Vec<WatchView>,
+    /// OAuth2 credentials, one per token cache: (name, source).
+    credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
     token: Option<inboxd::secret::Secret>,
     unready_after: Duration,
 }
 
 /// Binds the endpoint and serves it until the returned task is aborted. Fails (before any
 /// watch starts) if the address cannot be bound or the token cannot be read.
-pub async fn serve(config: &Http, watches: Vec<WatchView>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(
+    config: &Http,
+    watches: Vec<WatchView>,
+    credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let token = match &config.token {
         Some(source) => Some(source.resolve().await.map_err(|e| anyhow::anyhow!("http.token: {e}"))?),
         None => None,
     };
     let state = Arc::new(AppState {
         watches,
+        credentials,
         token,
         unready_after: config.unready_after,
     });
@@ -135,13 +142,19 @@ impl prometheus_client::encoding::EncodeMetric for HistogramSnapshot {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    credential: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
 
 /// The metrics of every watch, in the OpenMetrics text format, from the watches' health at
 /// this moment (counters are the watches' own totals since the process started).
-fn encode(watches: &[(WatchLabels, Health)]) -> String {
+fn encode(watches: &[(WatchLabels, Health)], tokens: &[(String, (u64, u64))]) -> String {
     let mut registry = Registry::with_prefix("inboxd");
     let counter = |registry: &mut Registry, name: &str, help: &str, value: &dyn Fn(&Health) -> u64| {
         let family = Family::<WatchLabels, Counter>::default();
@@ -223,6 +236,12 @@ fn encode(watches: &[(WatchLabels, Health)]) -> String {
     );
     gauge(
         &mut registry,
+        "oldest_pending_timestamp_seconds",
+        "The server's INTERNALDATE of the oldest message listed and not yet settled (absent when none)",
+        &|h| h.oldest_pending,
+    );
+    gauge(
+        &mut registry,
         "last_sync_timestamp_seconds",
         "When the watch last caught up with its folder (Unix time)",
         &|h| h.last_sync.and_then(as_i64),
@@ -259,6 +278,22 @@ fn encode(watches: &[(WatchLabels, Health)]) -> String {
         }
         registry.register(name, help, family);
     }
+    let refreshes = Family::<TokenLabels, Counter>::default();
+    for (credential, (ok, failed)) in tokens {
+        for (result, n) in [("ok", ok), ("error", failed)] {
+            refreshes
+                .get_or_create(&TokenLabels {
+                    credential: credential.clone(),
+                    result: result.into(),
+                })
+                .inc_by(*n);
+        }
+    }
+    registry.register(
+        "token_refreshes",
+        "OAuth2 access tokens requested from the token endpoint, by result",
+        refreshes,
+    );
     let build = Family::<BuildLabels, Gauge>::default();
     build
         .get_or_create(&BuildLabels {
@@ -295,7 +330,12 @@ async fn metrics(State(state): State<Arc<AppState>>, request_headers: HeaderMap)
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/openmetrics-text"));
-    let text = encode(&snapshot(&state));
+    let tokens: Vec<(String, (u64, u64))> = state
+        .credentials
+        .iter()
+        .map(|(name, source)| (name.clone(), source.refreshes()))
+        .collect();
+    let text = encode(&snapshot(&state), &tokens);
     let mut headers = HeaderMap::new();
     if open_metrics {
         headers.insert(
@@ -400,6 +440,7 @@ async fn watches_json(State(state): State<Arc<AppState>>) -> Response {
                 "reconnects_by_class": h.reconnects_by_class,
                 "panics": h.panics,
                 "backlog": h.backlog,
+                "oldest_pending": h.oldest_pending,
                 "fetched_bytes": h.fetched_bytes,
                 "last_sync": h.last_sync,
                 "last_delivery": h.last_delivery,
@@ -421,6 +462,26 @@ mod tests {
             classic(om),
             "# HELP inboxd_x_total Things.\n# TYPE inboxd_x_total counter\ninboxd_x_total{a=\"b\"} 3\n# HELP inboxd_g G.\n# TYPE inboxd_g gauge\ninboxd_g 1\n"
         );
+    }
+
+    #[test]
+    fn token_refreshes_and_the_oldest_pending_message_are_encoded() {
+        let labels = WatchLabels {
+            account: "a".into(),
+            folder: "INBOX".into(),
+        };
+        let h = Health {
+            oldest_pending: Some(1_796_035_372),
+            ..Health::default()
+        };
+        let text = classic(&encode(&[(labels, h)], &[("cred".into(), (3, 1))]));
+        for line in [
+            "inboxd_token_refreshes_total{credential=\"cred\",result=\"ok\"} 3",
+            "inboxd_token_refreshes_total{credential=\"cred\",result=\"error\"} 1",
+            "inboxd_oldest_pending_timestamp_seconds{account=\"a\",folder=\"INBOX\"} 1796035372",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 
     #[test]

@@ -306,6 +306,13 @@ async fn token_endpoint_outage_backs_off_and_recovers_without_loss() {
         "retries follow the 300 ms schedule, not a tight loop: {outages:?}"
     );
     assert_eq!(rec.subjects(), vec!["during-outage", "after"]);
+    // What the metrics report as token refreshes by result.
+    let inboxd::config::Auth::OAuth2(source) = &config.watches[0].account.auth else {
+        panic!("an OAuth2 account");
+    };
+    let (ok, failed) = source.refreshes();
+    assert_eq!(failed, 4);
+    assert!(ok >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -522,6 +522,15 @@ impl WatchMachine {
         self.cp
     }
 
+    /// The first message of the last listing not yet settled, if any.
+    pub fn oldest_pending(&self) -> Option<u32> {
+        self.catch_up
+            .batch
+            .front()
+            .copied()
+            .or_else(|| self.catch_up.queue.front().map(|l| l.uid))
+    }
+
     /// Messages of the last listing above the checkpoint not yet settled (the watch's lag as
     /// far as it knows).
     pub fn backlog(&self) -> usize {
