@@ -56,23 +56,48 @@ async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyho
     Ok(watchers)
 }
 
+/// A running watch and the configuration it was started with.
+struct Running {
+    watch: Watch,
+    watcher: Watcher,
+}
+
+/// What decides whether a reload restarts a watch: everything of its watch table, account and
+/// targets, as validated (a secret written inline in the file shows as `[redacted]`, so a
+/// change of its value alone restarts nothing; secrets from env, file, command or credential
+/// are read at each login anyway).
+fn fingerprint(w: &Watch) -> String {
+    format!("{w:?}")
+}
+
+fn views_of(running: &[Running]) -> Vec<crate::http::WatchView> {
+    running
+        .iter()
+        .map(|r| crate::http::WatchView {
+            account: r.watch.account.name.clone(),
+            folder: r.watch.folder.clone(),
+            health: r.watcher.health_handle(),
+        })
+        .collect()
+}
+
 /// Runs every watch until SIGINT or SIGTERM, then stops them cleanly: the delivery in flight
-/// finishes and is committed, sessions log out.
+/// finishes and is committed, sessions log out. SIGHUP reloads the config.
 pub async fn run(config: &Config) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&config.state)?;
     let store = open_store(config).await?;
-    let watchers = start_all(config, &store, Mode::Forever).await?;
+    let mut signals = Signals::new()?;
+    let mut current = config.clone();
+    let mut running: Vec<Running> = config
+        .watches
+        .iter()
+        .cloned()
+        .zip(start_all(config, &store, Mode::Forever).await?)
+        .map(|(watch, watcher)| Running { watch, watcher })
+        .collect();
+    let views: crate::http::Views = Arc::new(std::sync::RwLock::new(views_of(&running)));
     let endpoint = match &config.http {
         Some(http) => {
-            let views = watchers
-                .iter()
-                .zip(&config.watches)
-                .map(|(w, c)| crate::http::WatchView {
-                    account: c.account.name.clone(),
-                    folder: c.folder.clone(),
-                    health: w.health_handle(),
-                })
-                .collect();
             // One entry per token cache (accounts may share a credential).
             let mut credentials: Vec<(String, inboxd::oauth2::TokenSource)> = Vec::new();
             for account in config.accounts.values() {
@@ -82,33 +107,176 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                     credentials.push((source.name().to_string(), source.clone()));
                 }
             }
-            Some(crate::http::serve(http, views, credentials).await?)
+            Some(crate::http::serve(http, views.clone(), credentials).await?)
         }
         None => None,
     };
-    let _notifier = crate::service::start(watchers.iter().map(Watcher::health_handle).collect()).map(AbortOnDrop);
-    info!(watches = watchers.len(), state = %config.state.display(), "inboxd running");
-    wait_for_signal().await?;
+    let _notifier = crate::service::start(views.clone()).map(AbortOnDrop);
+    info!(watches = running.len(), state = %config.state.display(), "inboxd running");
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => {
+                crate::service::reloading();
+                reload(&mut current, &mut running, &store).await;
+                if let Ok(mut v) = views.write() {
+                    *v = views_of(&running);
+                }
+                crate::service::reloaded();
+            }
+        }
+    }
     info!("stopping");
     crate::service::stopping();
     // Ask every watch first, then wait for all: none goes on delivering while another stops.
-    for w in &watchers {
-        w.request_stop();
+    for r in &running {
+        r.watcher.request_stop();
     }
-    let joined = futures::future::join_all(watchers.into_iter().map(|w| async move {
-        let name = w.name().to_string();
-        if let Err(e) = w.join().await {
+    let joined = futures::future::join_all(running.into_iter().map(|r| async move {
+        let name = r.watcher.name().to_string();
+        if let Err(e) = r.watcher.join().await {
             error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
         }
     }));
     let _endpoint = endpoint.map(AbortOnDrop);
     tokio::select! {
         _ = joined => Ok(()),
-        _ = wait_for_signal() => {
+        _ = signals.stop() => {
             // A second signal: the operator does not want to wait for handlers in flight.
             // Their messages are not committed and will be delivered again, with the same keys.
             Err(anyhow!("second signal: exiting without waiting for the deliveries in flight"))
         }
+    }
+}
+
+/// Reads the config again and applies it: watches added start, removed ones stop (after the
+/// delivery in flight, which is committed), changed ones stop and start again, the others go
+/// on untouched. A config that does not load, or whose new targets cannot work, is refused as
+/// a whole and the running one stays.
+async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dyn Store>) {
+    let new = match Config::load(&current.path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "reload refused: the config does not load; the running config stays");
+            return;
+        }
+    };
+    if new.state != current.state {
+        error!(
+            from = %current.state.display(),
+            to = %new.state.display(),
+            "reload refused: `state` changed; restart inboxd to move to another state file"
+        );
+        return;
+    }
+    if format!("{:?}", new.http) != format!("{:?}", current.http) {
+        tracing::warn!("[http] changed: that takes effect at the next restart");
+    }
+    let unchanged = |w: &Watch| {
+        running
+            .iter()
+            .any(|r| r.watch.name() == w.name() && fingerprint(&r.watch) == fingerprint(w))
+    };
+    // Build the new and changed watches' targets first: if one cannot work, nothing changes.
+    let mut fresh = Vec::new();
+    for w in new.watches.iter().filter(|w| !unchanged(w)) {
+        match inboxd::route::Fanout::new(&w.targets, w.routing.clone()) {
+            Ok(fanout) => fresh.push((w.clone(), fanout)),
+            Err(e) => {
+                error!(watch = %w.name(), error = %e.reason, "reload refused: a target cannot work; the running config stays");
+                return;
+            }
+        }
+    }
+    let (keep, leave): (Vec<Running>, Vec<Running>) = std::mem::take(running).into_iter().partition(|r| {
+        new.watches
+            .iter()
+            .any(|w| w.name() == r.watch.name() && fingerprint(w) == fingerprint(&r.watch))
+    });
+    let (stopped, kept) = (leave.len(), keep.len());
+    for r in &leave {
+        r.watcher.request_stop();
+    }
+    for r in leave {
+        let name = r.watcher.name().to_string();
+        if let Err(e) = r.watcher.join().await {
+            error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
+        }
+    }
+    let started = fresh.len();
+    let mut all = keep;
+    for (w, fanout) in fresh {
+        all.push(Running {
+            watcher: Watcher::with_fanout(w.clone(), store.clone(), fanout, Mode::Forever),
+            watch: w,
+        });
+    }
+    // In the order of the file.
+    all.sort_by_key(|r| new.watches.iter().position(|w| w.name() == r.watch.name()));
+    *running = all;
+    info!(kept, stopped, started, watches = running.len(), "config reloaded");
+    *current = new;
+}
+
+/// What a signal asks of `run`.
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// The signals `run` listens to, installed once so that none is missed between two waits.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+            // SIGHUP (a reload request, or a closed terminal) never kills the daemon mid-delivery.
+            hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn stop(&mut self) {
+        loop {
+            if let Signal::Stop = self.next().await {
+                return;
+            }
+        }
+    }
+}
+
+/// Asks the `inboxd run` holding this config's state to reload its config (SIGHUP), after
+/// checking that the config loads.
+pub fn reload_running(config: &Config) -> anyhow::Result<()> {
+    match StateLock::acquire(&config.state) {
+        Ok(_) => bail!("no inboxd is running on {}", config.state.display()),
+        Err(inboxd::store::LockError::Held { holder, .. }) => {
+            let pid: i32 = holder
+                .parse()
+                .map_err(|_| anyhow!("the state lock names no process ({holder:?})"))?;
+            // SAFETY: kill(2) sends a signal; it touches no memory of ours.
+            if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+                bail!("cannot signal pid {pid}: {}", std::io::Error::last_os_error());
+            }
+            println!("asked inboxd (pid {pid}) to reload {}", config.path.display());
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -118,24 +286,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    // SIGHUP (a closed terminal, or a reload request) must not kill the daemon mid-delivery.
-    // Reloading is not supported yet: say so and carry on.
-    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::warn!("SIGHUP received; reloading the config is not supported yet, so inboxd keeps running (stop it with SIGTERM)");
-            }
-        }
     }
 }
 

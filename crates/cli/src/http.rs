@@ -27,8 +27,11 @@ pub struct WatchView {
     pub health: HealthHandle,
 }
 
+/// The running watches, replaced when the config is reloaded.
+pub type Views = Arc<std::sync::RwLock<Vec<WatchView>>>;
+
 struct AppState {
-    watches: Vec<WatchView>,
+    watches: Views,
     /// OAuth2 credentials, one per token cache: (name, source).
     credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
     token: Option<inboxd::secret::Secret>,
@@ -39,7 +42,7 @@ struct AppState {
 /// watch starts) if the address cannot be bound or the token cannot be read.
 pub async fn serve(
     config: &Http,
-    watches: Vec<WatchView>,
+    watches: Views,
     credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let token = match &config.token {
@@ -308,8 +311,8 @@ fn encode(watches: &[(WatchLabels, Health)], tokens: &[(String, (u64, u64))]) ->
 }
 
 fn snapshot(state: &AppState) -> Vec<(WatchLabels, Health)> {
-    state
-        .watches
+    let watches = state.watches.read().map(|w| w.clone()).unwrap_or_default();
+    watches
         .iter()
         .map(|w| {
             (

@@ -69,6 +69,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running `inboxd run` on this config's state to reload the config (SIGHUP).
+    Reload(ConfigArg),
     /// Deliver a logged message (e.g. a dead letter) again, by its key.
     Replay {
         #[command(flatten)]
@@ -128,6 +130,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Cmd::Once(c) => commands::once(&load(&c)?).await,
         Cmd::Check { config, route } => commands::check(&load(&config)?, route, &mut stdout).await,
         Cmd::Status { config, json } => commands::status(&load(&config)?, json, &mut stdout).await,
+        Cmd::Reload(c) => commands::reload_running(&load(&c)?),
         Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
         Cmd::Completions { shell } => {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use inboxd::watcher::{Health, HealthHandle};
+use inboxd::watcher::Health;
 use sd_notify::NotifyState;
 
 /// How long `READY=1` waits for watches that have neither connected nor failed yet: a server
@@ -53,7 +53,7 @@ fn notify(state: &[NotifyState<'_>]) {
 }
 
 /// Starts the notifications, if a service manager listens. The task ends with the process.
-pub fn start(watches: Vec<HealthHandle>) -> Option<tokio::task::JoinHandle<()>> {
+pub fn start(watches: crate::http::Views) -> Option<tokio::task::JoinHandle<()>> {
     std::env::var_os("NOTIFY_SOCKET")?;
     if let Some(period) = sd_notify::watchdog_enabled() {
         // Pinged from the runtime itself: a wedged runtime stops the pings, and systemd acts.
@@ -67,7 +67,12 @@ pub fn start(watches: Vec<HealthHandle>) -> Option<tokio::task::JoinHandle<()>> 
         });
     }
     Some(tokio::spawn(async move {
-        let healths = || watches.iter().map(HealthHandle::get).collect::<Vec<_>>();
+        let healths = || {
+            watches
+                .read()
+                .map(|w| w.iter().map(|v| v.health.get()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
         let begun = tokio::time::Instant::now();
         while !healths().iter().all(started) && begun.elapsed() < READY_WITHIN {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -84,6 +89,23 @@ pub fn start(watches: Vec<HealthHandle>) -> Option<tokio::task::JoinHandle<()>> 
             }
         }
     }))
+}
+
+/// Tells the service manager that the config is being reloaded.
+pub fn reloading() {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(_) => notify(&[NotifyState::Reloading]),
+        }
+    }
+}
+
+/// Tells the service manager that the reload is over.
+pub fn reloaded() {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        notify(&[NotifyState::Ready]);
+    }
 }
 
 /// Tells the service manager that the service is stopping.
