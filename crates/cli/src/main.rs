@@ -109,13 +109,73 @@ fn init_logs(format: Option<LogFormat>, filter: &str) {
         Err(_) => filter,
     };
     let tty = std::io::stderr().is_terminal();
+    let format = format.unwrap_or(if tty { LogFormat::Pretty } else { LogFormat::Plain });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format.unwrap_or(if tty { LogFormat::Pretty } else { LogFormat::Plain }) {
+    if journal_stream() {
+        // journald reads each line's priority from its `<N>` prefix and stamps the time itself.
+        use tracing_subscriber::fmt::format as fmt;
+        match format {
+            LogFormat::Json => builder
+                .fmt_fields(fmt::JsonFields::new())
+                .event_format(Journald(fmt::format().json()))
+                .init(),
+            LogFormat::Pretty | LogFormat::Plain => builder
+                .with_ansi(false)
+                .event_format(Journald(fmt::format().without_time()))
+                .init(),
+        }
+        return;
+    }
+    match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.with_ansi(true).init(),
         LogFormat::Plain => builder.with_ansi(false).init(),
+    }
+}
+
+/// Whether stderr is the journal: systemd says so in `$JOURNAL_STREAM` (`device:inode` of the
+/// stream it connected), which must name our stderr (not one a parent handed down).
+fn journal_stream() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(expected) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    expected.to_str() == Some(format!("{}:{}", meta.dev(), meta.ino()).as_str())
+}
+
+/// Prefixes each log line with its syslog priority (`<3>` error, `<4>` warning, `<6>` info,
+/// `<7>` debug), as journald reads it from a service's output (sd-daemon(3)).
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 

@@ -130,3 +130,44 @@ fn the_contrib_unit_passes_systemd_analyze_verify_and_its_config_loads() {
     let config = inboxd::config::Config::load(example).unwrap();
     assert_eq!(config.state, std::path::Path::new("/var/lib/inboxd/inboxd.db"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_carry_journald_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dv = dovecot();
+    append(&dv, "INBOX", &["one"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let run = |journal: bool, format: &str| {
+        let log = dir.path().join(format!("stderr-{journal}-{format}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        // systemd names the stream it connected; a stale value (another stream) is ignored.
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let out = inboxd_bin()
+            .args(["--log-format", format, "once", "-c"])
+            .arg(&cfg.path)
+            .env("JOURNAL_STREAM", stream)
+            .stderr(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let plain = run(true, "plain");
+    let line = plain.lines().find(|l| l.contains("caught up")).unwrap();
+    assert!(line.starts_with("<6>") && line.contains("INFO"), "{plain}");
+    let json = run(true, "json");
+    let line = json.lines().find(|l| l.contains("caught up")).unwrap();
+    let body = line.strip_prefix("<6>").unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["level"],
+        "INFO"
+    );
+    let elsewhere = run(false, "plain");
+    assert!(!elsewhere.contains("<6>"), "{elsewhere}");
+}
