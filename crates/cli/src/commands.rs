@@ -96,6 +96,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         .map(|(watch, watcher)| Running { watch, watcher })
         .collect();
     let views: crate::http::Views = Arc::new(std::sync::RwLock::new(views_of(&running)));
+    let shared_config = Arc::new(std::sync::RwLock::new(config.clone()));
     let endpoint = match &config.http {
         Some(http) => {
             // One entry per token cache (accounts may share a credential).
@@ -107,7 +108,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                     credentials.push((source.name().to_string(), source.clone()));
                 }
             }
-            Some(crate::http::serve(http, views.clone(), credentials).await?)
+            Some(crate::http::serve(http, views.clone(), credentials, store.clone(), shared_config.clone()).await?)
         }
         None => None,
     };
@@ -121,6 +122,9 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                 reload(&mut current, &mut running, &store).await;
                 if let Ok(mut v) = views.write() {
                     *v = views_of(&running);
+                }
+                if let Ok(mut c) = shared_config.write() {
+                    *c = current.clone();
                 }
                 crate::service::reloaded();
             }
@@ -781,6 +785,11 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
 /// Delivers one logged message again (typically a dead letter) with its watch's handler.
 pub async fn replay(config: &Config, key: &str) -> anyhow::Result<()> {
     let store = open_store(config).await?;
+    replay_with(config, &store, key).await
+}
+
+/// [`replay`] with a store already open (the running daemon's, for the HTTP API).
+pub async fn replay_with(config: &Config, store: &Arc<dyn Store>, key: &str) -> anyhow::Result<()> {
     let mut d = store
         .delivery(key)
         .await?

@@ -1,7 +1,8 @@
-//! The HTTP endpoint of `inboxd run` (`[http]`): Prometheus metrics, liveness, readiness and
-//! the watches' health as JSON. Off unless configured; on loopback by default; every path but
-//! `/healthz` needs the bearer token when one is set (always, off loopback). It only reads: no
-//! request can change anything, and no response carries a secret.
+//! The HTTP endpoint of `inboxd run` (`[http]`): Prometheus metrics, liveness, readiness, the
+//! watches' health and the dead letters as JSON, and the replay of a dead letter. Off unless
+//! configured; on loopback by default; every path but `/healthz` needs the bearer token when
+//! one is set (always, off loopback). The one action must be a same-origin JSON request; no
+//! response carries a secret.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,29 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Refuses a state-changing request a browser may have sent on another site's behalf: it must
+/// be JSON (a cross-site form cannot send `application/json` without a preflight, which this
+/// endpoint never grants), and an `Origin` or `Sec-Fetch-Site` it carries must say same-origin.
+async fn same_origin(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let json = text(header::CONTENT_TYPE).is_some_and(|t| t.starts_with("application/json"));
+    let host = text(header::HOST).unwrap_or_default();
+    let origin_ok = text(header::ORIGIN).is_none_or(|o| o == format!("http://{host}"));
+    let site_ok = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v == "same-origin" || v == "none");
+    if !(json && origin_ok && site_ok) {
+        return (
+            StatusCode::FORBIDDEN,
+            "a state-changing request must be `Content-Type: application/json` from this origin\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
 /// One watch as the endpoint sees it.
 #[derive(Clone)]
 pub struct WatchView {
@@ -34,6 +58,9 @@ struct AppState {
     watches: Views,
     /// OAuth2 credentials, one per token cache: (name, source).
     credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
+    store: Arc<dyn inboxd::store::Store>,
+    /// The running configuration (replaced on reload), for replays.
+    config: Arc<std::sync::RwLock<inboxd::config::Config>>,
     token: Option<inboxd::secret::Secret>,
     unready_after: Duration,
 }
@@ -44,6 +71,8 @@ pub async fn serve(
     config: &Http,
     watches: Views,
     credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
+    store: Arc<dyn inboxd::store::Store>,
+    running_config: Arc<std::sync::RwLock<inboxd::config::Config>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let token = match &config.token {
         Some(source) => Some(source.resolve().await.map_err(|e| anyhow::anyhow!("http.token: {e}"))?),
@@ -52,6 +81,8 @@ pub async fn serve(
     let state = Arc::new(AppState {
         watches,
         credentials,
+        store,
+        config: running_config,
         token,
         unready_after: config.unready_after,
     });
@@ -59,6 +90,11 @@ pub async fn serve(
         .route("/metrics", axum::routing::get(metrics))
         .route("/readyz", axum::routing::get(readyz))
         .route("/api/v1/watches", axum::routing::get(watches_json))
+        .route("/api/v1/dead-letters", axum::routing::get(dead_letters))
+        .route(
+            "/api/v1/dead-letters/{key}/replay",
+            axum::routing::post(replay).route_layer(axum::middleware::from_fn(same_origin)),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
@@ -418,6 +454,51 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", reasons.join("\n"))).into_response()
+    }
+}
+
+/// The dead letters, newest first, with the targets that already have each.
+async fn dead_letters(State(state): State<Arc<AppState>>) -> Response {
+    let rows = match state.store.by_status(inboxd::store::DeliveryStatus::Dead, 1000).await {
+        Ok(rows) => rows,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    };
+    let mut list = Vec::new();
+    for d in rows {
+        let done = state.store.targets_done(&d.key).await.unwrap_or_default();
+        list.push(serde_json::json!({
+            "key": d.key,
+            "account": d.account,
+            "folder": d.folder,
+            "uid": d.uid,
+            "message_id": d.message_id,
+            "attempts": d.attempts,
+            "last_error": d.last_error,
+            "route": d.route,
+            "targets_done": done,
+            "updated_at": d.updated_at,
+        }));
+    }
+    axum::Json(serde_json::json!({ "dead_letters": list })).into_response()
+}
+
+/// Delivers a dead letter again (as `inboxd replay KEY` does).
+async fn replay(State(state): State<Arc<AppState>>, axum::extract::Path(key): axum::extract::Path<String>) -> Response {
+    let config = match state.config.read() {
+        Ok(c) => c.clone(),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    match state.store.delivery(&key).await {
+        Ok(Some(d)) if d.status == inboxd::store::DeliveryStatus::Dead => {}
+        Ok(_) => return (StatusCode::NOT_FOUND, format!("no dead letter with key {key}\n")).into_response(),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+    match crate::commands::replay_with(&config, &state.store, &key).await {
+        Ok(()) => {
+            tracing::info!(key = %key, "dead letter replayed over HTTP");
+            axum::Json(serde_json::json!({ "replayed": key })).into_response()
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("{e:#}\n")).into_response(),
     }
 }
 

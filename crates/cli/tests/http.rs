@@ -20,12 +20,16 @@ fn free_port() -> u16 {
 
 /// Writes a config with `[http]` (`http` lines) and a Maildir watch, and starts `inboxd run`.
 fn start(dv: &inboxd_testbed::Dovecot, dir: &std::path::Path, http: &str) -> (Child, std::path::PathBuf) {
-    let cfg = config(
-        dv,
-        dir,
-        "reconnect = [ { every = \"1s\" } ]",
-        "start = \"all\"\ndeliver = { maildir = \"out\" }",
-    );
+    start_with(dv, dir, http, "start = \"all\"\ndeliver = { maildir = \"out\" }")
+}
+
+fn start_with(
+    dv: &inboxd_testbed::Dovecot,
+    dir: &std::path::Path,
+    http: &str,
+    watch: &str,
+) -> (Child, std::path::PathBuf) {
+    let cfg = config(dv, dir, "reconnect = [ { every = \"1s\" } ]", watch);
     let text = format!("{}\n[http]\n{http}\n", std::fs::read_to_string(&cfg.path).unwrap());
     std::fs::write(&cfg.path, text).unwrap();
     let child = inboxd_bin()
@@ -317,5 +321,78 @@ async fn a_real_prometheus_scrapes_a_series_per_watch() {
     assert!(up.contains("\"1\"]"), "{up}");
     let _ = prom.kill();
     let _ = prom.wait();
+    stop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_and_replayed_by_a_same_origin_json_request_only() {
+    let dv = dovecot();
+    append(&dv, "INBOX", &["refused"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("accept");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    // The program refuses until the flag file exists; one attempt, then a dead letter.
+    let (daemon, _) = start_with(
+        &dv,
+        dir.path(),
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!(
+            "start = \"all\"\nmax_attempts = 1\ndeliver = {{ exec = [\"sh\", \"-c\", \"cat >/dev/null; test -e {}\"] }}",
+            flag.display()
+        ),
+    );
+    let list = until(&format!("{base}/api/v1/dead-letters"), None, 30, |s, b| {
+        s == 200 && b.contains("\"key\"")
+    })
+    .await;
+    let json: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let key = json["dead_letters"][0]["key"].as_str().unwrap().to_string();
+    assert_eq!(json["dead_letters"][0]["uid"], 1);
+    let url = format!("{base}/api/v1/dead-letters/{key}/replay");
+    let client = reqwest::Client::new();
+    let post = |content_type: &'static str, origin: Option<&'static str>| {
+        let mut r = client.post(&url).header("content-type", content_type).body("{}");
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    // What a form on another site could send, and a JSON request from another origin: refused.
+    assert_eq!(
+        post("application/x-www-form-urlencoded", None).await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        post("application/json", Some("http://evil.example"))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    // The handler still refuses: the replay fails, and says why.
+    let r = post("application/json", None).await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(
+        r.text().await.unwrap().contains("exit"),
+        "the handler's failure is reported"
+    );
+    // Now it accepts: replayed, and no longer a dead letter.
+    std::fs::write(&flag, "").unwrap();
+    let r = post("application/json", Some("http://127.0.0.1:0")).await.unwrap();
+    assert_eq!(r.status(), 403, "a foreign origin, even on loopback");
+    let r = post("application/json", None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["replayed"], key.as_str());
+    let (_, list) = get(&format!("{base}/api/v1/dead-letters"), None).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list).unwrap()["dead_letters"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        post("application/json", None).await.unwrap().status(),
+        404,
+        "nothing left to replay"
+    );
     stop(daemon);
 }
