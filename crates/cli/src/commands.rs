@@ -593,7 +593,7 @@ fn delivery_json(d: &inboxd::store::Delivery) -> serde_json::Value {
 }
 
 /// `2026-11-30T10:42:52Z` from Unix seconds.
-fn utc(secs: i64) -> String {
+pub fn utc(secs: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0).unsigned_abs());
     humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -87,6 +87,7 @@ pub async fn serve(
         unready_after: config.unready_after,
     });
     let protected = axum::Router::new()
+        .route("/", axum::routing::get(page))
         .route("/metrics", axum::routing::get(metrics))
         .route("/readyz", axum::routing::get(readyz))
         .route("/api/v1/watches", axum::routing::get(watches_json))
@@ -499,6 +500,89 @@ async fn replay(State(state): State<Arc<AppState>>, axum::extract::Path(key): ax
             axum::Json(serde_json::json!({ "replayed": key })).into_response()
         }
         Err(e) => (StatusCode::BAD_GATEWAY, format!("{e:#}\n")).into_response(),
+    }
+}
+
+/// How often the status page reloads itself.
+const PAGE_REFRESH_SECS: u64 = 5;
+
+/// The status page: one row per watch, what is retrying, the dead letters with a replay
+/// button. Server-rendered (a minijinja template, escaped), refreshing itself.
+async fn page(State(state): State<Arc<AppState>>) -> Response {
+    let now = unix_now();
+    let healths = snapshot(&state);
+    let summary = crate::service::summary(&healths.iter().map(|(_, h)| h.clone()).collect::<Vec<_>>());
+    let watches: Vec<serde_json::Value> = healths
+        .iter()
+        .map(|(l, h)| {
+            let class = if unready(h, now, state.unready_after).is_some() || h.state == "failed" {
+                "bad"
+            } else if h.connected && (h.state == "idle" || h.state == "polling" || h.state == "catching up") {
+                "ok"
+            } else {
+                "warn"
+            };
+            serde_json::json!({
+                "name": format!("{}/{}", l.account, l.folder),
+                "state": h.state,
+                "class": class,
+                "last_mail": h.last_delivery.map_or("-".to_string(), |t| crate::commands::utc(t as i64)),
+                "backlog": h.backlog,
+                "delivered": h.delivered,
+                "last_error": h.last_error.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    let rows = |status| {
+        let store = state.store.clone();
+        async move {
+            store
+                .by_status(status, 200)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "key": d.key,
+                        "watch": format!("{}/{}", d.account, d.folder),
+                        "uid": d.uid,
+                        "attempts": d.attempts,
+                        "error": d.last_error,
+                    })
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let retrying = rows(inboxd::store::DeliveryStatus::Failed).await;
+    let dead = rows(inboxd::store::DeliveryStatus::Dead).await;
+    let mut env = minijinja::Environment::new();
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
+    let rendered = env
+        .template_from_str(include_str!("../templates/status.html"))
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                refresh => PAGE_REFRESH_SECS,
+                summary => summary,
+                now => crate::commands::utc(now as i64),
+                watches => minijinja::Value::from(minijinja::value::Serde(&watches)),
+                retrying => minijinja::Value::from(minijinja::value::Serde(&retrying)),
+                dead => minijinja::Value::from(minijinja::value::Serde(&dead)),
+            })
+        });
+    match rendered {
+        Ok(html) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            html,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the page could not be rendered: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
