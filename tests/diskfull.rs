@@ -63,6 +63,7 @@ async fn a_failed_state_commit_leaves_the_store_usable_and_later_commits_reach_t
             attempts: 1,
             last_error: String::new(),
             route: String::new(),
+            acknowledged: false,
             updated_at: 0,
         }]
     };

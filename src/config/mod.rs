@@ -428,6 +428,8 @@ pub struct Http {
     pub token: Option<SecretSource>,
     /// A watch disconnected longer than this makes `/readyz` fail.
     pub unready_after: Duration,
+    /// Dead letters no operator acknowledged make `/readyz` fail.
+    pub unready_on_dead_letters: bool,
 }
 
 impl Config {
@@ -518,6 +520,7 @@ impl Config {
                     listen,
                     token: h.token.map(|s| s.relative_to(base)),
                     unready_after: h.unready_after.map_or(Duration::from_secs(600), |d| d.0),
+                    unready_on_dead_letters: h.unready_on_dead_letters.unwrap_or(false),
                 })
             }
         };

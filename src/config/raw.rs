@@ -433,4 +433,6 @@ pub(super) struct RawHttp {
     pub(super) token: Option<SecretSource>,
     /// `/readyz` fails for a watch disconnected longer than this (default 10 minutes).
     pub(super) unready_after: Option<Dur>,
+    /// `/readyz` fails while a watch has dead letters no operator acknowledged (default false).
+    pub(super) unready_on_dead_letters: Option<bool>,
 }

@@ -67,6 +67,8 @@ pub struct Delivery {
     /// Where the routing sent it (`rule "invoices" -> tickets, archive`, `else -> archive`,
     /// `skipped by else`); empty without rules, or when not known (an earlier row stands).
     pub route: String,
+    /// A dead letter an operator has set aside (`inboxd ack`); not written by `record`.
+    pub acknowledged: bool,
     pub updated_at: i64,
 }
 
@@ -154,6 +156,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Delivered messages whose post-action is pending or failed: (row, state).
     fn post_action_problems(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<(Delivery, String)>>>;
+
+    /// Marks a dead letter as seen by an operator; false if `key` is no dead letter.
+    fn acknowledge<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<bool>>;
+
+    /// Dead letters no operator acknowledged, counted per (account, folder).
+    fn unacknowledged_dead(&self) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>>;
 
     /// Delivery-log rows with the given status, newest first.
     fn by_status(&self, status: DeliveryStatus, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Delivery>>>;

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_secrets.sql"),
     include_str!("../../migrations/sqlite/0003_post_actions.sql"),
     include_str!("../../migrations/sqlite/0004_routing.sql"),
+    include_str!("../../migrations/sqlite/0005_acknowledged.sql"),
 ];
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -197,7 +198,8 @@ impl SqliteStore {
             q.push(
                 " ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, status = excluded.status,
                    attempts = excluded.attempts, last_error = excluded.last_error, updated_at = excluded.updated_at,
-                   route = CASE WHEN excluded.route = '' THEN deliveries.route ELSE excluded.route END",
+                   route = CASE WHEN excluded.route = '' THEN deliveries.route ELSE excluded.route END,
+                   acknowledged = CASE WHEN excluded.status = 'dead' THEN deliveries.acknowledged ELSE 0 END",
             );
             q.build().execute(&mut *conn).await?;
         }
@@ -221,6 +223,7 @@ fn delivery(row: &sqlx::sqlite::SqliteRow) -> Result<Delivery, sqlx::Error> {
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         last_error: row.try_get("last_error")?,
         route: row.try_get("route")?,
+        acknowledged: row.try_get::<i64, _>("acknowledged")? != 0,
         updated_at: row.try_get("updated_at")?,
     })
 }
@@ -498,6 +501,38 @@ impl Store for SqliteStore {
         })
     }
 
+    fn acknowledge<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move {
+            let mut conn = self.begin("acknowledge").await?;
+            let body = sqlx::query("UPDATE deliveries SET acknowledged = 1 WHERE key = ?1 AND status = 'dead'")
+                .bind(key)
+                .execute(&mut *conn)
+                .await
+                .map(|r| r.rows_affected() == 1);
+            let done = match &body {
+                Ok(b) => *b,
+                Err(_) => false,
+            };
+            self.finish("acknowledge", conn, body.map(|_| ())).await?;
+            Ok(done)
+        })
+    }
+
+    fn unacknowledged_dead(&self) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT account, folder, COUNT(*) FROM deliveries WHERE status = 'dead' AND acknowledged = 0 GROUP BY account, folder",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read dead letters"))?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get::<i64, _>(2)? as u64)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read dead letters"))
+        })
+    }
+
     fn by_status(&self, status: DeliveryStatus, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
         Box::pin(async move {
             let rows = sqlx::query("SELECT * FROM deliveries WHERE status = ?1 ORDER BY updated_at DESC, key LIMIT ?2")
@@ -530,6 +565,7 @@ mod tests {
             attempts: 1,
             last_error: String::new(),
             route: String::new(),
+            acknowledged: false,
             updated_at: 0,
         }
     }

@@ -787,6 +787,7 @@ impl Driver {
                 attempts: row.attempts,
                 last_error: row.error.clone(),
                 route: self.route_of(row.uid),
+                acknowledged: false,
                 updated_at: 0,
             })
             .collect()

@@ -264,6 +264,17 @@ impl Signals {
     }
 }
 
+/// Marks a dead letter as seen by an operator: it no longer fails `/readyz` (with
+/// `unready_on_dead_letters`), and stays listed until it is replayed.
+pub async fn acknowledge(config: &Config, key: &str) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    if !store.acknowledge(key).await? {
+        bail!("no dead letter with key {key}");
+    }
+    println!("acknowledged {key}");
+    Ok(())
+}
+
 /// Asks the `inboxd run` holding this config's state to reload its config (SIGHUP), after
 /// checking that the config loads.
 pub fn reload_running(config: &Config) -> anyhow::Result<()> {

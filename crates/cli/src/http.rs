@@ -63,6 +63,7 @@ struct AppState {
     config: Arc<std::sync::RwLock<inboxd::config::Config>>,
     token: Option<inboxd::secret::Secret>,
     unready_after: Duration,
+    unready_on_dead_letters: bool,
 }
 
 /// Binds the endpoint and serves it until the returned task is aborted. Fails (before any
@@ -85,6 +86,7 @@ pub async fn serve(
         config: running_config,
         token,
         unready_after: config.unready_after,
+        unready_on_dead_letters: config.unready_on_dead_letters,
     });
     let protected = axum::Router::new()
         .route("/", axum::routing::get(page))
@@ -95,6 +97,10 @@ pub async fn serve(
         .route(
             "/api/v1/dead-letters/{key}/replay",
             axum::routing::post(replay).route_layer(axum::middleware::from_fn(same_origin)),
+        )
+        .route(
+            "/api/v1/dead-letters/{key}/ack",
+            axum::routing::post(acknowledge).route_layer(axum::middleware::from_fn(same_origin)),
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
     let app = axum::Router::new()
@@ -442,15 +448,28 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Dead letters no operator acknowledged, per watch, when they count against readiness.
+async fn unacknowledged(state: &AppState) -> Vec<(String, String, u64)> {
+    if !state.unready_on_dead_letters {
+        return Vec::new();
+    }
+    state.store.unacknowledged_dead().await.unwrap_or_default()
+}
+
 /// 200 when every watch is ready; 503 with one line per watch that is not.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let now = unix_now();
-    let reasons: Vec<String> = snapshot(&state)
+    let mut reasons: Vec<String> = snapshot(&state)
         .iter()
         .filter_map(|(l, h)| {
             unready(h, now, state.unready_after).map(|why| format!("{}/{}: {why}", l.account, l.folder))
         })
         .collect();
+    for (account, folder, n) in unacknowledged(&state).await {
+        reasons.push(format!(
+            "{account}/{folder}: {n} dead letter(s) not acknowledged (replay them, or `inboxd ack KEY`)"
+        ));
+    }
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
@@ -477,10 +496,23 @@ async fn dead_letters(State(state): State<Arc<AppState>>) -> Response {
             "last_error": d.last_error,
             "route": d.route,
             "targets_done": done,
+            "acknowledged": d.acknowledged,
             "updated_at": d.updated_at,
         }));
     }
     axum::Json(serde_json::json!({ "dead_letters": list })).into_response()
+}
+
+/// Marks a dead letter as seen (as `inboxd ack KEY` does).
+async fn acknowledge(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+) -> Response {
+    match state.store.acknowledge(&key).await {
+        Ok(true) => axum::Json(serde_json::json!({ "acknowledged": key })).into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, format!("no dead letter with key {key}\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
 }
 
 /// Delivers a dead letter again (as `inboxd replay KEY` does).
@@ -548,6 +580,7 @@ async fn page(State(state): State<Arc<AppState>>) -> Response {
                         "uid": d.uid,
                         "attempts": d.attempts,
                         "error": d.last_error,
+                        "acknowledged": d.acknowledged,
                     })
                 })
                 .collect::<Vec<_>>()

@@ -69,6 +69,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Mark a dead letter as seen: it stays listed, but no longer fails /readyz.
+    Ack {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The dead letter's key, as shown by `status`.
+        key: String,
+    },
     /// Ask the running `inboxd run` on this config's state to reload the config (SIGHUP).
     Reload(ConfigArg),
     /// Deliver a logged message (e.g. a dead letter) again, by its key.
@@ -191,6 +198,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Cmd::Check { config, route } => commands::check(&load(&config)?, route, &mut stdout).await,
         Cmd::Status { config, json } => commands::status(&load(&config)?, json, &mut stdout).await,
         Cmd::Reload(c) => commands::reload_running(&load(&c)?),
+        Cmd::Ack { config, key } => commands::acknowledge(&load(&config)?, &key).await,
         Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
         Cmd::Completions { shell } => {

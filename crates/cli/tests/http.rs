@@ -333,10 +333,10 @@ async fn a_dead_letter_is_listed_and_replayed_by_a_same_origin_json_request_only
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     // The program refuses until the flag file exists; one attempt, then a dead letter.
-    let (daemon, _) = start_with(
+    let (daemon, path) = start_with(
         &dv,
         dir.path(),
-        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"127.0.0.1:{port}\"\nunready_on_dead_letters = true"),
         &format!(
             "start = \"all\"\nmax_attempts = 1\ndeliver = {{ exec = [\"sh\", \"-c\", \"cat >/dev/null; test -e {}\"] }}",
             flag.display()
@@ -370,6 +370,30 @@ async fn a_dead_letter_is_listed_and_replayed_by_a_same_origin_json_request_only
             .status(),
         403
     );
+    // Not ready while an operator has not seen the dead letter; acknowledged, ready again.
+    let why = until(&format!("{base}/readyz"), None, 10, |s, _| s == 503).await;
+    assert!(why.contains("t/INBOX: 1 dead letter(s) not acknowledged"), "{why}");
+    let r = client
+        .post(format!("{base}/api/v1/dead-letters/{key}/ack"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    until(&format!("{base}/readyz"), None, 10, |s, _| s == 200).await;
+    let (_, list) = get(&format!("{base}/api/v1/dead-letters"), None).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&list).unwrap()["dead_letters"][0]["acknowledged"],
+        true
+    );
+    let out = inboxd_bin()
+        .args(["ack", "-c"])
+        .arg(&path)
+        .arg("v1-nope-1-1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no dead letter"));
     // The handler still refuses: the replay fails, and says why.
     let r = post("application/json", None).await.unwrap();
     assert_eq!(r.status(), 502);

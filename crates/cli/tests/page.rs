@@ -120,7 +120,7 @@ async fn the_status_page_shows_watches_replays_a_dead_letter_and_follows_a_faili
 
     // The handler accepts now: the button replays the dead letter, and the page shows none.
     std::fs::write(&flag, "").unwrap();
-    c.find(Locator::Css("button.replay"))
+    c.find(Locator::Css("button[data-action='replay']"))
         .await
         .unwrap()
         .click()
