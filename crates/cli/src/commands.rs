@@ -97,6 +97,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         .collect();
     let views: crate::http::Views = Arc::new(std::sync::RwLock::new(views_of(&running)));
     let shared_config = Arc::new(std::sync::RwLock::new(config.clone()));
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<crate::http::ReloadRequest>(4);
     let endpoint = match &config.http {
         Some(http) => {
             // One entry per token cache (accounts may share a credential).
@@ -108,26 +109,41 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                     credentials.push((source.name().to_string(), source.clone()));
                 }
             }
-            Some(crate::http::serve(http, views.clone(), credentials, store.clone(), shared_config.clone()).await?)
+            Some(
+                crate::http::serve(
+                    http,
+                    views.clone(),
+                    credentials,
+                    store.clone(),
+                    shared_config.clone(),
+                    reload_tx,
+                )
+                .await?,
+            )
         }
         None => None,
     };
     let _notifier = crate::service::start(views.clone()).map(AbortOnDrop);
     info!(watches = running.len(), state = %config.state.display(), "inboxd running");
     loop {
-        match signals.next().await {
-            Signal::Stop => break,
-            Signal::Reload => {
-                crate::service::reloading();
-                reload(&mut current, &mut running, &store).await;
-                if let Ok(mut v) = views.write() {
-                    *v = views_of(&running);
-                }
-                if let Ok(mut c) = shared_config.write() {
-                    *c = current.clone();
-                }
-                crate::service::reloaded();
-            }
+        let answer = tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => break,
+                Signal::Reload => None,
+            },
+            Some(request) = reload_rx.recv() => Some(request),
+        };
+        crate::service::reloading();
+        let outcome = reload(&mut current, &mut running, &store).await;
+        if let Ok(mut v) = views.write() {
+            *v = views_of(&running);
+        }
+        if let Ok(mut c) = shared_config.write() {
+            *c = current.clone();
+        }
+        crate::service::reloaded();
+        if let Some(answer) = answer {
+            let _ = answer.send(outcome);
         }
     }
     info!("stopping");
@@ -157,12 +173,12 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
 /// delivery in flight, which is committed), changed ones stop and start again, the others go
 /// on untouched. A config that does not load, or whose new targets cannot work, is refused as
 /// a whole and the running one stays.
-async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dyn Store>) {
+async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dyn Store>) -> Result<String, String> {
     let new = match Config::load(&current.path) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "reload refused: the config does not load; the running config stays");
-            return;
+            return Err(format!("reload refused: {e}"));
         }
     };
     if new.state != current.state {
@@ -171,7 +187,7 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
             to = %new.state.display(),
             "reload refused: `state` changed; restart inboxd to move to another state file"
         );
-        return;
+        return Err("reload refused: `state` changed; restart inboxd to move to another state file".into());
     }
     if format!("{:?}", new.http) != format!("{:?}", current.http) {
         tracing::warn!("[http] changed: that takes effect at the next restart");
@@ -188,7 +204,7 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
             Ok(fanout) => fresh.push((w.clone(), fanout)),
             Err(e) => {
                 error!(watch = %w.name(), error = %e.reason, "reload refused: a target cannot work; the running config stays");
-                return;
+                return Err(format!("reload refused: watch {}: {}", w.name(), e.reason));
             }
         }
     }
@@ -220,6 +236,10 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
     *running = all;
     info!(kept, stopped, started, watches = running.len(), "config reloaded");
     *current = new;
+    Ok(format!(
+        "config reloaded: {kept} kept, {stopped} stopped, {started} started, {} running",
+        running.len()
+    ))
 }
 
 /// What a signal asks of `run`.

@@ -51,6 +51,9 @@ pub struct WatchView {
     pub health: HealthHandle,
 }
 
+/// A reload asked over HTTP, and where its outcome goes.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+
 /// The running watches, replaced when the config is reloaded.
 pub type Views = Arc<std::sync::RwLock<Vec<WatchView>>>;
 
@@ -61,6 +64,7 @@ struct AppState {
     store: Arc<dyn inboxd::store::Store>,
     /// The running configuration (replaced on reload), for replays.
     config: Arc<std::sync::RwLock<inboxd::config::Config>>,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
     token: Option<inboxd::secret::Secret>,
     unready_after: Duration,
     unready_on_dead_letters: bool,
@@ -74,6 +78,7 @@ pub async fn serve(
     credentials: Vec<(String, inboxd::oauth2::TokenSource)>,
     store: Arc<dyn inboxd::store::Store>,
     running_config: Arc<std::sync::RwLock<inboxd::config::Config>>,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let token = match &config.token {
         Some(source) => Some(source.resolve().await.map_err(|e| anyhow::anyhow!("http.token: {e}"))?),
@@ -84,6 +89,7 @@ pub async fn serve(
         credentials,
         store,
         config: running_config,
+        reloads,
         token,
         unready_after: config.unready_after,
         unready_on_dead_letters: config.unready_on_dead_letters,
@@ -97,6 +103,10 @@ pub async fn serve(
         .route(
             "/api/v1/dead-letters/{key}/replay",
             axum::routing::post(replay).route_layer(axum::middleware::from_fn(same_origin)),
+        )
+        .route(
+            "/api/v1/reload",
+            axum::routing::post(reload).route_layer(axum::middleware::from_fn(same_origin)),
         )
         .route(
             "/api/v1/dead-letters/{key}/ack",
@@ -501,6 +511,19 @@ async fn dead_letters(State(state): State<Arc<AppState>>) -> Response {
         }));
     }
     axum::Json(serde_json::json!({ "dead_letters": list })).into_response()
+}
+
+/// Reloads the config (as SIGHUP does) and answers how it went: 200, or 409 when refused.
+async fn reload(State(state): State<Arc<AppState>>) -> Response {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if state.reloads.send(tx).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "inboxd is stopping\n").into_response();
+    }
+    match rx.await {
+        Ok(Ok(done)) => axum::Json(serde_json::json!({ "reloaded": done })).into_response(),
+        Ok(Err(refused)) => (StatusCode::CONFLICT, format!("{refused}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "inboxd is stopping\n").into_response(),
+    }
 }
 
 /// Marks a dead letter as seen (as `inboxd ack KEY` does).

@@ -256,6 +256,28 @@ async fn a_bearer_token_guards_everything_but_healthz_and_is_required_off_loopba
             "{path} leaks a secret"
         );
     }
+    // A reload over HTTP: same-origin JSON with the token; its outcome in the answer.
+    let reload = || {
+        reqwest::Client::new()
+            .post(format!("{base}/api/v1/reload"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+    };
+    let r = reload().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("1 kept, 0 stopped, 0 started"));
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("[[watch]]", "[[watch]]\nbogus = 1")).unwrap();
+    let r = reload().await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(
+        r.text().await.unwrap().contains("bogus"),
+        "the refusal names the problem"
+    );
+    std::fs::write(&path, good).unwrap();
+    assert_eq!(get(&format!("{base}/healthz"), None).await.0, 200, "still running");
     let log = stop(daemon);
     assert!(!log.contains(token), "the log shows the token");
 
