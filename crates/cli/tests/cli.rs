@@ -617,3 +617,42 @@ async fn once_shows_progress_as_a_bar_on_a_terminal_and_a_summary_otherwise() {
     assert!(out.status.success(), "{tty}");
     assert!(tty.contains("300/300 messages"), "{tty}");
 }
+
+#[test]
+fn a_stop_reaches_a_watch_that_is_still_connecting() {
+    // A server that accepts the connection and never greets: the watch sits in its greeting
+    // deadline (a minute here) when SIGTERM comes; it must not wait that minute out.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(conns);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[accounts.a]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\ntimeouts = {{ greeting = \"60s\" }}\n\n[[watch]]\naccount = \"a\"\ndeliver = {{ maildir = \"m\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = inboxd_bin()
+        .args(["run", "-c"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let asked = std::time::Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "the stop waited for the greeting deadline: {:?}",
+        asked.elapsed()
+    );
+    drop(held);
+}
