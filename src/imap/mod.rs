@@ -15,6 +15,7 @@ pub mod fuzz;
 pub mod guard;
 mod idle;
 mod login;
+pub mod mutf7;
 pub mod sasl;
 
 use std::collections::HashSet;
@@ -145,7 +146,7 @@ impl Session {
         let result = self
             .checked_inner(
                 "SELECT",
-                &format!("SELECT {}", quote(folder)),
+                &format!("SELECT {}", mailbox(folder)),
                 false,
                 |resp| match resp {
                     Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
@@ -194,7 +195,7 @@ impl Session {
         let status = self
             .checked_inner(
                 "STATUS",
-                &format!("STATUS {} (UIDNEXT)", quote(folder)),
+                &format!("STATUS {} (UIDNEXT)", mailbox(folder)),
                 false,
                 |resp| {
                     if let Response::MailboxData(MailboxDatum::Status { status, .. }) = resp {
@@ -352,7 +353,7 @@ impl Session {
     /// Moves messages to `folder`: `UID MOVE` (RFC 6851) or `UID COPY` + delete (which, without
     /// UIDPLUS, leaves the originals flagged `\Deleted`).
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
-        let (set, quoted) = (sequence_set(uids), quote(folder));
+        let (set, quoted) = (sequence_set(uids), mailbox(folder));
         if self.has("MOVE") {
             return self
                 .checked("UID MOVE", &format!("UID MOVE {set} {quoted}"), |_| {})
@@ -368,11 +369,35 @@ impl Session {
         let t = self.timeouts.command;
         deadline("APPEND", t, async {
             self.inner
-                .append(folder, None, None, message)
+                .append(mutf7::encode(folder), None, None, message)
                 .await
                 .map_err(cmd("APPEND"))
         })
         .await
+    }
+
+    /// `CREATE`s a folder (its name as people read it).
+    pub async fn create(&mut self, folder: &str) -> Result<(), ImapError> {
+        self.checked("CREATE", &format!("CREATE {}", mailbox(folder)), |_| {})
+            .await
+    }
+
+    /// Every folder (`LIST "" "*"`), by its readable name (as sent when it is not valid
+    /// modified UTF-7), with its attributes (`\Noselect`, `\Junk`, ...).
+    pub async fn folders(&mut self) -> Result<Vec<(String, Vec<String>)>, ImapError> {
+        let mut out = Vec::new();
+        self.checked("LIST", "LIST \"\" \"*\"", |resp| {
+            if let Response::MailboxData(MailboxDatum::List(list)) = resp {
+                // The parser hands a quoted name over with its escapes (`\"`, `\\`) still in.
+                let name = unescape(&list.name);
+                let readable = mutf7::decode(&name).unwrap_or(name);
+                let attributes = list.name_attributes.iter().map(name_attribute).collect();
+                out.push((readable, attributes));
+            }
+        })
+        .await?;
+        out.sort();
+        Ok(out)
     }
 
     /// `NOOP`: a liveness probe that also lets the server report changes.
@@ -400,6 +425,47 @@ impl Session {
         let t = self.timeouts.done;
         let _ = tokio::time::timeout(t, self.inner.logout()).await;
     }
+}
+
+/// A LIST attribute as IMAP writes it (`\\Noselect`, `\\Junk`, ...).
+fn name_attribute(a: &async_imap::imap_proto::NameAttribute<'_>) -> String {
+    use async_imap::imap_proto::NameAttribute as A;
+    match a {
+        A::NoInferiors => "\\Noinferiors".into(),
+        A::NoSelect => "\\Noselect".into(),
+        A::Marked => "\\Marked".into(),
+        A::Unmarked => "\\Unmarked".into(),
+        A::All => "\\All".into(),
+        A::Archive => "\\Archive".into(),
+        A::Drafts => "\\Drafts".into(),
+        A::Flagged => "\\Flagged".into(),
+        A::Junk => "\\Junk".into(),
+        A::Sent => "\\Sent".into(),
+        A::Trash => "\\Trash".into(),
+        A::Extension(s) => s.to_string(),
+        _ => format!("{a:?}"),
+    }
+}
+
+/// The content of an IMAP quoted string, its `\\` and `\"` escapes resolved.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('\\', Some(next @ ('\\' | '"'))) => {
+                out.push(next);
+                chars.next();
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// A folder name as a command argument: modified UTF-7 (RFC 3501 §5.1.3), quoted.
+fn mailbox(folder: &str) -> String {
+    quote(&mutf7::encode(folder))
 }
 
 /// An IMAP quoted string (RFC 3501 §4.3).

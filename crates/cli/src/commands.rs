@@ -403,6 +403,27 @@ pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::
             }
         };
         writeln!(out, "  login ok; capabilities: {}", session.capabilities().join(" "))?;
+        match session.folders().await {
+            Ok(list) => {
+                const SHOWN: usize = 50;
+                let mut names: Vec<String> = list
+                    .iter()
+                    .take(SHOWN)
+                    .map(|(name, attrs)| {
+                        if attrs.is_empty() {
+                            format!("{:?}", printable(name))
+                        } else {
+                            format!("{:?} ({})", printable(name), attrs.join(" "))
+                        }
+                    })
+                    .collect();
+                if list.len() > SHOWN {
+                    names.push(format!("and {} more", list.len() - SHOWN));
+                }
+                writeln!(out, "  folders ({}): {}", list.len(), names.join(", "))?;
+            }
+            Err(e) => writeln!(out, "  folders: cannot list them: {:#}", anyhow::Error::from(e))?,
+        }
         for w in config.watches.iter().filter(|w| &w.account.name == name) {
             match session.select(&w.folder).await {
                 Ok(s) => {

@@ -656,3 +656,71 @@ fn a_stop_reaches_a_watch_that_is_still_connecting() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folders_are_named_as_people_read_them() {
+    let dv = dovecot();
+    let names = ["Entwürfe", "Входящие", "受信箱", "With space", "Q\"uote & more"];
+    let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
+    for (i, name) in names.iter().enumerate() {
+        s.create(name).await.unwrap();
+        s.append(name, &inboxd_testbed::sample_message(i, name, 200))
+            .await
+            .unwrap();
+    }
+    // On the wire, and so on the server, the names are modified UTF-7.
+    let listed = s.folders().await.unwrap();
+    for name in names {
+        assert!(listed.iter().any(|(n, _)| n == name), "{name} in {listed:?}");
+    }
+    s.logout().await;
+    let on_disk: Vec<String> = std::fs::read_dir(dv.maildir("alice"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        on_disk.iter().any(|n| n.ends_with("Entw&APw-rfe")) && on_disk.iter().any(|n| n.ends_with("Q\"uote &- more")),
+        "{on_disk:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = std::fs::read_to_string(
+        config(
+            &dv,
+            dir.path(),
+            "",
+            "folder = \"INBOX\"\ndeliver = { maildir = \"inbox\" }",
+        )
+        .path,
+    )
+    .unwrap();
+    for (i, name) in names.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[watch]]\naccount = \"t\"\nfolder = {}\nstart = \"all\"\ndeliver = {{ maildir = \"m{i}\" }}\n",
+            toml_string(name)
+        ));
+    }
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = inboxd_bin().args(["once", "-c"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..names.len() {
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(format!("m{i}/new"))).unwrap().count(),
+            1
+        );
+    }
+    // `check` lists the folders readably; `status` names the watches so.
+    let out = inboxd_bin().args(["check", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("\"Entwürfe\"") && text.contains("\"受信箱\""), "{text}");
+    let out = inboxd_bin().args(["status", "-c"]).arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("t/Входящие") && text.contains("t/With space"), "{text}");
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
