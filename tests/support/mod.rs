@@ -15,6 +15,15 @@ use inboxd::watcher::Event;
 use inboxd_testbed::{self as testbed, Dovecot};
 use tokio::sync::broadcast;
 
+/// A loopback port nobody listens on right now (for a server the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn dovecot() -> Dovecot {
     Dovecot::start().expect("start dovecot (is dovecot-imapd installed? scripts/test installs it)")
 }

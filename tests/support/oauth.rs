@@ -60,18 +60,10 @@ impl Drop for AuthServer {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts Dovecot (accepting tokens from the issuer) and the authorization server. `clients`,
 /// `service_accounts` and `refresh_tokens` are the JSON maps the wrapper takes.
 pub fn start(extra: serde_json::Value) -> (Dovecot, AuthServer) {
-    let port = free_port();
+    let port = super::free_port();
     let dv = Dovecot::start_with(Options {
         oauth2_issuer: Some(format!("http://127.0.0.1:{port}")),
         ..Default::default()

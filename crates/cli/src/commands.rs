@@ -807,8 +807,7 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
             }
         }
     }
-    writeln!(out, "skipped by the routing (newest {}):", skipped.len())?;
-    for d in skipped {
+    let row = |out: &mut dyn std::io::Write, d: &inboxd::store::Delivery, what: &str| {
         writeln!(
             out,
             "  {}  {}/{} uid {}  {}",
@@ -816,20 +815,16 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
             d.account,
             d.folder,
             d.uid,
-            printable(&d.route)
-        )?;
+            printable(what)
+        )
+    };
+    writeln!(out, "skipped by the routing (newest {}):", skipped.len())?;
+    for d in &skipped {
+        row(out, d, &d.route)?;
     }
     writeln!(out, "post-actions not done ({}):", problems.len())?;
-    for (d, state) in problems {
-        writeln!(
-            out,
-            "  {}  {}/{} uid {}  {}",
-            d.key,
-            d.account,
-            d.folder,
-            d.uid,
-            printable(&state)
-        )?;
+    for (d, state) in &problems {
+        row(out, d, state)?;
     }
     Ok(())
 }

@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Writes a config with `[http]` (`http` lines) and a Maildir watch, and starts `inboxd run`.
 fn start(dv: &inboxd_testbed::Dovecot, dir: &std::path::Path, http: &str) -> (Child, std::path::PathBuf) {
     start_with(dv, dir, http, "start = \"all\"\ndeliver = { maildir = \"out\" }")

@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 const FOLDERS: [&str; 10] = ["INBOX", "F1", "F2", "F3", "F4", "F5", "F6", "F7", "F8", "F9"];
 
 fn account(name: &str, dv: &inboxd_testbed::Dovecot) -> String {

@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use support::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// chromedriver on a free port, and a headless Chromium session through it.
 async fn browser(profile: &std::path::Path) -> (Child, Client) {
     let port = free_port();
@@ -131,26 +123,24 @@ async fn the_status_page_shows_watches_replays_a_dead_letter_and_follows_a_faili
     // The server stops: the watch is shown reconnecting, then failing readiness (red).
     dv.stop();
     until_text(&c, state, 30, |t| t.starts_with("waiting")).await;
-    let class = c
-        .find(Locator::Css(state))
-        .await
-        .unwrap()
-        .attr("class")
-        .await
-        .unwrap()
-        .unwrap_or_default();
+    let class_of = |css: &'static str| {
+        let c = &c;
+        async move {
+            c.find(Locator::Css(css))
+                .await
+                .unwrap()
+                .attr("class")
+                .await
+                .unwrap()
+                .unwrap_or_default()
+        }
+    };
+    let class = class_of(state).await;
     assert!(class.contains("warn") || class.contains("bad"), "{class}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         c.refresh().await.unwrap();
-        let class = c
-            .find(Locator::Css(state))
-            .await
-            .unwrap()
-            .attr("class")
-            .await
-            .unwrap()
-            .unwrap_or_default();
+        let class = class_of(state).await;
         if class.contains("bad") {
             break;
         }

@@ -193,14 +193,20 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_r
     }
 }
 
-/// How many messages an AMQP queue holds.
-async fn amqp_count(queue: &str) -> usize {
-    use amqprs::channel::QueueDeclareArguments;
+/// A channel on the machine's RabbitMQ.
+async fn amqp() -> (amqprs::connection::Connection, amqprs::channel::Channel) {
     use amqprs::connection::{Connection, OpenConnectionArguments};
     let c = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
         .await
         .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it)");
     let ch = c.open_channel(None).await.unwrap();
+    (c, ch)
+}
+
+/// How many messages an AMQP queue holds.
+async fn amqp_count(queue: &str) -> usize {
+    use amqprs::channel::QueueDeclareArguments;
+    let (c, ch) = amqp().await;
     let declared = ch
         .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
         .await
@@ -212,11 +218,7 @@ async fn amqp_count(queue: &str) -> usize {
 /// Every message in an AMQP queue, in order: message_id of each.
 async fn amqp_ids(queue: &str) -> Vec<String> {
     use amqprs::channel::BasicGetArguments;
-    use amqprs::connection::{Connection, OpenConnectionArguments};
-    let c = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it)");
-    let ch = c.open_channel(None).await.unwrap();
+    let (c, ch) = amqp().await;
     let mut out = Vec::new();
     while let Some((_, props, _)) = ch
         .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
@@ -238,11 +240,7 @@ async fn three_sigkills_during_a_burst_lose_nothing_in_amqp_and_mqtt_and_repeat_
     let queue = format!("inboxd-kill-{}-{}", std::process::id(), fastrand::u32(..));
     {
         use amqprs::channel::QueueDeclareArguments;
-        use amqprs::connection::{Connection, OpenConnectionArguments};
-        let c = Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
-            .await
-            .expect("RabbitMQ on 127.0.0.1:5672 (.ci/run starts it)");
-        let ch = c.open_channel(None).await.unwrap();
+        let (c, ch) = amqp().await;
         ch.queue_declare(QueueDeclareArguments::durable_client_named(&queue))
             .await
             .unwrap();
