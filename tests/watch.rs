@@ -632,3 +632,79 @@ async fn large_messages_are_spooled_and_arrive_byte_for_byte_in_maildir_and_exec
     assert_eq!(std::fs::read_dir(dir.path().join("md/tmp")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(exec_dir.join("state.db.spool")).unwrap().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_named_by_its_special_use_is_found_and_moved_to() {
+    let dv = dovecot();
+    for f in ["Junk", "Trash"] {
+        imap(&dv, &format!("CREATE {f}")).await;
+    }
+    append(&dv, "Junk", &["spam 1", "spam 2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The config names uses, not folders: the server's `\Junk` and `\Trash` (RFC 6154).
+    let junk = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"\\\\Junk\"\nstart = \"all\"\nafter = \"move:\\\\Trash\"\ndeliver = { maildir = \"out\" }",
+    );
+    assert_eq!(junk.watches[0].name(), "t/\\Junk");
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        junk.watches[0].clone(),
+        store(&junk).await,
+        Box::new(rec.clone()),
+        Mode::Once,
+    );
+    assert_eq!(w.join().await.unwrap(), 0);
+    assert_eq!(rec.subjects(), vec!["spam 1", "spam 2"]);
+    let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
+    assert_eq!(s.special_use("\\Junk").await.unwrap().as_deref(), Some("Junk"));
+    assert_eq!(s.select("Junk").await.unwrap().exists, 0, "moved away");
+    assert_eq!(s.select("Trash").await.unwrap().exists, 2, "into the \\Trash folder");
+    s.logout().await;
+
+    // A use no folder has is a clear, located failure of the watch; an unknown use, a config
+    // error.
+    let dir = tempfile::tempdir().unwrap();
+    let archive = config_text_error(
+        &dv,
+        dir.path(),
+        "folder = \"\\\\Archive\"\ndeliver = { maildir = \"out\" }",
+    );
+    assert!(archive.is_none());
+    let dir = tempfile::tempdir().unwrap();
+    let bad = config_text_error(
+        &dv,
+        dir.path(),
+        "folder = \"\\\\Spam\"\ndeliver = { maildir = \"out\" }",
+    );
+    assert!(bad.is_some_and(|e| e.contains("no special use")));
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"\\\\Archive\"\ndeliver = { maildir = \"out\" }",
+    );
+    let w = Watcher::start(config.watches[0].clone(), store(&config).await, Mode::Forever).unwrap();
+    let mut ev = w.subscribe();
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    assert!(
+        format!("{e:?}").contains("no folder has the special use \\\\Archive"),
+        "{e:?}"
+    );
+    w.stop().await.unwrap();
+}
+
+/// The error of a config with these watch lines, if it does not load.
+fn config_text_error(dv: &inboxd_testbed::Dovecot, dir: &std::path::Path, watch: &str) -> Option<String> {
+    let text = format!(
+        "[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\n\n[[watch]]\naccount = \"t\"\n{watch}\n",
+        dv.port,
+        dv.ca_file().display()
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    inboxd::config::Config::load(&path).err().map(|e| e.to_string())
+}

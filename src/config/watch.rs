@@ -20,6 +20,17 @@ use super::{
 };
 use crate::route::{AddressField, Condition, Fallback, Pattern, Routing, Rule};
 
+/// The special uses a folder may be named by (RFC 6154).
+const SPECIAL_USES: [&str; 7] = [
+    "\\All",
+    "\\Archive",
+    "\\Drafts",
+    "\\Flagged",
+    "\\Junk",
+    "\\Sent",
+    "\\Trash",
+];
+
 /// Whether `name` can name a target: letters, digits, `-`, `_`, `.`; not `skip`.
 pub(super) fn is_target_name(name: &str) -> bool {
     !name.is_empty()
@@ -224,6 +235,16 @@ pub(super) fn build(
     let w = spanned.into_inner();
     if w.folder.is_empty() || w.folder.contains(['\r', '\n', '\0']) {
         return Err(ctx.invalid(Some(span), format!("watch.folder: {:?} is not a folder name", w.folder)));
+    }
+    if w.folder.starts_with('\\') && !SPECIAL_USES.iter().any(|u| u.eq_ignore_ascii_case(&w.folder)) {
+        return Err(ctx.invalid(
+            Some(span),
+            format!(
+                "watch.folder: {:?} is no special use; RFC 6154 has {}",
+                w.folder,
+                SPECIAL_USES.join(", ")
+            ),
+        ));
     }
     let account = accounts.get(w.account.get_ref()).cloned().ok_or_else(|| {
         ctx.invalid(

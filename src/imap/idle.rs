@@ -47,6 +47,7 @@ impl Session {
             news,
             exists,
             meter,
+            special,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -103,6 +104,7 @@ impl Session {
             news,
             exists,
             meter,
+            special,
         };
         session.drain_unsolicited();
         Ok((session, end))

@@ -156,6 +156,7 @@ impl Session {
             news: false,
             exists: 0,
             meter: meter.clone(),
+            special: std::collections::HashMap::new(),
         };
         // Logged in: messages may come now. The watcher narrows this to its own limit.
         meter.set_max_literal(crate::config::MAX_MESSAGE_SIZE_LIMIT + guard::PRE_LOGIN_LITERAL);

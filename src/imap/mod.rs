@@ -107,6 +107,8 @@ pub struct Session {
     exists: u32,
     /// Bytes read and the literal limit of this connection's guard.
     meter: std::sync::Arc<guard::Meter>,
+    /// Special uses resolved on this connection (`\\Junk` -> its folder): one LIST per session.
+    special: std::collections::HashMap<String, String>,
 }
 
 impl Session {
@@ -398,6 +400,33 @@ impl Session {
         .await?;
         out.sort();
         Ok(out)
+    }
+
+    /// The folder the server marks with a special use (`\\Junk`, RFC 6154), if one is.
+    pub async fn special_use(&mut self, attribute: &str) -> Result<Option<String>, ImapError> {
+        Ok(self
+            .folders()
+            .await?
+            .into_iter()
+            .find(|(_, attrs)| attrs.iter().any(|a| a.eq_ignore_ascii_case(attribute)))
+            .map(|(name, _)| name))
+    }
+
+    /// The folder a configured name stands for: itself, or for a special use (`\\Junk`) the
+    /// folder the server marks so. An error when no folder has that use.
+    pub async fn resolve(&mut self, folder: &str) -> Result<String, ImapError> {
+        if !folder.starts_with('\\') {
+            return Ok(folder.to_string());
+        }
+        if let Some(known) = self.special.get(folder) {
+            return Ok(known.clone());
+        }
+        let found = self.special_use(folder).await?.ok_or_else(|| ImapError::Select {
+            folder: folder.to_string(),
+            message: format!("[NONEXISTENT] no folder has the special use {folder} (RFC 6154)"),
+        })?;
+        self.special.insert(folder.to_string(), found.clone());
+        Ok(found)
     }
 
     /// `NOOP`: a liveness probe that also lets the server report changes.

@@ -293,6 +293,11 @@ impl Driver {
                 };
                 let r = self
                     .interruptible(async {
+                        // A special use (`\\Junk`) names whichever folder the server marks so.
+                        let folder = match session.resolve(&folder).await {
+                            Ok(f) => f,
+                            Err(e) => return failed(&e),
+                        };
                         match session.select(&folder).await {
                             Ok(state) => Input::Selected(Selected {
                                 uidvalidity: state.uidvalidity,
@@ -898,7 +903,10 @@ impl Driver {
             After::Seen => session.add_flags(uids, "\\Seen").await,
             After::Flag(f) => session.add_flags(uids, f).await,
             After::Delete => session.delete(uids).await,
-            After::Move(folder) => session.move_to(uids, folder).await,
+            After::Move(folder) => match session.resolve(folder).await {
+                Ok(target) => session.move_to(uids, &target).await,
+                Err(e) => Err(e),
+            },
         };
         let keys: Vec<String> = uids.iter().map(|&u| self.key(uidvalidity, u)).collect();
         match r {

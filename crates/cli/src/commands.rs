@@ -425,12 +425,21 @@ pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::
             Err(e) => writeln!(out, "  folders: cannot list them: {:#}", anyhow::Error::from(e))?,
         }
         for w in config.watches.iter().filter(|w| &w.account.name == name) {
-            match session.select(&w.folder).await {
-                Ok(s) => {
+            let selected = match session.resolve(&w.folder).await {
+                Ok(folder) => session.select(&folder).await.map(|s| (folder, s)),
+                Err(e) => Err(e),
+            };
+            match selected {
+                Ok((folder, s)) => {
+                    let shown = if folder == w.folder {
+                        format!("{folder:?}")
+                    } else {
+                        format!("{:?} ({folder:?})", w.folder)
+                    };
                     writeln!(
                         out,
-                        "  folder {:?}: uidvalidity {} uidnext {} messages {}",
-                        w.folder, s.uidvalidity, s.uidnext, s.exists
+                        "  folder {shown}: uidvalidity {} uidnext {} messages {}",
+                        s.uidvalidity, s.uidnext, s.exists
                     )?;
                     if let Some(n) = route
                         && let Err(e) = dry_run(w, &mut session, n, out).await
@@ -851,7 +860,8 @@ pub async fn replay_with(config: &Config, store: &Arc<dyn Store>, key: &str) -> 
         source.attach_store(store.clone());
     }
     let mut session = Session::open(&watch.account).await?;
-    let state = session.select(&watch.folder).await?;
+    let folder = session.resolve(&watch.folder).await?;
+    let state = session.select(&folder).await?;
     if state.uidvalidity != uidvalidity {
         bail!(
             "{}'s UIDVALIDITY is now {} (was {uidvalidity}): uid {uid} no longer names this message",

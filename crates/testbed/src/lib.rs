@@ -185,6 +185,18 @@ auth_verbose = yes
 first_valid_uid = 1
 mail_location = maildir:~/Maildir
 mail_fsync = never
+namespace inbox {{
+  inbox = yes
+  mailbox Junk {{
+    special_use = \Junk
+  }}
+  mailbox Trash {{
+    special_use = \Trash
+  }}
+  mailbox Sent {{
+    special_use = \Sent
+  }}
+}}
 mailbox_idle_check_interval = 1 secs
 passdb {{
   driver = passwd-file
