@@ -654,12 +654,72 @@ fn installed(candidates: &[&str], package: &str) -> io::Result<PathBuf> {
         })
 }
 
-/// A throwaway NATS server with JetStream (Debian's `nats-server`). Tests that stop or restart
-/// the broker use one of their own, never the machine's.
-pub struct Nats {
+/// A server of a test's own that a target talks to, and how to reach it: what the broker
+/// types below share ([`Nats`], [`Redis`], [`Mosquitto`], [`Rabbit`] dereference to it).
+pub struct Broker {
     pub port: u16,
     service: Service,
+    /// URL schemes and hosts: plain, and TLS-only (the TLS certificate names `localhost`).
+    plain: &'static str,
+    tls: &'static str,
 }
+
+impl Broker {
+    fn new(service: Service, plain: &'static str, tls: &'static str) -> Broker {
+        Broker {
+            port: service.port,
+            service,
+            plain,
+            tls,
+        }
+    }
+
+    /// The server's URL: `nats://127.0.0.1:PORT`, or for a TLS-only one `tls://localhost:PORT`
+    /// (and the same for `redis`, `mqtt`/`mqtts`, `amqp`/`amqps`).
+    pub fn url(&self) -> String {
+        let base = if self.service.tls { self.tls } else { self.plain };
+        format!("{base}:{}", self.port)
+    }
+
+    /// The CA that issued a TLS-only server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.service.dir.join("ca.pem")
+    }
+
+    /// Stops the server (SIGKILL; RabbitMQ: SIGTERM first); what it stored stays for
+    /// [`Broker::restart`].
+    pub fn stop(&mut self) {
+        self.service.stop();
+    }
+
+    /// Starts it again on the same port, with what it stored.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.service.restart()
+    }
+}
+
+/// Each broker type is a [`Broker`] with its own way of starting.
+macro_rules! broker {
+    ($name:ident) => {
+        impl std::ops::Deref for $name {
+            type Target = Broker;
+            fn deref(&self) -> &Broker {
+                &self.0
+            }
+        }
+
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut Broker {
+                &mut self.0
+            }
+        }
+    };
+}
+
+/// A throwaway NATS server with JetStream (Debian's `nats-server`). Tests that stop or restart
+/// the broker use one of their own, never the machine's.
+pub struct Nats(Broker);
+broker!(Nats);
 
 impl Nats {
     pub fn start() -> io::Result<Nats> {
@@ -667,7 +727,7 @@ impl Nats {
     }
 
     /// A server that speaks TLS only, with a certificate for `localhost`/127.0.0.1 issued by
-    /// [`Nats::ca_file`].
+    /// [`Broker::ca_file`].
     pub fn start_tls() -> io::Result<Nats> {
         Nats::start_with(true)
     }
@@ -696,43 +756,14 @@ impl Nats {
             },
             listening,
         )?;
-        Ok(Nats {
-            port: service.port,
-            service,
-        })
-    }
-
-    /// `nats://127.0.0.1:PORT` (`tls://localhost:PORT` for a TLS server).
-    pub fn url(&self) -> String {
-        if self.service.tls {
-            format!("tls://localhost:{}", self.port)
-        } else {
-            format!("nats://127.0.0.1:{}", self.port)
-        }
-    }
-
-    /// The CA that issued a TLS server's certificate.
-    pub fn ca_file(&self) -> PathBuf {
-        self.service.dir.join("ca.pem")
-    }
-
-    /// Stops the server (SIGKILL); its stored streams stay for [`Nats::restart`].
-    pub fn stop(&mut self) {
-        self.service.stop();
-    }
-
-    /// Starts it again on the same port, with the same stored streams.
-    pub fn restart(&mut self) -> io::Result<()> {
-        self.service.restart()
+        Ok(Nats(Broker::new(service, "nats://127.0.0.1", "tls://localhost")))
     }
 }
 
 /// A throwaway Redis writing every change to its append-only file (so a restart keeps the
 /// data, as a production Redis with AOF does).
-pub struct Redis {
-    pub port: u16,
-    service: Service,
-}
+pub struct Redis(Broker);
+broker!(Redis);
 
 impl Redis {
     pub fn start() -> io::Result<Redis> {
@@ -760,32 +791,13 @@ impl Redis {
                 s.write_all(b"PING\r\n").is_ok() && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
             },
         )?;
-        Ok(Redis {
-            port: service.port,
-            service,
-        })
-    }
-
-    /// `redis://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server (SIGKILL); its append-only file stays for [`Redis::restart`].
-    pub fn stop(&mut self) {
-        self.service.stop();
-    }
-
-    pub fn restart(&mut self) -> io::Result<()> {
-        self.service.restart()
+        Ok(Redis(Broker::new(service, "redis://127.0.0.1", "rediss://localhost")))
     }
 }
 
 /// A throwaway Mosquitto (MQTT 5) keeping its state in its own directory.
-pub struct Mosquitto {
-    pub port: u16,
-    service: Service,
-}
+pub struct Mosquitto(Broker);
+broker!(Mosquitto);
 
 impl Mosquitto {
     pub fn start() -> io::Result<Mosquitto> {
@@ -793,7 +805,7 @@ impl Mosquitto {
     }
 
     /// A broker that speaks TLS only (MQTT over TLS), its certificate issued by
-    /// [`Mosquitto::ca_file`].
+    /// [`Broker::ca_file`].
     pub fn start_tls() -> io::Result<Mosquitto> {
         Mosquitto::start_with(true)
     }
@@ -825,42 +837,15 @@ impl Mosquitto {
             },
             listening,
         )?;
-        Ok(Mosquitto {
-            port: service.port,
-            service,
-        })
-    }
-
-    /// `mqtt://127.0.0.1:PORT` (`mqtts://localhost:PORT` for a TLS broker).
-    pub fn url(&self) -> String {
-        if self.service.tls {
-            format!("mqtts://localhost:{}", self.port)
-        } else {
-            format!("mqtt://127.0.0.1:{}", self.port)
-        }
-    }
-
-    /// The CA that issued a TLS broker's certificate.
-    pub fn ca_file(&self) -> PathBuf {
-        self.service.dir.join("ca.pem")
-    }
-
-    /// Stops the broker (SIGKILL).
-    pub fn stop(&mut self) {
-        self.service.stop();
-    }
-
-    pub fn restart(&mut self) -> io::Result<()> {
-        self.service.restart()
+        Ok(Mosquitto(Broker::new(service, "mqtt://127.0.0.1", "mqtts://localhost")))
     }
 }
 
 /// A throwaway RabbitMQ node of its own (Debian's `rabbitmq-server`): own node name, ports,
-/// database and Erlang cookie in its directory, no plugins; its queues survive a restart.
-pub struct Rabbit {
-    pub port: u16,
-    service: Service,
-}
+/// database and Erlang cookie in its directory, no plugins; its queues survive a restart (it
+/// is stopped with SIGTERM, see [`Broker::stop`]). User guest, password guest.
+pub struct Rabbit(Broker);
+broker!(Rabbit);
 
 impl Rabbit {
     pub fn start() -> io::Result<Rabbit> {
@@ -868,13 +853,13 @@ impl Rabbit {
     }
 
     /// A node that speaks AMQP over TLS only (amqps), its certificate issued by
-    /// [`Rabbit::ca_file`].
+    /// [`Broker::ca_file`].
     pub fn start_tls() -> io::Result<Rabbit> {
         Rabbit::start_with(true)
     }
 
     fn start_with(tls: bool) -> io::Result<Rabbit> {
-        let service = Service::start(
+        let mut service = Service::start(
             "rabbitmq-server",
             tls,
             |dir, port, tls| {
@@ -906,38 +891,9 @@ impl Rabbit {
             },
             listening,
         )?;
-        let mut service = service;
         // RabbitMQ buffers its metadata log in the Erlang process: a SIGKILL soon after a queue
         // was declared can lose the queue. It is stopped as an operator (or systemd) would.
         service.gentle = true;
-        Ok(Rabbit {
-            port: service.port,
-            service,
-        })
-    }
-
-    /// `amqp://127.0.0.1:PORT` (`amqps://localhost:PORT` for a TLS node; user guest,
-    /// password guest).
-    pub fn url(&self) -> String {
-        if self.service.tls {
-            format!("amqps://localhost:{}", self.port)
-        } else {
-            format!("amqp://127.0.0.1:{}", self.port)
-        }
-    }
-
-    /// The CA that issued a TLS node's certificate.
-    pub fn ca_file(&self) -> PathBuf {
-        self.service.dir.join("ca.pem")
-    }
-
-    /// Stops the node (SIGTERM to its process group: a clean shutdown; SIGKILL after 30 s);
-    /// durable queues and their persistent messages stay for a restart.
-    pub fn stop(&mut self) {
-        self.service.stop();
-    }
-
-    pub fn restart(&mut self) -> io::Result<()> {
-        self.service.restart()
+        Ok(Rabbit(Broker::new(service, "amqp://127.0.0.1", "amqps://localhost")))
     }
 }
