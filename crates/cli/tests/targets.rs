@@ -58,6 +58,44 @@ fn start(config: &std::path::Path, log: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// How often the daemon is killed during a burst.
+const KILLS: usize = 3;
+
+/// Starts `inboxd run`, appends `n` messages to each folder (10 ms apart) while SIGKILLing and
+/// restarting the daemon [`KILLS`] times at random moments (seeded), and returns the daemon
+/// running after the last restart, once the burst is sent.
+async fn burst_through_kills(
+    dv: &inboxd_testbed::Dovecot,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    folders: &'static [&'static str],
+    n: usize,
+    seed: u64,
+) -> Child {
+    let mut daemon = start(config, log);
+    let account = dv.account("alice");
+    let sender = tokio::spawn(async move {
+        let mut s = inboxd::imap::Session::open(&account).await.unwrap();
+        for i in 0..n {
+            let m = inboxd_testbed::sample_message(i, &format!("burst {i}"), 1500);
+            for folder in folders {
+                s.append(folder, &m).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        s.logout().await;
+    });
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        daemon = start(config, log);
+    }
+    sender.await.unwrap();
+    daemon
+}
+
 async fn nats_ids(nats: &Nats) -> Vec<String> {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let mut stream = js.get_stream("MAIL").await.unwrap();
@@ -127,30 +165,9 @@ async fn three_sigkills_during_a_burst_lose_nothing_and_repeat_nothing_in_nats_r
     let config = dir.path().join("inboxd.toml");
     std::fs::write(&config, cfg_text).unwrap();
     let log = dir.path().join("inboxd.log");
-    let mut daemon = start(&config, &log);
-
-    // A burst into both folders while the daemon is killed three times and restarted.
+    // A burst into every folder while the daemon is killed three times and restarted.
     let n = 150;
-    let account = dv.account("alice");
-    let sender = tokio::spawn(async move {
-        let mut s = inboxd::imap::Session::open(&account).await.unwrap();
-        for i in 0..n {
-            let m = inboxd_testbed::sample_message(i, &format!("burst {i}"), 1500);
-            s.append("INBOX", &m).await.unwrap();
-            s.append("Work", &m).await.unwrap();
-            s.append("Hooks", &m).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        s.logout().await;
-    });
-    let mut rng = fastrand::Rng::with_seed(20261130);
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
-        let _ = daemon.kill();
-        let _ = daemon.wait();
-        daemon = start(&config, &log);
-    }
-    sender.await.unwrap();
+    let mut daemon = burst_through_kills(&dv, &config, &log, &["INBOX", "Work", "Hooks"], n, 20261130).await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let distinct = |ids: &[String]| {
@@ -269,29 +286,9 @@ async fn three_sigkills_during_a_burst_lose_nothing_in_amqp_and_mqtt_and_repeat_
     let config = dir.path().join("inboxd.toml");
     std::fs::write(&config, cfg_text).unwrap();
     let log = dir.path().join("inboxd.log");
-    let mut daemon = start(&config, &log);
-
     let n = 150;
-    let account = dv.account("alice");
-    let sender = tokio::spawn(async move {
-        let mut s = inboxd::imap::Session::open(&account).await.unwrap();
-        for i in 0..n {
-            let m = inboxd_testbed::sample_message(i, &format!("burst {i}"), 1500);
-            s.append("INBOX", &m).await.unwrap();
-            s.append("Work", &m).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        s.logout().await;
-    });
-    let mut rng = fastrand::Rng::with_seed(20261201);
-    let kills = 3;
-    for _ in 0..kills {
-        tokio::time::sleep(Duration::from_millis(rng.u64(200..900))).await;
-        let _ = daemon.kill();
-        let _ = daemon.wait();
-        daemon = start(&config, &log);
-    }
-    sender.await.unwrap();
+    let kills = KILLS;
+    let mut daemon = burst_through_kills(&dv, &config, &log, &["INBOX", "Work"], n, 20261201).await;
     let distinct = |ids: &[String]| {
         let mut v = ids.to_vec();
         v.sort();
