@@ -494,18 +494,9 @@ impl Fanout {
     }
 }
 
-/// One error for a message several targets refused: the gravest kind decides what follows (a
-/// target that cannot work at all fails the watch; one that refuses for good dead-letters the
-/// message; a counted failure counts; a busy target waits the longest `retry_after` asked).
+/// One error for a message several targets refused; what follows is the core's
+/// [`HandlerFailure::graver`] of their failures.
 fn combine(refusals: Vec<Refusal>, single: bool) -> HandlerError {
-    fn rank(kind: &HandlerFailure) -> u8 {
-        match kind {
-            HandlerFailure::Unavailable => 3,
-            HandlerFailure::Permanent => 2,
-            HandlerFailure::Attempt => 1,
-            _ => 0,
-        }
-    }
     if single && refusals.len() == 1 {
         return refusals
             .into_iter()
@@ -513,18 +504,10 @@ fn combine(refusals: Vec<Refusal>, single: bool) -> HandlerError {
             .map(|r| r.error)
             .unwrap_or_else(|| HandlerError::new(""));
     }
-    let mut kind = HandlerFailure::Transient { retry_after: None };
-    for r in &refusals {
-        kind = match (&kind, &r.error.kind) {
-            (HandlerFailure::Transient { retry_after: a }, HandlerFailure::Transient { retry_after: b }) => {
-                HandlerFailure::Transient {
-                    retry_after: (*a).max(*b),
-                }
-            }
-            (k, e) if rank(e) > rank(k) => *e,
-            (k, _) => *k,
-        };
-    }
+    let kind = refusals
+        .iter()
+        .map(|r| r.error.kind)
+        .fold(HandlerFailure::Transient { retry_after: None }, HandlerFailure::graver);
     let reason = refusals
         .iter()
         .map(|r| format!("target `{}`: {}", r.target, r.error.reason))

@@ -108,6 +108,30 @@ pub enum HandlerFailure {
     Unavailable,
 }
 
+impl HandlerFailure {
+    /// The failure that decides what follows when a message fails at several targets at once
+    /// (fan-out): a target that cannot work at all fails the watch; one that refuses for good
+    /// dead-letters the message; a counted failure counts; busy targets are all waited for, the
+    /// longest `retry_after` they asked for.
+    pub fn graver(self, other: HandlerFailure) -> HandlerFailure {
+        fn rank(f: HandlerFailure) -> u8 {
+            match f {
+                HandlerFailure::Unavailable => 3,
+                HandlerFailure::Permanent => 2,
+                HandlerFailure::Attempt => 1,
+                HandlerFailure::Transient { .. } => 0,
+            }
+        }
+        match (self, other) {
+            (HandlerFailure::Transient { retry_after: a }, HandlerFailure::Transient { retry_after: b }) => {
+                HandlerFailure::Transient { retry_after: a.max(b) }
+            }
+            (a, b) if rank(b) > rank(a) => b,
+            (a, _) => a,
+        }
+    }
+}
+
 /// Longest wait a target's `Retry-After` can impose before the next attempt.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 

@@ -1091,3 +1091,23 @@ fn a_target_refusing_for_good_dead_letters_at_once() {
         Action::Deliver { uid: 2, attempt: 1 }
     );
 }
+
+#[test]
+fn the_gravest_of_several_target_failures_decides() {
+    use inboxd_core::machine::HandlerFailure::{Attempt, Permanent, Transient, Unavailable};
+    let busy = |s: u64| Transient {
+        retry_after: Some(Duration::from_secs(s)),
+    };
+    let none = Transient { retry_after: None };
+    assert_eq!(
+        busy(5).graver(busy(30)),
+        busy(30),
+        "busy targets: the longest wait they asked for"
+    );
+    assert_eq!(none.graver(busy(7)), busy(7));
+    assert_eq!(busy(30).graver(Attempt), Attempt);
+    assert_eq!(Attempt.graver(Permanent), Permanent);
+    assert_eq!(Permanent.graver(Attempt), Permanent);
+    assert_eq!(Permanent.graver(Unavailable), Unavailable);
+    assert_eq!(Unavailable.graver(busy(1)), Unavailable);
+}
