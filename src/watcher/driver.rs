@@ -106,6 +106,8 @@ struct Driver {
     skipped_now: HashMap<u32, String>,
     /// When the server last told of new mail, until the watch caught up again.
     woke_at: Option<Instant>,
+    /// The oldest pending message and its INTERNALDATE (Unix seconds), parsed once per uid.
+    oldest: Option<(u32, Option<i64>)>,
     dead_in_run: u64,
     origin: Instant,
 }
@@ -161,6 +163,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         unposted: Vec::new(),
         skipped_now: HashMap::new(),
         woke_at: None,
+        oldest: None,
         dead_in_run: 0,
         origin: Instant::now(),
     };
@@ -178,11 +181,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
             .await;
         let state = machine.state().to_string();
         let backlog = machine.backlog() as u64;
-        let oldest = machine
-            .oldest_pending()
-            .and_then(|uid| driver.listed.get(&uid))
-            .and_then(|(date, _)| date.as_deref())
-            .and_then(crate::envelope::internal_date_unix);
+        let oldest = driver.oldest_date(machine.oldest_pending());
         driver.health(|h| {
             h.state = state;
             h.backlog = backlog;
@@ -822,6 +821,24 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The INTERNALDATE of the oldest pending message, for health: parsed when that message
+    /// changes, not at every step.
+    fn oldest_date(&mut self, uid: Option<u32>) -> Option<i64> {
+        let uid = uid?;
+        if let Some((known, date)) = self.oldest
+            && known == uid
+        {
+            return date;
+        }
+        let date = self
+            .listed
+            .get(&uid)
+            .and_then(|(date, _)| date.as_deref())
+            .and_then(crate::envelope::internal_date_unix);
+        self.oldest = Some((uid, date));
+        date
     }
 
     /// Where the routing sent a message, for the delivery log (empty for a watch with one

@@ -192,14 +192,20 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
     if format!("{:?}", new.http) != format!("{:?}", current.http) {
         tracing::warn!("[http] changed: that takes effect at the next restart");
     }
-    let unchanged = |w: &Watch| {
-        running
-            .iter()
-            .any(|r| r.watch.name() == w.name() && fingerprint(&r.watch) == fingerprint(w))
-    };
+    // Each watch's fingerprint once: running ones by name, new ones in file order.
+    let before: std::collections::HashMap<String, String> = running
+        .iter()
+        .map(|r| (r.watch.name(), fingerprint(&r.watch)))
+        .collect();
+    let after: Vec<(String, String)> = new.watches.iter().map(|w| (w.name(), fingerprint(w))).collect();
+    let kept_names: std::collections::HashSet<&str> = after
+        .iter()
+        .filter(|(name, fp)| before.get(name) == Some(fp))
+        .map(|(name, _)| name.as_str())
+        .collect();
     // Build the new and changed watches' targets first: if one cannot work, nothing changes.
     let mut fresh = Vec::new();
-    for w in new.watches.iter().filter(|w| !unchanged(w)) {
+    for w in new.watches.iter().filter(|w| !kept_names.contains(w.name().as_str())) {
         match inboxd::route::Fanout::new(&w.targets, w.routing.clone()) {
             Ok(fanout) => fresh.push((w.clone(), fanout)),
             Err(e) => {
@@ -208,11 +214,9 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
             }
         }
     }
-    let (keep, leave): (Vec<Running>, Vec<Running>) = std::mem::take(running).into_iter().partition(|r| {
-        new.watches
-            .iter()
-            .any(|w| w.name() == r.watch.name() && fingerprint(w) == fingerprint(&r.watch))
-    });
+    let (keep, leave): (Vec<Running>, Vec<Running>) = std::mem::take(running)
+        .into_iter()
+        .partition(|r| kept_names.contains(r.watch.name().as_str()));
     let (stopped, kept) = (leave.len(), keep.len());
     for r in &leave {
         r.watcher.request_stop();
