@@ -119,13 +119,7 @@ impl SecretSource {
             SecretSource::Env(var) => std::env::var(var)
                 .map(Secret::new)
                 .map_err(|_| SecretError::Env(var.clone())),
-            SecretSource::File(path) => {
-                let bytes = tokio::fs::read(path).await.map_err(|source| SecretError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-                trimmed(bytes).ok_or_else(|| SecretError::Utf8(path.display().to_string()))
-            }
+            SecretSource::File(path) => read_file(path).await,
             SecretSource::Command(argv) => {
                 let program = argv.first().cloned().unwrap_or_default();
                 let stdout = run_command(argv, timeout).await?;
@@ -134,12 +128,7 @@ impl SecretSource {
             SecretSource::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
                     .ok_or_else(|| SecretError::NoCredentials(name.clone()))?;
-                let path = Path::new(&dir).join(name);
-                let bytes = tokio::fs::read(&path).await.map_err(|source| SecretError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-                trimmed(bytes).ok_or_else(|| SecretError::Utf8(path.display().to_string()))
+                read_file(&Path::new(&dir).join(name)).await
             }
         }
     }
@@ -151,6 +140,15 @@ impl SecretSource {
             other => other,
         }
     }
+}
+
+/// A secret kept in a file (a `file` source, or a systemd credential), trailing newline off.
+async fn read_file(path: &Path) -> Result<Secret, SecretError> {
+    let bytes = tokio::fs::read(path).await.map_err(|source| SecretError::File {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    trimmed(bytes).ok_or_else(|| SecretError::Utf8(path.display().to_string()))
 }
 
 /// Runs a secret command: no stdin, stderr to inboxd's, inboxd's environment without the

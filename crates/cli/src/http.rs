@@ -570,7 +570,7 @@ async fn page(State(state): State<Arc<AppState>>) -> Response {
     let watches: Vec<serde_json::Value> = healths
         .iter()
         .map(|(l, h)| {
-            let class = if unready(h, now, state.unready_after).is_some() || h.state == "failed" {
+            let class = if unready(h, now, state.unready_after).is_some() {
                 "bad"
             } else if h.connected && (h.state == "idle" || h.state == "polling" || h.state == "catching up") {
                 "ok"
