@@ -27,7 +27,6 @@ use futures::future::BoxFuture;
 use inboxd::config::{Account, Config, TlsMode};
 use inboxd::handler::{Handler, HandlerError, Message};
 use inboxd::imap::Session;
-use inboxd::store::SqliteStore;
 use inboxd::watcher::{Event, Mode, Watcher};
 use inboxd_testbed::{self as testbed, Dovecot};
 use tokio::sync::mpsc;
@@ -121,7 +120,7 @@ async fn latency(n: usize) {
     let dv = Dovecot::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&dv, dir.path(), "deliver = { maildir = \"out\" }");
-    let store = Arc::new(SqliteStore::open(&cfg.state).await.unwrap());
+    let store = inboxd::store::open(&cfg.state).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let w = Watcher::with_handler(cfg.watches[0].clone(), store, Box::new(Signal(tx)), Mode::Forever);
     let mut ev = w.subscribe();
@@ -204,7 +203,7 @@ async fn catch_up(n: usize) {
         dir.path(),
         "start = \"all\"\nbatch_size = 500\ndeliver = { maildir = \"out\" }",
     );
-    let store = Arc::new(SqliteStore::open(&cfg.state).await.unwrap());
+    let store = inboxd::store::open(&cfg.state).await.unwrap();
     let t = Instant::now();
     Watcher::start(cfg.watches[0].clone(), store, Mode::Once)
         .unwrap()
@@ -425,7 +424,7 @@ async fn targets(n: usize) {
                 dir.path(),
                 &format!("start = \"all\"\nbatch_size = {batch}\ndeliver = {deliver}"),
             );
-            let store = Arc::new(SqliteStore::open(&cfg.state).await.unwrap());
+            let store = inboxd::store::open(&cfg.state).await.unwrap();
             let t = Instant::now();
             let dead = Watcher::start(cfg.watches[0].clone(), store, Mode::Once)
                 .unwrap()
@@ -543,7 +542,7 @@ fn main() {
             .unwrap();
         // What `inboxd once` runs for one watch.
         rt.block_on(async {
-            let store = Arc::new(SqliteStore::open(&cfg.state).await.unwrap());
+            let store = inboxd::store::open(&cfg.state).await.unwrap();
             let dead = Watcher::start(cfg.watches[0].clone(), store, Mode::Once)
                 .unwrap()
                 .join()

@@ -34,7 +34,7 @@
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = inboxd::config::Config::load("inboxd.toml".as_ref())?;
-//! let store = Arc::new(inboxd::store::SqliteStore::open(&config.state).await?);
+//! let store = inboxd::store::open(&config.state).await?;
 //! let watcher = Watcher::with_handler(config.watches[0].clone(), store, Box::new(Print), Mode::Forever);
 //! let mut events = watcher.subscribe();
 //! while let Ok(event) = events.recv().await {

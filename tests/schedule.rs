@@ -1,10 +1,7 @@
 //! The driver follows the reconnect schedule, checked in tokio's paused (virtual) time: hours of
 //! back-off run in milliseconds, and no network server is involved (the port refuses).
 
-use std::sync::Arc;
-
 use inboxd::config::Config;
-use inboxd::store::SqliteStore;
 use inboxd::watcher::{Event, Mode, Watcher};
 
 fn closed_port() -> u16 {
@@ -25,7 +22,7 @@ async fn reconnect_attempts_follow_the_default_schedule() {
     );
     std::fs::write(&path, text).unwrap();
     let config = Config::load(&path).unwrap();
-    let store = Arc::new(SqliteStore::open(&config.state).await.unwrap());
+    let store = inboxd::store::open(&config.state).await.unwrap();
     // Paused only now: the store's pool waits on a real thread and would see its timeout fire.
     // Connecting fails before the watcher touches the store.
     tokio::time::pause();

@@ -489,3 +489,98 @@ async fn a_stop_does_not_wait_for_a_server_frozen_in_idle() {
     assert!(took < Duration::from_secs(30), "stopping took {took:?}");
     assert_eq!(rec.subjects(), vec!["one"]);
 }
+
+/// A handler that holds uid 1 until the server was asked for uid 3's body (the next batch),
+/// or 10 s.
+#[derive(Clone)]
+struct WaitsForReadAhead {
+    rec: Recorder,
+    server: std::sync::Arc<std::sync::Mutex<support::scripted::State>>,
+    saw_read_ahead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl inboxd::handler::Handler for WaitsForReadAhead {
+    fn deliver<'a>(
+        &'a mut self,
+        m: &'a inboxd::handler::Message<'a>,
+    ) -> futures::future::BoxFuture<'a, Result<(), inboxd::handler::HandlerError>> {
+        Box::pin(async move {
+            if m.uid == 1 {
+                for _ in 0..200 {
+                    let asked = self
+                        .server
+                        .lock()
+                        .unwrap()
+                        .commands
+                        .iter()
+                        .any(|c| c.contains("FETCH 3") && c.contains("BODY"));
+                    if asked {
+                        self.saw_read_ahead.store(true, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            self.rec.deliver(m).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_read_while_this_one_is_delivered() {
+    let server = Scripted::start().await;
+    for s in ["one", "two", "three", "four", "five"] {
+        server.add_message(s);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), server.port, "", "start = \"all\"\nbatch_size = 2");
+    let rec = Recorder::default();
+    let saw = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(WaitsForReadAhead {
+            rec: rec.clone(),
+            server: server.state.clone(),
+            saw_read_ahead: saw.clone(),
+        }),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 30, |e| matches!(e, Event::CaughtUp { last_uid: 5, .. })).await;
+    w.stop().await.unwrap();
+    assert!(
+        saw.load(std::sync::atomic::Ordering::SeqCst),
+        "uid 3 was not asked for while uid 1 was being delivered"
+    );
+    assert_eq!(rec.subjects(), vec!["one", "two", "three", "four", "five"]);
+    let st = server.state.lock().unwrap();
+    let body_fetches = st.commands.iter().filter(|c| c.contains("BODY")).count();
+    assert_eq!(body_fetches, 3, "each batch read once: {:?}", st.commands);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_a_read_ahead_loses_and_repeats_nothing() {
+    let server = Scripted::start().await;
+    for s in ["one", "two", "three", "four", "five", "six"] {
+        server.add_message(s);
+    }
+    // The first batch comes; the read-ahead of the second gets BYE and a closed connection.
+    server.state.lock().unwrap().bye_after_bodies = Some(2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), server.port, "", "start = \"all\"\nbatch_size = 2");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 30, |e| matches!(e, Event::CaughtUp { last_uid: 6, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "two", "three", "four", "five", "six"]);
+    assert_eq!(server.state.lock().unwrap().connections, 2);
+    let st = store(&config).await;
+    assert_eq!(st.checkpoint("s", "INBOX").await.unwrap().unwrap().last_uid, 6);
+    assert!(
+        st.by_status(inboxd::store::DeliveryStatus::Dead, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a lost read-ahead is no failure of its messages"
+    );
+}

@@ -406,11 +406,97 @@ impl Watch {
     }
 }
 
+/// Where the state (checkpoints, delivery log) lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// A SQLite file (the default), locked by one process at a time.
+    File(PathBuf),
+    /// A PostgreSQL database (`postgres://` or `postgresql://` URL; libpq's `PG*` variables
+    /// fill in what it leaves out). The URL may hold a password: it is never shown.
+    Postgres(String),
+}
+
+impl StateLocation {
+    /// The SQLite file, if the state is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            StateLocation::File(p) => Some(p),
+            StateLocation::Postgres(_) => None,
+        }
+    }
+
+    fn parse(base: &Path, text: &str) -> StateLocation {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            StateLocation::Postgres(text.to_string())
+        } else {
+            StateLocation::File(base.join(text))
+        }
+    }
+}
+
+/// A URL with its password (in the user part, or a `password=` parameter) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    if scheme.is_empty() {
+        format!("{authority}{tail}")
+    } else {
+        format!("{scheme}://{authority}{tail}")
+    }
+}
+
+impl std::fmt::Display for StateLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateLocation::File(p) => write!(f, "{}", p.display()),
+            StateLocation::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl std::fmt::Debug for StateLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateLocation::File(p) => f.debug_tuple("File").field(p).finish(),
+            StateLocation::Postgres(url) => f.debug_tuple("Postgres").field(&redact_url(url)).finish(),
+        }
+    }
+}
+
+impl serde::Serialize for StateLocation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
-    pub state: PathBuf,
+    pub state: StateLocation,
     pub accounts: BTreeMap<String, Arc<Account>>,
     pub watches: Vec<Watch>,
     /// The HTTP endpoint, when configured.
@@ -464,14 +550,30 @@ impl Config {
             accounts.insert(name, Arc::new(account));
         }
 
-        let state = base.join(raw.state.unwrap_or_else(|| PathBuf::from("inboxd.db")));
-        let spool_dir = match raw.spool {
-            Some(dir) => base.join(dir),
-            None => {
-                let mut name = state.as_os_str().to_os_string();
+        let state = match &raw.state {
+            Some(text) => {
+                let location = StateLocation::parse(base, text.get_ref());
+                if matches!(location, StateLocation::Postgres(_)) && !cfg!(feature = "postgres") {
+                    return Err(ctx.invalid(
+                        Some(text.span()),
+                        "state: this inboxd was built without the `postgres` feature".to_string(),
+                    ));
+                }
+                if text.get_ref().trim().is_empty() {
+                    return Err(ctx.invalid(Some(text.span()), "state: empty".to_string()));
+                }
+                location
+            }
+            None => StateLocation::File(base.join("inboxd.db")),
+        };
+        let spool_dir = match (raw.spool, &state) {
+            (Some(dir), _) => base.join(dir),
+            (None, StateLocation::File(file)) => {
+                let mut name = file.as_os_str().to_os_string();
                 name.push(".spool");
                 PathBuf::from(name)
             }
+            (None, StateLocation::Postgres(_)) => base.join("inboxd.spool"),
         };
         let mut targets = BTreeMap::new();
         for (name, spanned) in raw.targets {
@@ -612,7 +714,7 @@ deliver = { exec = ["./handler.sh", "--flag"] }
         assert_eq!((a.port, a.tls), (10143, TlsMode::Starttls));
         assert_eq!(a.ca_file.as_deref(), Some(Path::new("/etc/inboxd/tls/cert.pem")));
         assert_eq!(a.schedule, Schedule::default());
-        assert_eq!(c.state, Path::new("/etc/inboxd/inboxd.db"));
+        assert_eq!(c.state, StateLocation::File("/etc/inboxd/inboxd.db".into()));
         let w = &c.watches[0];
         assert_eq!((w.start, &w.after), (StartPolicy::All, &After::Seen));
         assert!(matches!(&w.targets[0].deliver, Deliver::Exec { argv, .. } if argv[0] == "./handler.sh"));

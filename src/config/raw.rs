@@ -87,11 +87,12 @@ pub(super) fn parse_bytes(s: &str) -> Option<u64> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
-    /// SQLite file holding checkpoints and the delivery log. Default `inboxd.db`, relative to
-    /// the config file's folder.
-    pub(super) state: Option<PathBuf>,
+    /// Where checkpoints and the delivery log live: a SQLite file (default `inboxd.db`,
+    /// relative to the config file's folder), or a `postgres://` URL.
+    pub(super) state: Option<Spanned<String>>,
     /// Directory where messages above a watch's `spool_above` are written while fetched.
-    /// Default: `<state>.spool` beside the state file (not /tmp, often a RAM disk).
+    /// Default: `<state>.spool` beside the state file (not /tmp, often a RAM disk); with
+    /// PostgreSQL, `inboxd.spool` beside the config file.
     pub(super) spool: Option<PathBuf>,
     #[serde(default)]
     pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,

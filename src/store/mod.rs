@@ -5,13 +5,70 @@
 //! checkpoint does not cover, nor the reverse.
 
 mod lock;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 
 use futures::future::BoxFuture;
 use inboxd_core::checkpoint::Checkpoint;
 
 pub use lock::{LockError, StateLock};
+#[cfg(feature = "postgres")]
+pub use postgres::{PgInstanceLock, PgStore};
 pub use sqlite::SqliteStore;
+
+/// Opens the state store at `location`.
+pub async fn open(location: &crate::config::StateLocation) -> StoreResult<std::sync::Arc<dyn Store>> {
+    match location {
+        crate::config::StateLocation::File(path) => Ok(std::sync::Arc::new(SqliteStore::open(path).await?)),
+        #[cfg(feature = "postgres")]
+        crate::config::StateLocation::Postgres(url) => Ok(std::sync::Arc::new(PgStore::open(url).await?)),
+        #[cfg(not(feature = "postgres"))]
+        crate::config::StateLocation::Postgres(_) => Err(StoreError {
+            what: "open",
+            source: "this inboxd was built without the `postgres` feature".into(),
+        }),
+    }
+}
+
+/// What keeps a second process from delivering from the same state: the state file's lock,
+/// or an advisory lock on the PostgreSQL database.
+#[derive(Debug)]
+pub enum InstanceLock {
+    File(StateLock),
+    #[cfg(feature = "postgres")]
+    Postgres(PgInstanceLock),
+}
+
+impl InstanceLock {
+    /// Takes the state at `location` for this process; fails (naming the holder where it is
+    /// known) if another process has it.
+    pub async fn acquire(location: &crate::config::StateLocation) -> Result<InstanceLock, LockError> {
+        match location {
+            crate::config::StateLocation::File(path) => Ok(InstanceLock::File(StateLock::acquire(path)?)),
+            #[cfg(feature = "postgres")]
+            crate::config::StateLocation::Postgres(url) => {
+                let io = |e: StoreError| LockError::Io {
+                    path: crate::config::redact_url(url).into(),
+                    source: std::io::Error::other(format!("{e}: {}", e.source)),
+                };
+                let store = PgStore::open(url).await.map_err(io)?;
+                match store.lock_instance().await.map_err(io)? {
+                    Some(lock) => Ok(InstanceLock::Postgres(lock)),
+                    None => Err(LockError::Held {
+                        state: crate::config::redact_url(url).into(),
+                        holder: store.lock_holder().await.unwrap_or_else(|| "unknown".into()),
+                    }),
+                }
+            }
+            #[cfg(not(feature = "postgres"))]
+            crate::config::StateLocation::Postgres(url) => Err(LockError::Io {
+                path: crate::config::redact_url(url).into(),
+                source: std::io::Error::other("this inboxd was built without the `postgres` feature"),
+            }),
+        }
+    }
+}
 
 /// What the delivery log says about one message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +96,7 @@ impl DeliveryStatus {
         }
     }
 
-    fn parse(s: &str) -> Option<DeliveryStatus> {
+    pub(crate) fn parse(s: &str) -> Option<DeliveryStatus> {
         Some(match s {
             "delivered" => DeliveryStatus::Delivered,
             "failed" => DeliveryStatus::Failed,

@@ -570,56 +570,36 @@ mod tests {
         }
     }
 
+    // What every store must do is in `tests/store.rs`, run against each backend; here only
+    // what is the SQLite file's own.
+
     #[tokio::test]
-    async fn commit_round_trips_and_survives_reopen() {
+    async fn a_new_state_file_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let store = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), None);
-        let cp = Checkpoint {
-            uidvalidity: 9,
-            last_uid: 4,
-            dedupe_through: 0,
-        };
         store
-            .commit("a", "INBOX", cp, &[d("k1", DeliveryStatus::Delivered, "<m1>")])
+            .commit(
+                "a",
+                "INBOX",
+                Checkpoint {
+                    uidvalidity: 9,
+                    last_uid: 4,
+                    dedupe_through: 0,
+                },
+                &[d("k1", DeliveryStatus::Delivered, "<m1>")],
+            )
             .await
             .unwrap();
-        drop(store);
-        let store = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), Some(cp));
-        assert!(store.seen_message_id("a", "INBOX", "<m1>").await.unwrap());
-        assert!(!store.seen_message_id("a", "INBOX", "<m2>").await.unwrap());
-        store.record(&[d("k2", DeliveryStatus::Dead, "<m2>")]).await.unwrap();
-        let dead = store.by_status(DeliveryStatus::Dead, 10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!(dead[0].key, "k2");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-    }
-
-    #[tokio::test]
-    async fn the_checkpoint_never_moves_backwards_within_an_epoch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("s.db")).await.unwrap();
-        let cp = |uidvalidity, last_uid| Checkpoint {
-            uidvalidity,
-            last_uid,
-            dedupe_through: 0,
-        };
-        store.commit("a", "INBOX", cp(9, 100), &[]).await.unwrap();
-        // A second writer that is behind: refused, and its log rows do not stand either.
-        let e = store
-            .commit("a", "INBOX", cp(9, 90), &[d("k90", DeliveryStatus::Delivered, "<m90>")])
-            .await
-            .unwrap_err();
-        assert!(format!("{:?}", e.source).contains("ahead of uid 90"), "{e:?}");
-        assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), Some(cp(9, 100)));
-        assert_eq!(store.delivery("k90").await.unwrap(), None);
-        // The same position again (a settle) and a new epoch are fine; the store is usable.
-        store.commit("a", "INBOX", cp(9, 100), &[]).await.unwrap();
-        store.commit("a", "INBOX", cp(10, 1), &[]).await.unwrap();
-        assert_eq!(store.checkpoint("a", "INBOX").await.unwrap(), Some(cp(10, 1)));
+        for suffix in ["", "-wal"] {
+            let p = dir.path().join(format!("s.db{suffix}"));
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{p:?}"
+            );
+        }
     }
 
     #[tokio::test]

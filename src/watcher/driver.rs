@@ -28,7 +28,7 @@ use super::{Event, Health, Job, Mode, WatchError};
 use crate::config::{After, Watch};
 use crate::handler::Body as MessageBody;
 use crate::handler::Message;
-use crate::imap::{ImapError, Session, WaitEnd};
+use crate::imap::{Fetched, ImapError, Session, WaitEnd};
 use crate::process::panic_message;
 use crate::route::{Decision, Fanout};
 use crate::spool::{Spool, SpoolError};
@@ -68,6 +68,27 @@ struct Body {
     identity: String,
 }
 
+/// A batch read ahead: its UIDs, and what came back (or what the machine hears instead).
+type ReadResult = (Vec<u32>, Result<Vec<Fetched>, Input>);
+
+/// A read-ahead in flight: the task owns the session until it is joined.
+struct ReadAhead {
+    uids: Vec<u32>,
+    task: tokio::task::JoinHandle<(Session, Result<Vec<Fetched>, ImapError>)>,
+}
+
+impl Drop for ReadAhead {
+    /// A read-ahead nobody waits for any more (the watcher ended or panicked) ends with it,
+    /// and its session with it.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How long a stopping watcher lets a read-ahead finish (so that the session can still carry
+/// the post-actions of what was committed) before it drops the session.
+const READ_AHEAD_GRACE: Duration = Duration::from_secs(2);
+
 /// Where a fetched message is held until its delivery.
 enum Held {
     Memory(Vec<u8>),
@@ -88,6 +109,10 @@ struct Driver {
     /// A job that interrupted a wait.
     waiting_job: Option<Job>,
     session: Option<Session>,
+    /// The next batch being read while this one is delivered: the session is in the task.
+    reading_ahead: Option<ReadAhead>,
+    /// The next batch, read ahead and back with the session, until the machine asks for it.
+    read_ahead: Option<ReadResult>,
     bodies: BTreeMap<u32, Body>,
     /// INTERNALDATE and flags of the messages of the last listing.
     listed: HashMap<u32, (Option<String>, Vec<String>)>,
@@ -154,6 +179,8 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         jobs_closed: false,
         waiting_job: None,
         session: None,
+        reading_ahead: None,
+        read_ahead: None,
         bodies: BTreeMap::new(),
         listed: HashMap::new(),
         pending_post: HashSet::new(),
@@ -188,6 +215,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
             h.oldest_pending = oldest;
         });
         if let Action::Done(result) = action {
+            driver.join_read_ahead().await;
             if let Some(s) = driver.session.take() {
                 s.logout().await;
             }
@@ -207,6 +235,8 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
                 driver.health(|h| h.panics += 1);
                 error!(watch = %driver.name, panic = %msg, "watcher panicked; treating it as a dropped connection");
                 driver.session = None;
+                driver.reading_ahead = None;
+                driver.read_ahead = None;
                 Input::Failed {
                     class: FailureClass::Network,
                     error: clip(format!("watcher task panicked: {msg}")),
@@ -282,6 +312,26 @@ impl Driver {
     }
 
     async fn execute(&mut self, action: Action, uidvalidity: u32) -> Input {
+        match &action {
+            // Neither touches the session: a read-ahead goes on meanwhile.
+            Action::Deliver { .. }
+            | Action::Flush
+            | Action::Commit { .. }
+            | Action::Record { .. }
+            | Action::Load
+            | Action::InvalidateToken
+            | Action::Sleep { keep_session: true, .. } => {}
+            // The session is needed, and what was read ahead is still what the machine may
+            // ask for next.
+            Action::Fetch { .. } | Action::PostAction { .. } | Action::CheckExists { .. } => {
+                self.join_read_ahead().await;
+            }
+            // A new round, a new session or a wait: whatever was read ahead is stale.
+            _ => {
+                self.join_read_ahead().await;
+                self.read_ahead = None;
+            }
+        }
         match action {
             Action::Connect => self.connect().await,
             Action::Load => self.load().await,
@@ -344,7 +394,8 @@ impl Driver {
                 uids,
                 check_seen,
                 spool,
-            } => self.fetch(uids, &check_seen, spool, uidvalidity).await,
+                ahead,
+            } => self.fetch(uids, &check_seen, spool, ahead, uidvalidity).await,
             Action::CheckExists { uid } => {
                 let Some(mut session) = self.session.take() else {
                     return no_session();
@@ -483,6 +534,7 @@ impl Driver {
 
     async fn connect(&mut self) -> Input {
         self.session = None;
+        self.read_ahead = None;
         self.bodies.clear();
         let account = self.watch.account.clone();
         let opened = self.interruptible_open(&account).await;
@@ -549,13 +601,109 @@ impl Driver {
         }
     }
 
-    async fn fetch(&mut self, uids: Vec<u32>, check_seen: &[u32], spool: bool, uidvalidity: u32) -> Input {
+    /// Waits for the read-ahead in flight, if any, and takes the session back (with what was
+    /// read, or without the session if the read failed). A stop gives it [`READ_AHEAD_GRACE`],
+    /// then drops the session.
+    async fn join_read_ahead(&mut self) {
+        let Some(mut reading) = self.reading_ahead.take() else {
+            return;
+        };
+        let mut stop = self.stop.clone();
+        let joined = tokio::select! {
+            biased;
+            r = &mut reading.task => r,
+            _ = async {
+                Self::stopped(&mut stop).await;
+                tokio::time::sleep(READ_AHEAD_GRACE).await;
+            } => {
+                // Dropping it aborts the task.
+                debug!(watch = %self.name, "stopping: read-ahead abandoned with its session");
+                return;
+            }
+        };
+        let uids = std::mem::take(&mut reading.uids);
+        match joined {
+            Ok((session, Ok(fetched))) => {
+                self.session = Some(session);
+                self.read_ahead = Some((uids, Ok(fetched)));
+            }
+            Ok((_, Err(e))) => {
+                // The session is gone; the machine hears of it with its next fetch of these
+                // messages, or from the next command that finds no session.
+                warn!(watch = %self.name, error = %describe(&e), "read-ahead failed; the session is dropped");
+                self.read_ahead = Some((uids, Err(failed(&e))));
+            }
+            Err(e) => {
+                error!(watch = %self.name, error = %e, "read-ahead task failed; the session is dropped");
+                self.health(|h| h.panics += u64::from(e.is_panic()));
+            }
+        }
+    }
+
+    /// Starts reading `uids` (a batch of messages each at most `spool_above`) with the
+    /// session, in a task of its own, while the current batch is delivered.
+    fn start_read_ahead(&mut self, uids: Vec<u32>) {
+        if uids.is_empty() || *self.stop.borrow() {
+            return;
+        }
         let Some(mut session) = self.session.take() else {
-            return no_session();
+            return;
+        };
+        let spool_above = self.watch.spool_above;
+        let task = tokio::spawn({
+            let uids = uids.clone();
+            async move {
+                let r = Self::fetch_batch(&mut session, &uids, spool_above).await;
+                (session, r)
+            }
+        });
+        self.reading_ahead = Some(ReadAhead { uids, task });
+    }
+
+    /// One batch of messages, each at most `spool_above` by the server's listing, in memory.
+    async fn fetch_batch(session: &mut Session, uids: &[u32], spool_above: u64) -> Result<Vec<Fetched>, ImapError> {
+        // The machine sized the batch by the reported sizes, every message at most
+        // `spool_above`; a server that lies gets this far and no further (the batch then fails,
+        // and its messages are fetched one at a time, spooled).
+        session.set_max_literal(spool_above.saturating_mul(2));
+        let fetch_cap = BATCH_BYTES.saturating_add(spool_above.saturating_mul(2));
+        session.fetch(uids, fetch_cap).await
+    }
+
+    async fn fetch(
+        &mut self,
+        uids: Vec<u32>,
+        check_seen: &[u32],
+        spool: bool,
+        ahead: Vec<u32>,
+        uidvalidity: u32,
+    ) -> Input {
+        let read = match self.read_ahead.take() {
+            Some((read, r)) if read == uids => Some(r),
+            _ => None,
+        };
+        let fetched: Vec<(u32, Held)> = match read {
+            Some(Ok(f)) => f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
+            Some(Err(input)) => return input,
+            None => match self.fetch_now(&uids, spool).await {
+                Ok(f) => f,
+                Err(input) => return input,
+            },
+        };
+        // The next batch comes while this one is delivered and committed.
+        self.start_read_ahead(ahead);
+        self.settle_fetched(uids, fetched, check_seen, uidvalidity).await
+    }
+
+    /// Fetches `uids` with the session: a batch in memory, or (with `spool`) one message in
+    /// pieces into a spool file.
+    async fn fetch_now(&mut self, uids: &[u32], spool: bool) -> Result<Vec<(u32, Held)>, Input> {
+        let Some(mut session) = self.session.take() else {
+            return Err(no_session());
         };
         let mut stop = self.stop.clone();
         let max_message = self.watch.max_message_size;
-        let fetched: Vec<(u32, Held)> = match (spool, uids.as_slice()) {
+        let fetched: Vec<(u32, Held)> = match (spool, uids) {
             (true, &[uid]) => {
                 // Alone, in chunks, into a file: memory holds one chunk whatever the size.
                 let dir = match self.fanout.spool_dir() {
@@ -565,39 +713,44 @@ impl Driver {
                 let r = tokio::select! {
                     biased;
                     r = crate::spool::fetch(&mut session, &dir, uid, max_message) => r,
-                    _ = Self::stopped(&mut stop) => return Input::Interrupted,
+                    _ = Self::stopped(&mut stop) => return Err(Input::Interrupted),
                 };
                 match r {
                     Ok(Some(spooled)) => vec![(uid, Held::Spooled(spooled))],
                     Ok(None) => Vec::new(),
-                    Err(SpoolError::Imap(e)) => return failed(&e),
+                    Err(SpoolError::Imap(e)) => return Err(failed(&e)),
                     Err(SpoolError::File(e)) => {
-                        return Input::Failed {
+                        return Err(Input::Failed {
                             class: FailureClass::Network,
                             error: clip(e),
-                        };
+                        });
                     }
                 }
             }
             _ => {
-                // The machine sized the batch by the reported sizes, every message at most
-                // `spool_above`; a server that lies gets this far and no further (the batch
-                // then fails, and its messages are fetched one at a time, spooled).
-                let spool_above = self.watch.spool_above;
-                session.set_max_literal(spool_above.saturating_mul(2));
-                let fetch_cap = BATCH_BYTES.saturating_add(spool_above.saturating_mul(2));
                 let r = tokio::select! {
                     biased;
-                    r = session.fetch(&uids, fetch_cap) => r,
-                    _ = Self::stopped(&mut stop) => return Input::Interrupted,
+                    r = Self::fetch_batch(&mut session, uids, self.watch.spool_above) => r,
+                    _ = Self::stopped(&mut stop) => return Err(Input::Interrupted),
                 };
                 match r {
                     Ok(f) => f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
-                    Err(e) => return failed(&e),
+                    Err(e) => return Err(failed(&e)),
                 }
             }
         };
         self.session = Some(session);
+        Ok(fetched)
+    }
+
+    /// Holds the fetched bodies for delivery and tells the machine what came back.
+    async fn settle_fetched(
+        &mut self,
+        uids: Vec<u32>,
+        fetched: Vec<(u32, Held)>,
+        check_seen: &[u32],
+        uidvalidity: u32,
+    ) -> Input {
         let (account, folder) = (&self.watch.account.name, &self.watch.folder);
         // Attempts already made on messages that failed before (e.g. before a restart).
         let prior = match self.store.failed_attempts(account, folder).await {

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use inboxd::config::Config;
 use inboxd::handler::{Handler, HandlerError, Message};
 use inboxd::imap::Session;
-use inboxd::store::{SqliteStore, Store};
+use inboxd::store::Store;
 use inboxd::watcher::Event;
 use inboxd_testbed::{self as testbed, Dovecot};
 use tokio::sync::broadcast;
@@ -54,7 +54,7 @@ account = "t"
 }
 
 pub async fn store(config: &Config) -> Arc<dyn Store> {
-    Arc::new(SqliteStore::open(&config.state).await.unwrap())
+    inboxd::store::open(&config.state).await.unwrap()
 }
 
 /// (uid, key, raw bytes) of a handled message.

@@ -27,9 +27,12 @@ pub struct State {
     pub bye_in_idle: Option<Duration>,
     /// Send BYE AccessTokenExpired instead of the bodies of the next body FETCH (once).
     pub bye_in_fetch: bool,
+    /// Send BYE instead of the bodies of the body FETCH that comes once this many bodies were
+    /// sent (once).
+    pub bye_after_bodies: Option<u32>,
     /// Refuse the next AUTHENTICATE with the XOAUTH2 error challenge (once).
     pub refuse_next_auth: bool,
-    /// How many body FETCHes were answered with bodies.
+    /// How many bodies were sent.
     pub bodies_sent: u32,
     /// Complete the next SELECT with `OK [READ-WRITE]– x`: a multi-byte character right after
     /// `]`, which panics imap-proto 0.17 (once).
@@ -429,7 +432,14 @@ impl Scripted {
                             continue;
                         }
                         if body_fetch {
-                            let bye = std::mem::take(&mut self.state.lock().unwrap().bye_in_fetch);
+                            let bye = {
+                                let mut st = self.state.lock().unwrap();
+                                let after = st.bye_after_bodies == Some(st.bodies_sent);
+                                if after {
+                                    st.bye_after_bodies = None;
+                                }
+                                std::mem::take(&mut st.bye_in_fetch) || after
+                            };
                             if bye && !msgs.is_empty() {
                                 w.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n")
                                     .await?;

@@ -12,7 +12,7 @@ use tracing::{error, info};
 use inboxd::config::{Account, Config, Watch};
 use inboxd::handler::Message;
 use inboxd::imap::Session;
-use inboxd::store::{DeliveryStatus, SqliteStore, StateLock, Store};
+use inboxd::store::{DeliveryStatus, InstanceLock, StateLock, Store};
 use inboxd::watcher::{Mode, Watcher};
 
 /// Text from a handler or a server, safe for a terminal: control characters (escape
@@ -31,10 +31,9 @@ fn printable(text: &str) -> String {
 
 /// Opens the configured state store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let store = SqliteStore::open(&config.state)
+    inboxd::store::open(&config.state)
         .await
-        .with_context(|| format!("cannot open state store {}", config.state.display()))?;
-    Ok(Arc::new(store))
+        .with_context(|| format!("cannot open state store {}", config.state))
 }
 
 /// Starts every watch. Beyond the first few, starts are staggered by 10–50 ms each, so a
@@ -84,7 +83,7 @@ fn views_of(running: &[Running]) -> Vec<crate::http::WatchView> {
 /// Runs every watch until SIGINT or SIGTERM, then stops them cleanly: the delivery in flight
 /// finishes and is committed, sessions log out. SIGHUP reloads the config.
 pub async fn run(config: &Config) -> anyhow::Result<()> {
-    let _lock = StateLock::acquire(&config.state)?;
+    let _lock = InstanceLock::acquire(&config.state).await?;
     let store = open_store(config).await?;
     let mut signals = Signals::new()?;
     let mut current = config.clone();
@@ -124,7 +123,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         None => None,
     };
     let _notifier = crate::service::start(views.clone()).map(AbortOnDrop);
-    info!(watches = running.len(), state = %config.state.display(), "inboxd running");
+    info!(watches = running.len(), state = %config.state, "inboxd running");
     loop {
         let answer = tokio::select! {
             signal = signals.next() => match signal {
@@ -183,8 +182,8 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
     };
     if new.state != current.state {
         error!(
-            from = %current.state.display(),
-            to = %new.state.display(),
+            from = %current.state,
+            to = %new.state,
             "reload refused: `state` changed; restart inboxd to move to another state file"
         );
         return Err("reload refused: `state` changed; restart inboxd to move to another state file".into());
@@ -302,8 +301,13 @@ pub async fn acknowledge(config: &Config, key: &str) -> anyhow::Result<()> {
 /// Asks the `inboxd run` holding this config's state to reload its config (SIGHUP), after
 /// checking that the config loads.
 pub fn reload_running(config: &Config) -> anyhow::Result<()> {
-    match StateLock::acquire(&config.state) {
-        Ok(_) => bail!("no inboxd is running on {}", config.state.display()),
+    let Some(file) = config.state.file() else {
+        bail!(
+            "`inboxd reload` finds the running inboxd by its state file; with PostgreSQL state, send it SIGHUP or POST /api/v1/reload"
+        );
+    };
+    match StateLock::acquire(file) {
+        Ok(_) => bail!("no inboxd is running on {}", file.display()),
         Err(inboxd::store::LockError::Held { holder, .. }) => {
             let pid: i32 = holder
                 .parse()
@@ -330,7 +334,7 @@ impl Drop for AbortOnDrop {
 
 /// Catches every watch up once. Fails if any watch failed or dead-lettered a message.
 pub async fn once(config: &Config) -> anyhow::Result<()> {
-    let _lock = StateLock::acquire(&config.state)?;
+    let _lock = InstanceLock::acquire(&config.state).await?;
     let store = open_store(config).await?;
     let watchers = start_all(config, &store, Mode::Once).await?;
     let progress = crate::progress::Progress::start(watchers.iter().map(Watcher::health_handle).collect());
@@ -727,7 +731,7 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
     writeln!(
         out,
         "watches (state {}; live state {}):",
-        config.state.display(),
+        config.state,
         match (&live_url, &live) {
             (Some(url), Ok(_)) => format!("from {url}"),
             (Some(url), Err(e)) => format!("unknown: {url}: {e}"),

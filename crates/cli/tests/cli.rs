@@ -133,8 +133,7 @@ fn run_stops_cleanly_on_sigterm() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
-    let st = rt.block_on(inboxd::store::SqliteStore::open(&cfg.state)).unwrap();
-    use inboxd::store::Store;
+    let st = rt.block_on(inboxd::store::open(&cfg.state)).unwrap();
     let cp = rt.block_on(st.checkpoint("t", "INBOX")).unwrap().unwrap();
     assert_eq!(cp.last_uid, 2);
 }
@@ -294,8 +293,7 @@ fn a_missing_handler_fails_check_and_the_start_instead_of_dead_lettering_mail() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nope.sh not found"), "{err}");
     // Nothing was dead-lettered.
-    let st = rt.block_on(inboxd::store::SqliteStore::open(&cfg.state)).unwrap();
-    use inboxd::store::Store;
+    let st = rt.block_on(inboxd::store::open(&cfg.state)).unwrap();
     let dead = rt
         .block_on(st.by_status(inboxd::store::DeliveryStatus::Dead, 10))
         .unwrap();
@@ -723,4 +721,65 @@ async fn folders_are_named_as_people_read_them() {
 /// A TOML basic string.
 fn toml_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[test]
+fn postgres_state_is_held_by_one_process_at_a_time_and_its_password_is_never_shown() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let db = inboxd_testbed::PgDatabase::create().unwrap();
+    // Trust authentication on loopback ignores the password; inboxd must still never show it.
+    let url = db.url().replacen("postgres@", "postgres:sekret-pw@", 1);
+    assert!(url.contains("sekret-pw"), "{url}");
+    let cfg = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let text = std::fs::read_to_string(&cfg.path)
+        .unwrap()
+        .replace("state = \"state.db\"", &format!("state = \"{url}\""));
+    std::fs::write(&cfg.path, text).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(append(&dv, "INBOX", &["a", "b"]));
+    let count = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
+    let first = inboxd_bin()
+        .args(["run", "-c"])
+        .arg(&cfg.path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "messages not delivered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second process was allowed: {err}");
+    assert!(
+        err.contains("in use by another inboxd") && err.contains(&format!("pid {} on", first.id())),
+        "{err}"
+    );
+    assert!(!err.contains("sekret-pw") && err.contains("postgres:***@"), "{err}");
+    let status = inboxd_bin().args(["status", "-c"]).arg(&cfg.path).output().unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        !shown.contains("sekret-pw") && shown.contains("postgres:***@"),
+        "{shown}"
+    );
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let ended = first.wait_with_output().unwrap();
+    assert!(ended.status.success());
+    let log = String::from_utf8_lossy(&ended.stderr);
+    assert!(!log.contains("sekret-pw"), "{log}");
+    // The state is in PostgreSQL, and the lock went with the process.
+    assert_eq!(db.sql("SELECT last_uid FROM checkpoints").unwrap(), "2");
+    assert!(!dir.path().join("state.db").exists());
+    rt.block_on(append(&dv, "INBOX", &["c"]));
+    let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(count(), 3);
+    assert_eq!(
+        db.sql("SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'")
+            .unwrap(),
+        "3"
+    );
 }

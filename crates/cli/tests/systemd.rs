@@ -128,7 +128,10 @@ fn the_contrib_unit_passes_systemd_analyze_verify_and_its_config_loads() {
         "/../../contrib/systemd/inboxd.toml"
     ));
     let config = inboxd::config::Config::load(example).unwrap();
-    assert_eq!(config.state, std::path::Path::new("/var/lib/inboxd/inboxd.db"));
+    assert_eq!(
+        config.state.file(),
+        Some(std::path::Path::new("/var/lib/inboxd/inboxd.db"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -250,10 +250,17 @@ pub enum Action {
     /// Fetch these bodies; for those in `check_seen` (the dedupe pass after a UIDVALIDITY
     /// change), say whether each was delivered before. With `spool`, `uids` is one message, to
     /// be fetched in chunks into a file (flat memory whatever its size).
+    ///
+    /// `ahead` is the batch after this one if the catch-up goes on as planned (never a spooled
+    /// one): the driver may read it from the server while this batch is delivered and
+    /// committed, the session being idle then. The next `Fetch` names exactly these UIDs
+    /// unless something happened in between (a failure, a retry, a stop); then the read-ahead
+    /// is discarded unused. Nothing read ahead is delivered before the machine asks for it.
     Fetch {
         uids: Vec<u32>,
         check_seen: Vec<u32>,
         spool: bool,
+        ahead: Vec<u32>,
     },
     /// Does this UID still exist (`UID SEARCH UID n`)?
     CheckExists {
@@ -1008,6 +1015,7 @@ impl WatchMachine {
                 uids,
                 check_seen,
                 spool,
+                ahead: self.batch_ahead(),
             };
         }
     }
@@ -1034,28 +1042,51 @@ impl WatchMachine {
     /// bytes; a message of unknown size, above `spool_above`, or one that a failed batch fetch
     /// covered, alone and spooled (the `bool`).
     fn take_batch(&mut self) -> (Vec<u32>, bool) {
-        let mut uids = Vec::new();
+        let (len, spool) = self.plan_batch();
+        let uids = self.catch_up.queue.drain(..len).map(|l| l.uid).collect();
+        (uids, spool)
+    }
+
+    /// How many messages at the front of the queue make the next batch, and whether it is
+    /// spooled; see [`Self::take_batch`].
+    fn plan_batch(&self) -> (usize, bool) {
+        let mut len = 0;
         let mut bytes = 0u64;
-        while let Some(&next) = self.catch_up.queue.front() {
+        for &next in &self.catch_up.queue {
             let alone = next.size.is_none_or(|s| u64::from(s) > self.spec.spool_above) || next.uid <= self.single_until;
-            if !uids.is_empty() {
-                let size = u64::from(next.size.unwrap_or(0));
-                if alone
-                    || uids.len() >= self.spec.batch_size.max(1)
+            let size = u64::from(next.size.unwrap_or(0));
+            if len > 0
+                && (alone
+                    || len >= self.spec.batch_size.max(1)
                     || bytes.saturating_add(size) > self.spec.batch_bytes
-                    || self.give_up_reason(next).is_some()
-                {
-                    break;
-                }
+                    || self.give_up_reason(next).is_some())
+            {
+                break;
             }
-            self.catch_up.queue.pop_front();
-            uids.push(next.uid);
-            bytes = bytes.saturating_add(u64::from(next.size.unwrap_or(0)));
+            len += 1;
+            bytes = bytes.saturating_add(size);
             if alone {
-                return (uids, true);
+                return (len, true);
             }
         }
-        (uids, false)
+        (len, false)
+    }
+
+    /// The batch that [`Self::take_batch`] will take next if nothing changes, for the driver
+    /// to read ahead; empty where there is none, or it would be spooled (read in pieces into a
+    /// file when its turn comes), or its first message is given up without a fetch.
+    fn batch_ahead(&self) -> Vec<u32> {
+        if self.stopping {
+            return Vec::new();
+        }
+        match self.catch_up.queue.front() {
+            Some(&front) if self.give_up_reason(front).is_none() => {}
+            _ => return Vec::new(),
+        }
+        match self.plan_batch() {
+            (len, false) => self.catch_up.queue.iter().take(len).map(|l| l.uid).collect(),
+            (_, true) => Vec::new(),
+        }
     }
 
     fn settle(&mut self, uid: u32, status: Status, attempts: u32, error: String) {

@@ -315,11 +315,37 @@ fn drive(
     stop_after: Option<usize>,
 ) -> Result<bool, TestCaseError> {
     let mut input = first;
+    // The read-ahead of the last fetch, while nothing happened that may change the plan: the
+    // next fetch must name exactly it.
+    let mut ahead: Option<Vec<u32>> = None;
     for steps in 0..5_000usize {
         if stop_after == Some(steps) {
             m.stop();
         }
+        if matches!(input, Input::Failed { .. } | Input::HandlerFailed { .. }) {
+            ahead = None;
+        }
         let action = m.on(input, w.now, 0.5);
+        match &action {
+            Action::Fetch { uids, ahead: next, .. } => {
+                if let Some(expected) = ahead.take().filter(|a| !a.is_empty()) {
+                    prop_assert_eq!(uids, &expected, "the fetch after a read-ahead names other messages");
+                }
+                if !m.stopping() {
+                    ahead = Some(next.clone());
+                }
+            }
+            Action::Deliver { .. }
+            | Action::Flush
+            | Action::Commit { .. }
+            | Action::Record { .. }
+            | Action::PostAction { .. }
+            | Action::CheckExists { .. } => {}
+            _ => ahead = None,
+        }
+        if m.stopping() {
+            ahead = None;
+        }
         if limit.is_some_and(|l| steps >= l) {
             // The process dies: nothing unflushed survives, nothing uncommitted counts.
             w.unflushed.clear();
@@ -381,9 +407,20 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             uids,
             check_seen,
             spool,
+            ahead,
         } => {
             // A message above spool_above (every fifth here) goes alone, into a spool file.
             assert!(!spool || uids.len() == 1, "a spooled fetch of {uids:?}");
+            // The read-ahead is the batch after this one: above it, ascending, never a message
+            // that would be spooled.
+            prop_assert!(
+                ahead.windows(2).all(|p| p[0] < p[1]) && ahead.iter().all(|a| uids.iter().all(|u| a > u)),
+                "read-ahead {ahead:?} is not the batch after {uids:?}"
+            );
+            prop_assert!(
+                ahead.iter().all(|&u| u64::from(size_of(u)) <= 1_000),
+                "a message above spool_above read ahead: {ahead:?}"
+            );
             assert!(
                 spool || uids.iter().all(|&u| u64::from(size_of(u)) <= 1_000),
                 "a message above spool_above fetched in a batch: {uids:?}"
@@ -582,6 +619,7 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
             uids: vec![11, 12, 13],
             check_seen: vec![],
             spool: false,
+            ahead: vec![],
         }
     );
     // 12 came back without a body.
@@ -702,6 +740,7 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
             uids: vec![4],
             check_seen: vec![],
             spool: false,
+            ahead: vec![],
         }
     );
 }
@@ -720,6 +759,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
             uids: vec![1, 2, 3],
             check_seen: vec![],
             spool: false,
+            ahead: vec![],
         }
     );
     let mut now = 0;
@@ -753,6 +793,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
                 uids: vec![1],
                 check_seen: vec![],
                 spool: true,
+                ahead: vec![],
             }
         );
         action = m.on(
@@ -790,6 +831,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
             uids: vec![2],
             check_seen: vec![],
             spool: true,
+            ahead: vec![],
         }
     );
 }
@@ -824,6 +866,7 @@ fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
             uids: vec![2],
             check_seen: vec![],
             spool: false,
+            ahead: vec![],
         }
     );
     assert!(
@@ -1003,7 +1046,8 @@ fn a_busy_target_never_dead_letters_and_its_retry_after_is_honoured() {
             Action::Fetch {
                 uids: vec![1],
                 check_seen: vec![],
-                spool: false
+                spool: false,
+                ahead: vec![],
             }
         );
         assert_eq!(m.on(fetched(&[1]), s(now), 0.0), Action::Deliver { uid: 1, attempt: 1 });
@@ -1110,4 +1154,47 @@ fn the_gravest_of_several_target_failures_decides() {
     assert_eq!(Permanent.graver(Attempt), Permanent);
     assert_eq!(Permanent.graver(Unavailable), Unavailable);
     assert_eq!(Unavailable.graver(busy(1)), Unavailable);
+}
+
+#[test]
+fn each_fetch_names_the_next_batch_to_read_ahead_and_never_a_spooled_one() {
+    // Batches of 3; uid 8 is above spool_above (1,000 bytes): it goes alone, spooled, and is
+    // never read ahead.
+    let mut m = started(spec(3, false, false), Some(cp(7, 0)));
+    let select = Input::Selected(inboxd_core::mailbox::Selected {
+        uidvalidity: 7,
+        uidnext: 11,
+    });
+    assert_eq!(m.on(select, s(0), 0.0), Action::List { above: 0 });
+    let items = (1..=10)
+        .map(|uid| Listed {
+            uid,
+            size: Some(if uid == 8 { 5_000 } else { 10 }),
+        })
+        .collect();
+    let mut action = m.on(Input::Listed { items, news: false }, s(0), 0.0);
+    let mut fetches = Vec::new();
+    loop {
+        action = match action {
+            Action::Fetch { uids, spool, ahead, .. } => {
+                fetches.push((uids.clone(), spool, ahead));
+                m.on(fetched(&uids), s(0), 0.0)
+            }
+            Action::Deliver { uid, .. } => m.on(Input::Delivered { uid }, s(0), 0.0),
+            Action::Flush => m.on(Input::Flushed, s(0), 0.0),
+            Action::Commit { .. } => m.on(Input::Committed, s(0), 0.0),
+            Action::List { above: 10 } => break,
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(
+        fetches,
+        vec![
+            (vec![1, 2, 3], false, vec![4, 5, 6]),
+            (vec![4, 5, 6], false, vec![7]),
+            (vec![7], false, vec![]),
+            (vec![8], true, vec![9, 10]),
+            (vec![9, 10], false, vec![]),
+        ]
+    );
 }

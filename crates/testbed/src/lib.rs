@@ -897,3 +897,70 @@ impl Rabbit {
         Ok(Rabbit(Broker::new(service, "amqp://127.0.0.1", "amqps://localhost")))
     }
 }
+
+/// A database of its own on the machine's PostgreSQL (`INBOXD_TEST_POSTGRES`, default
+/// `postgres://postgres@127.0.0.1:5432/postgres`: trust authentication on loopback), created
+/// empty and dropped (with its connections) when this is dropped. Tests that restart or cut
+/// off PostgreSQL must not use this: they need a server of their own.
+pub struct PgDatabase {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    pub fn create() -> io::Result<PgDatabase> {
+        let admin = std::env::var("INBOXD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "inboxd_test_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            fastrand_suffix()
+        );
+        psql(&admin, &format!("CREATE DATABASE {name}"))?;
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        Ok(PgDatabase { admin, name, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs SQL in this database with `psql` (for a test's own checks or faults).
+    pub fn sql(&self, sql: &str) -> io::Result<String> {
+        psql(&self.url, sql)
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = psql(
+            &self.admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos().into())
+}
+
+/// Runs one SQL command with `psql`; its output (unaligned, tuples only), or the error it
+/// printed.
+fn psql(url: &str, sql: &str) -> io::Result<String> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

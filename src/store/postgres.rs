@@ -1,0 +1,541 @@
+//! The PostgreSQL store (`state = "postgres://..."`, feature `postgres`): the same tables and
+//! the same contract as the SQLite store, for instances that share their state. A commit is
+//! durable when it returns (PostgreSQL's default `synchronous_commit = on`; the store refuses
+//! to run against a server or role where it is off).
+//!
+//! Text from a server (Message-IDs, errors) may hold NUL bytes, which PostgreSQL's `TEXT`
+//! cannot: they are written as U+FFFD, so that no message can make every commit fail.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use inboxd_core::checkpoint::Checkpoint;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row};
+
+use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreResult};
+
+/// Migrations, applied in order at start-up under an advisory lock (instances starting
+/// together take turns); `inboxd_migrations` records those that ran.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+
+/// The advisory lock key that serialises migrations ("inboxd" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0069_6e62_6f78_0064;
+
+/// The advisory lock key that one running instance holds ("inboxd" + 1).
+const INSTANCE_LOCK: i64 = MIGRATION_LOCK + 1;
+
+/// The database held by this process (see [`PgStore::lock_instance`]); released when dropped.
+pub struct PgInstanceLock {
+    _conn: sqlx::PgConnection,
+}
+
+impl std::fmt::Debug for PgInstanceLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgInstanceLock")
+    }
+}
+
+fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `TEXT` holds no NUL byte.
+fn text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// The PostgreSQL checkpoint store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl std::fmt::Debug for PgStore {
+    /// The pool's options hold the password: not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects and applies pending migrations. `url` is a `postgres://` URL (libpq's form,
+    /// with its `PG*` environment defaults).
+    pub async fn open(url: &str) -> StoreResult<PgStore> {
+        let options: PgConnectOptions = url.parse().map_err(err("parse the PostgreSQL URL"))?;
+        PgStore::connect(options).await
+    }
+
+    pub async fn connect(options: PgConnectOptions) -> StoreResult<PgStore> {
+        // The session name tells an operator (and a second instance) who this is.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let name = format!("inboxd {} on {}", std::process::id(), host.trim());
+        let options = options.application_name(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(err("connect"))?;
+        let store = PgStore { pool };
+        store.check_durability().await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A commit must be on disk when it returns; `synchronous_commit = off` (or `local` with
+    /// a replica expected to hold it) would acknowledge messages a crash can lose.
+    async fn check_durability(&self) -> StoreResult<()> {
+        let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err("check synchronous_commit"))?;
+        if setting == "off" {
+            return Err(StoreError {
+                what: "check synchronous_commit",
+                source: "the server or role has synchronous_commit = off: a commit could be lost after it returned; set it to on for inboxd's role".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the database for this process, as the SQLite store's lock file does for a file:
+    /// a session-level advisory lock held on a connection of its own until the returned
+    /// guard is dropped (or the process dies, which ends the session). `Ok(None)` if another
+    /// process holds it.
+    pub async fn lock_instance(&self) -> StoreResult<Option<PgInstanceLock>> {
+        let mut conn = self.pool.acquire().await.map_err(err("lock"))?.detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(INSTANCE_LOCK)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(err("lock"))?;
+        Ok(got.then_some(PgInstanceLock { _conn: conn }))
+    }
+
+    /// Who holds the instance lock: `<pid> on <host>`, from the holder's session name.
+    pub async fn lock_holder(&self) -> Option<String> {
+        let name: Option<String> = sqlx::query_scalar(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+               AND ((l.classid::BIGINT << 32) | l.objid::BIGINT) = $1",
+        )
+        .bind(INSTANCE_LOCK)
+        .fetch_optional(&self.pool)
+        .await
+        .ok()
+        .flatten();
+        name.map(|n| n.strip_prefix("inboxd ").unwrap_or(&n).to_string())
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(err("migrate"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("migrate"))?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS inboxd_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(err("migrate"))?;
+        let done: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM inboxd_migrations")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("migrate"))?;
+        if done > MIGRATIONS.len() as i64 {
+            return Err(StoreError {
+                what: "migrate",
+                source: format!(
+                    "the database is at schema version {done}, newer than this inboxd knows ({}); run the newer inboxd",
+                    MIGRATIONS.len()
+                )
+                .into(),
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+            sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(err("migrate"))?;
+            sqlx::query("INSERT INTO inboxd_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(i as i32 + 1)
+                .bind(now())
+                .execute(&mut *tx)
+                .await
+                .map_err(err("migrate"))?;
+        }
+        tx.commit().await.map_err(err("migrate"))
+    }
+
+    /// Writes delivery-log rows, a few hundred per statement.
+    async fn write_log(conn: &mut sqlx::PgConnection, log: &[Delivery]) -> Result<(), sqlx::Error> {
+        // 12 parameters a row, well inside PostgreSQL's 65,535.
+        const ROWS_PER_STATEMENT: usize = 256;
+        let t = now();
+        for chunk in log.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<Postgres>::new(
+                "INSERT INTO deliveries (key, account, folder, uidvalidity, uid, message_id, status, attempts, last_error, first_at, updated_at, route) ",
+            );
+            q.push_values(chunk, |mut row, d| {
+                row.push_bind(text(&d.key).into_owned())
+                    .push_bind(text(&d.account).into_owned())
+                    .push_bind(text(&d.folder).into_owned())
+                    .push_bind(i64::from(d.uidvalidity))
+                    .push_bind(i64::from(d.uid))
+                    .push_bind(text(&d.message_id).into_owned())
+                    .push_bind(d.status.as_str())
+                    .push_bind(i64::from(d.attempts))
+                    .push_bind(text(&d.last_error).into_owned())
+                    .push_bind(t)
+                    .push_bind(t)
+                    .push_bind(text(&d.route).into_owned());
+            });
+            q.push(
+                " ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, status = excluded.status,
+                   attempts = excluded.attempts, last_error = excluded.last_error, updated_at = excluded.updated_at,
+                   route = CASE WHEN excluded.route = '' THEN deliveries.route ELSE excluded.route END,
+                   acknowledged = CASE WHEN excluded.status = 'dead' THEN deliveries.acknowledged ELSE FALSE END",
+            );
+            q.build().execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+}
+
+fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    Ok(Delivery {
+        key: row.try_get("key")?,
+        account: row.try_get("account")?,
+        folder: row.try_get("folder")?,
+        uidvalidity: row.try_get::<i64, _>("uidvalidity")? as u32,
+        uid: row.try_get::<i64, _>("uid")? as u32,
+        message_id: row.try_get("message_id")?,
+        status: DeliveryStatus::parse(&status).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "status".into(),
+            source: format!("unknown delivery status {status:?} (a newer inboxd wrote this state?)").into(),
+        })?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        last_error: row.try_get("last_error")?,
+        route: row.try_get("route")?,
+        acknowledged: row.try_get("acknowledged")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+impl Store for PgStore {
+    fn checkpoint<'a>(&'a self, account: &'a str, folder: &'a str) -> BoxFuture<'a, StoreResult<Option<Checkpoint>>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT uidvalidity, last_uid, dedupe_through FROM checkpoints WHERE account = $1 AND folder = $2",
+            )
+            .bind(text(account))
+            .bind(text(folder))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("read checkpoint"))?;
+            row.map(|r| {
+                Ok(Checkpoint {
+                    uidvalidity: r.try_get::<i64, _>(0)? as u32,
+                    last_uid: r.try_get::<i64, _>(1)? as u32,
+                    dedupe_through: r.try_get::<i64, _>(2)? as u32,
+                })
+            })
+            .transpose()
+            .map_err(err("read checkpoint"))
+        })
+    }
+
+    fn commit<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        checkpoint: Checkpoint,
+        log: &'a [Delivery],
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(err("commit"))?;
+            Self::write_log(&mut tx, log).await.map_err(err("commit"))?;
+            // Compare-and-set: within one UIDVALIDITY the checkpoint never moves backwards.
+            let done = sqlx::query(
+                "INSERT INTO checkpoints (account, folder, uidvalidity, last_uid, dedupe_through, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (account, folder) DO UPDATE SET uidvalidity = excluded.uidvalidity,
+                   last_uid = excluded.last_uid, dedupe_through = excluded.dedupe_through, updated_at = excluded.updated_at
+                 WHERE checkpoints.uidvalidity <> excluded.uidvalidity OR checkpoints.last_uid <= excluded.last_uid",
+            )
+            .bind(text(account))
+            .bind(text(folder))
+            .bind(i64::from(checkpoint.uidvalidity))
+            .bind(i64::from(checkpoint.last_uid))
+            .bind(i64::from(checkpoint.dedupe_through))
+            .bind(now())
+            .execute(&mut *tx)
+            .await
+            .map_err(err("commit"))?;
+            if done.rows_affected() == 0 {
+                // Dropping the transaction rolls the log rows back too.
+                return Err(err("commit")(sqlx::Error::Protocol(format!(
+                    "the stored checkpoint of {account}/{folder} is ahead of uid {} (another process is delivering from this state?)",
+                    checkpoint.last_uid
+                ))));
+            }
+            tx.commit().await.map_err(err("commit"))
+        })
+    }
+
+    fn record<'a>(&'a self, log: &'a [Delivery]) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            let mut tx = self.pool.begin().await.map_err(err("record"))?;
+            Self::write_log(&mut tx, log).await.map_err(err("record"))?;
+            tx.commit().await.map_err(err("record"))
+        })
+    }
+
+    fn delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Delivery>>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT * FROM deliveries WHERE key = $1")
+                .bind(text(key))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err("read delivery"))?;
+            row.as_ref().map(delivery).transpose().map_err(err("read delivery"))
+        })
+    }
+
+    fn failed_attempts<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+    ) -> BoxFuture<'a, StoreResult<std::collections::HashMap<String, u32>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT key, attempts FROM deliveries WHERE status = 'failed' AND account = $1 AND folder = $2",
+            )
+            .bind(text(account))
+            .bind(text(folder))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read deliveries"))?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u32)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read deliveries"))
+        })
+    }
+
+    fn seen_message_id<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        message_id: &'a str,
+    ) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE account = $1 AND folder = $2 AND message_id = $3
+                 AND status IN ('delivered', 'skipped'))",
+            )
+            .bind(text(account))
+            .bind(text(folder))
+            .bind(text(message_id))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err("read delivery"))
+        })
+    }
+
+    fn secret<'a>(&'a self, name: &'a str) -> BoxFuture<'a, StoreResult<Option<(String, String)>>> {
+        Box::pin(async move {
+            let row = sqlx::query("SELECT value, origin FROM secrets WHERE name = $1")
+                .bind(text(name))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err("read secret"))?;
+            row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .transpose()
+                .map_err(err("read secret"))
+        })
+    }
+
+    fn put_secret<'a>(&'a self, name: &'a str, value: &'a str, origin: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO secrets (name, value, origin, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, origin = excluded.origin, updated_at = excluded.updated_at",
+            )
+            .bind(text(name))
+            .bind(text(value))
+            .bind(text(origin))
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(err("write secret"))?;
+            Ok(())
+        })
+    }
+
+    fn checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT * FROM checkpoints ORDER BY account, folder")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("read checkpoints"))?;
+            rows.iter()
+                .map(|r| {
+                    Ok(CheckpointRow {
+                        account: r.try_get("account")?,
+                        folder: r.try_get("folder")?,
+                        checkpoint: Checkpoint {
+                            uidvalidity: r.try_get::<i64, _>("uidvalidity")? as u32,
+                            last_uid: r.try_get::<i64, _>("last_uid")? as u32,
+                            dedupe_through: r.try_get::<i64, _>("dedupe_through")? as u32,
+                        },
+                        updated_at: r.try_get("updated_at")?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read checkpoints"))
+        })
+    }
+
+    fn set_post_action<'a>(&'a self, keys: &'a [String], state: &'a str) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let keys: Vec<String> = keys.iter().map(|k| text(k).into_owned()).collect();
+            sqlx::query("UPDATE deliveries SET post_action = $2, updated_at = $3 WHERE key = ANY($1)")
+                .bind(&keys)
+                .bind(text(state))
+                .bind(now())
+                .execute(&self.pool)
+                .await
+                .map_err(err("write post-action"))?;
+            Ok(())
+        })
+    }
+
+    fn pending_post_actions<'a>(
+        &'a self,
+        account: &'a str,
+        folder: &'a str,
+        uidvalidity: u32,
+    ) -> BoxFuture<'a, StoreResult<Vec<(u32, String)>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT uid, post_action FROM deliveries WHERE (post_action = 'pending' OR post_action LIKE 'pending %')
+                   AND account = $1 AND folder = $2 AND uidvalidity = $3 ORDER BY uid",
+            )
+            .bind(text(account))
+            .bind(text(folder))
+            .bind(i64::from(uidvalidity))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read post-actions"))?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<i64, _>(0)? as u32, r.try_get::<String, _>(1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read post-actions"))
+        })
+    }
+
+    fn post_action_problems(&self, limit: u32) -> BoxFuture<'_, StoreResult<Vec<(Delivery, String)>>> {
+        Box::pin(async move {
+            let rows =
+                sqlx::query("SELECT * FROM deliveries WHERE post_action <> '' ORDER BY updated_at DESC, key LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(err("read post-actions"))?;
+            rows.iter()
+                .map(|r| Ok((delivery(r)?, r.try_get::<String, _>("post_action")?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read post-actions"))
+        })
+    }
+
+    fn targets_done<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Vec<String>>> {
+        Box::pin(async move {
+            sqlx::query_scalar("SELECT target FROM target_deliveries WHERE key = $1 ORDER BY target")
+                .bind(text(key))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("read target deliveries"))
+        })
+    }
+
+    fn record_targets<'a>(&'a self, key: &'a str, targets: &'a [String]) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(async move {
+            if targets.is_empty() {
+                return Ok(());
+            }
+            let targets: Vec<String> = targets.iter().map(|t| text(t).into_owned()).collect();
+            sqlx::query(
+                "INSERT INTO target_deliveries (key, target, at) SELECT $1, t, $3 FROM UNNEST($2::TEXT[]) AS t
+                 ON CONFLICT (key, target) DO NOTHING",
+            )
+            .bind(text(key))
+            .bind(&targets)
+            .bind(now())
+            .execute(&self.pool)
+            .await
+            .map_err(err("record target deliveries"))?;
+            Ok(())
+        })
+    }
+
+    fn acknowledge<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<bool>> {
+        Box::pin(async move {
+            let r = sqlx::query("UPDATE deliveries SET acknowledged = TRUE WHERE key = $1 AND status = 'dead'")
+                .bind(text(key))
+                .execute(&self.pool)
+                .await
+                .map_err(err("acknowledge"))?;
+            Ok(r.rows_affected() == 1)
+        })
+    }
+
+    fn unacknowledged_dead(&self) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT account, folder, COUNT(*) FROM deliveries WHERE status = 'dead' AND NOT acknowledged GROUP BY account, folder ORDER BY account, folder",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read dead letters"))?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get::<i64, _>(2)? as u64)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(err("read dead letters"))
+        })
+    }
+
+    fn by_status(&self, status: DeliveryStatus, limit: u32) -> BoxFuture<'_, StoreResult<Vec<Delivery>>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT * FROM deliveries WHERE status = $1 ORDER BY updated_at DESC, key LIMIT $2")
+                .bind(status.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("read deliveries"))?;
+            rows.iter()
+                .map(delivery)
+                .collect::<Result<_, _>>()
+                .map_err(err("read deliveries"))
+        })
+    }
+}
