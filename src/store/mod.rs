@@ -14,7 +14,7 @@ use inboxd_core::checkpoint::Checkpoint;
 
 pub use lock::{LockError, StateLock};
 #[cfg(feature = "postgres")]
-pub use postgres::{PgInstanceLock, PgStore};
+pub use postgres::{Fence, LeaseRow, PgInstanceLock, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Opens the state store at `location`.
@@ -152,6 +152,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Durable checkpoints and delivery log. Implementations must make [`Store::commit`] atomic and
 /// durable before it returns.
 pub trait Store: Send + Sync + 'static {
+    /// Whether the watch this store writes for may still deliver: true, but for a store
+    /// fenced by a lease that its holder's own clock says may have expired (no IO; the
+    /// watcher asks before each delivery, and the store's writes check the lease again).
+    fn holds_lease(&self) -> bool {
+        true
+    }
+
     fn checkpoint<'a>(&'a self, account: &'a str, folder: &'a str) -> BoxFuture<'a, StoreResult<Option<Checkpoint>>>;
 
     /// Writes the checkpoint and the given delivery-log rows in one transaction.

@@ -7,7 +7,8 @@
 //! cannot: they are written as U+FFFD, so that no message can make every commit fail.
 
 use std::borrow::Cow;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use inboxd_core::checkpoint::Checkpoint;
@@ -18,7 +19,10 @@ use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreRes
 
 /// Migrations, applied in order at start-up under an advisory lock (instances starting
 /// together take turns); `inboxd_migrations` records those that ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/postgres/0002_leases.sql"),
+];
 
 /// The advisory lock key that serialises migrations ("inboxd" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0069_6e62_6f78_0064;
@@ -63,6 +67,64 @@ fn text(s: &str) -> Cow<'_, str> {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// With a fence, every write of the watch's state is conditional on its lease.
+    fence: Option<Arc<Fence>>,
+}
+
+/// A lease this instance holds on one watch, as the store checks it: every commit, log write
+/// and post-action record of the watch runs only if (owner, epoch) still holds the lease,
+/// unexpired by the database's clock, in the same transaction (which also keeps a takeover
+/// waiting until it ends).
+#[derive(Debug)]
+pub struct Fence {
+    pub account: String,
+    pub folder: String,
+    pub owner: String,
+    pub epoch: i64,
+    /// Until when the holder's own monotonic clock trusts the lease (see
+    /// `inboxd_core::lease::LeasePolicy::trusted_until`); deliveries stop after it.
+    trusted_until: Mutex<Instant>,
+}
+
+impl Fence {
+    pub fn new(account: &str, folder: &str, owner: &str, epoch: i64, trusted_until: Instant) -> Fence {
+        Fence {
+            account: account.to_string(),
+            folder: folder.to_string(),
+            owner: owner.to_string(),
+            epoch,
+            trusted_until: Mutex::new(trusted_until),
+        }
+    }
+
+    /// A renewal succeeded: the lease is trusted until `until`.
+    pub fn trust_until(&self, until: Instant) {
+        *self.trusted_until.lock().unwrap_or_else(|e| e.into_inner()) = until;
+    }
+
+    /// The lease is lost: nothing more is delivered under it.
+    pub fn revoke(&self) {
+        self.trust_until(Instant::now());
+    }
+
+    pub fn holds(&self) -> bool {
+        Instant::now() < *self.trusted_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One row of the lease table, for `status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub account: String,
+    pub folder: String,
+    /// The owner's name (`inboxd <pid> on <host>`), if the watch is owned.
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Unix seconds.
+    pub acquired_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    /// Whether the lease is unexpired by the database's clock.
+    pub live: bool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -91,7 +153,7 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(err("connect"))?;
-        let store = PgStore { pool };
+        let store = PgStore { pool, fence: None };
         store.check_durability().await?;
         store.migrate().await?;
         Ok(store)
@@ -181,6 +243,196 @@ impl PgStore {
         tx.commit().await.map_err(err("migrate"))
     }
 
+    /// The same store, writing one watch's state only under `fence`.
+    pub fn fenced(&self, fence: Arc<Fence>) -> PgStore {
+        PgStore {
+            pool: self.pool.clone(),
+            fence: Some(fence),
+        }
+    }
+
+    /// Checks, inside a write transaction, that the fence's lease still holds, and keeps it
+    /// from being taken over until the transaction ends (`FOR SHARE` on its row).
+    async fn check_fence(&self, conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        let Some(f) = &self.fence else {
+            return Ok(());
+        };
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT epoch FROM leases WHERE account = $1 AND folder = $2 AND owner = $3 AND epoch = $4
+               AND expires_at > now() FOR SHARE",
+        )
+        .bind(&f.account)
+        .bind(&f.folder)
+        .bind(&f.owner)
+        .bind(f.epoch)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if held.is_none() {
+            f.revoke();
+            return Err(sqlx::Error::Protocol(format!(
+                "this instance no longer holds the lease on {}/{} (epoch {}): another instance may own the watch; nothing was written",
+                f.account, f.folder, f.epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Announces this instance (or keeps it announced) for `ttl`; returns how many instances
+    /// are live, this one included.
+    pub async fn heartbeat(&self, id: &str, name: &str, ttl: Duration) -> StoreResult<usize> {
+        let mut tx = self.pool.begin().await.map_err(err("heartbeat"))?;
+        sqlx::query(
+            "INSERT INTO instances (id, name, expires_at) VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(id)
+        .bind(text(name))
+        .bind(ttl.as_secs_f64())
+        .execute(&mut *tx)
+        .await
+        .map_err(err("heartbeat"))?;
+        // Instances gone for an hour are forgotten.
+        sqlx::query("DELETE FROM instances WHERE expires_at < now() - interval '1 hour'")
+            .execute(&mut *tx)
+            .await
+            .map_err(err("heartbeat"))?;
+        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE expires_at > now()")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("heartbeat"))?;
+        tx.commit().await.map_err(err("heartbeat"))?;
+        Ok(live.max(1) as usize)
+    }
+
+    /// This instance leaves: its announcement and its leases go (call after its watches
+    /// stopped and committed), so the others take over at once instead of after the TTL.
+    pub async fn leave(&self, id: &str) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(err("leave"))?;
+        sqlx::query("UPDATE leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("leave"))?;
+        sqlx::query("DELETE FROM instances WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("leave"))?;
+        tx.commit().await.map_err(err("leave"))
+    }
+
+    /// Renews the leases this instance holds, each for `ttl` from now; returns those renewed.
+    /// A lease that expired (or was taken) is not renewed: it is lost.
+    pub async fn renew(
+        &self,
+        id: &str,
+        ttl: Duration,
+        held: &[(String, String, i64)],
+    ) -> StoreResult<Vec<(String, String)>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let accounts: Vec<&str> = held.iter().map(|h| h.0.as_str()).collect();
+        let folders: Vec<&str> = held.iter().map(|h| h.1.as_str()).collect();
+        let epochs: Vec<i64> = held.iter().map(|h| h.2).collect();
+        let rows = sqlx::query(
+            "UPDATE leases l SET expires_at = now() + make_interval(secs => $2)
+             FROM UNNEST($3::TEXT[], $4::TEXT[], $5::BIGINT[]) AS h(account, folder, epoch)
+             WHERE l.account = h.account AND l.folder = h.folder AND l.epoch = h.epoch
+               AND l.owner = $1 AND l.expires_at > now()
+             RETURNING l.account, l.folder",
+        )
+        .bind(id)
+        .bind(ttl.as_secs_f64())
+        .bind(&accounts)
+        .bind(&folders)
+        .bind(&epochs)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("renew leases"))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(err("renew leases"))
+    }
+
+    /// Of these watches, those nobody holds: never leased, released, or expired.
+    pub async fn free_watches(&self, watches: &[(String, String)]) -> StoreResult<Vec<(String, String)>> {
+        let held: Vec<(String, String)> =
+            sqlx::query_as("SELECT account, folder FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("read leases"))?;
+        let held: std::collections::HashSet<(String, String)> = held.into_iter().collect();
+        Ok(watches.iter().filter(|w| !held.contains(*w)).cloned().collect())
+    }
+
+    /// Takes the lease on a watch if nobody holds it (never leased, released, or expired by
+    /// the database's clock); returns the new epoch, one above the last owner's.
+    pub async fn acquire(&self, id: &str, ttl: Duration, account: &str, folder: &str) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar(
+            "INSERT INTO leases (account, folder, owner, epoch, acquired_at, expires_at)
+             VALUES ($1, $2, $3, 1, now(), now() + make_interval(secs => $4))
+             ON CONFLICT (account, folder) DO UPDATE SET owner = excluded.owner, epoch = leases.epoch + 1,
+               acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
+             WHERE leases.owner IS NULL OR leases.expires_at <= now()
+             RETURNING epoch",
+        )
+        .bind(text(account))
+        .bind(text(folder))
+        .bind(id)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err("acquire lease"))
+    }
+
+    /// Gives a lease back (after the watch stopped and committed): the next owner may start
+    /// at once.
+    pub async fn release(&self, id: &str, account: &str, folder: &str, epoch: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE leases SET owner = NULL, expires_at = '-infinity'
+             WHERE account = $1 AND folder = $2 AND owner = $3 AND epoch = $4",
+        )
+        .bind(text(account))
+        .bind(text(folder))
+        .bind(id)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await
+        .map_err(err("release lease"))?;
+        Ok(())
+    }
+
+    /// Every lease, with its owner's name.
+    pub async fn leases(&self) -> StoreResult<Vec<LeaseRow>> {
+        let rows = sqlx::query(
+            "SELECT l.account, l.folder, i.name, l.epoch,
+                    EXTRACT(EPOCH FROM l.acquired_at)::BIGINT AS acquired,
+                    CASE WHEN l.expires_at = '-infinity' THEN NULL ELSE EXTRACT(EPOCH FROM l.expires_at)::BIGINT END AS expires,
+                    (l.owner IS NOT NULL AND l.expires_at > now()) AS live
+             FROM leases l LEFT JOIN instances i ON i.id = l.owner
+             ORDER BY l.account, l.folder",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("read leases"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeaseRow {
+                    account: r.try_get(0)?,
+                    folder: r.try_get(1)?,
+                    owner: r.try_get(2)?,
+                    epoch: r.try_get(3)?,
+                    acquired_at: r.try_get(4)?,
+                    expires_at: r.try_get(5)?,
+                    live: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(err("read leases"))
+    }
+
     /// Writes delivery-log rows, a few hundred per statement.
     async fn write_log(conn: &mut sqlx::PgConnection, log: &[Delivery]) -> Result<(), sqlx::Error> {
         // 12 parameters a row, well inside PostgreSQL's 65,535.
@@ -238,6 +490,10 @@ fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
 }
 
 impl Store for PgStore {
+    fn holds_lease(&self) -> bool {
+        self.fence.as_ref().is_none_or(|f| f.holds())
+    }
+
     fn checkpoint<'a>(&'a self, account: &'a str, folder: &'a str) -> BoxFuture<'a, StoreResult<Option<Checkpoint>>> {
         Box::pin(async move {
             let row = sqlx::query(
@@ -269,6 +525,7 @@ impl Store for PgStore {
     ) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(err("commit"))?;
+            self.check_fence(&mut tx).await.map_err(err("commit"))?;
             Self::write_log(&mut tx, log).await.map_err(err("commit"))?;
             // Compare-and-set: within one UIDVALIDITY the checkpoint never moves backwards.
             let done = sqlx::query(
@@ -301,6 +558,7 @@ impl Store for PgStore {
     fn record<'a>(&'a self, log: &'a [Delivery]) -> BoxFuture<'a, StoreResult<()>> {
         Box::pin(async move {
             let mut tx = self.pool.begin().await.map_err(err("record"))?;
+            self.check_fence(&mut tx).await.map_err(err("record"))?;
             Self::write_log(&mut tx, log).await.map_err(err("record"))?;
             tx.commit().await.map_err(err("record"))
         })
@@ -418,14 +676,16 @@ impl Store for PgStore {
                 return Ok(());
             }
             let keys: Vec<String> = keys.iter().map(|k| text(k).into_owned()).collect();
+            let mut tx = self.pool.begin().await.map_err(err("write post-action"))?;
+            self.check_fence(&mut tx).await.map_err(err("write post-action"))?;
             sqlx::query("UPDATE deliveries SET post_action = $2, updated_at = $3 WHERE key = ANY($1)")
                 .bind(&keys)
                 .bind(text(state))
                 .bind(now())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(err("write post-action"))?;
-            Ok(())
+            tx.commit().await.map_err(err("write post-action"))
         })
     }
 
@@ -484,6 +744,10 @@ impl Store for PgStore {
                 return Ok(());
             }
             let targets: Vec<String> = targets.iter().map(|t| text(t).into_owned()).collect();
+            let mut tx = self.pool.begin().await.map_err(err("record target deliveries"))?;
+            self.check_fence(&mut tx)
+                .await
+                .map_err(err("record target deliveries"))?;
             sqlx::query(
                 "INSERT INTO target_deliveries (key, target, at) SELECT $1, t, $3 FROM UNNEST($2::TEXT[]) AS t
                  ON CONFLICT (key, target) DO NOTHING",
@@ -491,10 +755,10 @@ impl Store for PgStore {
             .bind(text(key))
             .bind(&targets)
             .bind(now())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(err("record target deliveries"))?;
-            Ok(())
+            tx.commit().await.map_err(err("record target deliveries"))
         })
     }
 

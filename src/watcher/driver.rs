@@ -822,6 +822,13 @@ impl Driver {
     }
 
     async fn deliver(&mut self, uid: u32, attempt: u32, uidvalidity: u32) -> Input {
+        if !self.store.holds_lease() {
+            // Paused or cut off past the lease's TTL: another instance may own the watch now.
+            return Input::Failed {
+                class: FailureClass::Network,
+                error: "this instance may have lost its lease on the watch (paused, or cut off from the database, past its TTL); nothing more is delivered under it".into(),
+            };
+        }
         let key = self.key(uidvalidity, uid);
         let Some(body) = self.bodies.get(&uid) else {
             return Input::Failed {

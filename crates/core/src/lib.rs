@@ -13,6 +13,8 @@
 //! - [`wait`]: after a catch-up, whether to IDLE, poll or recycle the connection, and for how long.
 //! - [`failure`]: the classes of failure and what each one means for the reconnect schedule.
 //! - [`key`]: the idempotency key of a message.
+//! - [`lease`]: which instance owns which watch on a shared store: renewal, local trust in a
+//!   lease, fair shares.
 //! - [`machine`]: the watch machine, which composes all of the above into the one sequence of
 //!   steps a watcher takes: `WatchMachine::on(Input, now, jitter) -> Action`.
 
@@ -23,6 +25,7 @@ extern crate alloc;
 pub mod checkpoint;
 pub mod failure;
 pub mod key;
+pub mod lease;
 pub mod machine;
 pub mod mailbox;
 pub mod retry;
