@@ -501,7 +501,13 @@ pub struct Config {
     pub watches: Vec<Watch>,
     /// The HTTP endpoint, when configured.
     pub http: Option<Http>,
+    /// With PostgreSQL state: how long a watch's lease lasts unrenewed; it is renewed every
+    /// third of that, and another instance takes the watch once it expired.
+    pub lease_ttl: Duration,
 }
+
+/// Default `lease_ttl`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// Default address of the HTTP endpoint.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9877";
@@ -626,12 +632,23 @@ impl Config {
                 })
             }
         };
+        let lease_ttl = match raw.lease_ttl {
+            None => DEFAULT_LEASE_TTL,
+            Some(t) if t.get_ref().0 < Duration::from_secs(1) || t.get_ref().0 > Duration::from_secs(3600) => {
+                return Err(ctx.invalid(
+                    Some(t.span()),
+                    "lease_ttl: between 1s and 1h (the lease is renewed every third of it)".to_string(),
+                ));
+            }
+            Some(t) => t.get_ref().0,
+        };
         Ok(Config {
             path: path.to_path_buf(),
             state,
             accounts,
             watches,
             http,
+            lease_ttl,
         })
     }
 }

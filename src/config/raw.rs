@@ -94,6 +94,8 @@ pub(super) struct RawConfig {
     /// Default: `<state>.spool` beside the state file (not /tmp, often a RAM disk); with
     /// PostgreSQL, `inboxd.spool` beside the config file.
     pub(super) spool: Option<PathBuf>,
+    /// With PostgreSQL state: how long a watch's lease lasts unrenewed (default 15 s).
+    pub(super) lease_ttl: Option<Spanned<Dur>>,
     #[serde(default)]
     pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,
     /// The HTTP endpoint (metrics, health, the watches' state); off unless given.

@@ -14,7 +14,7 @@ use inboxd_core::checkpoint::Checkpoint;
 
 pub use lock::{LockError, StateLock};
 #[cfg(feature = "postgres")]
-pub use postgres::{Fence, LeaseRow, PgInstanceLock, PgStore};
+pub use postgres::{Fence, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Opens the state store at `location`.
@@ -28,45 +28,6 @@ pub async fn open(location: &crate::config::StateLocation) -> StoreResult<std::s
             what: "open",
             source: "this inboxd was built without the `postgres` feature".into(),
         }),
-    }
-}
-
-/// What keeps a second process from delivering from the same state: the state file's lock,
-/// or an advisory lock on the PostgreSQL database.
-#[derive(Debug)]
-pub enum InstanceLock {
-    File(StateLock),
-    #[cfg(feature = "postgres")]
-    Postgres(PgInstanceLock),
-}
-
-impl InstanceLock {
-    /// Takes the state at `location` for this process; fails (naming the holder where it is
-    /// known) if another process has it.
-    pub async fn acquire(location: &crate::config::StateLocation) -> Result<InstanceLock, LockError> {
-        match location {
-            crate::config::StateLocation::File(path) => Ok(InstanceLock::File(StateLock::acquire(path)?)),
-            #[cfg(feature = "postgres")]
-            crate::config::StateLocation::Postgres(url) => {
-                let io = |e: StoreError| LockError::Io {
-                    path: crate::config::redact_url(url).into(),
-                    source: std::io::Error::other(format!("{e}: {}", e.source)),
-                };
-                let store = PgStore::open(url).await.map_err(io)?;
-                match store.lock_instance().await.map_err(io)? {
-                    Some(lock) => Ok(InstanceLock::Postgres(lock)),
-                    None => Err(LockError::Held {
-                        state: crate::config::redact_url(url).into(),
-                        holder: store.lock_holder().await.unwrap_or_else(|| "unknown".into()),
-                    }),
-                }
-            }
-            #[cfg(not(feature = "postgres"))]
-            crate::config::StateLocation::Postgres(url) => Err(LockError::Io {
-                path: crate::config::redact_url(url).into(),
-                source: std::io::Error::other("this inboxd was built without the `postgres` feature"),
-            }),
-        }
     }
 }
 
@@ -127,6 +88,21 @@ pub struct Delivery {
     /// A dead letter an operator has set aside (`inboxd ack`); not written by `record`.
     pub acknowledged: bool,
     pub updated_at: i64,
+}
+
+/// Who owns a watch, on a store shared by several instances (PostgreSQL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub account: String,
+    pub folder: String,
+    /// The owner's name (`inboxd <pid> on <host>`), if the watch is owned.
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Unix seconds.
+    pub acquired_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    /// Whether the lease is unexpired by the database's clock.
+    pub live: bool,
 }
 
 /// A stored checkpoint with its folder.
@@ -197,6 +173,11 @@ pub trait Store: Send + Sync + 'static {
     fn put_secret<'a>(&'a self, name: &'a str, value: &'a str, origin: &'a str) -> BoxFuture<'a, StoreResult<()>>;
 
     fn checkpoints(&self) -> BoxFuture<'_, StoreResult<Vec<CheckpointRow>>>;
+
+    /// Who owns which watch (a store shared by instances); none for a store of one process.
+    fn leases(&self) -> BoxFuture<'_, StoreResult<Vec<LeaseRow>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 
     /// Sets the post-action state of delivered messages: `""` (done), `"pending"` or
     /// `"pending <after>"` (retry it) or `"failed: <reason>"` (a permanent refusal, shown by

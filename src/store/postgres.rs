@@ -15,7 +15,7 @@ use inboxd_core::checkpoint::Checkpoint;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 
-use super::{CheckpointRow, Delivery, DeliveryStatus, Store, StoreError, StoreResult};
+use super::{CheckpointRow, Delivery, DeliveryStatus, LeaseRow, Store, StoreError, StoreResult};
 
 /// Migrations, applied in order at start-up under an advisory lock (instances starting
 /// together take turns); `inboxd_migrations` records those that ran.
@@ -26,20 +26,6 @@ const MIGRATIONS: &[&str] = &[
 
 /// The advisory lock key that serialises migrations ("inboxd" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0069_6e62_6f78_0064;
-
-/// The advisory lock key that one running instance holds ("inboxd" + 1).
-const INSTANCE_LOCK: i64 = MIGRATION_LOCK + 1;
-
-/// The database held by this process (see [`PgStore::lock_instance`]); released when dropped.
-pub struct PgInstanceLock {
-    _conn: sqlx::PgConnection,
-}
-
-impl std::fmt::Debug for PgInstanceLock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PgInstanceLock")
-    }
-}
 
 fn err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| StoreError {
@@ -112,21 +98,6 @@ impl Fence {
     }
 }
 
-/// One row of the lease table, for `status`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaseRow {
-    pub account: String,
-    pub folder: String,
-    /// The owner's name (`inboxd <pid> on <host>`), if the watch is owned.
-    pub owner: Option<String>,
-    pub epoch: i64,
-    /// Unix seconds.
-    pub acquired_at: Option<i64>,
-    pub expires_at: Option<i64>,
-    /// Whether the lease is unexpired by the database's clock.
-    pub live: bool,
-}
-
 impl std::fmt::Debug for PgStore {
     /// The pool's options hold the password: not shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,35 +144,6 @@ impl PgStore {
             });
         }
         Ok(())
-    }
-
-    /// Takes the database for this process, as the SQLite store's lock file does for a file:
-    /// a session-level advisory lock held on a connection of its own until the returned
-    /// guard is dropped (or the process dies, which ends the session). `Ok(None)` if another
-    /// process holds it.
-    pub async fn lock_instance(&self) -> StoreResult<Option<PgInstanceLock>> {
-        let mut conn = self.pool.acquire().await.map_err(err("lock"))?.detach();
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(INSTANCE_LOCK)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(err("lock"))?;
-        Ok(got.then_some(PgInstanceLock { _conn: conn }))
-    }
-
-    /// Who holds the instance lock: `<pid> on <host>`, from the holder's session name.
-    pub async fn lock_holder(&self) -> Option<String> {
-        let name: Option<String> = sqlx::query_scalar(
-            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-               AND ((l.classid::BIGINT << 32) | l.objid::BIGINT) = $1",
-        )
-        .bind(INSTANCE_LOCK)
-        .fetch_optional(&self.pool)
-        .await
-        .ok()
-        .flatten();
-        name.map(|n| n.strip_prefix("inboxd ").unwrap_or(&n).to_string())
     }
 
     async fn migrate(&self) -> StoreResult<()> {
@@ -405,7 +347,7 @@ impl PgStore {
     }
 
     /// Every lease, with its owner's name.
-    pub async fn leases(&self) -> StoreResult<Vec<LeaseRow>> {
+    pub async fn lease_rows(&self) -> StoreResult<Vec<LeaseRow>> {
         let rows = sqlx::query(
             "SELECT l.account, l.folder, i.name, l.epoch,
                     EXTRACT(EPOCH FROM l.acquired_at)::BIGINT AS acquired,
@@ -492,6 +434,10 @@ fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
 impl Store for PgStore {
     fn holds_lease(&self) -> bool {
         self.fence.as_ref().is_none_or(|f| f.holds())
+    }
+
+    fn leases(&self) -> BoxFuture<'_, StoreResult<Vec<LeaseRow>>> {
+        Box::pin(self.lease_rows())
     }
 
     fn checkpoint<'a>(&'a self, account: &'a str, folder: &'a str) -> BoxFuture<'a, StoreResult<Option<Checkpoint>>> {

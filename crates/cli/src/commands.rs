@@ -12,7 +12,7 @@ use tracing::{error, info};
 use inboxd::config::{Account, Config, Watch};
 use inboxd::handler::Message;
 use inboxd::imap::Session;
-use inboxd::store::{DeliveryStatus, InstanceLock, StateLock, Store};
+use inboxd::store::{DeliveryStatus, StateLock, Store};
 use inboxd::watcher::{Mode, Watcher};
 
 /// Text from a handler or a server, safe for a terminal: control characters (escape
@@ -56,9 +56,11 @@ async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyho
 }
 
 /// A running watch and the configuration it was started with.
-struct Running {
-    watch: Watch,
-    watcher: Watcher,
+pub(crate) struct Running {
+    pub watch: Watch,
+    pub watcher: Watcher,
+    /// The lease it runs under, on a state shared by instances (PostgreSQL).
+    pub fence: Option<Arc<inboxd::store::Fence>>,
 }
 
 /// What decides whether a reload restarts a watch: everything of its watch table, account and
@@ -83,17 +85,49 @@ fn views_of(running: &[Running]) -> Vec<crate::http::WatchView> {
 /// Runs every watch until SIGINT or SIGTERM, then stops them cleanly: the delivery in flight
 /// finishes and is committed, sessions log out. SIGHUP reloads the config.
 pub async fn run(config: &Config) -> anyhow::Result<()> {
-    let _lock = InstanceLock::acquire(&config.state).await?;
     let store = open_store(config).await?;
     let mut signals = Signals::new()?;
     let mut current = config.clone();
-    let mut running: Vec<Running> = config
-        .watches
-        .iter()
-        .cloned()
-        .zip(start_all(config, &store, Mode::Forever).await?)
-        .map(|(watch, watcher)| Running { watch, watcher })
-        .collect();
+    // On PostgreSQL, instances share the watches through leases; a state file belongs to one
+    // process, which runs every watch.
+    let (cluster, _lock) = match &config.state {
+        inboxd::config::StateLocation::Postgres(url) => {
+            if config.watches.is_empty() {
+                bail!("{}: no [[watch]] configured", config.path.display());
+            }
+            let cluster = crate::cluster::Cluster::join(url, config.lease_ttl)
+                .await
+                .with_context(|| format!("cannot join the instances on {}", config.state))?;
+            info!(instance = %cluster.name(), lease_ttl = ?config.lease_ttl, "sharing the watches with the other instances on this database");
+            (Some(cluster), None)
+        }
+        inboxd::config::StateLocation::File(path) => (None, Some(StateLock::acquire(path)?)),
+    };
+    let mut running: Vec<Running> = match &cluster {
+        Some(c) => {
+            let mut running = Vec::new();
+            c.round(config, &mut running).await;
+            running
+        }
+        None => config
+            .watches
+            .iter()
+            .cloned()
+            .zip(start_all(config, &store, Mode::Forever).await?)
+            .map(|(watch, watcher)| Running {
+                watch,
+                watcher,
+                fence: None,
+            })
+            .collect(),
+    };
+    let mut rounds = tokio::time::interval(
+        cluster
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |c| c.policy.renew_every()),
+    );
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rounds.reset();
     let views: crate::http::Views = Arc::new(std::sync::RwLock::new(views_of(&running)));
     let shared_config = Arc::new(std::sync::RwLock::new(config.clone()));
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<crate::http::ReloadRequest>(4);
@@ -131,9 +165,22 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                 Signal::Reload => None,
             },
             Some(request) = reload_rx.recv() => Some(request),
+            _ = rounds.tick(), if cluster.is_some() => {
+                if let Some(c) = &cluster {
+                    c.round(&current, &mut running).await;
+                    if let Ok(mut v) = views.write() {
+                        *v = views_of(&running);
+                    }
+                }
+                continue;
+            }
         };
         crate::service::reloading();
-        let outcome = reload(&mut current, &mut running, &store).await;
+        let outcome = reload(&mut current, &mut running, &store, cluster.as_ref()).await;
+        if let Some(c) = &cluster {
+            // New and changed watches are taken (by this instance or another) in this round.
+            c.round(&current, &mut running).await;
+        }
         if let Ok(mut v) = views.write() {
             *v = views_of(&running);
         }
@@ -158,6 +205,13 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         }
     }));
     let _endpoint = endpoint.map(AbortOnDrop);
+    let joined = async {
+        joined.await;
+        if let Some(c) = &cluster {
+            // Committed and stopped: the others may take the watches at once.
+            c.leave().await;
+        }
+    };
     tokio::select! {
         _ = joined => Ok(()),
         _ = signals.stop() => {
@@ -172,7 +226,12 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
 /// delivery in flight, which is committed), changed ones stop and start again, the others go
 /// on untouched. A config that does not load, or whose new targets cannot work, is refused as
 /// a whole and the running one stays.
-async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dyn Store>) -> Result<String, String> {
+async fn reload(
+    current: &mut Config,
+    running: &mut Vec<Running>,
+    store: &Arc<dyn Store>,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> Result<String, String> {
     let new = match Config::load(&current.path) {
         Ok(c) => c,
         Err(e) => {
@@ -221,17 +280,25 @@ async fn reload(current: &mut Config, running: &mut Vec<Running>, store: &Arc<dy
         r.watcher.request_stop();
     }
     for r in leave {
-        let name = r.watcher.name().to_string();
-        if let Err(e) = r.watcher.join().await {
-            error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
+        match cluster {
+            // Stopped, then its lease given back: the new config's round takes it again.
+            Some(c) => c.release(r).await,
+            None => {
+                let name = r.watcher.name().to_string();
+                if let Err(e) = r.watcher.join().await {
+                    error!(watch = %name, error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
+                }
+            }
         }
     }
-    let started = fresh.len();
     let mut all = keep;
-    for (w, fanout) in fresh {
+    // In a cluster, the next round takes new and changed watches under leases.
+    let started = if cluster.is_some() { 0 } else { fresh.len() };
+    for (w, fanout) in fresh.into_iter().filter(|_| cluster.is_none()) {
         all.push(Running {
             watcher: Watcher::with_fanout(w.clone(), store.clone(), fanout, Mode::Forever),
             watch: w,
+            fence: None,
         });
     }
     // In the order of the file.
@@ -334,9 +401,27 @@ impl Drop for AbortOnDrop {
 
 /// Catches every watch up once. Fails if any watch failed or dead-lettered a message.
 pub async fn once(config: &Config) -> anyhow::Result<()> {
-    let _lock = InstanceLock::acquire(&config.state).await?;
-    let store = open_store(config).await?;
-    let watchers = start_all(config, &store, Mode::Once).await?;
+    let (watchers, claimed, _lock) = match &config.state {
+        inboxd::config::StateLocation::File(path) => {
+            let lock = StateLock::acquire(path)?;
+            let store = open_store(config).await?;
+            (start_all(config, &store, Mode::Once).await?, None, Some(lock))
+        }
+        inboxd::config::StateLocation::Postgres(url) => {
+            if config.watches.is_empty() {
+                bail!("{}: no [[watch]] configured", config.path.display());
+            }
+            let claimed = crate::cluster::Cluster::claim_all(url, config).await?;
+            let mut watchers = Vec::new();
+            for (i, w) in config.watches.iter().enumerate() {
+                watchers.push(
+                    Watcher::start(w.clone(), claimed.store_for(i), Mode::Once)
+                        .with_context(|| format!("cannot start watch {}", w.name()))?,
+                );
+            }
+            (watchers, Some(claimed), None)
+        }
+    };
     let progress = crate::progress::Progress::start(watchers.iter().map(Watcher::health_handle).collect());
     let mut failures = Vec::new();
     for w in watchers {
@@ -348,6 +433,9 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
         }
     }
     progress.finish();
+    if let Some(c) = claimed {
+        c.release().await;
+    }
     if failures.is_empty() {
         Ok(())
     } else {
@@ -690,6 +778,12 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
         .filter(|d| d.route.starts_with("skipped"))
         .collect();
     let problems = store.post_action_problems(1000).await?;
+    let leases = store.leases().await?;
+    let lease_of = |w: &Watch| {
+        leases
+            .iter()
+            .find(|l| l.account == w.account.name && l.folder == w.folder)
+    };
     if json {
         let mut watches = Vec::new();
         for w in &config.watches {
@@ -703,6 +797,12 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
                 "last_uid": row.map(|r| r.checkpoint.last_uid),
                 "last_commit": row.map(|r| r.updated_at),
                 "live": live_of(w),
+                "lease": lease_of(w).map(|l| serde_json::json!({
+                    "owner": if l.live { l.owner.clone() } else { None },
+                    "epoch": l.epoch,
+                    "since": l.acquired_at,
+                    "expires": l.expires_at,
+                })),
             }));
         }
         let mut dead_json = Vec::new();
@@ -795,6 +895,23 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
             .map(|(cell, w)| format!("{cell:<w$}", w = *w))
             .collect();
         writeln!(out, "  {}", line.join("  ").trim_end())?;
+    }
+    if !leases.is_empty() {
+        writeln!(out, "owners (leases on the shared state):")?;
+        for w in &config.watches {
+            let text = match lease_of(w) {
+                Some(l) if l.live => format!(
+                    "{}, epoch {}, since {}, lease expires {}",
+                    printable(l.owner.as_deref().unwrap_or("an instance that left")),
+                    l.epoch,
+                    l.acquired_at.map_or("-".into(), utc),
+                    l.expires_at.map_or("-".into(), utc)
+                ),
+                Some(l) => format!("nobody (epoch {} ended)", l.epoch),
+                None => "nobody yet".into(),
+            };
+            writeln!(out, "  {}  {text}", printable(&w.name()))?;
+        }
     }
     for (title, rows) in [("retrying", &retrying), ("dead letters", &dead)] {
         writeln!(out, "{title} ({}):", rows.len())?;

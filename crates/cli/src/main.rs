@@ -1,5 +1,6 @@
 //! The `inboxd` command: the daemon and its tools.
 
+mod cluster;
 mod commands;
 mod demo;
 mod http;

@@ -724,7 +724,7 @@ fn toml_string(s: &str) -> String {
 }
 
 #[test]
-fn postgres_state_is_held_by_one_process_at_a_time_and_its_password_is_never_shown() {
+fn postgres_state_runs_each_watch_in_one_process_at_a_time_and_never_shows_its_password() {
     let dv = dovecot();
     let dir = tempfile::tempdir().unwrap();
     let db = inboxd_testbed::PgDatabase::create().unwrap();
@@ -753,8 +753,9 @@ fn postgres_state_is_held_by_one_process_at_a_time_and_its_password_is_never_sho
     let out = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a second process was allowed: {err}");
+    let owner = format!("inboxd {} on", first.id());
     assert!(
-        err.contains("in use by another inboxd") && err.contains(&format!("pid {} on", first.id())),
+        err.contains("watch t/INBOX is owned by") && err.contains(&owner),
         "{err}"
     );
     assert!(!err.contains("sekret-pw") && err.contains("postgres:***@"), "{err}");
@@ -763,6 +764,11 @@ fn postgres_state_is_held_by_one_process_at_a_time_and_its_password_is_never_sho
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     assert!(
         !shown.contains("sekret-pw") && shown.contains("postgres:***@"),
+        "{shown}"
+    );
+    // Who owns the watch, and under which epoch.
+    assert!(
+        shown.contains(&format!("t/INBOX  {owner}")) && shown.contains("epoch 1"),
         "{shown}"
     );
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
