@@ -146,3 +146,43 @@ async fn instances_announce_themselves_and_leaving_frees_their_watches() {
     assert_eq!(store.acquire("b", TTL, "acct", "INBOX").await.unwrap(), Some(2));
     assert_eq!(store.acquire("b", TTL, "acct", "Other").await.unwrap(), Some(2));
 }
+
+mod support;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_delivers_nothing_under_a_lease_its_clock_no_longer_trusts() {
+    let dv = support::dovecot();
+    support::append(&dv, "INBOX", &["one", "two"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let db = PgDatabase::create().unwrap();
+    let store = PgStore::open(db.url()).await.unwrap();
+    assert_eq!(store.acquire("a", TTL, "t", "INBOX").await.unwrap(), Some(1));
+    // The lease is held in the database, but this process was paused past its own deadline.
+    let fence = Arc::new(Fence::new("t", "INBOX", "a", 1, Instant::now()));
+    let rec = support::Recorder::default();
+    let w = inboxd::watcher::Watcher::with_handler(
+        config.watches[0].clone(),
+        Arc::new(store.fenced(fence.clone())),
+        Box::new(rec.clone()),
+        inboxd::watcher::Mode::Once,
+    );
+    let e = w.join().await.unwrap_err();
+    assert!(format!("{e:#}").contains("lost its lease"), "{e:#}");
+    assert!(
+        rec.uids().is_empty(),
+        "delivered {:?} under an untrusted lease",
+        rec.uids()
+    );
+    // Trusted again (a renewal came back): it delivers.
+    fence.trust_until(Instant::now() + TTL);
+    let w = inboxd::watcher::Watcher::with_handler(
+        config.watches[0].clone(),
+        Arc::new(store.fenced(fence)),
+        Box::new(rec.clone()),
+        inboxd::watcher::Mode::Once,
+    );
+    w.join().await.unwrap();
+    assert_eq!(rec.uids(), vec![1, 2]);
+    assert_eq!(store.checkpoint("t", "INBOX").await.unwrap().unwrap().last_uid, 2);
+}

@@ -36,6 +36,8 @@ pub struct Options {
     /// Serve the kind of certificate `openssl req -x509` makes by default: self-signed and
     /// marked CA:TRUE (its own `tls/cert.pem`).
     pub self_signed_ca: bool,
+    /// IMAP connections one user may hold from one address (Dovecot's default is 10).
+    pub max_userip_connections: Option<u32>,
 }
 
 /// A running Dovecot instance. Stopped and removed on drop.
@@ -241,6 +243,14 @@ service imap-login {{
             let group = group.map(|g| g.trim().to_string()).unwrap_or_else(|| user.clone());
             conf.push_str(&format!(
                 "default_internal_user = {user}\ndefault_internal_group = {group}\ndefault_login_user = {user}\n"
+            ));
+        }
+        if let Some(n) = options.max_userip_connections {
+            conf.push_str(&format!(
+                "protocol imap {{
+  mail_max_userip_connections = {n}
+}}
+"
             ));
         }
         if let Some(issuer) = &options.oauth2_issuer {
