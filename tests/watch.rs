@@ -708,3 +708,58 @@ fn config_text_error(dv: &inboxd_testbed::Dovecot, dir: &std::path::Path, watch:
     std::fs::write(&path, text).unwrap();
     inboxd::config::Config::load(&path).err().map(|e| e.to_string())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_limit_per_host_keeps_watches_beyond_it_waiting_for_a_slot() {
+    let dv = dovecot();
+    for folder in ["A", "B", "C"] {
+        dv.drop_messages("alice", folder, &[inboxd_testbed::sample_message(0, folder, 100)])
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "state = \"state.db\"\n[limits]\nconnections_per_host = 2\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\n",
+        dv.port,
+        dv.ca_file().display()
+    );
+    for folder in ["INBOX", "A", "B", "C"] {
+        text.push_str(&format!(
+            "[[watch]]\naccount = \"t\"\nfolder = \"{folder}\"\ndeliver = {{ maildir = \"out\" }}\n"
+        ));
+    }
+    std::fs::write(dir.path().join("inboxd.toml"), text).unwrap();
+    let config = inboxd::config::Config::load(&dir.path().join("inboxd.toml")).unwrap();
+    assert_eq!(config.watches[0].account.limits.connections_per_host, Some(2));
+    let st = store(&config).await;
+    let mut watchers: Vec<Watcher> = config
+        .watches
+        .iter()
+        .map(|w| Watcher::start(w.clone(), st.clone(), Mode::Forever).unwrap())
+        .collect();
+    let connected = |ws: &[Watcher]| ws.iter().filter(|w| w.health().connected).count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connected(&watchers) < 2 {
+        assert!(std::time::Instant::now() < deadline, "two watches never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other two wait for a slot, however long.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(connected(&watchers), 2);
+    assert_eq!(
+        watchers.iter().filter(|w| w.health().state == "connecting").count(),
+        2,
+        "{:?}",
+        watchers.iter().map(|w| w.health().state).collect::<Vec<_>>()
+    );
+    // One connected watch stops: its slot goes to a waiting one.
+    let i = watchers.iter().position(|w| w.health().connected).unwrap();
+    watchers.remove(i).stop().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connected(&watchers) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the freed slot was not taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for w in watchers {
+        w.stop().await.unwrap();
+    }
+}

@@ -8,7 +8,7 @@ use inboxd_core::wait::WaitPolicy;
 use toml::Spanned;
 
 use super::raw::{RawAccount, RawGrant, RawOAuth2, RawThumbprint, parse_fingerprint};
-use super::{Account, Auth, AuthMechanism, ConfigError, Ctx, Provider, Timeouts, TlsMode, is_loopback};
+use super::{Account, Auth, AuthMechanism, ConfigError, Ctx, Limits, Provider, Timeouts, TlsMode, is_loopback};
 use crate::oauth2::{Grant, Thumbprint, TokenSource};
 
 /// Validates one account. `token_sources` holds one token cache per credential, found by
@@ -166,6 +166,12 @@ pub(super) fn build(
             )
         })?),
     };
+    let max_connections = match a.max_connections {
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(ctx.invalid(Some(n.span()), format!("accounts.{name}.max_connections: at least 1")));
+        }
+        n => n.map(|n| *n.get_ref() as usize),
+    };
     let account = Account {
         name: name.clone(),
         port: a.port.unwrap_or(if tls == TlsMode::Implicit { 993 } else { 143 }),
@@ -182,6 +188,10 @@ pub(super) fn build(
         stable_after: a.stable_after.map_or(Duration::from_secs(300), |x| x.0),
         park_for: a.park_for.map_or(Duration::from_secs(3600), |x| x.0),
         timeouts,
+        limits: Limits {
+            max_connections,
+            ..Limits::default()
+        },
     };
     Ok(account)
 }

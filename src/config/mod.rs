@@ -225,6 +225,31 @@ pub struct Account {
     pub stable_after: Duration,
     pub park_for: Duration,
     pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+/// How many connections an account's watches may hold and attempt at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions open at once to the account's host, over all accounts there (`[limits]
+    /// connections_per_host`); `None`: no limit.
+    pub connections_per_host: Option<usize>,
+    /// Connection attempts (connect, TLS, login) at once to the host (`[limits]
+    /// attempts_per_host`, default 8).
+    pub attempts_per_host: usize,
+    /// Sessions of this account's user at once (the account's `max_connections`: a provider's
+    /// per-mailbox limit); `None`: no limit.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_per_host: None,
+            attempts_per_host: crate::imap::connect::ATTEMPTS_PER_HOST,
+            max_connections: None,
+        }
+    }
 }
 
 impl Account {
@@ -253,6 +278,7 @@ impl Account {
             stable_after: Duration::from_secs(300),
             park_for: Duration::from_secs(3600),
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -504,7 +530,13 @@ pub struct Config {
     /// With PostgreSQL state: how long a watch's lease lasts unrenewed; it is renewed every
     /// third of that, and another instance takes the watch once it expired.
     pub lease_ttl: Duration,
+    /// The pause between starting one watch and the next, beyond the first four (with jitter:
+    /// half to one and a half times this), so that thousands of watches do not connect at once.
+    pub start_stagger: Duration,
 }
+
+/// Default `[limits] start_stagger`.
+pub const DEFAULT_START_STAGGER: Duration = Duration::from_millis(30);
 
 /// Default `lease_ttl`.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
@@ -551,10 +583,24 @@ impl Config {
         let mut accounts = BTreeMap::new();
         // One token cache per credential, shared by the accounts that use the same one.
         let mut token_sources: Vec<(crate::oauth2::Grant, TokenSource)> = Vec::new();
+        let limits = raw.limits.map(|l| (l.span(), *l.get_ref())).unwrap_or_default();
+        for (field, value) in [
+            ("connections_per_host", limits.1.connections_per_host),
+            ("attempts_per_host", limits.1.attempts_per_host),
+        ] {
+            if value == Some(0) {
+                return Err(ctx.invalid(Some(limits.0.clone()), format!("limits.{field}: at least 1")));
+            }
+        }
         for (name, spanned) in raw.accounts {
-            let account = account::build(&ctx, name.clone(), spanned, &mut token_sources)?;
+            let mut account = account::build(&ctx, name.clone(), spanned, &mut token_sources)?;
+            account.limits.connections_per_host = limits.1.connections_per_host.map(|n| n as usize);
+            if let Some(n) = limits.1.attempts_per_host {
+                account.limits.attempts_per_host = n as usize;
+            }
             accounts.insert(name, Arc::new(account));
         }
+        let start_stagger = limits.1.start_stagger.map_or(DEFAULT_START_STAGGER, |d| d.0);
 
         let state = match &raw.state {
             Some(text) => {
@@ -649,6 +695,7 @@ impl Config {
             watches,
             http,
             lease_ttl,
+            start_stagger,
         })
     }
 }
@@ -722,6 +769,54 @@ deliver = { exec = ["./handler.sh", "--flag"] }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/inboxd/inboxd.toml"), text)
+    }
+
+    #[test]
+    fn state_limits_and_leases_are_read_and_checked() {
+        let pg = GOOD.replace(
+            "state = \"inboxd.db\"",
+            "state = \"postgres://inboxd:pw@db.example.com/inboxd?sslmode=require&password=pw2\"\nlease_ttl = \"6s\"\n[limits]\nconnections_per_host = 40\nattempts_per_host = 4\nstart_stagger = \"5ms\"",
+        )
+        .replace("user = \"alice\"", "user = \"alice\"\nmax_connections = 15");
+        let c = parse(&pg).unwrap();
+        assert!(matches!(c.state, StateLocation::Postgres(_)));
+        // The password shows nowhere: not in Display, not in Debug (the whole config's).
+        assert_eq!(
+            c.state.to_string(),
+            "postgres://inboxd:***@db.example.com/inboxd?sslmode=require&password=***"
+        );
+        assert!(!format!("{c:?}").contains("pw"), "{c:?}");
+        assert_eq!(c.lease_ttl, Duration::from_secs(6));
+        assert_eq!(c.start_stagger, Duration::from_millis(5));
+        assert_eq!(c.watches[0].spool_dir, Path::new("/etc/inboxd/inboxd.spool"));
+        let l = c.accounts["demo"].limits;
+        assert_eq!(
+            (l.connections_per_host, l.attempts_per_host, l.max_connections),
+            (Some(40), 4, Some(15))
+        );
+        let d = parse(GOOD).unwrap();
+        assert_eq!(
+            (d.lease_ttl, d.start_stagger),
+            (DEFAULT_LEASE_TTL, DEFAULT_START_STAGGER)
+        );
+        assert_eq!(d.accounts["demo"].limits, Limits::default());
+        for (bad, says) in [
+            ("lease_ttl = \"0s\"", "lease_ttl: between 1s and 1h"),
+            (
+                "[limits]\nconnections_per_host = 0",
+                "limits.connections_per_host: at least 1",
+            ),
+            (
+                "[limits]\nattempts_per_host = 0",
+                "limits.attempts_per_host: at least 1",
+            ),
+        ] {
+            let text = GOOD.replace("state = \"inboxd.db\"", &format!("state = \"inboxd.db\"\n{bad}"));
+            let e = err(&text);
+            assert!(e.contains(says) && e.contains(":3:"), "{e}");
+        }
+        let e = err(&GOOD.replace("user = \"alice\"", "user = \"alice\"\nmax_connections = 0"));
+        assert!(e.contains("accounts.demo.max_connections: at least 1"), "{e}");
     }
 
     #[test]

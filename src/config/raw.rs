@@ -84,6 +84,17 @@ pub(super) fn parse_bytes(s: &str) -> Option<u64> {
     n.checked_mul(factor)
 }
 
+/// `[limits]`.
+#[derive(Deserialize, Clone, Copy, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) connections_per_host: Option<u32>,
+    pub(super) attempts_per_host: Option<u32>,
+    /// Pause between starting one watch and the next, beyond the first four (default 30 ms,
+    /// with jitter).
+    pub(super) start_stagger: Option<Dur>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
@@ -96,6 +107,8 @@ pub(super) struct RawConfig {
     pub(super) spool: Option<PathBuf>,
     /// With PostgreSQL state: how long a watch's lease lasts unrenewed (default 15 s).
     pub(super) lease_ttl: Option<Spanned<Dur>>,
+    /// Connection limits per server, for every account.
+    pub(super) limits: Option<Spanned<RawLimits>>,
     #[serde(default)]
     pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,
     /// The HTTP endpoint (metrics, health, the watches' state); off unless given.
@@ -134,6 +147,8 @@ pub(super) struct RawAccount {
     pub(super) stable_after: Option<Dur>,
     /// How long a watch with a permanent failure (e.g. missing folder) waits between tries.
     pub(super) park_for: Option<Dur>,
+    /// Sessions of this user at once (a provider's per-mailbox limit); default no limit.
+    pub(super) max_connections: Option<Spanned<u32>>,
     #[serde(default)]
     pub(super) timeouts: RawTimeouts,
 }

@@ -55,22 +55,54 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Concurrent connection attempts (connect, TLS, login) allowed per host, so that many
-/// watchers reconnecting after an outage do not storm the server.
+/// Concurrent connection attempts (connect, TLS, login) allowed per host by default, so that
+/// many watchers reconnecting after an outage do not storm the server.
 pub const ATTEMPTS_PER_HOST: usize = 8;
 
+/// A semaphore per key, made with the size its first user asks for (a changed limit takes
+/// effect at the next start of the process).
+fn semaphore(kind: &str, key: String, size: usize) -> Option<Arc<tokio::sync::Semaphore>> {
+    type Map = std::collections::HashMap<(String, String), Arc<tokio::sync::Semaphore>>;
+    static SEMAPHORES: std::sync::OnceLock<std::sync::Mutex<Map>> = std::sync::OnceLock::new();
+    let mut map = SEMAPHORES.get_or_init(Default::default).lock().ok()?;
+    Some(
+        map.entry((kind.to_string(), key))
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(size.max(1))))
+            .clone(),
+    )
+}
+
 /// Waits for a connection-attempt slot for `host`.
-pub(crate) async fn attempt_slot(host: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    static SLOTS: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    > = std::sync::OnceLock::new();
-    let sem = {
-        let mut map = SLOTS.get_or_init(Default::default).lock().ok()?;
-        map.entry(host.to_ascii_lowercase())
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ATTEMPTS_PER_HOST)))
-            .clone()
-    };
-    sem.acquire_owned().await.ok()
+pub(crate) async fn attempt_slot(host: &str, per_host: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    semaphore("attempt", host.to_ascii_lowercase(), per_host)?
+        .acquire_owned()
+        .await
+        .ok()
+}
+
+/// The connection slots a session holds while it lives.
+#[derive(Debug, Default)]
+pub(crate) struct Slots {
+    _host: Option<tokio::sync::OwnedSemaphorePermit>,
+    _account: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Waits until this account may open one more session: at most `connections_per_host` to its
+/// host, and `max_connections` of its user there, at once (each when set).
+pub(crate) async fn connection_slots(account: &crate::config::Account) -> Slots {
+    let host = account.host.to_ascii_lowercase();
+    let mut slots = Slots::default();
+    if let Some(n) = account.limits.connections_per_host
+        && let Some(sem) = semaphore("host", host.clone(), n)
+    {
+        slots._host = sem.acquire_owned().await.ok();
+    }
+    if let Some(n) = account.limits.max_connections
+        && let Some(sem) = semaphore("account", format!("{host}:{}:{}", account.port, account.user), n)
+    {
+        slots._account = sem.acquire_owned().await.ok();
+    }
+    slots
 }
 
 /// Login refusals that park a whole account: after the server refused a user's credentials

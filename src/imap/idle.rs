@@ -48,6 +48,7 @@ impl Session {
             exists,
             meter,
             special,
+            slots,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -105,6 +106,7 @@ impl Session {
             exists,
             meter,
             special,
+            slots,
         };
         session.drain_unsolicited();
         Ok((session, end))

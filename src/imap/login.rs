@@ -20,8 +20,11 @@ impl Session {
                 message: format!("{text} (not tried again: another watch of this account was refused recently)"),
             });
         }
+        // Held for the session's life: at most `connections_per_host` sessions to this host and
+        // `max_connections` of this account at once (a watch beyond them waits here).
+        let slots = connect::connection_slots(account).await;
         // Held until the session is logged in (or the attempt failed).
-        let _slot = connect::attempt_slot(&account.host).await;
+        let _slot = connect::attempt_slot(&account.host, account.limits.attempts_per_host).await;
         let tcp = connect::tcp(account).await?;
         let conn = if connect::implicit(account) {
             connect::tls(account, tcp).await?
@@ -157,6 +160,7 @@ impl Session {
             exists: 0,
             meter: meter.clone(),
             special: std::collections::HashMap::new(),
+            slots,
         };
         // Logged in: messages may come now. The watcher narrows this to its own limit.
         meter.set_max_literal(crate::config::MAX_MESSAGE_SIZE_LIMIT + guard::PRE_LOGIN_LITERAL);

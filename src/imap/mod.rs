@@ -109,6 +109,8 @@ pub struct Session {
     meter: std::sync::Arc<guard::Meter>,
     /// Special uses resolved on this connection (`\\Junk` -> its folder): one LIST per session.
     special: std::collections::HashMap<String, String>,
+    /// The connection slots (per host, per account) this session holds while it lives.
+    slots: connect::Slots,
 }
 
 impl Session {

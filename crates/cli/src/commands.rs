@@ -36,8 +36,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         .with_context(|| format!("cannot open state store {}", config.state))
 }
 
-/// Starts every watch. Beyond the first few, starts are staggered by 10–50 ms each, so a
-/// daemon with thousands of mailboxes does not open them all in the same instant.
+/// Starts every watch. Beyond the first four, starts are staggered by `[limits]
+/// start_stagger` (half to one and a half times it, at random), so a daemon with thousands of
+/// mailboxes does not open them all in the same instant.
 async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyhow::Result<Vec<Watcher>> {
     if config.watches.is_empty() {
         bail!("{}: no [[watch]] configured", config.path.display());
@@ -45,7 +46,7 @@ async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyho
     let mut watchers = Vec::new();
     for (i, w) in config.watches.iter().enumerate() {
         if i >= 4 {
-            tokio::time::sleep(Duration::from_millis(fastrand::u64(10..=50))).await;
+            tokio::time::sleep(config.start_stagger.mul_f64(0.5 + fastrand::f64())).await;
         }
         watchers.push(
             Watcher::start(w.clone(), store.clone(), mode)

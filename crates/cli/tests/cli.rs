@@ -789,3 +789,63 @@ fn postgres_state_runs_each_watch_in_one_process_at_a_time_and_never_shows_its_p
         "3"
     );
 }
+
+#[test]
+fn watch_starts_are_staggered_as_configured() {
+    use std::io::BufRead;
+    let dv = dovecot();
+    let folders = ["INBOX", "S1", "S2", "S3", "S4", "S5", "S6", "S7"];
+    for f in &folders[1..] {
+        dv.drop_messages("alice", f, &[inboxd_testbed::sample_message(0, f, 100)])
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"INBOX\"\ndeliver = { maildir = \"out\" }",
+    );
+    let mut text = std::fs::read_to_string(&cfg.path).unwrap().replace(
+        "state = \"state.db\"",
+        "state = \"state.db\"\n[limits]\nstart_stagger = \"400ms\"",
+    );
+    for f in &folders[1..] {
+        text.push_str(&format!(
+            "\n[[watch]]\naccount = \"t\"\nfolder = \"{f}\"\ndeliver = {{ maildir = \"out\" }}\n"
+        ));
+    }
+    std::fs::write(&cfg.path, text).unwrap();
+    let mut child = inboxd_bin()
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&cfg.path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("\"message\":\"connected\"") {
+                let _ = tx.send(started.elapsed());
+            }
+        }
+    });
+    let mut connected = Vec::new();
+    while connected.len() < folders.len() {
+        connected.push(
+            rx.recv_timeout(std::time::Duration::from_secs(20))
+                .expect("every watch connects"),
+        );
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    // Four start at once; each of the other four at least half the stagger after the one
+    // before it.
+    let spread = connected[7] - connected[0];
+    assert!(
+        spread >= std::time::Duration::from_millis(4 * 200),
+        "watches connected at {connected:?}"
+    );
+}
