@@ -13,9 +13,16 @@
 //!     messages' bytes (NATS: publish all, acks awaited per 200; Redis: one XADD at a time;
 //!     webhook: one POST at a time on a kept-alive connection), each against a server of its own.
 //!
+//!
+//! (e) many watches in one process: N IDLE watches over implicit TLS (one per folder, in a
+//!     process of its own: this binary re-executed), against the same with one watch: RSS per
+//!     watched mailbox above the one-watch process, idle CPU over 10 s, time until all are
+//!     idle with the staggered start, and new-mail latency (APPEND OK -> file in the Maildir)
+//!     into random folders, next to the one-watch process's.
+//!
 //! Run: `cargo bench --bench throughput` (env: INBOXD_BENCH_MESSAGES=200,
 //! INBOXD_BENCH_BACKLOG=10000, INBOXD_BENCH_LARGE_MB=100,1000, INBOXD_BENCH_TARGETS=10000,
-//! INBOXD_BENCH_ONLY=nats,redis,webhook;
+//! INBOXD_BENCH_ONLY=nats,redis,webhook, INBOXD_BENCH_WATCHES=1000;
 //! 0 skips a part).
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -63,6 +70,24 @@ impl Raw {
     /// of literal data seen.
     fn cmd(&mut self, c: &str) -> u64 {
         self.cmd_into(c, &mut std::io::sink())
+    }
+
+    /// Appends a message to a folder (a synchronizing literal), to its tagged OK.
+    fn append(&mut self, folder: &str, msg: &[u8]) {
+        self.tag += 1;
+        let tag = format!("R{}", self.tag);
+        write!(self.w, "{tag} APPEND \"{folder}\" {{{}}}\r\n", msg.len()).unwrap();
+        let go = self.line();
+        assert!(go.starts_with('+'), "APPEND: {go}");
+        self.w.write_all(msg).unwrap();
+        self.w.write_all(b"\r\n").unwrap();
+        loop {
+            let l = self.line();
+            if l.starts_with(&tag) {
+                assert!(l[tag.len()..].trim_start().starts_with("OK"), "APPEND: {l}");
+                return;
+            }
+        }
     }
 
     /// As `cmd`, writing literal data to `out`.
@@ -533,6 +558,10 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--child-run") {
+        child_run(std::path::Path::new(&args[i + 1]));
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--child-once") {
         // The daemon's `once`, alone in this process, for (c).
         let cfg = Config::load(std::path::Path::new(&args[i + 1])).unwrap();
@@ -593,4 +622,150 @@ fn main() {
     if n > 0 {
         rt.block_on(targets(n));
     }
+    let n = env("INBOXD_BENCH_WATCHES", 1000);
+    if n > 0 {
+        many(n);
+    }
+}
+
+/// For (e): what `inboxd run` does with every watch of the config (staggered start), in this
+/// process alone; prints `IDLE <seconds>` once every watch is idle, then runs until killed.
+fn child_run(config: &std::path::Path) {
+    inboxd::process::raise_open_files_limit();
+    let cfg = Config::load(config).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = inboxd::store::open(&cfg.state).await.unwrap();
+        let t = Instant::now();
+        let mut watchers = Vec::new();
+        for (i, w) in cfg.watches.iter().enumerate() {
+            if i >= 4 {
+                tokio::time::sleep(cfg.start_stagger.mul_f64(0.5 + fastrand::f64())).await;
+            }
+            watchers.push(Watcher::start(w.clone(), store.clone(), Mode::Forever).unwrap());
+        }
+        loop {
+            if watchers.iter().all(|w| w.health().state == "idle") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!("IDLE {:.2}", t.elapsed().as_secs_f64());
+        std::future::pending::<()>().await;
+    });
+}
+
+/// (utime + stime) of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    // Fields 14 and 15 of stat(5), counted after the command name (which starts at 3).
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One run of (e) with `watches` watches: (seconds until all idle, RSS KiB when idle, idle
+/// CPU % of one core, new-mail latencies in ms).
+fn many_run(dv: &Dovecot, watches: usize, samples: usize) -> (f64, u64, f64, Vec<f64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "state = \"state.db\"\n[limits]\nstart_stagger = \"10ms\"\n[accounts.b]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\n",
+        dv.tls_port,
+        dv.ca_file().display()
+    );
+    for f in 0..watches {
+        text.push_str(&format!(
+            "[[watch]]\naccount = \"b\"\nfolder = \"W{f:04}\"\ndeliver = {{ maildir = \"out\" }}\n"
+        ));
+    }
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--child-run")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let idle_after: f64 = line.trim().strip_prefix("IDLE ").unwrap().parse().unwrap();
+    // Let start-up garbage settle, then measure memory and a quiet 10 s.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = rss_kib(pid);
+    let c0 = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;
+    // New mail into random watched folders, one at a time.
+    let mut raw = Raw::connect(dv);
+    let inbox = dir.path().join("out/new");
+    let mut lat = Vec::new();
+    for i in 0..samples {
+        // A quiet moment first: right after a change, Dovecot may tell an idling client of
+        // the next one at once, which would make the later samples of a single folder cheaper.
+        std::thread::sleep(Duration::from_millis(700));
+        let folder = fastrand::usize(..watches);
+        let before = std::fs::read_dir(&inbox).map_or(0, |d| d.count());
+        let msg = testbed::sample_message(100_000 + i, "many", 500);
+        raw.append(&format!("W{folder:04}"), &msg);
+        let t = Instant::now();
+        while std::fs::read_dir(&inbox).map_or(0, |d| d.count()) == before {
+            assert!(t.elapsed() < Duration::from_secs(20), "no delivery into W{folder:04}");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    raw.cmd("LOGOUT");
+    let _ = child.kill();
+    let _ = child.wait();
+    (idle_after, rss, idle_cpu, lat)
+}
+
+fn many(n: usize) {
+    let dv = Dovecot::start_with(testbed::Options {
+        max_userip_connections: Some(n as u32 + 16),
+        sessions: Some(n as u32 + 16),
+        ..testbed::Options::default()
+    })
+    .unwrap();
+    for f in 0..n {
+        dv.drop_messages("alice", &format!("W{f:04}"), &[testbed::sample_message(f, "seed", 200)])
+            .unwrap();
+    }
+    println!("(e) {n} IDLE watches over TLS in one process (one per folder, start_stagger 10 ms), next to one watch");
+    let samples = 20;
+    let (idle1, rss1, cpu1, mut lat1) = many_run(&dv, 1, samples);
+    let (idle_n, rss_n, cpu_n, mut lat_n) = many_run(&dv, n, samples);
+    println!(
+        "    1 watch      RSS {:7.1} MiB   idle CPU {cpu1:5.2} %   idle after {idle1:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms",
+        rss1 as f64 / 1024.0,
+        pct(&mut lat1, 0.5),
+        pct(&mut lat1, 0.99)
+    );
+    println!(
+        "    {n} watches RSS {:7.1} MiB   idle CPU {cpu_n:5.2} %   idle after {idle_n:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms",
+        rss_n as f64 / 1024.0,
+        pct(&mut lat_n, 0.5),
+        pct(&mut lat_n, 0.99)
+    );
+    println!(
+        "    per watched mailbox above the one-watch process: {:.1} KiB",
+        (rss_n.saturating_sub(rss1)) as f64 / (n - 1).max(1) as f64
+    );
 }

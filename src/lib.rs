@@ -55,7 +55,7 @@ pub mod imap;
 pub mod message;
 pub mod oauth2;
 mod once;
-mod process;
+pub mod process;
 pub mod route;
 pub mod secret;
 pub mod spool;

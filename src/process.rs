@@ -9,6 +9,8 @@
 //! - **Lifetime:** each child gets its own process group (so a timeout kills its children
 //!   too) and, on Linux, a parent-death signal: if inboxd dies (even by SIGKILL), the child is
 //!   killed rather than left running beside the next inboxd's re-delivery of the same message.
+//! - **Open files:** `run` and `once` raise their own soft limit to the hard one
+//!   ([`raise_open_files_limit`]): a socket per watch.
 
 use std::ffi::OsString;
 
@@ -106,6 +108,31 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// Raises this process's soft limit of open files to its hard limit (one socket per watch,
+/// plus the state, spool and target files: a service manager's default soft limit of 1024
+/// would end a thousand watches at "too many open files"). Returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass, which lives for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Some(lim.rlim_max);
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,3 +147,4 @@ mod tests {
         assert_eq!(names, ["PATH", "LC_ALL", "WANTED", "HOME"]);
     }
 }
+

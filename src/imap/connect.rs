@@ -190,7 +190,7 @@ type Seen = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
 /// Verifies as `inner` does and remembers the end-entity certificate presented.
 #[derive(Debug)]
 struct Recording<V> {
-    inner: V,
+    inner: Arc<V>,
     seen: Seen,
 }
 
@@ -304,27 +304,73 @@ pub(crate) fn ca_certificates(path: &std::path::Path) -> Result<Vec<CertificateD
     Ok(certs)
 }
 
+/// The crypto provider, made once.
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// The platform's trust store plus a `ca_file`, loaded once and shared by every session that
+/// uses it (a thousand sessions each holding their own copy of the system's roots cost about
+/// 100 KiB each, measured in the many-watches benchmark). A `ca_file` that changed on disk
+/// (another modification time or size) is loaded again.
+fn platform_verifier(
+    ca_file: Option<&std::path::Path>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls_platform_verifier::Verifier>, ImapError> {
+    type Key = Option<(std::path::PathBuf, Option<std::time::SystemTime>, u64)>;
+    static CACHE: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Key, Arc<rustls_platform_verifier::Verifier>>>,
+    > = std::sync::OnceLock::new();
+    let key: Key = ca_file.map(|p| {
+        let meta = std::fs::metadata(p).ok();
+        (
+            p.to_path_buf(),
+            meta.as_ref().and_then(|m| m.modified().ok()),
+            meta.map_or(0, |m| m.len()),
+        )
+    });
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(v) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(v);
+    }
+    let extra = match ca_file {
+        Some(path) => ca_certificates(path).map_err(ImapError::TlsConfig)?,
+        None => Vec::new(),
+    };
+    let verifier = Arc::new(
+        rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
+            .map_err(|e| ImapError::TlsConfig(e.to_string()))?,
+    );
+    if let Ok(mut c) = cache.lock() {
+        // Versions of a file that changed are dropped with the entries of other paths' old
+        // versions: the map holds only what was loaded last per path.
+        if let Some(path) = ca_file {
+            c.retain(|k, _| k.as_ref().is_none_or(|(p, _, _)| p != path));
+        }
+        c.insert(key, verifier.clone());
+    }
+    Ok(verifier)
+}
+
 /// Builds the TLS connector: the platform's trust store plus the account's `ca_file`, always
 /// verifying the server's name; or, with `tls_fingerprint`, exactly the pinned certificate.
 fn tls_connector(account: &Account, seen: Seen) -> Result<TlsConnector, ImapError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = crypto_provider();
     let verifier: Arc<dyn ServerCertVerifier> = match account.tls_fingerprint {
         Some(sha256) => Arc::new(Recording {
-            inner: Pinned {
+            inner: Arc::new(Pinned {
                 sha256,
                 provider: provider.clone(),
-            },
+            }),
             seen,
         }),
-        None => {
-            let extra = match &account.ca_file {
-                Some(path) => ca_certificates(path).map_err(ImapError::TlsConfig)?,
-                None => Vec::new(),
-            };
-            let platform = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider.clone())
-                .map_err(|e| ImapError::TlsConfig(e.to_string()))?;
-            Arc::new(Recording { inner: platform, seen })
-        }
+        None => Arc::new(Recording {
+            inner: platform_verifier(account.ca_file.as_deref(), &provider)?,
+            seen,
+        }),
     };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -194,8 +194,14 @@ fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     match cli.command {
-        Cmd::Run(c) => commands::run(&load(&c)?).await,
-        Cmd::Once(c) => commands::once(&load(&c)?).await,
+        Cmd::Run(c) => {
+            inboxd::process::raise_open_files_limit();
+            commands::run(&load(&c)?).await
+        }
+        Cmd::Once(c) => {
+            inboxd::process::raise_open_files_limit();
+            commands::once(&load(&c)?).await
+        }
         Cmd::Check { config, route } => commands::check(&load(&config)?, route, &mut stdout).await,
         Cmd::Status { config, json } => commands::status(&load(&config)?, json, &mut stdout).await,
         Cmd::Reload(c) => commands::reload_running(&load(&c)?),

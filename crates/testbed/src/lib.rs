@@ -38,6 +38,9 @@ pub struct Options {
     pub self_signed_ca: bool,
     /// IMAP connections one user may hold from one address (Dovecot's default is 10).
     pub max_userip_connections: Option<u32>,
+    /// Room for this many IMAP sessions at once: process limits raised, and the login
+    /// service in Dovecot's high-performance mode (a few processes for every TLS client).
+    pub sessions: Option<u32>,
 }
 
 /// A running Dovecot instance. Stopped and removed on drop.
@@ -246,12 +249,18 @@ service imap-login {{
             ));
         }
         if let Some(n) = options.max_userip_connections {
+            conf.push_str(&format!("protocol imap {{\n  mail_max_userip_connections = {n}\n}}\n"));
+        }
+        if let Some(n) = options.sessions {
+            let n = n + 64;
             conf.push_str(&format!(
-                "protocol imap {{
-  mail_max_userip_connections = {n}
-}}
-"
+                "default_process_limit = {n}\ndefault_client_limit = {}\nservice imap {{\n  process_limit = {n}\n}}\n",
+                n * 4
             ));
+            conf = conf.replace(
+                "service imap-login {\n",
+                &format!("service imap-login {{\n  service_count = 0\n  process_min_avail = 2\n  client_limit = {n}\n"),
+            );
         }
         if let Some(issuer) = &options.oauth2_issuer {
             fs::set_permissions(d.join("oauth2-keys"), fs::Permissions::from_mode(0o755))?;
