@@ -147,4 +147,3 @@ mod tests {
         assert_eq!(names, ["PATH", "LC_ALL", "WANTED", "HOME"]);
     }
 }
-

@@ -435,6 +435,10 @@ pub(crate) async fn tls(account: &Account, tcp: TcpStream) -> Result<Conn, ImapE
         })
     })
     .await?;
+    // The presented certificate was kept for an error message; none is coming.
+    if let Ok(mut s) = seen.lock() {
+        *s = None;
+    }
     Ok(Conn::Tls(Box::new(stream)))
 }
 
