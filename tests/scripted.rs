@@ -584,3 +584,63 @@ async fn a_connection_lost_during_a_read_ahead_loses_and_repeats_nothing() {
         "a lost read-ahead is no failure of its messages"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_authenticated_but_not_connected_says_why_and_follows_the_schedule() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().select_refusals = vec!["BAD User is authenticated but not connected.".into()];
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected {
+        retry_in: Some(d),
+        error: Some(m),
+        ..
+    } = e
+    else {
+        unreachable!()
+    };
+    // Not parked: a passing cause (too many connections) gets the next try soon.
+    assert!(d < Duration::from_secs(5), "{d:?} ({m})");
+    assert!(
+        m.contains("authenticated but not connected")
+            && m.contains("no access to this mailbox")
+            && m.contains("max_connections"),
+        "{m}"
+    );
+    // The next session opens the folder.
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { last_uid: 1, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_connections_at_login_does_not_park_the_account() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    server.state.lock().unwrap().refuse_login = Some("[ALERT] Too many simultaneous connections. (Failure)".into());
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    let Event::Disconnected {
+        retry_in: Some(d),
+        error: Some(m),
+        ..
+    } = e
+    else {
+        unreachable!()
+    };
+    // Gmail's limit is no refusal of the password: the schedule, not an hour's parking.
+    assert!(d < Duration::from_secs(5), "{d:?} ({m})");
+    assert!(
+        m.contains("Too many simultaneous connections") && m.contains("max_connections"),
+        "{m}"
+    );
+    server.state.lock().unwrap().refuse_login = None;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { last_uid: 1, .. })).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+}

@@ -170,9 +170,16 @@ impl Session {
             Ok(()) => {}
             Err(ImapError::Rejected { text, .. }) => {
                 self.selected = None;
+                let message = if inboxd_core::failure::not_connected(&text) {
+                    format!(
+                        "{text} (Exchange accepted the login but cannot open the mailbox with it: the app or user has no access to this mailbox (app-only: grant the service principal FullAccess with Add-MailboxPermission), the user name is not the mailbox's address, or the mailbox has too many open connections (set max_connections))"
+                    )
+                } else {
+                    text
+                };
                 return Err(ImapError::Select {
                     folder: folder.to_string(),
-                    message: text,
+                    message,
                 });
             }
             Err(e) => return Err(e),

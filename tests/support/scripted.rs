@@ -47,7 +47,8 @@ pub struct State {
     pub stall_in_literal: bool,
     /// Commands received, in order (tags stripped).
     pub commands: Vec<String>,
-    /// Refuse the next SELECTs with `NO [<code>] temporary trouble` (one per entry).
+    /// Refuse the next SELECTs with `NO [<code>] temporary trouble` (one per entry); an entry
+    /// `BAD <text>` is answered `BAD <text>`, then BYE and a closed connection (Exchange).
     pub select_refusals: Vec<String>,
     /// Add these UIDs (far above UIDNEXT, with bodies) to every UID FETCH answer.
     pub bogus_uids: Vec<u32>,
@@ -215,6 +216,11 @@ impl Scripted {
                             Some(st.select_refusals.remove(0))
                         }
                     };
+                    if let Some(bad) = refusal.as_deref().and_then(|r| r.strip_prefix("BAD ")) {
+                        w.write_all(format!("{tag} BAD {bad}\r\n* BYE Connection closed. 14\r\n").as_bytes())
+                            .await?;
+                        return Ok(());
+                    }
                     if let Some(code) = refusal {
                         w.write_all(format!("{tag} NO [{code}] temporary trouble\r\n").as_bytes())
                             .await?;

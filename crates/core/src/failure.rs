@@ -67,6 +67,11 @@ pub fn response_code(text: &str) -> Option<String> {
 /// they are [`FailureClass::Auth`], which parks; `UNAVAILABLE` and its kin are transient. A
 /// refusal without a code is taken for bad credentials.
 pub fn login_refused(text: &str) -> FailureClass {
+    if too_many_connections(text) {
+        // The credentials are fine: parking the account as refused would stop every watch
+        // of it for `park_for`.
+        return FailureClass::Network;
+    }
     match response_code(text).as_deref() {
         Some("UNAVAILABLE" | "SERVERBUG" | "INUSE" | "LIMIT" | "OVERQUOTA" | "CONTACTADMIN") => FailureClass::Network,
         _ => FailureClass::Auth,
@@ -77,10 +82,31 @@ pub fn login_refused(text: &str) -> FailureClass {
 /// server that is busy or broken for the moment (`UNAVAILABLE`, `INUSE`, `SERVERBUG`, `LIMIT`)
 /// is transient. Without a code it is taken for a missing folder.
 pub fn select_refused(text: &str) -> FailureClass {
+    if not_connected(text) {
+        // Lasting causes (no access) and passing ones (too many connections) look alike:
+        // along the schedule, which slows to hourly tries on its own.
+        return FailureClass::Network;
+    }
     match response_code(text).as_deref() {
         Some("UNAVAILABLE" | "INUSE" | "SERVERBUG" | "LIMIT" | "EXPUNGEISSUED") => FailureClass::Network,
         _ => FailureClass::Permanent,
     }
+}
+
+/// A login refused because the user holds too many sessions already: Gmail's `[ALERT] Too
+/// many simultaneous connections`, Dovecot's `Maximum number of connections from user+IP
+/// exceeded`.
+pub fn too_many_connections(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("too many simultaneous connections") || lower.contains("maximum number of connections")
+}
+
+/// Exchange Online's `BAD User is authenticated but not connected.`: the login (or token) was
+/// accepted, but the mailbox cannot be opened with it: the app or user has no access to that
+/// mailbox, the user name is not the mailbox's address, or the mailbox has too many open
+/// connections. It comes as the answer to the first mailbox command, followed by BYE.
+pub fn not_connected(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("authenticated but not connected")
 }
 
 /// Whether a refused post-action (STORE, MOVE, COPY, EXPUNGE) will fail again however often it
@@ -317,11 +343,27 @@ mod tests {
         );
         assert_eq!(login_refused("Invalid credentials"), FailureClass::Auth);
         assert_eq!(login_refused("[UNAVAILABLE] Try later"), FailureClass::Network);
+        // Too many sessions: not a refusal of the credentials.
+        assert_eq!(
+            login_refused("[ALERT] Too many simultaneous connections. (Failure)"),
+            FailureClass::Network
+        );
+        assert_eq!(
+            login_refused("Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)"),
+            FailureClass::Network
+        );
         assert_eq!(
             select_refused("[NONEXISTENT] Mailbox doesn't exist: X"),
             FailureClass::Permanent
         );
         assert_eq!(select_refused("[NOPERM] no"), FailureClass::Permanent);
+        // Exchange: no access to the mailbox, or too many connections: along the schedule.
+        assert_eq!(
+            select_refused("User is authenticated but not connected."),
+            FailureClass::Network
+        );
+        assert!(not_connected("BAD User is authenticated but not connected."));
+        assert!(!not_connected("[NONEXISTENT] no such folder"));
         for code in ["UNAVAILABLE", "INUSE", "SERVERBUG"] {
             assert_eq!(
                 select_refused(&format!("[{code}] temporary trouble")),
