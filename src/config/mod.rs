@@ -387,7 +387,12 @@ pub enum Payload {
 #[derive(Debug, Clone)]
 pub struct Watch {
     pub account: Arc<Account>,
+    /// The folder; for a pattern watch, the pattern (`Support/*`), which is no folder.
     pub folder: String,
+    /// A pattern watch (`folders = "Support/*"`): a template for one watch per matching
+    /// folder, listed again every `rescan`.
+    pub pattern: Option<String>,
+    pub rescan: Duration,
     pub start: StartPolicy,
     /// What happens on the server after delivery (a rule may override it).
     pub after: After,
@@ -407,6 +412,9 @@ pub struct Watch {
     pub spool_dir: PathBuf,
 }
 
+/// Default `rescan` of a pattern watch.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(60);
+
 /// Default `max_message_size`: above every mainstream provider's limit (Exchange Online
 /// allows 150 MB; Gmail 25 MB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 200 << 20;
@@ -421,6 +429,15 @@ pub const DEFAULT_SPOOL_ABOVE: u64 = 1 << 20;
 pub const SPOOL_ABOVE_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(64 << 20);
 
 impl Watch {
+    /// The watch of one folder a pattern watch matched: the same settings, that folder.
+    pub fn for_folder(&self, folder: &str) -> Watch {
+        Watch {
+            folder: folder.to_string(),
+            pattern: None,
+            ..self.clone()
+        }
+    }
+
     /// `account/folder`, as used in logs and `status`.
     pub fn name(&self) -> String {
         format!("{}/{}", self.account.name, self.folder)
@@ -641,7 +658,14 @@ impl Config {
         let mut watches: Vec<Watch> = Vec::new();
         for spanned in raw.watch {
             let span = spanned.span();
-            let watch = watch::build(&ctx, spanned, &accounts, &targets, &spool_dir)?;
+            let watch = watch::build(
+                &ctx,
+                spanned,
+                &accounts,
+                &targets,
+                &spool_dir,
+                matches!(state, StateLocation::Postgres(_)),
+            )?;
             if watches
                 .iter()
                 .any(|o| o.account.name == watch.account.name && o.folder == watch.folder)
@@ -769,6 +793,34 @@ deliver = { exec = ["./handler.sh", "--flag"] }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/inboxd/inboxd.toml"), text)
+    }
+
+    #[test]
+    fn a_pattern_watch_is_a_template_and_is_checked() {
+        let c = parse(&GOOD.replace("folder = \"INBOX\"", "folders = \"Support/*\"\nrescan = \"30s\"")).unwrap();
+        let w = &c.watches[0];
+        assert_eq!(
+            (w.pattern.as_deref(), w.folder.as_str()),
+            (Some("Support/*"), "Support/*")
+        );
+        assert_eq!(w.rescan, Duration::from_secs(30));
+        let one = w.for_folder("Support/Tier 1");
+        assert_eq!(
+            (one.pattern.clone(), one.name()),
+            (None, "demo/Support/Tier 1".to_string())
+        );
+        assert_eq!(parse(GOOD).unwrap().watches[0].pattern, None);
+        for (bad, says) in [
+            ("folder = \"INBOX\"\nfolders = \"S/*\"", "`folder` or `folders`"),
+            ("folders = \"Support\"", "is no pattern"),
+        ] {
+            let e = err(&GOOD.replace("folder = \"INBOX\"", bad));
+            assert!(e.contains(says), "{e}");
+        }
+        let e = err(&GOOD
+            .replace("folder = \"INBOX\"", "folders = \"S/*\"")
+            .replace("state = \"inboxd.db\"", "state = \"postgres://db.example.com/inboxd\""));
+        assert!(e.contains("not supported with a PostgreSQL state"), "{e}");
     }
 
     #[test]

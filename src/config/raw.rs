@@ -218,8 +218,12 @@ pub(super) struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWatch {
     pub(super) account: Spanned<String>,
-    #[serde(default = "inbox")]
-    pub(super) folder: String,
+    /// Default `INBOX`; not with `folders`.
+    pub(super) folder: Option<String>,
+    /// A pattern (`Support/*`): every folder that matches, as folders come and go.
+    pub(super) folders: Option<Spanned<String>>,
+    /// How often a pattern is listed again (default 1 minute).
+    pub(super) rescan: Option<Dur>,
     #[serde(default)]
     pub(super) start: RawStart,
     #[serde(default)]
@@ -245,10 +249,6 @@ pub(super) struct RawWatch {
     /// Messages larger than this are fetched in chunks into a spool file instead of memory
     /// (default 1 MiB).
     pub(super) spool_above: Option<Bytes>,
-}
-
-pub(super) fn inbox() -> String {
-    "INBOX".into()
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]

@@ -230,18 +230,49 @@ pub(super) fn build(
     accounts: &BTreeMap<String, Arc<Account>>,
     shared: &BTreeMap<String, Deliver>,
     spool_dir: &Path,
+    postgres: bool,
 ) -> Result<Watch, ConfigError> {
     let span = spanned.span();
-    let w = spanned.into_inner();
-    if w.folder.is_empty() || w.folder.contains(['\r', '\n', '\0']) {
-        return Err(ctx.invalid(Some(span), format!("watch.folder: {:?} is not a folder name", w.folder)));
+    let mut w = spanned.into_inner();
+    let pattern = match (&w.folder, w.folders.take()) {
+        (Some(_), Some(p)) => {
+            return Err(ctx.invalid(
+                Some(p.span()),
+                "watch.folders: a watch has `folder` or `folders` (a pattern), not both".to_string(),
+            ));
+        }
+        (None, Some(p)) => {
+            let text = p.get_ref().clone();
+            if text.is_empty() || text.contains(['\r', '\n', '\0', '"']) || !text.contains(['*', '%']) {
+                return Err(ctx.invalid(
+                    Some(p.span()),
+                    format!(
+                        "watch.folders: {text:?} is no pattern (a folder name with `*` or `%`, e.g. \"Support/*\")"
+                    ),
+                ));
+            }
+            if postgres {
+                return Err(ctx.invalid(
+                    Some(p.span()),
+                    "watch.folders: pattern watches are not supported with a PostgreSQL state yet".to_string(),
+                ));
+            }
+            Some(text)
+        }
+        _ => None,
+    };
+    let folder = pattern
+        .clone()
+        .or_else(|| w.folder.clone())
+        .unwrap_or_else(|| "INBOX".to_string());
+    if folder.is_empty() || folder.contains(['\r', '\n', '\0']) {
+        return Err(ctx.invalid(Some(span), format!("watch.folder: {folder:?} is not a folder name")));
     }
-    if w.folder.starts_with('\\') && !SPECIAL_USES.iter().any(|u| u.eq_ignore_ascii_case(&w.folder)) {
+    if folder.starts_with('\\') && !SPECIAL_USES.iter().any(|u| u.eq_ignore_ascii_case(&folder)) {
         return Err(ctx.invalid(
             Some(span),
             format!(
-                "watch.folder: {:?} is no special use; RFC 6154 has {}",
-                w.folder,
+                "watch.folder: {folder:?} is no special use; RFC 6154 has {}",
                 SPECIAL_USES.join(", ")
             ),
         ));
@@ -299,9 +330,15 @@ pub(super) fn build(
             ));
         }
     };
+    let rescan = w
+        .rescan
+        .map_or(super::DEFAULT_RESCAN, |d| d.0)
+        .max(std::time::Duration::from_secs(1));
     let watch = Watch {
         account,
-        folder: w.folder,
+        folder,
+        pattern,
+        rescan,
         start: match w.start {
             RawStart::New => StartPolicy::New,
             RawStart::All => StartPolicy::All,

@@ -411,6 +411,31 @@ impl Session {
         Ok(out)
     }
 
+    /// The selectable folders whose readable names match an IMAP LIST pattern (`Support/*`,
+    /// `Kunden/%/Eingang`), matched here with the server's hierarchy delimiter.
+    pub async fn folders_matching(&mut self, pattern: &str) -> Result<Vec<String>, ImapError> {
+        let mut out = Vec::new();
+        self.checked("LIST", "LIST \"\" \"*\"", |resp| {
+            if let Response::MailboxData(MailboxDatum::List(list)) = resp {
+                let name = unescape(&list.name);
+                let readable = mutf7::decode(&name).unwrap_or(name);
+                let selectable = !list
+                    .name_attributes
+                    .iter()
+                    .map(name_attribute)
+                    .any(|a| a.eq_ignore_ascii_case("\\Noselect") || a.eq_ignore_ascii_case("\\NonExistent"));
+                let delimiter = list.delimiter.as_deref().and_then(|d| d.chars().next());
+                if selectable && inboxd_core::mailbox::pattern_matches(pattern, &readable, delimiter) {
+                    out.push(readable);
+                }
+            }
+        })
+        .await?;
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// The folder the server marks with a special use (`\\Junk`, RFC 6154), if one is.
     pub async fn special_use(&mut self, attribute: &str) -> Result<Option<String>, ImapError> {
         Ok(self

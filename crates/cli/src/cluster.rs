@@ -156,6 +156,7 @@ impl Cluster {
                         watch: watch.clone(),
                         watcher,
                         fence: Some(fence),
+                        origin: None,
                     });
                 }
                 Err(e) => {

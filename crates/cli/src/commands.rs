@@ -44,7 +44,7 @@ async fn start_all(config: &Config, store: &Arc<dyn Store>, mode: Mode) -> anyho
         bail!("{}: no [[watch]] configured", config.path.display());
     }
     let mut watchers = Vec::new();
-    for (i, w) in config.watches.iter().enumerate() {
+    for (i, w) in config.watches.iter().filter(|w| w.pattern.is_none()).enumerate() {
         if i >= 4 {
             tokio::time::sleep(config.start_stagger.mul_f64(0.5 + fastrand::f64())).await;
         }
@@ -62,6 +62,8 @@ pub(crate) struct Running {
     pub watcher: Watcher,
     /// The lease it runs under, on a state shared by instances (PostgreSQL).
     pub fence: Option<Arc<inboxd::store::Fence>>,
+    /// The pattern watch (its name) whose folder this is, for a watch a pattern matched.
+    pub origin: Option<String>,
 }
 
 /// What decides whether a reload restarts a watch: everything of its watch table, account and
@@ -70,6 +72,77 @@ pub(crate) struct Running {
 /// are read at each login anyway).
 fn fingerprint(w: &Watch) -> String {
     format!("{w:?}")
+}
+
+/// The folders a pattern watch matches now; `None` (logged) when the server cannot tell.
+async fn matching(template: &Watch) -> Option<Vec<String>> {
+    let pattern = template.pattern.as_ref()?;
+    let listed = match inboxd::imap::Session::open(&template.account).await {
+        Ok(mut session) => {
+            let listed = session.folders_matching(pattern).await;
+            session.logout().await;
+            listed
+        }
+        Err(e) => Err(e),
+    };
+    match listed {
+        Ok(folders) => Some(folders),
+        Err(e) => {
+            tracing::warn!(watch = %template.name(), error = %format!("{:#}", anyhow::Error::from(e)), "cannot list the folders of a pattern watch; its watches stay as they are");
+            None
+        }
+    }
+}
+
+/// Brings the watches of each pattern watch in line with the folders on the server: a folder
+/// that appeared is watched, one that went (deleted, renamed) stops being watched. A folder a
+/// watch of its own names is left to that watch; one two patterns match is watched once.
+async fn rescan(config: &Config, running: &mut Vec<Running>, store: &Arc<dyn Store>) {
+    for t in config.watches.iter().filter(|w| w.pattern.is_some()) {
+        let Some(folders) = matching(t).await else { continue };
+        let explicit = |f: &str| {
+            config
+                .watches
+                .iter()
+                .any(|w| w.pattern.is_none() && w.account.name == t.account.name && w.folder == f)
+        };
+        let wanted: Vec<&String> = folders.iter().filter(|f| !explicit(f)).collect();
+        let origin = t.name();
+        let (gone, keep): (Vec<Running>, Vec<Running>) = std::mem::take(running)
+            .into_iter()
+            .partition(|r| r.origin.as_deref() == Some(origin.as_str()) && !wanted.contains(&&r.watch.folder));
+        *running = keep;
+        for r in &gone {
+            r.watcher.request_stop();
+        }
+        for r in gone {
+            info!(watch = %r.watch.name(), pattern = %origin, "the folder no longer matches (deleted or renamed); its watch stops");
+            if let Err(e) = r.watcher.join().await {
+                tracing::warn!(watch = %r.watch.name(), error = %format!("{:#}", anyhow::Error::from(e)), "watch ended with an error");
+            }
+        }
+        for f in wanted {
+            if running
+                .iter()
+                .any(|r| r.watch.account.name == t.account.name && r.watch.folder == *f)
+            {
+                continue;
+            }
+            let w = t.for_folder(f);
+            match Watcher::start(w.clone(), store.clone(), Mode::Forever) {
+                Ok(watcher) => {
+                    info!(watch = %w.name(), pattern = %origin, "a folder matches; watching it");
+                    running.push(Running {
+                        watch: w,
+                        watcher,
+                        fence: None,
+                        origin: Some(origin.clone()),
+                    });
+                }
+                Err(e) => error!(watch = %w.name(), error = %e.reason, "cannot start the watch of a matched folder"),
+            }
+        }
+    }
 }
 
 fn views_of(running: &[Running]) -> Vec<crate::http::WatchView> {
@@ -110,18 +183,36 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             c.round(config, &mut running).await;
             running
         }
-        None => config
+        None => {
+            let mut running: Vec<Running> = config
+                .watches
+                .iter()
+                .filter(|w| w.pattern.is_none())
+                .cloned()
+                .zip(start_all(config, &store, Mode::Forever).await?)
+                .map(|(watch, watcher)| Running {
+                    watch,
+                    watcher,
+                    fence: None,
+                    origin: None,
+                })
+                .collect();
+            rescan(config, &mut running, &store).await;
+            running
+        }
+    };
+    // Pattern watches are listed again at the shortest `rescan` among them.
+    let mut rescans = tokio::time::interval(
+        config
             .watches
             .iter()
-            .cloned()
-            .zip(start_all(config, &store, Mode::Forever).await?)
-            .map(|(watch, watcher)| Running {
-                watch,
-                watcher,
-                fence: None,
-            })
-            .collect(),
-    };
+            .filter(|w| w.pattern.is_some())
+            .map(|w| w.rescan)
+            .min()
+            .unwrap_or(Duration::from_secs(3600)),
+    );
+    rescans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rescans.reset();
     let mut rounds = tokio::time::interval(
         cluster
             .as_ref()
@@ -166,6 +257,13 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                 Signal::Reload => None,
             },
             Some(request) = reload_rx.recv() => Some(request),
+            _ = rescans.tick(), if current.watches.iter().any(|w| w.pattern.is_some()) => {
+                rescan(&current, &mut running, &store).await;
+                if let Ok(mut v) = views.write() {
+                    *v = views_of(&running);
+                }
+                continue;
+            }
             _ = rounds.tick(), if cluster.is_some() => {
                 if let Some(c) = &cluster {
                     c.round(&current, &mut running).await;
@@ -178,6 +276,10 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         };
         crate::service::reloading();
         let outcome = reload(&mut current, &mut running, &store, cluster.as_ref()).await;
+        if cluster.is_none() {
+            // New and changed pattern watches find their folders now.
+            rescan(&current, &mut running, &store).await;
+        }
         if let Some(c) = &cluster {
             // New and changed watches are taken (by this instance or another) in this round.
             c.round(&current, &mut running).await;
@@ -273,9 +375,9 @@ async fn reload(
             }
         }
     }
-    let (keep, leave): (Vec<Running>, Vec<Running>) = std::mem::take(running)
-        .into_iter()
-        .partition(|r| kept_names.contains(r.watch.name().as_str()));
+    let (keep, leave): (Vec<Running>, Vec<Running>) = std::mem::take(running).into_iter().partition(|r| {
+        kept_names.contains(r.watch.name().as_str()) || r.origin.as_deref().is_some_and(|t| kept_names.contains(t))
+    });
     let (stopped, kept) = (leave.len(), keep.len());
     for r in &leave {
         r.watcher.request_stop();
@@ -295,15 +397,23 @@ async fn reload(
     let mut all = keep;
     // In a cluster, the next round takes new and changed watches under leases.
     let started = if cluster.is_some() { 0 } else { fresh.len() };
-    for (w, fanout) in fresh.into_iter().filter(|_| cluster.is_none()) {
+    for (w, fanout) in fresh
+        .into_iter()
+        .filter(|(w, _)| cluster.is_none() && w.pattern.is_none())
+    {
         all.push(Running {
             watcher: Watcher::with_fanout(w.clone(), store.clone(), fanout, Mode::Forever),
             watch: w,
             fence: None,
+            origin: None,
         });
     }
-    // In the order of the file.
-    all.sort_by_key(|r| new.watches.iter().position(|w| w.name() == r.watch.name()));
+    // In the order of the file (a pattern's folders at its place).
+    all.sort_by_key(|r| {
+        new.watches
+            .iter()
+            .position(|w| Some(w.name()) == r.origin.clone().or_else(|| Some(r.watch.name())))
+    });
     *running = all;
     info!(kept, stopped, started, watches = running.len(), "config reloaded");
     *current = new;
@@ -406,7 +516,26 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
         inboxd::config::StateLocation::File(path) => {
             let lock = StateLock::acquire(path)?;
             let store = open_store(config).await?;
-            (start_all(config, &store, Mode::Once).await?, None, Some(lock))
+            let mut watchers = start_all(config, &store, Mode::Once).await?;
+            // Each folder a pattern watch matches now, once.
+            for t in config.watches.iter().filter(|w| w.pattern.is_some()) {
+                let Some(folders) = matching(t).await else {
+                    bail!("watch {}: cannot list the folders the pattern matches", t.name());
+                };
+                for f in folders {
+                    let explicit = config
+                        .watches
+                        .iter()
+                        .any(|w| w.pattern.is_none() && w.account.name == t.account.name && w.folder == f);
+                    if !explicit && !watchers.iter().any(|w| w.name() == format!("{}/{f}", t.account.name)) {
+                        watchers.push(
+                            Watcher::start(t.for_folder(&f), store.clone(), Mode::Once)
+                                .with_context(|| format!("cannot start watch {}/{f}", t.account.name))?,
+                        );
+                    }
+                }
+            }
+            (watchers, None, Some(lock))
         }
         inboxd::config::StateLocation::Postgres(url) => {
             if config.watches.is_empty() {
@@ -522,6 +651,28 @@ pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::
             Err(e) => writeln!(out, "  folders: cannot list them: {:#}", anyhow::Error::from(e))?,
         }
         for w in config.watches.iter().filter(|w| &w.account.name == name) {
+            if let Some(pattern) = &w.pattern {
+                match session.folders_matching(pattern).await {
+                    Ok(found) => {
+                        let names: Vec<String> = found.iter().map(|f| format!("{:?}", printable(f))).collect();
+                        writeln!(
+                            out,
+                            "  pattern {pattern:?}: {} folder(s): {}",
+                            found.len(),
+                            if names.is_empty() {
+                                "none yet".to_string()
+                            } else {
+                                names.join(", ")
+                            }
+                        )?;
+                    }
+                    Err(e) => {
+                        writeln!(out, "  pattern {pattern:?}: FAILED: {:#}", anyhow::Error::from(e))?;
+                        failed += 1;
+                    }
+                }
+                continue;
+            }
             let selected = match session.resolve(&w.folder).await {
                 Ok(folder) => session.select(&folder).await.map(|s| (folder, s)),
                 Err(e) => Err(e),
@@ -780,6 +931,28 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
         .collect();
     let problems = store.post_action_problems(1000).await?;
     let leases = store.leases().await?;
+    // A pattern watch shows as the folders it has watched (those with a checkpoint), matched
+    // offline with either usual hierarchy delimiter.
+    let mut shown: Vec<Watch> = Vec::new();
+    for w in &config.watches {
+        match &w.pattern {
+            None => shown.push(w.clone()),
+            Some(p) => {
+                for r in rows.iter().filter(|r| r.account == w.account.name) {
+                    let matches = [Some('/'), Some('.')]
+                        .into_iter()
+                        .any(|d| inboxd::core::mailbox::pattern_matches(p, &r.folder, d));
+                    if matches
+                        && !shown
+                            .iter()
+                            .any(|s| s.account.name == r.account && s.folder == r.folder)
+                    {
+                        shown.push(w.for_folder(&r.folder));
+                    }
+                }
+            }
+        }
+    }
     let lease_of = |w: &Watch| {
         leases
             .iter()
@@ -787,7 +960,7 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
     };
     if json {
         let mut watches = Vec::new();
-        for w in &config.watches {
+        for w in &shown {
             let row = rows
                 .iter()
                 .find(|r| r.account == w.account.name && r.folder == w.folder);
@@ -848,7 +1021,7 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
         "BACKLOG".into(),
         "LAST MAIL".into(),
     ]];
-    for w in &config.watches {
+    for w in &shown {
         let row = rows
             .iter()
             .find(|r| r.account == w.account.name && r.folder == w.folder);

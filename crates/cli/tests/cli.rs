@@ -849,3 +849,85 @@ fn watch_starts_are_staggered_as_configured() {
         "watches connected at {connected:?}"
     );
 }
+
+#[test]
+fn a_pattern_watch_follows_folders_as_they_come_and_go() {
+    use std::io::BufRead;
+    let dv = dovecot();
+    // Maildir++ on this Dovecot: `.` is the hierarchy delimiter.
+    for f in ["Support.A", "Support.B", "Sales.X"] {
+        dv.drop_messages("alice", f, &[inboxd_testbed::sample_message(0, f, 100)])
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"INBOX\"\ndeliver = { maildir = \"inbox\" }",
+    );
+    let mut text = std::fs::read_to_string(&cfg.path).unwrap();
+    text.push_str(
+        "\n[[watch]]\naccount = \"t\"\nfolders = \"Support.*\"\nrescan = \"1s\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }\n",
+    );
+    std::fs::write(&cfg.path, text).unwrap();
+    let out = inboxd_bin().args(["check", "-c"]).arg(&cfg.path).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("pattern \"Support.*\": 2 folder(s): \"Support.A\", \"Support.B\""),
+        "{shown}"
+    );
+    let mut child = inboxd_bin()
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&cfg.path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let delivered = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
+    let wait = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while delivered() < n {
+            assert!(std::time::Instant::now() < deadline, "{} of {n} delivered", delivered());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // The two matching folders, not Sales.X.
+    wait(2);
+    // A folder created while running is watched from its first message.
+    dv.drop_messages("alice", "Support.C", &[inboxd_testbed::sample_message(1, "c", 100)])
+        .unwrap();
+    wait(3);
+    // A deleted folder's watch stops.
+    std::fs::remove_dir_all(dv.maildir("alice").join(".Support.A")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the deleted folder's watch did not stop");
+        if line.contains("no longer matches") && line.contains("t/Support.A") {
+            break;
+        }
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert_eq!(delivered(), 3);
+    let keys: Vec<String> = std::fs::read_dir(dir.path().join("out/new"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    // `status` shows the pattern as the folders it watched.
+    let out = inboxd_bin().args(["status", "-c"]).arg(&cfg.path).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for f in ["t/Support.A", "t/Support.B", "t/Support.C"] {
+        assert!(shown.contains(f), "{f} missing: {shown}");
+    }
+    assert!(!shown.contains("Sales.X") && !shown.contains("Support.*"), "{shown}");
+}

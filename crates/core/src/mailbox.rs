@@ -146,6 +146,44 @@ pub fn settle(checkpoint: Checkpoint) -> Checkpoint {
     }
 }
 
+/// Whether a folder name matches a pattern in IMAP LIST's terms (RFC 3501 §6.3.8): `*` matches
+/// any run of characters, `%` any run without the hierarchy `delimiter`; everything else
+/// matches itself. A pattern watch (`folders = "Support/*"`) watches every folder it matches.
+pub fn pattern_matches(pattern: &str, name: &str, delimiter: Option<char>) -> bool {
+    let p: alloc::vec::Vec<char> = pattern.chars().collect();
+    let n: alloc::vec::Vec<char> = name.chars().collect();
+    // Positions of the pattern reachable after each prefix of the name (no backtracking
+    // blow-up on hostile names: O(pattern x name)).
+    let mut reach = alloc::vec![false; p.len() + 1];
+    reach[0] = true;
+    let close = |reach: &mut alloc::vec::Vec<bool>| {
+        for i in 0..p.len() {
+            if reach[i] && (p[i] == '*' || p[i] == '%') {
+                reach[i + 1] = true;
+            }
+        }
+    };
+    close(&mut reach);
+    for &c in &n {
+        let mut next = alloc::vec![false; p.len() + 1];
+        for i in 0..p.len() {
+            if !reach[i] {
+                continue;
+            }
+            match p[i] {
+                '*' => next[i] = true,
+                '%' if Some(c) != delimiter => next[i] = true,
+                '%' => {}
+                pc if pc == c => next[i + 1] = true,
+                _ => {}
+            }
+        }
+        close(&mut next);
+        reach = next;
+    }
+    reach[p.len()]
+}
+
 /// Formats ascending UIDs as a compact IMAP sequence set, e.g. `1:3,7,9:10`.
 pub fn sequence_set(uids: &[u32]) -> String {
     let mut out = String::new();
@@ -172,6 +210,26 @@ pub fn sequence_set(uids: &[u32]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn patterns_match_as_imap_list_does() {
+        let d = Some('/');
+        assert!(pattern_matches("Support/*", "Support/Tier 1", d));
+        assert!(pattern_matches("Support/*", "Support/Tier 1/Urgent", d));
+        assert!(!pattern_matches("Support/*", "Support", d));
+        assert!(!pattern_matches("Support/*", "Sales/Support/x", d));
+        assert!(pattern_matches("Support/%", "Support/Tier 1", d));
+        assert!(!pattern_matches("Support/%", "Support/Tier 1/Urgent", d));
+        assert!(pattern_matches("*", "Entwürfe", d));
+        assert!(pattern_matches("Kunden/%/Eingang", "Kunden/Müller/Eingang", d));
+        assert!(!pattern_matches("Kunden/%/Eingang", "Kunden/Müller/Alt/Eingang", d));
+        assert!(pattern_matches("INBOX", "INBOX", d));
+        assert!(!pattern_matches("INBOX", "INBOX2", d));
+        // A long hostile name costs pattern x name steps, not exponential backtracking.
+        let long = "a".repeat(5000);
+        assert!(!pattern_matches("*a*a*a*a*a*a*a*b", &long, d));
+    }
+
     use super::*;
 
     fn sel(uidvalidity: u32, uidnext: u32) -> Selected {
