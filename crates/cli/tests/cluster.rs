@@ -463,3 +463,69 @@ exec = ["sh", "-c", "echo $(date +%s.%N) $PPID $INBOXD_FOLDER $INBOXD_KEY >> {lo
     }
     drop(cluster);
 }
+
+#[test]
+fn a_reload_in_a_cluster_gives_back_removed_watches_and_takes_new_ones() {
+    let dv = Dovecot::start().expect("dovecot");
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDatabase::create().unwrap();
+    for f in ["R1", "R2", "R3"] {
+        dv.drop_messages("alice", f, &[inboxd_testbed::sample_message(0, f, 100)])
+            .unwrap();
+    }
+    let text = |folders: &[&str]| {
+        let mut t = format!(
+            "state = \"{}\"\nlease_ttl = \"3s\"\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\n",
+            db.url(),
+            dv.port,
+            dv.ca_file().display()
+        );
+        for f in folders {
+            t.push_str(&format!(
+                "[[watch]]\naccount = \"t\"\nfolder = \"{f}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}\n"
+            ));
+        }
+        t
+    };
+    let path = dir.path().join("inboxd.toml");
+    std::fs::write(&path, text(&["R1", "R2"])).unwrap();
+    let mut child = inboxd_bin()
+        .args(["run", "-c"])
+        .arg(&path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let leased = || {
+        db.sql("SELECT folder FROM leases WHERE owner IS NOT NULL AND expires_at > now() ORDER BY folder")
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let wait = |want: &[&str]| {
+        let t = Instant::now();
+        while leased() != want {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "leases {:?}, want {want:?}",
+                leased()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait(&["R1", "R2"]);
+    // R1 goes, R3 comes: the lease of R1 is given back at once, R3's taken.
+    std::fs::write(&path, text(&["R2", "R3"])).unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    wait(&["R2", "R3"]);
+    let delivered = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
+    let t = Instant::now();
+    while delivered() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} delivered", delivered());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    // Leaving gave every lease back.
+    assert!(leased().is_empty(), "{:?}", leased());
+}
