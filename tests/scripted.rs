@@ -12,6 +12,29 @@ use inboxd::watcher::{Event, Mode, Watcher};
 use support::scripted::{Scripted, config_with, watch};
 use support::*;
 
+/// The retry delay and the error of the next disconnection that came with an error.
+async fn next_failure(ev: &mut tokio::sync::broadcast::Receiver<Event>) -> (Duration, String) {
+    match wait_for(ev, 20, |e| {
+        matches!(
+            e,
+            Event::Disconnected {
+                error: Some(_),
+                retry_in: Some(_),
+                ..
+            }
+        )
+    })
+    .await
+    {
+        Event::Disconnected {
+            retry_in: Some(d),
+            error: Some(m),
+            ..
+        } => (d, m),
+        other => unreachable!("{other:?}"),
+    }
+}
+
 fn scripted_config(dir: &Path, port: u16, start: &str, account_extra: &str) -> Config {
     config_with(dir, port, account_extra, &format!("start = \"{start}\""))
 }
@@ -261,25 +284,9 @@ async fn a_temporary_select_refusal_follows_the_schedule_and_a_missing_folder_pa
     let dir = tempfile::tempdir().unwrap();
     let config = scripted_config(dir.path(), server.port, "all", "");
     let (w, _rec, mut ev) = watch(&config).await;
-    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
-    let Event::Disconnected {
-        retry_in: Some(d),
-        error: Some(m),
-        ..
-    } = e
-    else {
-        unreachable!()
-    };
+    let (d, m) = next_failure(&mut ev).await;
     assert!(d < Duration::from_secs(5), "[UNAVAILABLE] is temporary: {d:?} ({m})");
-    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
-    let Event::Disconnected {
-        retry_in: Some(d),
-        error: Some(m),
-        ..
-    } = e
-    else {
-        unreachable!()
-    };
+    let (d, m) = next_failure(&mut ev).await;
     assert!(d >= Duration::from_secs(3600), "[NONEXISTENT] parks: {d:?} ({m})");
     assert!(m.contains("NONEXISTENT") && !m.contains("Outcome"), "{m}");
     w.stop().await.unwrap();
@@ -593,15 +600,7 @@ async fn exchanges_authenticated_but_not_connected_says_why_and_follows_the_sche
     let dir = tempfile::tempdir().unwrap();
     let config = scripted_config(dir.path(), server.port, "all", "");
     let (w, rec, mut ev) = watch(&config).await;
-    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
-    let Event::Disconnected {
-        retry_in: Some(d),
-        error: Some(m),
-        ..
-    } = e
-    else {
-        unreachable!()
-    };
+    let (d, m) = next_failure(&mut ev).await;
     // Not parked: a passing cause (too many connections) gets the next try soon.
     assert!(d < Duration::from_secs(5), "{d:?} ({m})");
     assert!(
@@ -624,15 +623,7 @@ async fn too_many_connections_at_login_does_not_park_the_account() {
     let dir = tempfile::tempdir().unwrap();
     let config = scripted_config(dir.path(), server.port, "all", "");
     let (w, rec, mut ev) = watch(&config).await;
-    let e = wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
-    let Event::Disconnected {
-        retry_in: Some(d),
-        error: Some(m),
-        ..
-    } = e
-    else {
-        unreachable!()
-    };
+    let (d, m) = next_failure(&mut ev).await;
     // Gmail's limit is no refusal of the password: the schedule, not an hour's parking.
     assert!(d < Duration::from_secs(5), "{d:?} ({m})");
     assert!(

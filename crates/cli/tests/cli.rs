@@ -790,9 +790,27 @@ fn postgres_state_runs_each_watch_in_one_process_at_a_time_and_never_shows_its_p
     );
 }
 
+/// `inboxd run` with JSON logs; its log lines, as they come.
+fn run_with_json_logs(config: &std::path::Path) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = inboxd_bin()
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 #[test]
 fn watch_starts_are_staggered_as_configured() {
-    use std::io::BufRead;
     let dv = dovecot();
     let folders = ["INBOX", "S1", "S2", "S3", "S4", "S5", "S6", "S7"];
     for f in &folders[1..] {
@@ -816,28 +834,16 @@ fn watch_starts_are_staggered_as_configured() {
         ));
     }
     std::fs::write(&cfg.path, text).unwrap();
-    let mut child = inboxd_bin()
-        .args(["run", "--log-format", "json", "-c"])
-        .arg(&cfg.path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let started = std::time::Instant::now();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("\"message\":\"connected\"") {
-                let _ = tx.send(started.elapsed());
-            }
-        }
-    });
+    let (mut child, lines) = run_with_json_logs(&cfg.path);
     let mut connected = Vec::new();
     while connected.len() < folders.len() {
-        connected.push(
-            rx.recv_timeout(std::time::Duration::from_secs(20))
-                .expect("every watch connects"),
-        );
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("every watch connects");
+        if line.contains("\"message\":\"connected\"") {
+            connected.push(started.elapsed());
+        }
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
@@ -852,7 +858,6 @@ fn watch_starts_are_staggered_as_configured() {
 
 #[test]
 fn a_pattern_watch_follows_folders_as_they_come_and_go() {
-    use std::io::BufRead;
     let dv = dovecot();
     // Maildir++ on this Dovecot: `.` is the hierarchy delimiter.
     for f in ["Support.A", "Support.B", "Sales.X"] {
@@ -877,19 +882,7 @@ fn a_pattern_watch_follows_folders_as_they_come_and_go() {
         shown.contains("pattern \"Support.*\": 2 folder(s): \"Support.A\", \"Support.B\""),
         "{shown}"
     );
-    let mut child = inboxd_bin()
-        .args(["run", "--log-format", "json", "-c"])
-        .arg(&cfg.path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = run_with_json_logs(&cfg.path);
     let delivered = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
     let wait = |n: usize| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
