@@ -372,12 +372,17 @@ fn tls_connector(account: &Account, seen: Seen) -> Result<TlsConnector, ImapErro
             seen,
         }),
     };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ImapError::TlsConfig(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    // No session resumption: sessions live for hours, a handshake is cheap next to that, and
+    // each connection's own config would keep a cache (sized for 32 servers) and the server's
+    // tickets that nothing ever reuses. A cache shared between accounts could let one with a
+    // pinned certificate hand a resumable session to one that verifies against a CA.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
