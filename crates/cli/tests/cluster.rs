@@ -514,16 +514,25 @@ fn a_reload_in_a_cluster_gives_back_removed_watches_and_takes_new_ones() {
         }
     };
     wait(&["R1", "R2"]);
+    let delivered = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
+    let wait_delivered = |n: usize| {
+        let t = Instant::now();
+        while delivered() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{} of {n} delivered",
+                delivered()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // R1's and R2's messages first.
+    wait_delivered(2);
     // R1 goes, R3 comes: the lease of R1 is given back at once, R3's taken.
     std::fs::write(&path, text(&["R2", "R3"])).unwrap();
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
     wait(&["R2", "R3"]);
-    let delivered = || std::fs::read_dir(dir.path().join("out/new")).map_or(0, |d| d.count());
-    let t = Instant::now();
-    while delivered() < 3 {
-        assert!(t.elapsed() < Duration::from_secs(20), "{} delivered", delivered());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_delivered(3);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
     // Leaving gave every lease back.
