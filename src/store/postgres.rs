@@ -40,6 +40,12 @@ fn now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// This process as instances and sessions name it: `inboxd <pid> on <host>`.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("inboxd {} on {}", std::process::id(), host.trim())
+}
+
 /// `TEXT` holds no NUL byte.
 fn text(s: &str) -> Cow<'_, str> {
     if s.contains('\0') {
@@ -114,10 +120,8 @@ impl PgStore {
     }
 
     pub async fn connect(options: PgConnectOptions) -> StoreResult<PgStore> {
-        // The session name tells an operator (and a second instance) who this is.
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let name = format!("inboxd {} on {}", std::process::id(), host.trim());
-        let options = options.application_name(&name);
+        // The session name tells an operator who this is.
+        let options = options.application_name(&instance_name());
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
@@ -130,8 +134,9 @@ impl PgStore {
         Ok(store)
     }
 
-    /// A commit must be on disk when it returns; `synchronous_commit = off` (or `local` with
-    /// a replica expected to hold it) would acknowledge messages a crash can lose.
+    /// A commit must be on disk when it returns: `synchronous_commit = off` would acknowledge
+    /// messages a crash of the database can lose (`local` and the replica levels flush the
+    /// primary's WAL, which is enough).
     async fn check_durability(&self) -> StoreResult<()> {
         let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&self.pool)

@@ -85,10 +85,6 @@ impl Drop for ReadAhead {
     }
 }
 
-/// How long a stopping watcher lets a read-ahead finish (so that the session can still carry
-/// the post-actions of what was committed) before it drops the session.
-const READ_AHEAD_GRACE: Duration = Duration::from_secs(2);
-
 /// Where a fetched message is held until its delivery.
 enum Held {
     Memory(Vec<u8>),
@@ -602,7 +598,7 @@ impl Driver {
     }
 
     /// Waits for the read-ahead in flight, if any, and takes the session back (with what was
-    /// read, or without the session if the read failed). A stop gives it [`READ_AHEAD_GRACE`],
+    /// read, or without the session if the read failed). A stop gives it the core's [`STOP_GRACE`] (so that the session can still carry the post-actions of what was committed),
     /// then drops the session.
     async fn join_read_ahead(&mut self) {
         let Some(mut reading) = self.reading_ahead.take() else {
@@ -614,7 +610,7 @@ impl Driver {
             r = &mut reading.task => r,
             _ = async {
                 Self::stopped(&mut stop).await;
-                tokio::time::sleep(READ_AHEAD_GRACE).await;
+                tokio::time::sleep(STOP_GRACE).await;
             } => {
                 // Dropping it aborts the task.
                 debug!(watch = %self.name, "stopping: read-ahead abandoned with its session");

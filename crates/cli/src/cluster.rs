@@ -37,8 +37,7 @@ pub struct Cluster {
 impl Cluster {
     pub async fn join(url: &str, ttl: Duration) -> anyhow::Result<Cluster> {
         let pg = PgStore::open(url).await?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let name = format!("inboxd {} on {}", std::process::id(), host.trim());
+        let name = inboxd::store::instance_name();
         let id = format!("{}-{:016x}", std::process::id(), fastrand::u64(..));
         Ok(Cluster {
             pg,
