@@ -71,12 +71,8 @@ impl Cluster {
                 return;
             }
         };
-        let held: Vec<(String, String, i64)> = running
-            .iter()
-            .filter_map(fence)
-            .map(|f| (f.account.clone(), f.folder.clone(), f.epoch))
-            .collect();
-        let renewed = match self.pg.renew(&self.id, ttl, &held).await {
+        let fences: Vec<Arc<Fence>> = running.iter().filter_map(fence).cloned().collect();
+        let renewed = match renew(&self.pg, &self.id, self.policy, self.origin, sent, &fences).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot renew leases");
@@ -84,13 +80,10 @@ impl Cluster {
                 return;
             }
         };
-        let until = self.trusted_until(sent);
         let mut lost = Vec::new();
         for (i, l) in running.iter().enumerate() {
             let Some(f) = fence(l) else { continue };
-            if renewed.iter().any(|(a, fo)| *a == f.account && *fo == f.folder) {
-                f.trust_until(until);
-            } else {
+            if !renewed.iter().any(|r| Arc::ptr_eq(r, f)) {
                 f.revoke();
                 lost.push(i);
             }
@@ -202,6 +195,32 @@ impl Cluster {
     }
 }
 
+/// Renews the leases behind `fences` (the request sent at `sent`) and trusts each renewed one
+/// until its new deadline; returns those renewed.
+async fn renew(
+    pg: &PgStore,
+    id: &str,
+    policy: LeasePolicy,
+    origin: Instant,
+    sent: Instant,
+    fences: &[Arc<Fence>],
+) -> Result<Vec<Arc<Fence>>, inboxd::store::StoreError> {
+    let held: Vec<(String, String, i64)> = fences
+        .iter()
+        .map(|f| (f.account.clone(), f.folder.clone(), f.epoch))
+        .collect();
+    let renewed = pg.renew(id, policy.ttl, &held).await?;
+    let until = origin + policy.trusted_until(sent.duration_since(origin));
+    let mut out = Vec::new();
+    for f in fences {
+        if renewed.iter().any(|(a, fo)| *a == f.account && *fo == f.folder) {
+            f.trust_until(until);
+            out.push(f.clone());
+        }
+    }
+    Ok(out)
+}
+
 /// Stops a watch and waits until its delivery in flight is committed (or refused by the
 /// fence).
 async fn stop(l: Running) {
@@ -269,18 +288,9 @@ impl Cluster {
             async move {
                 loop {
                     tokio::time::sleep(policy.renew_every()).await;
-                    let sent = Instant::now();
-                    let held: Vec<(String, String, i64)> = fences
-                        .iter()
-                        .map(|f| (f.account.clone(), f.folder.clone(), f.epoch))
-                        .collect();
-                    let renewed = pg.renew(&id, policy.ttl, &held).await.unwrap_or_default();
-                    let until = origin + policy.trusted_until(sent.duration_since(origin));
-                    for f in &fences {
-                        if renewed.iter().any(|(a, fo)| *a == f.account && *fo == f.folder) {
-                            f.trust_until(until);
-                        }
-                    }
+                    // A lease not renewed is not trusted past its deadline: the watch stops
+                    // delivering on its own.
+                    let _ = renew(&pg, &id, policy, origin, Instant::now(), &fences).await;
                 }
             }
         });
