@@ -57,6 +57,7 @@ pub mod oauth2;
 mod once;
 pub mod process;
 pub mod route;
+pub mod sealed;
 pub mod secret;
 pub mod spool;
 pub mod store;

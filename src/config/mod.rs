@@ -550,7 +550,17 @@ pub struct Config {
     /// The pause between starting one watch and the next, beyond the first four (with jitter:
     /// half to one and a half times this), so that thousands of watches do not connect at once.
     pub start_stagger: Duration,
+    /// The key that seals the accounts stored in PostgreSQL (`accounts_key`).
+    pub accounts_key: Option<SecretSource>,
+    /// Where large messages are spooled.
+    pub spool_dir: PathBuf,
+    /// `[limits]` per host, as given to every account.
+    pub limits: Limits,
 }
+
+/// What an account stored in the database may hold: its own tables, nothing of the instance.
+const STORED_KEYS: &str =
+    "an account stored in the database holds only its [accounts.NAME] table, [targets.*] and [[watch]] tables";
 
 /// Default `[limits] start_stagger`.
 pub const DEFAULT_START_STAGGER: Duration = Duration::from_millis(30);
@@ -585,10 +595,49 @@ impl Config {
 
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let base = path
-            .parent()
+        Config::parse_with(path, text, None)
+    }
+
+    /// Validates the text of an account stored in the database (`inboxd account add`) and
+    /// adds its account and watches to this config. `label` names it in errors (e.g.
+    /// `postgres:accounts/support`); relative paths resolve against this config's folder; the
+    /// state, spool and limits are this config's. The text must define exactly the account
+    /// `name`, which must not already be in this config.
+    pub fn add_stored(&mut self, label: &str, name: &str, text: &str) -> Result<(), ConfigError> {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        let path = base.join(label);
+        let stored = Config::parse_with(&path, text, Some((self, base)))?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.clone(),
+            line: 1,
+            column: 1,
+            message,
+        };
+        if stored.accounts.len() != 1 || !stored.accounts.contains_key(name) {
+            return Err(invalid(format!(
+                "defines the accounts {:?}; it must define exactly [accounts.{name}]",
+                stored.accounts.keys().collect::<Vec<_>>()
+            )));
+        }
+        if self.accounts.contains_key(name) {
+            return Err(invalid(format!(
+                "account {name} is also in {}; the file's stays",
+                self.path.display()
+            )));
+        }
+        self.accounts.extend(stored.accounts);
+        self.watches.extend(stored.watches);
+        Ok(())
+    }
+
+    /// `inherit`: a stored account's config and folder, whose state, spool and limits it takes.
+    fn parse_with(path: &Path, text: &str, inherit: Option<(&Config, &Path)>) -> Result<Config, ConfigError> {
+        let base = inherit
+            .map(|(_, base)| base)
+            .or_else(|| path.parent())
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
+        let inherit = inherit.map(|(c, _)| c);
         let ctx = Ctx {
             path,
             text,
@@ -596,6 +645,19 @@ impl Config {
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.invalid(e.span(), e.message().to_string()))?;
         let base = &ctx.base;
+        if inherit.is_some() {
+            let spans = [
+                raw.state.as_ref().map(|s| ("state", s.span())),
+                raw.lease_ttl.as_ref().map(|s| ("lease_ttl", s.span())),
+                raw.limits.as_ref().map(|s| ("limits", s.span())),
+                raw.accounts_key.as_ref().map(|s| ("accounts_key", s.span())),
+                raw.http.as_ref().map(|s| ("http", s.span())),
+                raw.spool.as_ref().map(|_| ("spool", 0..0)),
+            ];
+            if let Some((key, span)) = spans.into_iter().flatten().next() {
+                return Err(ctx.invalid(Some(span), format!("{key}: {STORED_KEYS}")));
+            }
+        }
 
         let mut accounts = BTreeMap::new();
         // One token cache per credential, shared by the accounts that use the same one.
@@ -609,12 +671,21 @@ impl Config {
                 return Err(ctx.invalid(Some(limits.0.clone()), format!("limits.{field}: at least 1")));
             }
         }
+        let host_limits = match inherit {
+            Some(c) => c.limits,
+            None => Limits {
+                connections_per_host: limits.1.connections_per_host.map(|n| n as usize),
+                attempts_per_host: limits
+                    .1
+                    .attempts_per_host
+                    .map_or(Limits::default().attempts_per_host, |n| n as usize),
+                max_connections: None,
+            },
+        };
         for (name, spanned) in raw.accounts {
             let mut account = account::build(&ctx, name.clone(), spanned, &mut token_sources)?;
-            account.limits.connections_per_host = limits.1.connections_per_host.map(|n| n as usize);
-            if let Some(n) = limits.1.attempts_per_host {
-                account.limits.attempts_per_host = n as usize;
-            }
+            account.limits.connections_per_host = host_limits.connections_per_host;
+            account.limits.attempts_per_host = host_limits.attempts_per_host;
             accounts.insert(name, Arc::new(account));
         }
         let start_stagger = limits.1.start_stagger.map_or(DEFAULT_START_STAGGER, |d| d.0);
@@ -635,7 +706,9 @@ impl Config {
             }
             None => StateLocation::File(base.join("inboxd.db")),
         };
+        let state = inherit.map_or(state, |c| c.state.clone());
         let spool_dir = match (raw.spool, &state) {
+            _ if inherit.is_some() => inherit.map(|c| c.spool_dir.clone()).unwrap_or_default(),
             (Some(dir), _) => base.join(dir),
             (None, StateLocation::File(file)) => {
                 let mut name = file.as_os_str().to_os_string();
@@ -712,6 +785,15 @@ impl Config {
             }
             Some(t) => t.get_ref().0,
         };
+        if let Some(k) = &raw.accounts_key
+            && !matches!(state, StateLocation::Postgres(_))
+        {
+            return Err(ctx.invalid(
+                Some(k.span()),
+                "accounts_key: accounts are stored in the database only with PostgreSQL state (`state = \"postgres://...\"`)".to_string(),
+            ));
+        }
+        let accounts_key = raw.accounts_key.map(|k| k.into_inner().relative_to(base));
         Ok(Config {
             path: path.to_path_buf(),
             state,
@@ -720,6 +802,9 @@ impl Config {
             http,
             lease_ttl,
             start_stagger,
+            accounts_key,
+            spool_dir,
+            limits: host_limits,
         })
     }
 }
@@ -766,6 +851,38 @@ pub fn is_loopback(host: &str) -> bool {
 mod tests {
     use super::*;
     use crate::oauth2::Grant;
+
+    #[test]
+    fn a_stored_account_resolves_paths_beside_the_config_and_takes_its_state() {
+        let mut config = Config::parse(
+            Path::new("/etc/inboxd/inboxd.toml"),
+            "state = \"postgres://db/inboxd\"\nspool = \"spool\"\n[limits]\nconnections_per_host = 7\n",
+        )
+        .unwrap();
+        let text = "[accounts.s]\nhost = \"h\"\nuser = \"u\"\npassword = \"p\"\n[[watch]]\naccount = \"s\"\nfolder = \"INBOX\"\ndeliver = { maildir = \"out\" }\n";
+        config.add_stored("postgres:accounts/s", "s", text).unwrap();
+        let w = &config.watches[0];
+        assert!(matches!(&w.targets[0].deliver, Deliver::Maildir { path, .. } if path == Path::new("/etc/inboxd/out")));
+        assert_eq!(w.spool_dir, Path::new("/etc/inboxd/spool"));
+        assert_eq!(w.account.limits.connections_per_host, Some(7));
+        // Another name than the one it is stored under, the instance's keys, a second copy.
+        let e = config.clone().add_stored("postgres:accounts/t", "t", text).unwrap_err();
+        assert!(e.to_string().contains("exactly [accounts.t]"), "{e}");
+        let e = config
+            .clone()
+            .add_stored("postgres:accounts/s", "s", &format!("lease_ttl = \"2s\"\n{text}"))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/etc/inboxd/postgres:accounts/s:1:13: lease_ttl:"),
+            "{e}"
+        );
+        let e = config.add_stored("postgres:accounts/s", "s", text).unwrap_err();
+        assert!(
+            e.to_string().contains("account s is also in /etc/inboxd/inboxd.toml"),
+            "{e}"
+        );
+    }
 
     const GOOD: &str = r#"
 state = "inboxd.db"

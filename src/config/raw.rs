@@ -109,6 +109,9 @@ pub(super) struct RawConfig {
     pub(super) lease_ttl: Option<Spanned<Dur>>,
     /// Connection limits per server, for every account.
     pub(super) limits: Option<Spanned<RawLimits>>,
+    /// With PostgreSQL state: the key (32 bytes, base64; a secret source) that seals the
+    /// accounts stored in the database (`inboxd account add`).
+    pub(super) accounts_key: Option<Spanned<SecretSource>>,
     #[serde(default)]
     pub(super) accounts: BTreeMap<String, Spanned<RawAccount>>,
     /// The HTTP endpoint (metrics, health, the watches' state); off unless given.

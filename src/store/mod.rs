@@ -14,7 +14,7 @@ use inboxd_core::checkpoint::Checkpoint;
 
 pub use lock::{LockError, StateLock};
 #[cfg(feature = "postgres")]
-pub use postgres::{Fence, PgStore, instance_name};
+pub use postgres::{ACCOUNTS_CHANNEL, Fence, PgStore, StoredAccount, instance_name};
 pub use sqlite::SqliteStore;
 
 /// Opens the state store at `location`.

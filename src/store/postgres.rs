@@ -22,7 +22,25 @@ use super::{CheckpointRow, Delivery, DeliveryStatus, LeaseRow, Store, StoreError
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_leases.sql"),
+    include_str!("../../migrations/postgres/0003_accounts.sql"),
 ];
+
+/// The channel on which every change of the `accounts` table is announced.
+pub const ACCOUNTS_CHANNEL: &str = "inboxd_accounts";
+
+/// An account stored in the database: its sealed config text and, in clear, what a listing
+/// shows.
+#[derive(Clone, Debug)]
+pub struct StoredAccount {
+    pub name: String,
+    pub sealed: Vec<u8>,
+    pub host: String,
+    pub user: String,
+    pub folders: Vec<String>,
+    /// Unix seconds.
+    pub updated_at: i64,
+    pub updated_by: String,
+}
 
 /// The advisory lock key that serialises migrations ("inboxd" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0069_6e62_6f78_0064;
@@ -158,12 +176,17 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(err("migrate"))?;
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS inboxd_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(err("migrate"))?;
+        // Created only when missing: `IF NOT EXISTS` would log a notice at every start.
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('inboxd_migrations') IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("migrate"))?;
+        if !exists {
+            sqlx::raw_sql("CREATE TABLE inboxd_migrations (version INTEGER PRIMARY KEY, applied_at BIGINT NOT NULL)")
+                .execute(&mut *tx)
+                .await
+                .map_err(err("migrate"))?;
+        }
         let done: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM inboxd_migrations")
             .fetch_one(&mut *tx)
             .await
@@ -349,6 +372,102 @@ impl PgStore {
         .await
         .map_err(err("release lease"))?;
         Ok(())
+    }
+
+    /// Stores an account (replacing one of the same name only if `replace`) and notifies the
+    /// running instances, in one transaction. Returns false if it exists and `replace` is not
+    /// set.
+    pub async fn put_account(&self, a: &StoredAccount, replace: bool) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(err("store account"))?;
+        let sql = if replace {
+            "INSERT INTO accounts (name, sealed, host, user_name, folders, updated_by) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO UPDATE SET sealed = EXCLUDED.sealed, host = EXCLUDED.host,
+               user_name = EXCLUDED.user_name, folders = EXCLUDED.folders, updated_at = now(),
+               updated_by = EXCLUDED.updated_by"
+        } else {
+            "INSERT INTO accounts (name, sealed, host, user_name, folders, updated_by) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO NOTHING"
+        };
+        let folders: Vec<String> = a.folders.iter().map(|f| text(f).into_owned()).collect();
+        let n = sqlx::query(sql)
+            .bind(text(&a.name))
+            .bind(&a.sealed)
+            .bind(text(&a.host))
+            .bind(text(&a.user))
+            .bind(&folders)
+            .bind(text(&a.updated_by))
+            .execute(&mut *tx)
+            .await
+            .map_err(err("store account"))?
+            .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(ACCOUNTS_CHANNEL)
+            .bind(text(&a.name))
+            .execute(&mut *tx)
+            .await
+            .map_err(err("store account"))?;
+        tx.commit().await.map_err(err("store account"))?;
+        Ok(true)
+    }
+
+    /// Removes a stored account and notifies the running instances; false if there was none.
+    pub async fn remove_account(&self, name: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(err("remove account"))?;
+        let n = sqlx::query("DELETE FROM accounts WHERE name = $1")
+            .bind(text(name))
+            .execute(&mut *tx)
+            .await
+            .map_err(err("remove account"))?
+            .rows_affected();
+        if n > 0 {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(ACCOUNTS_CHANNEL)
+                .bind(text(name))
+                .execute(&mut *tx)
+                .await
+                .map_err(err("remove account"))?;
+        }
+        tx.commit().await.map_err(err("remove account"))?;
+        Ok(n > 0)
+    }
+
+    /// Every stored account, by name.
+    pub async fn accounts(&self) -> StoreResult<Vec<StoredAccount>> {
+        let rows = sqlx::query(
+            "SELECT name, sealed, host, user_name, folders, EXTRACT(EPOCH FROM updated_at)::BIGINT, updated_by
+             FROM accounts ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("read accounts"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredAccount {
+                    name: r.try_get(0)?,
+                    sealed: r.try_get(1)?,
+                    host: r.try_get(2)?,
+                    user: r.try_get(3)?,
+                    folders: r.try_get(4)?,
+                    updated_at: r.try_get(5)?,
+                    updated_by: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(err("read accounts"))
+    }
+
+    /// A listener that wakes on every change of the stored accounts.
+    pub async fn listen_accounts(&self) -> StoreResult<sqlx::postgres::PgListener> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(err("listen for account changes"))?;
+        l.listen(ACCOUNTS_CHANNEL)
+            .await
+            .map_err(err("listen for account changes"))?;
+        Ok(l)
     }
 
     /// Every lease, with its owner's name.

@@ -166,8 +166,11 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     // process, which runs every watch.
     let (cluster, _lock) = match &config.state {
         inboxd::config::StateLocation::Postgres(url) => {
-            if config.watches.is_empty() {
+            if config.watches.is_empty() && config.accounts_key.is_none() {
                 bail!("{}: no [[watch]] configured", config.path.display());
+            }
+            if config.watches.is_empty() {
+                info!("no watch yet: waiting for accounts stored with `inboxd account add`");
             }
             let cluster = crate::cluster::Cluster::join(url, config.lease_ttl)
                 .await
@@ -223,6 +226,14 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     let views: crate::http::Views = Arc::new(std::sync::RwLock::new(views_of(&running)));
     let shared_config = Arc::new(std::sync::RwLock::new(config.clone()));
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<crate::http::ReloadRequest>(4);
+    // Accounts stored in the database: every change reloads.
+    let (changes_tx, mut changes_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let _changes = match &config.state {
+        inboxd::config::StateLocation::Postgres(url) => Some(AbortOnDrop(tokio::spawn(
+            crate::accounts::watch_changes(url.clone(), changes_tx),
+        ))),
+        inboxd::config::StateLocation::File(_) => None,
+    };
     let endpoint = match &config.http {
         Some(http) => {
             // One entry per token cache (accounts may share a credential).
@@ -257,6 +268,10 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                 Signal::Reload => None,
             },
             Some(request) = reload_rx.recv() => Some(request),
+            Some(()) = changes_rx.recv() => {
+                info!("the accounts stored in the database changed: reloading");
+                None
+            }
             _ = rescans.tick(), if current.watches.iter().any(|w| w.pattern.is_some()) => {
                 rescan(&current, &mut running, &store).await;
                 if let Ok(mut v) = views.write() {
@@ -335,11 +350,11 @@ async fn reload(
     store: &Arc<dyn Store>,
     cluster: Option<&crate::cluster::Cluster>,
 ) -> Result<String, String> {
-    let new = match Config::load(&current.path) {
+    let new = match crate::accounts::load(&current.path).await {
         Ok(c) => c,
         Err(e) => {
-            error!(error = %e, "reload refused: the config does not load; the running config stays");
-            return Err(format!("reload refused: {e}"));
+            error!(error = %format!("{e:#}"), "reload refused: the config does not load; the running config stays");
+            return Err(format!("reload refused: {e:#}"));
         }
     };
     if new.state != current.state {
@@ -538,8 +553,11 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
             (watchers, None, Some(lock))
         }
         inboxd::config::StateLocation::Postgres(url) => {
-            if config.watches.is_empty() {
+            if config.watches.is_empty() && config.accounts_key.is_none() {
                 bail!("{}: no [[watch]] configured", config.path.display());
+            }
+            if config.watches.is_empty() {
+                info!("no watch yet: waiting for accounts stored with `inboxd account add`");
             }
             let claimed = crate::cluster::Cluster::claim_all(url, config).await?;
             let mut watchers = Vec::new();

@@ -109,6 +109,16 @@ pub async fn serve(
             axum::routing::post(reload).route_layer(axum::middleware::from_fn(same_origin)),
         )
         .route(
+            "/api/v1/accounts",
+            axum::routing::get(accounts_json)
+                .post(add_account)
+                .route_layer(axum::middleware::from_fn(same_origin_for_changes)),
+        )
+        .route(
+            "/api/v1/accounts/{name}",
+            axum::routing::delete(remove_account).route_layer(axum::middleware::from_fn(same_origin)),
+        )
+        .route(
             "/api/v1/dead-letters/{key}/ack",
             axum::routing::post(acknowledge).route_layer(axum::middleware::from_fn(same_origin)),
         )
@@ -523,6 +533,77 @@ async fn reload(State(state): State<Arc<AppState>>) -> Response {
         Ok(Ok(done)) => axum::Json(serde_json::json!({ "reloaded": done })).into_response(),
         Ok(Err(refused)) => (StatusCode::CONFLICT, format!("{refused}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "inboxd is stopping\n").into_response(),
+    }
+}
+
+/// `same_origin` for every method but GET.
+async fn same_origin_for_changes(request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::GET {
+        return next.run(request).await;
+    }
+    same_origin(request, next).await
+}
+
+fn config_path(state: &AppState) -> Option<std::path::PathBuf> {
+    state.config.read().ok().map(|c| c.path.clone())
+}
+
+/// The accounts of the config file and of the database (as `inboxd account list --json`).
+async fn accounts_json(State(state): State<Arc<AppState>>) -> Response {
+    let Some(path) = config_path(&state) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let mut out = Vec::new();
+    match crate::accounts::list_command(&path, true, &mut out).await {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], out).into_response(),
+        Err(e) => (StatusCode::CONFLICT, format!("{e:#}\n")).into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AccountBody {
+    /// The account's config text (TOML), as `inboxd account add` reads it.
+    config: String,
+    #[serde(default)]
+    replace: bool,
+}
+
+/// Stores an account (as `inboxd account add` does): 201, 409 if it exists and `replace` is
+/// not set, 422 if its text is not a valid account.
+async fn add_account(State(state): State<Arc<AppState>>, body: axum::Json<AccountBody>) -> Response {
+    let Some(path) = config_path(&state) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match crate::accounts::store(&path, &body.config, body.replace).await {
+        Ok(crate::accounts::Stored::Done(message)) => (
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({ "stored": message })),
+        )
+            .into_response(),
+        Ok(crate::accounts::Stored::Exists(name)) => (
+            StatusCode::CONFLICT,
+            format!("account {name} is already stored; send \"replace\": true to replace it\n"),
+        )
+            .into_response(),
+        Err(e) if e.downcast_ref::<inboxd::store::StoreError>().is_some() => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response()
+        }
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}\n")).into_response(),
+    }
+}
+
+/// Removes a stored account (as `inboxd account remove` does).
+async fn remove_account(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let Some(path) = config_path(&state) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    match crate::accounts::remove(&path, &name).await {
+        Ok(true) => axum::Json(serde_json::json!({ "removed": name })).into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, format!("no account {name} is stored\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response(),
     }
 }
 

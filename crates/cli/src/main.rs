@@ -1,5 +1,6 @@
 //! The `inboxd` command: the daemon and its tools.
 
+mod accounts;
 mod cluster;
 mod commands;
 mod demo;
@@ -86,6 +87,9 @@ enum Cmd {
         /// The message's idempotency key, as shown by `status`.
         key: String,
     },
+    /// Manage the accounts stored in the database (PostgreSQL state), beside the config file's.
+    #[command(subcommand)]
+    Account(AccountCmd),
     /// Print a shell completion script (e.g. `inboxd completions bash > /etc/bash_completion.d/inboxd`).
     Completions {
         #[arg(value_enum)]
@@ -99,6 +103,40 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         messages: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum AccountCmd {
+    /// Validate an account's config text and store it, sealed with `accounts_key`; running
+    /// instances start its watches within seconds.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// A TOML file with one `[accounts.NAME]` table, its `[[watch]]` tables and the
+        /// `[targets.*]` they use (`-`: standard input).
+        file: PathBuf,
+        /// Replace a stored account of the same name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Remove a stored account; running instances stop its watches after the delivery in
+    /// flight.
+    Remove {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The account's name.
+        name: String,
+    },
+    /// List the accounts of the config file and of the database.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a new random `accounts_key` (32 bytes, base64).
+    Keygen,
 }
 
 fn init_logs(format: Option<LogFormat>, filter: &str) {
@@ -187,8 +225,9 @@ where
     }
 }
 
-fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
-    Ok(Config::load(&arg.config)?)
+/// The config file, and with PostgreSQL state the accounts stored in the database.
+async fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
+    accounts::load(&arg.config).await
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<()> {
@@ -196,17 +235,36 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(c) => {
             inboxd::process::raise_open_files_limit();
-            commands::run(&load(&c)?).await
+            commands::run(&load(&c).await?).await
         }
         Cmd::Once(c) => {
             inboxd::process::raise_open_files_limit();
-            commands::once(&load(&c)?).await
+            commands::once(&load(&c).await?).await
         }
-        Cmd::Check { config, route } => commands::check(&load(&config)?, route, &mut stdout).await,
-        Cmd::Status { config, json } => commands::status(&load(&config)?, json, &mut stdout).await,
-        Cmd::Reload(c) => commands::reload_running(&load(&c)?),
-        Cmd::Ack { config, key } => commands::acknowledge(&load(&config)?, &key).await,
-        Cmd::Replay { config, key } => commands::replay(&load(&config)?, &key).await,
+        Cmd::Check { config, route } => commands::check(&load(&config).await?, route, &mut stdout).await,
+        Cmd::Status { config, json } => commands::status(&load(&config).await?, json, &mut stdout).await,
+        Cmd::Reload(c) => commands::reload_running(&Config::load(&c.config)?),
+        Cmd::Ack { config, key } => commands::acknowledge(&load(&config).await?, &key).await,
+        Cmd::Replay { config, key } => commands::replay(&load(&config).await?, &key).await,
+        Cmd::Account(AccountCmd::Add { config, file, replace }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read the account from standard input")?
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            accounts::add_command(&config.config, &text, replace, &mut stdout).await
+        }
+        Cmd::Account(AccountCmd::Remove { config, name }) => {
+            accounts::remove_command(&config.config, &name, &mut stdout).await
+        }
+        Cmd::Account(AccountCmd::List { config, json }) => {
+            accounts::list_command(&config.config, json, &mut stdout).await
+        }
+        Cmd::Account(AccountCmd::Keygen) => {
+            use std::io::Write;
+            writeln!(stdout, "{}", inboxd::sealed::SealingKey::generate().expose())?;
+            Ok(())
+        }
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
