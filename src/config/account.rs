@@ -138,6 +138,7 @@ pub(super) fn build(
         idle_refresh: a.idle_refresh.map_or(w.idle_refresh, |x| x.0),
         poll_interval: a.poll_interval.map_or(w.poll_interval, |x| x.0),
         recycle_after: a.recycle_after.map_or(w.recycle_after, |x| x.0),
+        use_idle: a.idle.unwrap_or(w.use_idle),
     };
     for (key, value) in [
         ("idle_refresh", wait.idle_refresh),

@@ -144,6 +144,8 @@ pub(super) struct RawAccount {
     pub(super) auth: AuthMechanism,
     pub(super) idle_refresh: Option<Dur>,
     pub(super) poll_interval: Option<Dur>,
+    /// false: never IDLE; poll every `poll_interval` even where the server offers IDLE.
+    pub(super) idle: Option<bool>,
     pub(super) recycle_after: Option<Dur>,
     pub(super) reconnect: Option<Spanned<Vec<RawStage>>>,
     /// A connection must stay up this long before the reconnect schedule starts over.

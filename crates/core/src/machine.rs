@@ -618,7 +618,8 @@ impl WatchMachine {
             }
             (phase, Input::Interrupted) => self.interrupted(phase),
             (Phase::Connecting, Input::Connected { idle, token_left }) => {
-                self.idle = idle;
+                // IDLE when the server offers it, unless the account polls by choice.
+                self.idle = idle && self.spec.wait.use_idle;
                 self.token_due = token_left.map(|t| now.saturating_add(t));
                 self.session_broken = false;
                 if !self.loaded {

@@ -13,6 +13,9 @@ pub struct WaitPolicy {
     pub idle_refresh: Duration,
     pub poll_interval: Duration,
     pub recycle_after: Duration,
+    /// IDLE where the server offers it; false: poll every `poll_interval` even then (for a
+    /// server whose IDLE is broken or whose notifications lag behind polling).
+    pub use_idle: bool,
 }
 
 impl Default for WaitPolicy {
@@ -21,6 +24,7 @@ impl Default for WaitPolicy {
             idle_refresh: Duration::from_secs(600),
             poll_interval: Duration::from_secs(60),
             recycle_after: Duration::from_secs(3600),
+            use_idle: true,
         }
     }
 }

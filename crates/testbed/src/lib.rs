@@ -19,6 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod cyrus;
+
+pub use cyrus::{Cyrus, cyrus_available};
+
 use inboxd::config::{Account, TlsMode};
 use inboxd::secret::{Secret, SecretSource};
 

@@ -1,0 +1,307 @@
+//! The same scenarios against every real IMAP server the test bed can run: Dovecot and Cyrus
+//! IMAP 3.6 (each in its own folder on free loopback ports). Backlog in order, live mail through
+//! IDLE, polling, a server restart, a folder deleted and created again (a new UIDVALIDITY) and
+//! every post-action, checked on the server over IMAP, not through the server's own tools, so
+//! that one scenario fits every server.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use inboxd::config::{Account, Config};
+use inboxd::imap::Session;
+use inboxd::watcher::{Event, Mode, Watcher};
+use inboxd_testbed::{Cyrus, Dovecot};
+use support::{Recorder, wait_delivered, wait_for, wait_state};
+
+/// What a scenario needs of a server.
+trait Server {
+    fn name(&self) -> &'static str;
+    fn account(&self) -> Account;
+    fn port(&self) -> u16;
+    fn ca_file(&self) -> PathBuf;
+    /// A folder's full name: Cyrus keeps a user's folders below INBOX, with `/`.
+    fn folder(&self, name: &str) -> String;
+    fn stop(&mut self);
+    fn restart(&mut self);
+}
+
+impl Server for Dovecot {
+    fn name(&self) -> &'static str {
+        "dovecot"
+    }
+    fn account(&self) -> Account {
+        Dovecot::account(self, "alice")
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn ca_file(&self) -> PathBuf {
+        Dovecot::ca_file(self)
+    }
+    fn folder(&self, name: &str) -> String {
+        name.to_string()
+    }
+    fn stop(&mut self) {
+        Dovecot::stop(self)
+    }
+    fn restart(&mut self) {
+        Dovecot::restart(self).unwrap()
+    }
+}
+
+impl Server for Cyrus {
+    fn name(&self) -> &'static str {
+        "cyrus"
+    }
+    fn account(&self) -> Account {
+        Cyrus::account(self, "alice")
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn ca_file(&self) -> PathBuf {
+        Cyrus::ca_file(self)
+    }
+    fn folder(&self, name: &str) -> String {
+        format!("INBOX/{name}")
+    }
+    fn stop(&mut self) {
+        Cyrus::stop(self)
+    }
+    fn restart(&mut self) {
+        Cyrus::restart(self).unwrap()
+    }
+}
+
+fn config(s: &dyn Server, dir: &Path, account_extra: &str, watch: &str) -> Config {
+    let text = format!(
+        "state = \"state.db\"\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\nreconnect = [ {{ every = \"200ms\" }} ]\n{account_extra}\n\n[[watch]]\naccount = \"t\"\n{watch}\n",
+        s.port(),
+        s.ca_file().display()
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, &text).unwrap();
+    Config::load(&path).unwrap()
+}
+
+async fn session(s: &dyn Server) -> Session {
+    Session::open(&s.account())
+        .await
+        .unwrap_or_else(|e| panic!("{}: login: {e}", s.name()))
+}
+
+async fn append(s: &dyn Server, folder: &str, subjects: &[&str]) {
+    let mut imap = session(s).await;
+    for (i, subject) in subjects.iter().enumerate() {
+        imap.append(folder, &inboxd_testbed::sample_message(i, subject, 300))
+            .await
+            .unwrap_or_else(|e| panic!("{}: APPEND to {folder}: {e}", s.name()));
+    }
+    imap.logout().await;
+}
+
+async fn run(s: &dyn Server, command: &str) {
+    let mut imap = session(s).await;
+    imap.run(command)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {command}: {e}", s.name()));
+    imap.logout().await;
+}
+
+/// The UIDs in `folder` matching a SEARCH `query`.
+async fn search(s: &dyn Server, folder: &str, query: &str) -> Vec<u32> {
+    let mut imap = session(s).await;
+    imap.select(folder).await.unwrap();
+    let uids = imap.search(query).await.unwrap();
+    imap.logout().await;
+    uids
+}
+
+fn watcher(config: &Config, rec: &Recorder, mode: Mode) -> impl std::future::Future<Output = Watcher> {
+    let (watch, rec) = (config.watches[0].clone(), rec.clone());
+    let state = config.state.clone();
+    async move {
+        let store = inboxd::store::open(&state).await.unwrap();
+        Watcher::with_handler(watch, store, Box::new(rec), mode)
+    }
+}
+
+/// A backlog comes in UID order, then mail appended while the watch is in IDLE.
+async fn backlog_then_live(s: &dyn Server) {
+    let folder = s.folder("Backlog");
+    run(s, &format!("CREATE \"{folder}\"")).await;
+    append(s, &folder, &["b1", "b2", "b3"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        s,
+        dir.path(),
+        "",
+        &format!("folder = \"{folder}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}"),
+    );
+    let rec = Recorder::default();
+    let w = watcher(&config, &rec, Mode::Forever).await;
+    let mut ev = w.subscribe();
+    wait_delivered(&mut ev, 3, 20).await;
+    wait_state(&w, "idle").await;
+    append(s, &folder, &["live1", "live2"]).await;
+    wait_delivered(&mut ev, 2, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), ["b1", "b2", "b3", "live1", "live2"], "{}", s.name());
+    let uids = rec.uids();
+    assert!(uids.windows(2).all(|p| p[0] < p[1]), "{}: {uids:?}", s.name());
+}
+
+/// Without IDLE (`poll_interval` and the IDLE capability ignored by config), new mail is
+/// found by polling.
+async fn polled(s: &dyn Server) {
+    let folder = s.folder("Polled");
+    run(s, &format!("CREATE \"{folder}\"")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        s,
+        dir.path(),
+        "poll_interval = \"300ms\"\nidle = false",
+        &format!("folder = \"{folder}\"\ndeliver = {{ maildir = \"out\" }}"),
+    );
+    let rec = Recorder::default();
+    let w = watcher(&config, &rec, Mode::Forever).await;
+    let mut ev = w.subscribe();
+    wait_state(&w, "polling").await;
+    append(s, &folder, &["polled"]).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), ["polled"], "{}", s.name());
+}
+
+/// The server stops and starts again: what arrived is delivered after the reconnect, nothing
+/// twice.
+async fn restart(s: &mut dyn Server) {
+    let folder = s.folder("Restart");
+    run(s, &format!("CREATE \"{folder}\"")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        s,
+        dir.path(),
+        "",
+        &format!("folder = \"{folder}\"\ndeliver = {{ maildir = \"out\" }}"),
+    );
+    let rec = Recorder::default();
+    let w = watcher(&config, &rec, Mode::Forever).await;
+    let mut ev = w.subscribe();
+    wait_state(&w, "idle").await;
+    append(s, &folder, &["before"]).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    s.stop();
+    wait_for(&mut ev, 20, |e| matches!(e, Event::Disconnected { error: Some(_), .. })).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.restart();
+    append(s, &folder, &["during", "after"]).await;
+    wait_delivered(&mut ev, 2, 30).await;
+    assert!(w.health().reconnects >= 1, "{}", s.name());
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), ["before", "during", "after"], "{}", s.name());
+}
+
+/// The folder is deleted and created again with the old message and a new one: a new
+/// UIDVALIDITY; by default the old message is recognised and only the new one delivered.
+async fn recreated_folder(s: &dyn Server) {
+    let folder = s.folder("Work");
+    run(s, &format!("CREATE \"{folder}\"")).await;
+    let old = inboxd_testbed::sample_message(1, "old", 300);
+    let mut imap = session(s).await;
+    imap.append(&folder, &old).await.unwrap();
+    imap.logout().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        s,
+        dir.path(),
+        "",
+        &format!("folder = \"{folder}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}"),
+    );
+    let rec = Recorder::default();
+    watcher(&config, &rec, Mode::Once).await.join().await.unwrap();
+    assert_eq!(rec.subjects(), ["old"], "{}", s.name());
+    let before = {
+        let mut imap = session(s).await;
+        let st = imap.select(&folder).await.unwrap();
+        imap.logout().await;
+        st.uidvalidity
+    };
+    run(s, &format!("DELETE \"{folder}\"")).await;
+    run(s, &format!("CREATE \"{folder}\"")).await;
+    let mut imap = session(s).await;
+    imap.append(&folder, &old).await.unwrap();
+    imap.append(&folder, &inboxd_testbed::sample_message(2, "new", 300))
+        .await
+        .unwrap();
+    let after = imap.select(&folder).await.unwrap().uidvalidity;
+    imap.logout().await;
+    assert_ne!(before, after, "{}: the recreated folder kept its UIDVALIDITY", s.name());
+    let w = watcher(&config, &rec, Mode::Once).await;
+    let mut ev = w.subscribe();
+    w.join().await.unwrap();
+    assert_eq!(rec.subjects(), ["old", "new"], "{}", s.name());
+    let mut saw_change = false;
+    while let Ok(e) = ev.try_recv() {
+        saw_change |= matches!(e, Event::UidValidityChanged { .. });
+    }
+    assert!(saw_change, "{}", s.name());
+}
+
+/// Every post-action, checked on the server.
+async fn post_actions(s: &dyn Server) {
+    let done = s.folder("Done");
+    run(s, &format!("CREATE \"{done}\"")).await;
+    for (i, after) in ["seen", "flag:$Processed", "move:DONE", "delete"]
+        .into_iter()
+        .enumerate()
+    {
+        let after = after.replace("DONE", &done);
+        let folder = s.folder(&format!("Post{i}"));
+        run(s, &format!("CREATE \"{folder}\"")).await;
+        append(s, &folder, &[&after]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(
+            s,
+            dir.path(),
+            "",
+            &format!("folder = \"{folder}\"\nstart = \"all\"\nafter = \"{after}\"\ndeliver = {{ maildir = \"out\" }}"),
+        );
+        let rec = Recorder::default();
+        watcher(&config, &rec, Mode::Once).await.join().await.unwrap();
+        assert_eq!(rec.subjects(), [after.as_str()], "{}", s.name());
+        let uid = rec.uids()[0];
+        let what = format!("{}: after = {after}", s.name());
+        match i {
+            0 => assert_eq!(search(s, &folder, "SEEN").await, [uid], "{what}"),
+            1 => assert_eq!(search(s, &folder, "KEYWORD $Processed").await, [uid], "{what}"),
+            2 => {
+                assert!(search(s, &folder, "ALL").await.is_empty(), "{what}: still there");
+                assert_eq!(search(s, &done, "ALL").await.len(), 1, "{what}: not in {done}");
+            }
+            _ => assert!(search(s, &folder, "ALL").await.is_empty(), "{what}: not expunged"),
+        }
+    }
+}
+
+async fn every_scenario(s: &mut dyn Server) {
+    backlog_then_live(s).await;
+    polled(s).await;
+    recreated_folder(s).await;
+    post_actions(s).await;
+    restart(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_passes_every_scenario() {
+    let mut dv = support::dovecot();
+    every_scenario(&mut dv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cyrus_passes_every_scenario() {
+    let mut cyrus = Cyrus::start().expect("start cyrus (scripts/install-deps installs it)");
+    every_scenario(&mut cyrus).await;
+}
