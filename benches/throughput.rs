@@ -161,19 +161,37 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn config(dv: &Dovecot, dir: &std::path::Path, watch: &str) -> Config {
+    config_on(dv.port, dir, watch)
+}
+
+fn config_on(port: u16, dir: &std::path::Path, watch: &str) -> Config {
     let text = format!(
-        "state = \"state.db\"\n[accounts.b]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nuser = \"alice\"\npassword = \"alicepw\"\n[[watch]]\naccount = \"b\"\n{watch}\n",
-        dv.port
+        "state = \"state.db\"\n[accounts.b]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nuser = \"alice\"\npassword = \"alicepw\"\n[[watch]]\naccount = \"b\"\n{watch}\n"
     );
     let p = dir.join("inboxd.toml");
     std::fs::write(&p, text).unwrap();
     Config::load(&p).unwrap()
 }
 
+/// (a) on every server the test bed can start: Dovecot, and Cyrus where it is installed and
+/// this is root.
 async fn latency(n: usize) {
+    println!("(a) new-mail latency, APPEND OK -> handler started, {n} messages, plain loopback");
     let dv = Dovecot::start().unwrap();
+    latency_on("Dovecot", dv.port, n).await;
+    drop(dv);
+    match testbed::cyrus_available() {
+        Ok(()) => {
+            let cyrus = testbed::Cyrus::start().unwrap();
+            latency_on("Cyrus", cyrus.port, n).await;
+        }
+        Err(why) => println!("    Cyrus: not measured: {why}"),
+    }
+}
+
+async fn latency_on(server: &str, port: u16, n: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&dv, dir.path(), "deliver = { maildir = \"out\" }");
+    let cfg = config_on(port, dir.path(), "deliver = { maildir = \"out\" }");
     let store = inboxd::store::open(&cfg.state).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let w = Watcher::with_handler(cfg.watches[0].clone(), store, Box::new(Signal(tx)), Mode::Forever);
@@ -182,7 +200,7 @@ async fn latency(n: usize) {
 
     // The raw IDLE client runs on its own thread and reports when it saw each EXISTS.
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    let mut raw = Raw::connect(&dv);
+    let mut raw = Raw::connect_port(port);
     raw.cmd("SELECT INBOX");
     raw.tag += 1;
     write!(raw.w, "R{} IDLE\r\n", raw.tag).unwrap();
@@ -202,7 +220,7 @@ async fn latency(n: usize) {
     let mut account = Account::new(
         "s",
         "127.0.0.1",
-        dv.port,
+        port,
         TlsMode::None,
         "alice",
         inboxd::secret::SecretSource::Literal(inboxd::secret::Secret::new("alicepw")),
@@ -218,7 +236,7 @@ async fn latency(n: usize) {
         let seen = raw_rx.recv().await.unwrap();
         ours.push(handled.duration_since(done).as_secs_f64() * 1e3);
         floor.push(seen.duration_since(done).as_secs_f64() * 1e3);
-        // Let Dovecot's 500 ms notify timer settle so samples are independent.
+        // Let Dovecot's 500 ms notify timer (and Cyrus's idled) settle: independent samples.
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     sender.logout().await;
@@ -229,9 +247,9 @@ async fn latency(n: usize) {
         pct(&mut floor, 0.5),
         pct(&mut floor, 0.99),
     );
-    println!("(a) new-mail latency, APPEND OK -> handler started, {n} messages, plain loopback");
+    println!("    {server}");
     println!("    inboxd      p50 {o50:8.2} ms   p99 {o99:8.2} ms");
-    println!("    raw IDLE    p50 {f50:8.2} ms   p99 {f99:8.2} ms   (Dovecot's floor: EXISTS seen)");
+    println!("    raw IDLE    p50 {f50:8.2} ms   p99 {f99:8.2} ms   (the server's floor: EXISTS seen)");
     println!("    overhead    p50 {:8.2} ms   p99 {:8.2} ms", o50 - f50, o99 - f99);
 }
 
