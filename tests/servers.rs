@@ -1,5 +1,5 @@
-//! The same scenarios against every real IMAP server the test bed can run: Dovecot and Cyrus
-//! IMAP 3.6 (each in its own folder on free loopback ports). Backlog in order, live mail through
+//! The same scenarios against every real IMAP server the test bed can run: Dovecot, Cyrus IMAP
+//! 3.6 and Courier-IMAP 5 (each in its own folder on free loopback ports). Backlog in order, live mail through
 //! IDLE, polling, a server restart, a folder deleted and created again (a new UIDVALIDITY) and
 //! every post-action, checked on the server over IMAP, not through the server's own tools, so
 //! that one scenario fits every server.
@@ -12,7 +12,7 @@ use std::time::Duration;
 use inboxd::config::{Account, Config};
 use inboxd::imap::Session;
 use inboxd::watcher::{Event, Mode, Watcher};
-use inboxd_testbed::{Cyrus, Dovecot};
+use inboxd_testbed::{Courier, Cyrus, Dovecot};
 use support::{Recorder, wait_delivered, wait_for, wait_state};
 
 /// What a scenario needs of a server.
@@ -20,6 +20,14 @@ trait Server {
     fn name(&self) -> &'static str;
     fn account(&self) -> Account;
     fn port(&self) -> u16;
+    /// The account's user (its password is `alicepw` on every server).
+    fn user(&self) -> String {
+        "alice".into()
+    }
+    /// The account's `tls` and `ca_file` lines.
+    fn tls(&self) -> String {
+        format!("tls = \"starttls\"\nca_file = \"{}\"", self.ca_file().display())
+    }
     fn ca_file(&self) -> PathBuf;
     /// A folder's full name: Cyrus keeps a user's folders below INBOX, with `/`.
     fn folder(&self, name: &str) -> String;
@@ -51,6 +59,37 @@ impl Server for Dovecot {
     }
 }
 
+impl Server for Courier {
+    fn name(&self) -> &'static str {
+        "courier"
+    }
+    fn account(&self) -> Account {
+        Courier::account(self)
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn user(&self) -> String {
+        self.user.clone()
+    }
+    fn tls(&self) -> String {
+        // No STARTTLS in this Courier: plain, on loopback only.
+        "tls = \"none\"".into()
+    }
+    fn ca_file(&self) -> PathBuf {
+        PathBuf::new()
+    }
+    fn folder(&self, name: &str) -> String {
+        format!("INBOX.{name}")
+    }
+    fn stop(&mut self) {
+        Courier::stop(self)
+    }
+    fn restart(&mut self) {
+        Courier::restart(self).unwrap()
+    }
+}
+
 impl Server for Cyrus {
     fn name(&self) -> &'static str {
         "cyrus"
@@ -77,9 +116,10 @@ impl Server for Cyrus {
 
 fn config(s: &dyn Server, dir: &Path, account_extra: &str, watch: &str) -> Config {
     let text = format!(
-        "state = \"state.db\"\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\nreconnect = [ {{ every = \"200ms\" }} ]\n{account_extra}\n\n[[watch]]\naccount = \"t\"\n{watch}\n",
+        "state = \"state.db\"\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\n{}\nuser = \"{}\"\npassword = \"alicepw\"\nreconnect = [ {{ every = \"200ms\" }} ]\n{account_extra}\n\n[[watch]]\naccount = \"t\"\n{watch}\n",
         s.port(),
-        s.ca_file().display()
+        s.tls(),
+        s.user()
     );
     let path = dir.join("inboxd.toml");
     std::fs::write(&path, &text).unwrap();
@@ -304,4 +344,10 @@ async fn dovecot_passes_every_scenario() {
 async fn cyrus_passes_every_scenario() {
     let mut cyrus = Cyrus::start().expect("start cyrus (scripts/install-deps installs it)");
     every_scenario(&mut cyrus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn courier_passes_every_scenario() {
+    let mut courier = Courier::start().expect("start courier (scripts/install-deps installs it)");
+    every_scenario(&mut courier).await;
 }

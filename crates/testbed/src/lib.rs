@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod courier;
 mod cyrus;
 
+pub use courier::{COURIER_PASSWORD, Courier, courier_available};
 pub use cyrus::{Cyrus, cyrus_available};
 
 use inboxd::config::{Account, TlsMode};
