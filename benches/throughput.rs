@@ -47,10 +47,11 @@ struct Raw {
 
 impl Raw {
     fn connect(dv: &Dovecot) -> Raw {
-        Raw::connect_port(dv.port)
+        Raw::connect_port(dv.port, "alice")
     }
 
-    fn connect_port(port: u16) -> Raw {
+    /// Logs in as `user` (password `alicepw`, as on every test bed server).
+    fn connect_port(port: u16, user: &str) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_nodelay(true).unwrap();
         let mut raw = Raw {
@@ -59,7 +60,7 @@ impl Raw {
             tag: 0,
         };
         raw.line();
-        raw.cmd("LOGIN alice alicepw");
+        raw.cmd(&format!("LOGIN {user} alicepw"));
         raw
     }
 
@@ -161,37 +162,44 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn config(dv: &Dovecot, dir: &std::path::Path, watch: &str) -> Config {
-    config_on(dv.port, dir, watch)
+    config_on(dv.port, "alice", dir, watch)
 }
 
-fn config_on(port: u16, dir: &std::path::Path, watch: &str) -> Config {
+fn config_on(port: u16, user: &str, dir: &std::path::Path, watch: &str) -> Config {
     let text = format!(
-        "state = \"state.db\"\n[accounts.b]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nuser = \"alice\"\npassword = \"alicepw\"\n[[watch]]\naccount = \"b\"\n{watch}\n"
+        "state = \"state.db\"\n[accounts.b]\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nuser = \"{user}\"\npassword = \"alicepw\"\n[[watch]]\naccount = \"b\"\n{watch}\n"
     );
     let p = dir.join("inboxd.toml");
     std::fs::write(&p, text).unwrap();
     Config::load(&p).unwrap()
 }
 
-/// (a) on every server the test bed can start: Dovecot, and Cyrus where it is installed and
-/// this is root.
+/// (a) on every server the test bed can start: Dovecot, and Cyrus and Courier where they are
+/// installed and this is root.
 async fn latency(n: usize) {
     println!("(a) new-mail latency, APPEND OK -> handler started, {n} messages, plain loopback");
     let dv = Dovecot::start().unwrap();
-    latency_on("Dovecot", dv.port, n).await;
+    latency_on("Dovecot", dv.port, "alice", n).await;
     drop(dv);
     match testbed::cyrus_available() {
         Ok(()) => {
             let cyrus = testbed::Cyrus::start().unwrap();
-            latency_on("Cyrus", cyrus.port, n).await;
+            latency_on("Cyrus (idled)", cyrus.port, "alice", n).await;
         }
         Err(why) => println!("    Cyrus: not measured: {why}"),
     }
+    match testbed::courier_available() {
+        Ok(()) => {
+            let courier = testbed::Courier::start().unwrap();
+            latency_on("Courier (IDLE checks every 1 s)", courier.port, &courier.user, n).await;
+        }
+        Err(why) => println!("    Courier: not measured: {why}"),
+    }
 }
 
-async fn latency_on(server: &str, port: u16, n: usize) {
+async fn latency_on(server: &str, port: u16, user: &str, n: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_on(port, dir.path(), "deliver = { maildir = \"out\" }");
+    let cfg = config_on(port, user, dir.path(), "deliver = { maildir = \"out\" }");
     let store = inboxd::store::open(&cfg.state).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let w = Watcher::with_handler(cfg.watches[0].clone(), store, Box::new(Signal(tx)), Mode::Forever);
@@ -200,7 +208,7 @@ async fn latency_on(server: &str, port: u16, n: usize) {
 
     // The raw IDLE client runs on its own thread and reports when it saw each EXISTS.
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    let mut raw = Raw::connect_port(port);
+    let mut raw = Raw::connect_port(port, user);
     raw.cmd("SELECT INBOX");
     raw.tag += 1;
     write!(raw.w, "R{} IDLE\r\n", raw.tag).unwrap();
@@ -222,7 +230,7 @@ async fn latency_on(server: &str, port: u16, n: usize) {
         "127.0.0.1",
         port,
         TlsMode::None,
-        "alice",
+        user,
         inboxd::secret::SecretSource::Literal(inboxd::secret::Secret::new("alicepw")),
     );
     account.timeouts.command = Duration::from_secs(30);
@@ -554,7 +562,7 @@ async fn targets(n: usize) {
         let reader = {
             let port = dv.port;
             std::thread::spawn(move || {
-                let mut raw = Raw::connect_port(port);
+                let mut raw = Raw::connect_port(port, "alice");
                 raw.cmd("SELECT INBOX");
                 raw.cmd_each("UID FETCH 1:* BODY.PEEK[]", |m| tx.blocking_send(m).unwrap());
                 raw.cmd("LOGOUT");

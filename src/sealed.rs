@@ -42,6 +42,8 @@ pub enum SealError {
     OtherKey { stored: String, ours: String },
     #[error("does not open with this accounts_key: altered, or stored under another name")]
     Forged,
+    #[error("the system's random source or AES-GCM failed")]
+    Crypto,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -68,10 +70,12 @@ impl SealingKey {
     }
 
     /// A new random key, as base64 text.
-    pub fn generate() -> Secret {
+    pub fn generate() -> Result<Secret, SealError> {
         let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
-        aws_lc_rs::rand::fill(&mut bytes[..]).expect("the system's random source");
-        Secret::new(base64::engine::general_purpose::STANDARD.encode(&bytes[..]))
+        aws_lc_rs::rand::fill(&mut bytes[..]).map_err(|_| SealError::Crypto)?;
+        Ok(Secret::new(
+            base64::engine::general_purpose::STANDARD.encode(&bytes[..]),
+        ))
     }
 
     /// The key's id: the first 8 bytes of its SHA-256, in hex. Not secret.
@@ -87,19 +91,18 @@ impl SealingKey {
     }
 
     /// Seals `plaintext` for the account `name`.
-    pub fn seal(&self, name: &str, plaintext: &[u8]) -> Vec<u8> {
-        let mut data = plaintext.to_vec();
+    pub fn seal(&self, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut data = zeroize::Zeroizing::new(plaintext.to_vec());
         let nonce = self
             .key
-            .seal_in_place_append_tag(Aad::from(Self::aad(name)), &mut data)
-            .expect("AES-GCM sealing of a bounded buffer");
+            .seal_in_place_append_tag(Aad::from(Self::aad(name)), &mut *data)
+            .map_err(|_| SealError::Crypto)?;
         let mut out = Vec::with_capacity(MAGIC.len() + ID_LEN + NONCE_LEN + data.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.id);
         out.extend_from_slice(nonce.as_ref());
         out.extend_from_slice(&data);
-        zeroize::Zeroize::zeroize(&mut data);
-        out
+        Ok(out)
     }
 
     /// Opens what [`SealingKey::seal`] made for the account `name`.
@@ -132,20 +135,20 @@ mod tests {
     use super::*;
 
     fn key() -> SealingKey {
-        SealingKey::from_base64(&SealingKey::generate()).unwrap()
+        SealingKey::from_base64(&SealingKey::generate().unwrap()).unwrap()
     }
 
     #[test]
     fn sealed_text_opens_only_with_its_key_and_name() {
         let k = key();
-        let sealed = k.seal("support", b"password = \"hunter2\"");
+        let sealed = k.seal("support", b"password = \"hunter2\"").unwrap();
         assert!(
             !sealed.windows(7).any(|w| w == b"hunter2"),
             "plaintext in the sealed bytes"
         );
         assert_eq!(k.open("support", &sealed).unwrap().expose(), "password = \"hunter2\"");
         // Two seals of the same text differ (random nonces).
-        assert_ne!(sealed, k.seal("support", b"password = \"hunter2\""));
+        assert_ne!(sealed, k.seal("support", b"password = \"hunter2\"").unwrap());
         assert_eq!(k.open("billing", &sealed).unwrap_err(), SealError::Forged);
         let other = key();
         assert!(matches!(
@@ -167,7 +170,7 @@ mod tests {
             Err(SealError::BadKey(m)) if m == "5 bytes"
         ));
         assert!(SealingKey::from_base64(&Secret::new("not base64!")).is_err());
-        let text = SealingKey::generate();
+        let text = SealingKey::generate().unwrap();
         let k = SealingKey::from_base64(&Secret::new(format!("  {}\n", text.expose()))).unwrap();
         let shown = format!("{k:?}");
         assert!(!shown.contains(text.expose()));

@@ -29,6 +29,10 @@ trait Server {
         format!("tls = \"starttls\"\nca_file = \"{}\"", self.ca_file().display())
     }
     fn ca_file(&self) -> PathBuf;
+    /// Whether folder names may hold `"` and `\\` (Cyrus refuses them: "Invalid mailbox name").
+    fn quotes_in_names(&self) -> bool {
+        true
+    }
     /// A folder's full name: Cyrus keeps a user's folders below INBOX, with `/`.
     fn folder(&self, name: &str) -> String;
     fn stop(&mut self);
@@ -105,6 +109,9 @@ impl Server for Cyrus {
     }
     fn folder(&self, name: &str) -> String {
         format!("INBOX/{name}")
+    }
+    fn quotes_in_names(&self) -> bool {
+        false
     }
     fn stop(&mut self) {
         Cyrus::stop(self)
@@ -326,7 +333,102 @@ async fn post_actions(s: &dyn Server) {
     }
 }
 
+/// Folders named as people read them: created, filled and watched by their readable names,
+/// which keys and events carry; on the wire modified UTF-7, or UTF-8 where the server offers
+/// UTF8=ACCEPT (Courier). Another client that did not enable UTF-8 sees the same folders in
+/// modified UTF-7: the server stored the names right either way.
+async fn international_folder_names(s: &dyn Server) {
+    let mut names = vec!["Entwürfe", "Входящие", "受信箱", "Q&A Notes"];
+    if s.quotes_in_names() {
+        names.push("Say \"hi\" \\ bye");
+    }
+    let mut imap = session(s).await;
+    let utf8 = imap.utf8_names();
+    for (i, name) in names.iter().enumerate() {
+        let folder = s.folder(name);
+        imap.create(&folder)
+            .await
+            .unwrap_or_else(|e| panic!("{}: CREATE {folder}: {e}", s.name()));
+        // An ASCII subject: Cyrus rewrites 8-bit header bytes (`munge8bit`).
+        imap.append(&folder, &inboxd_testbed::sample_message(i, &format!("intl{i}"), 200))
+            .await
+            .unwrap_or_else(|e| panic!("{}: APPEND {folder}: {e}", s.name()));
+    }
+    let listed: Vec<String> = imap.folders().await.unwrap().into_iter().map(|(n, _)| n).collect();
+    imap.logout().await;
+    for (i, name) in names.into_iter().enumerate() {
+        let folder = s.folder(name);
+        assert!(listed.contains(&folder), "{}: {folder} not in {listed:?}", s.name());
+        let dir = tempfile::tempdir().unwrap();
+        let toml_name = folder.replace('\\', "\\\\").replace('"', "\\\"");
+        let config = config(
+            s,
+            dir.path(),
+            "",
+            &format!("folder = \"{toml_name}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}"),
+        );
+        let rec = Recorder::default();
+        watcher(&config, &rec, Mode::Once).await.join().await.unwrap();
+        assert_eq!(rec.subjects(), [format!("intl{i}")], "{}: {folder}", s.name());
+    }
+    // What a client that never enabled UTF-8 sees: the names in modified UTF-7.
+    let mut raw = RawList::login(s).await;
+    let wire = raw.list().await;
+    assert!(
+        wire.is_ascii(),
+        "{}: 8-bit names to a client without UTF8=ACCEPT: {wire}",
+        s.name()
+    );
+    assert!(wire.contains("Entw&APw-rfe"), "{}: {wire}", s.name());
+    println!(
+        "{}: UTF8=ACCEPT {}",
+        s.name(),
+        if utf8 { "enabled" } else { "not offered: modified UTF-7" }
+    );
+}
+
+/// A bare client that logs in and lists, without enabling anything.
+struct RawList(tokio::io::BufReader<tokio::net::TcpStream>);
+
+impl RawList {
+    async fn login(s: &dyn Server) -> RawList {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", s.port())).await.unwrap();
+        let mut r = tokio::io::BufReader::new(stream);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        r.get_mut()
+            .write_all(format!("a LOGIN {} alicepw\r\n", s.user()).as_bytes())
+            .await
+            .unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            if line.starts_with("a ") {
+                assert!(line.starts_with("a OK"), "{}: {line}", s.name());
+                break;
+            }
+        }
+        RawList(r)
+    }
+
+    async fn list(&mut self) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        self.0.get_mut().write_all(b"b LIST \"\" \"*\"\r\n").await.unwrap();
+        let mut out = String::new();
+        loop {
+            let mut line = String::new();
+            self.0.read_line(&mut line).await.unwrap();
+            if line.starts_with("b ") {
+                return out;
+            }
+            out.push_str(&line);
+        }
+    }
+}
+
 async fn every_scenario(s: &mut dyn Server) {
+    international_folder_names(s).await;
     backlog_then_live(s).await;
     polled(s).await;
     recreated_folder(s).await;

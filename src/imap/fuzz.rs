@@ -27,12 +27,20 @@ pub struct Summary {
     pub error: Option<String>,
 }
 
-/// Reads `bytes` as everything a server sends on one connection.
+/// Reads `bytes` as everything a server sends on one connection; then again as a session
+/// that enabled UTF8=ACCEPT would (8-bit folder names pass the guard), whose summary is
+/// returned only if that read failed differently (both must hold the property).
 pub fn read_server_bytes(bytes: &[u8]) -> Summary {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
         return Summary::default();
     };
-    runtime.block_on(read(bytes.to_vec()))
+    let plain = runtime.block_on(read(bytes.to_vec(), false));
+    let utf8 = runtime.block_on(read(bytes.to_vec(), true));
+    match (&plain.error, &utf8.error) {
+        (None, Some(_)) => utf8,
+        (Some(a), Some(b)) if b.len() > a.len() => utf8,
+        _ => plain,
+    }
 }
 
 /// A byte source that takes whatever is written.
@@ -80,8 +88,9 @@ impl tokio::io::AsyncWrite for Replay {
     }
 }
 
-async fn read(bytes: Vec<u8>) -> Summary {
+async fn read(bytes: Vec<u8>, utf8: bool) -> Summary {
     let meter = Meter::new(FUZZ_MAX_LITERAL);
+    meter.set_utf8(utf8);
     let stream = Replay {
         input: std::io::Cursor::new(bytes),
     };

@@ -12,7 +12,10 @@
 //! Outside literals, bytes above 0x7f become `?`: IMAP4rev1 allows them there only in
 //! human-readable text, and the parser panics on some of them (a multi-byte character right
 //! after a response code's `]`) and refuses others (an 8-bit keyword in FLAGS, which would
-//! make SELECT fail for good). Message bodies come as literals and are never touched.
+//! make SELECT fail for good). Message bodies come as literals and are never touched. Once the
+//! session enabled `UTF8=ACCEPT` (RFC 6855), folder names come as UTF-8 quoted strings: then,
+//! and only inside a quoted string of a `LIST`, `LSUB` or `STATUS` response, such bytes pass
+//! (the parser reads quoted strings byte by byte and decodes them lossily).
 
 use std::io;
 use std::pin::Pin;
@@ -37,6 +40,8 @@ pub struct Meter {
     read: AtomicU64,
     /// Largest literal accepted now.
     max_literal: AtomicU64,
+    /// The session enabled UTF8=ACCEPT: folder names may be UTF-8 quoted strings.
+    utf8: std::sync::atomic::AtomicBool,
 }
 
 impl Meter {
@@ -44,6 +49,7 @@ impl Meter {
         Arc::new(Meter {
             read: AtomicU64::new(0),
             max_literal: AtomicU64::new(max_literal),
+            utf8: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -59,7 +65,19 @@ impl Meter {
     fn max_literal(&self) -> u64 {
         self.max_literal.load(Ordering::Relaxed)
     }
+
+    /// After `ENABLE UTF8=ACCEPT`: UTF-8 folder names pass (see the module documentation).
+    pub fn set_utf8(&self, on: bool) {
+        self.utf8.store(on, Ordering::Relaxed);
+    }
+
+    fn utf8(&self) -> bool {
+        self.utf8.load(Ordering::Relaxed)
+    }
 }
+
+/// Untagged responses whose quoted strings may be UTF-8 folder names under UTF8=ACCEPT.
+const UTF8_LINES: [&[u8]; 3] = [b"* LIST ", b"* LSUB ", b"* STATUS "];
 
 /// Where the scan stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +110,12 @@ pub struct Guard<S> {
     tail_len: usize,
     /// Bytes of the connection scanned so far.
     offset: u64,
+    /// The first bytes of the current line (which response it is).
+    head: [u8; 9],
+    head_len: usize,
+    /// Inside a quoted string of the current line, and after its `\\`.
+    quoted: bool,
+    escaped: bool,
 }
 
 impl<S> Guard<S> {
@@ -103,7 +127,16 @@ impl<S> Guard<S> {
             tail: [0; 24],
             tail_len: 0,
             offset: 0,
+            head: [0; 9],
+            head_len: 0,
+            quoted: false,
+            escaped: false,
         }
+    }
+
+    /// Whether an 8-bit byte at this point of the line is part of a UTF-8 folder name.
+    fn utf8_allowed(&self) -> bool {
+        self.quoted && self.meter.utf8() && UTF8_LINES.iter().any(|p| self.head[..self.head_len].starts_with(p))
     }
 
     pub fn into_inner(self) -> S {
@@ -127,13 +160,28 @@ impl<S> Guard<S> {
                     };
                 }
                 Scan::Line { len } => {
-                    if bytes[i] >= 0x80 {
+                    if bytes[i] >= 0x80 && !self.utf8_allowed() {
                         // Outside literals IMAP4rev1 allows no 8-bit bytes but in
                         // human-readable text; the parser panics on some (a multi-byte
                         // character right after `]`) and refuses others (an 8-bit flag).
                         bytes[i] = b'?';
                     }
                     let b = bytes[i];
+                    if self.head_len < self.head.len() {
+                        self.head[self.head_len] = b;
+                        self.head_len += 1;
+                    }
+                    if self.quoted {
+                        if self.escaped {
+                            self.escaped = false;
+                        } else if b == b'\\' {
+                            self.escaped = true;
+                        } else if b == b'"' {
+                            self.quoted = false;
+                        }
+                    } else if b == b'"' {
+                        self.quoted = true;
+                    }
                     let len = len + 1;
                     if self.tail_len == self.tail.len() {
                         self.tail.copy_within(1.., 0);
@@ -144,6 +192,9 @@ impl<S> Guard<S> {
                     if b == b'\n' {
                         let announced = literal_at_end(&self.tail[..self.tail_len]);
                         self.tail_len = 0;
+                        self.head_len = 0;
+                        self.quoted = false;
+                        self.escaped = false;
                         self.scan = Scan::Line { len: 0 };
                         if let Some(size) = announced {
                             let max = self.meter.max_literal();
@@ -239,7 +290,12 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     async fn read_all(input: Vec<u8>, max_literal: u64) -> (Vec<u8>, Option<String>) {
+        read_all_with(input, max_literal, false).await
+    }
+
+    async fn read_all_with(input: Vec<u8>, max_literal: u64, utf8: bool) -> (Vec<u8>, Option<String>) {
         let meter = Meter::new(max_literal);
+        meter.set_utf8(utf8);
         let mut g = Guard::new(std::io::Cursor::new(input), meter);
         let mut out = Vec::new();
         let mut buf = [0u8; 7];
@@ -288,6 +344,22 @@ mod tests {
         assert!(out.len() <= MAX_LINE);
         let err = err.unwrap();
         assert!(err.contains("longer than") && !err.contains("AAAA"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn utf8_passes_only_in_quoted_folder_names_after_enable() {
+        let list = "* LIST (\\HasNoChildren) \".\" \"INBOX.Entwürfe \\\"é\\\" 受信箱\"\r\n";
+        let text = "* OK [ALERT] Grüße \"ünquoted\" [X]é\r\n* 1 FETCH (FLAGS (\"é\"))\r\n";
+        let input = format!("{list}{text}").into_bytes();
+        // Without UTF8=ACCEPT: every 8-bit byte outside literals becomes `?`.
+        let (out, _) = read_all_with(input.clone(), 100, false).await;
+        assert!(out.iter().all(|b| b.is_ascii()), "{}", String::from_utf8_lossy(&out));
+        // With it: the LIST line's quoted name passes whole, escapes and all; nothing else does.
+        let (out, _) = read_all_with(input, 100, true).await;
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with(list), "{out}");
+        let rest = &out[list.len()..];
+        assert!(rest.is_ascii(), "{rest}");
     }
 
     #[test]

@@ -49,6 +49,7 @@ impl Session {
             meter,
             special,
             slots,
+            utf8,
         } = self;
         let mut handle = inner.idle();
         deadline("IDLE", timeouts.command, async {
@@ -107,6 +108,7 @@ impl Session {
             meter,
             special,
             slots,
+            utf8,
         };
         session.drain_unsolicited();
         Ok((session, end))

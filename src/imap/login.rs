@@ -168,10 +168,17 @@ impl Session {
             meter: meter.clone(),
             special: std::collections::HashMap::new(),
             slots,
+            utf8: false,
         };
         // Logged in: messages may come now. The watcher narrows this to its own limit.
         meter.set_max_literal(crate::config::MAX_MESSAGE_SIZE_LIMIT + guard::PRE_LOGIN_LITERAL);
         session.refresh_capabilities().await?;
+        if session.has("UTF8=ACCEPT") {
+            // RFC 6855: folder names as UTF-8 from here on (the guard lets them through).
+            session.checked("ENABLE", "ENABLE UTF8=ACCEPT", |_| {}).await?;
+            session.utf8 = true;
+            meter.set_utf8(true);
+        }
         Ok(session)
     }
 

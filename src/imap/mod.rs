@@ -111,6 +111,9 @@ pub struct Session {
     special: std::collections::HashMap<String, String>,
     /// The connection slots (per host, per account) this session holds while it lives.
     slots: connect::Slots,
+    /// UTF8=ACCEPT is enabled (RFC 6855): folder names go and come as UTF-8, not modified
+    /// UTF-7.
+    utf8: bool,
 }
 
 impl Session {
@@ -142,6 +145,30 @@ impl Session {
         self.selected.as_deref()
     }
 
+    /// Whether folder names travel as UTF-8 (UTF8=ACCEPT enabled) rather than modified UTF-7.
+    pub fn utf8_names(&self) -> bool {
+        self.utf8
+    }
+
+    /// A folder name (as people read it) as a command argument: quoted UTF-8 once UTF8=ACCEPT
+    /// is enabled, else modified UTF-7 (RFC 3501 §5.1.3), quoted.
+    fn mailbox(&self, folder: &str) -> String {
+        if self.utf8 {
+            quote(folder)
+        } else {
+            quote(&mutf7::encode(folder))
+        }
+    }
+
+    /// A folder name as the server wrote it, as people read it.
+    fn readable(&self, name: String) -> String {
+        if self.utf8 {
+            name
+        } else {
+            mutf7::decode(&name).unwrap_or(name)
+        }
+    }
+
     /// SELECTs a folder. UIDNEXT comes from SELECT, else STATUS, else the highest UID + 1.
     /// Sent through the status-checking path, so a refusal keeps its response code
     /// (`[NONEXISTENT]` parks the watch, `[UNAVAILABLE]` does not).
@@ -150,7 +177,7 @@ impl Session {
         let result = self
             .checked_inner(
                 "SELECT",
-                &format!("SELECT {}", mailbox(folder)),
+                &format!("SELECT {}", self.mailbox(folder)),
                 false,
                 |resp| match resp {
                     Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
@@ -206,7 +233,7 @@ impl Session {
         let status = self
             .checked_inner(
                 "STATUS",
-                &format!("STATUS {} (UIDNEXT)", mailbox(folder)),
+                &format!("STATUS {} (UIDNEXT)", self.mailbox(folder)),
                 false,
                 |resp| {
                     if let Response::MailboxData(MailboxDatum::Status { status, .. }) = resp {
@@ -364,7 +391,7 @@ impl Session {
     /// Moves messages to `folder`: `UID MOVE` (RFC 6851) or `UID COPY` + delete (which, without
     /// UIDPLUS, leaves the originals flagged `\Deleted`).
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<(), ImapError> {
-        let (set, quoted) = (sequence_set(uids), mailbox(folder));
+        let (set, quoted) = (sequence_set(uids), self.mailbox(folder));
         if self.has("MOVE") {
             return self
                 .checked("UID MOVE", &format!("UID MOVE {set} {quoted}"), |_| {})
@@ -378,9 +405,14 @@ impl Session {
     /// `APPEND` a message to a folder (used by tests, the demo and the benchmark).
     pub async fn append(&mut self, folder: &str, message: &[u8]) -> Result<(), ImapError> {
         let t = self.timeouts.command;
+        let name = if self.utf8 {
+            folder.to_string()
+        } else {
+            mutf7::encode(folder)
+        };
         deadline("APPEND", t, async {
             self.inner
-                .append(mutf7::encode(folder), None, None, message)
+                .append(name, None, None, message)
                 .await
                 .map_err(cmd("APPEND"))
         })
@@ -389,8 +421,8 @@ impl Session {
 
     /// `CREATE`s a folder (its name as people read it).
     pub async fn create(&mut self, folder: &str) -> Result<(), ImapError> {
-        self.checked("CREATE", &format!("CREATE {}", mailbox(folder)), |_| {})
-            .await
+        let name = self.mailbox(folder);
+        self.checked("CREATE", &format!("CREATE {name}"), |_| {}).await
     }
 
     /// Every folder (`LIST "" "*"`), by its readable name (as sent when it is not valid
@@ -401,12 +433,12 @@ impl Session {
             if let Response::MailboxData(MailboxDatum::List(list)) = resp {
                 // The parser hands a quoted name over with its escapes (`\"`, `\\`) still in.
                 let name = unescape(&list.name);
-                let readable = mutf7::decode(&name).unwrap_or(name);
                 let attributes = list.name_attributes.iter().map(name_attribute).collect();
-                out.push((readable, attributes));
+                out.push((name, attributes));
             }
         })
         .await?;
+        let mut out: Vec<(String, Vec<String>)> = out.into_iter().map(|(n, a)| (self.readable(n), a)).collect();
         out.sort();
         Ok(out)
     }
@@ -415,10 +447,15 @@ impl Session {
     /// `Kunden/%/Eingang`), matched here with the server's hierarchy delimiter.
     pub async fn folders_matching(&mut self, pattern: &str) -> Result<Vec<String>, ImapError> {
         let mut out = Vec::new();
+        let utf8 = self.utf8;
         self.checked("LIST", "LIST \"\" \"*\"", |resp| {
             if let Response::MailboxData(MailboxDatum::List(list)) = resp {
                 let name = unescape(&list.name);
-                let readable = mutf7::decode(&name).unwrap_or(name);
+                let readable = if utf8 {
+                    name
+                } else {
+                    mutf7::decode(&name).unwrap_or(name)
+                };
                 let selectable = !list
                     .name_attributes
                     .iter()
@@ -524,11 +561,6 @@ fn unescape(s: &str) -> String {
         }
     }
     out
-}
-
-/// A folder name as a command argument: modified UTF-7 (RFC 3501 §5.1.3), quoted.
-fn mailbox(folder: &str) -> String {
-    quote(&mutf7::encode(folder))
 }
 
 /// An IMAP quoted string (RFC 3501 §4.3).

@@ -135,7 +135,7 @@ pub async fn store(path: &Path, text: &str, replace: bool) -> anyhow::Result<Sto
     let db = database(&config).await?;
     let key = key(&config).await?;
     let mut a = validate(&config, text)?;
-    a.sealed = key.seal(&a.name, text.as_bytes());
+    a.sealed = key.seal(&a.name, text.as_bytes())?;
     a.updated_by = inboxd::store::instance_name();
     if !db.put_account(&a, replace).await? {
         return Ok(Stored::Exists(a.name));

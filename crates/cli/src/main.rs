@@ -262,7 +262,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Account(AccountCmd::Keygen) => {
             use std::io::Write;
-            writeln!(stdout, "{}", inboxd::sealed::SealingKey::generate().expose())?;
+            writeln!(stdout, "{}", inboxd::sealed::SealingKey::generate()?.expose())?;
             Ok(())
         }
         Cmd::Demo { messages } => demo::run(messages).await.context("demo failed"),
