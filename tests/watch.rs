@@ -763,3 +763,35 @@ async fn a_connection_limit_per_host_keeps_watches_beyond_it_waiting_for_a_slot(
         w.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_backlog_with_a_gap_is_listed_in_windows_and_delivered_whole_in_order() {
+    // 4,000 messages, UIDs 1,101..3,400 expunged: the listing goes in windows of 1,000 UIDs
+    // (1:1000, 1001:2000, then 2001:3000 which is empty and doubles the next, which reaches
+    // past the SELECT's UIDNEXT and so is open-ended: 3001:*), each read ahead with the last
+    // batch of the window before.
+    let dv = dovecot();
+    let msgs: Vec<Vec<u8>> = (0..4_000)
+        .map(|i| inboxd_testbed::sample_message(i, "w", 200))
+        .collect();
+    dv.drop_messages("alice", "INBOX", &msgs).unwrap();
+    let mut s = inboxd::imap::Session::open(&dv.account("alice")).await.unwrap();
+    s.select("INBOX").await.unwrap();
+    s.run("UID STORE 1101:3400 +FLAGS.SILENT (\\Deleted)").await.unwrap();
+    s.run("EXPUNGE").await.unwrap();
+    s.logout().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&dv, dir.path(), "", "start = \"all\"\ndeliver = { maildir = \"out\" }");
+    let rec = Recorder::default();
+    Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Once,
+    )
+    .join()
+    .await
+    .unwrap();
+    let want: Vec<u32> = (1..=1100).chain(3401..=4000).collect();
+    assert_eq!(rec.uids(), want);
+}

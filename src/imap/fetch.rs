@@ -8,9 +8,15 @@ impl Session {
     /// internal dates and flags: `UID FETCH last+1:* (UID RFC822.SIZE INTERNALDATE FLAGS)`.
     /// The caller filters: `*` may name a message below `last_uid + 1`.
     pub async fn list_above(&mut self, last_uid: u32) -> Result<Vec<Listing>, ImapError> {
+        self.list_range(last_uid, None).await
+    }
+
+    /// As [`Session::list_above`], up to `upto` when given (`UID FETCH last+1:upto ...`).
+    pub async fn list_range(&mut self, last_uid: u32, upto: Option<u32>) -> Result<Vec<Listing>, ImapError> {
         let from = last_uid.saturating_add(1);
         let mut out = Vec::new();
-        let command = format!("UID FETCH {from}:* (UID RFC822.SIZE INTERNALDATE FLAGS)");
+        let to = upto.map_or_else(|| "*".to_string(), |u| u.max(from).to_string());
+        let command = format!("UID FETCH {from}:{to} (UID RFC822.SIZE INTERNALDATE FLAGS)");
         self.checked("UID FETCH", &command, |resp| {
             if let Response::Fetch(_, attrs) = resp
                 && let Some(item) = listed_item(attrs)

@@ -16,8 +16,8 @@ use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
 use inboxd_core::key::message_key;
 use inboxd_core::machine::{
-    Action, FetchedInfo, HandlerFailure, Input, Listed, LogRow, Notice, STOP_GRACE, Status, Wake, WatchMachine,
-    WatchSpec,
+    Action, FetchedInfo, HandlerFailure, Input, ListWindow, Listed, LogRow, Notice, STOP_GRACE, Status, Wake,
+    WatchMachine, WatchSpec,
 };
 use inboxd_core::mailbox::Selected;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -28,7 +28,7 @@ use super::{Event, Health, Job, Mode, WatchError};
 use crate::config::{After, Watch};
 use crate::handler::Body as MessageBody;
 use crate::handler::Message;
-use crate::imap::{Fetched, ImapError, Session, WaitEnd};
+use crate::imap::{Fetched, ImapError, Listing, Session, WaitEnd};
 use crate::process::panic_message;
 use crate::route::{Decision, Fanout};
 use crate::spool::{Spool, SpoolError};
@@ -68,13 +68,28 @@ struct Body {
     identity: String,
 }
 
-/// A batch read ahead: its UIDs, and what came back (or what the machine hears instead).
-type ReadResult = (Vec<u32>, Result<Vec<Fetched>, Input>);
+/// What a read-ahead reads while the current batch is delivered: the next batch, or (after
+/// the last batch of a listing window) the next window's listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ahead {
+    Batch(Vec<u32>),
+    List(ListWindow),
+}
+
+/// What a read-ahead brought back.
+enum AheadData {
+    Fetched(Vec<Fetched>),
+    /// The listing, and whether the server announced news meanwhile.
+    Listed(Vec<Listing>, bool),
+}
+
+/// A read-ahead done: what it read, and what came back (or what the machine hears instead).
+type ReadResult = (Ahead, Result<AheadData, Input>);
 
 /// A read-ahead in flight: the task owns the session until it is joined.
 struct ReadAhead {
-    uids: Vec<u32>,
-    task: tokio::task::JoinHandle<(Session, Result<Vec<Fetched>, ImapError>)>,
+    what: Ahead,
+    task: tokio::task::JoinHandle<(Session, Result<AheadData, ImapError>)>,
 }
 
 impl Drop for ReadAhead {
@@ -160,6 +175,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         commit_each: !fanout.batches(),
         post_action: watch.posts_after(),
         once: mode == Mode::Once,
+        list_window: inboxd_core::machine::LIST_WINDOW,
     };
     let reconnect = Reconnect::new(account.schedule.clone(), account.stable_after, account.park_for);
     let mut machine = WatchMachine::new(spec, reconnect);
@@ -319,7 +335,7 @@ impl Driver {
             | Action::Sleep { keep_session: true, .. } => {}
             // The session is needed, and what was read ahead is still what the machine may
             // ask for next.
-            Action::Fetch { .. } | Action::PostAction { .. } | Action::CheckExists { .. } => {
+            Action::Fetch { .. } | Action::List { .. } | Action::PostAction { .. } | Action::CheckExists { .. } => {
                 self.join_read_ahead().await;
             }
             // A new round, a new session or a wait: whatever was read ahead is stale.
@@ -354,18 +370,34 @@ impl Driver {
                     .await;
                 self.keep(session, r)
             }
-            Action::List { above } => {
-                let Some(mut session) = self.session.take() else {
+            Action::List { above, upto } => {
+                let window = ListWindow { above, upto };
+                let read = match self.read_ahead.take() {
+                    Some((Ahead::List(read), r)) if read == window => Some(r),
+                    _ => None,
+                };
+                let (session, r) = match read {
+                    Some(Ok(AheadData::Listed(listed, news))) => (self.session.take(), Some(Ok((listed, news)))),
+                    Some(Ok(AheadData::Fetched(_))) => (self.session.take(), None),
+                    Some(Err(input)) => return input,
+                    None => {
+                        let Some(mut session) = self.session.take() else {
+                            return no_session();
+                        };
+                        let r = self
+                            .interruptible(async {
+                                match session.list_range(above, upto).await {
+                                    Ok(listed) => Ok((listed, session.take_news())),
+                                    Err(e) => Err(failed(&e)),
+                                }
+                            })
+                            .await;
+                        (Some(session), r)
+                    }
+                };
+                let Some(session) = session else {
                     return no_session();
                 };
-                let r = self
-                    .interruptible(async {
-                        match session.list_above(above).await {
-                            Ok(listed) => Ok((listed, session.take_news())),
-                            Err(e) => Err(failed(&e)),
-                        }
-                    })
-                    .await;
                 let r = r.map(|r| match r {
                     Ok((listed, news)) => {
                         let items = listed
@@ -391,7 +423,15 @@ impl Driver {
                 check_seen,
                 spool,
                 ahead,
-            } => self.fetch(uids, &check_seen, spool, ahead, uidvalidity).await,
+                list_ahead,
+            } => {
+                let next = match (ahead.is_empty(), list_ahead) {
+                    (false, _) => Some(Ahead::Batch(ahead)),
+                    (true, Some(window)) => Some(Ahead::List(window)),
+                    (true, None) => None,
+                };
+                self.fetch(uids, &check_seen, spool, next, uidvalidity).await
+            }
             Action::CheckExists { uid } => {
                 let Some(mut session) = self.session.take() else {
                     return no_session();
@@ -617,17 +657,18 @@ impl Driver {
                 return;
             }
         };
-        let uids = std::mem::take(&mut reading.uids);
+        let what = std::mem::replace(&mut reading.what, Ahead::Batch(Vec::new()));
         match joined {
-            Ok((session, Ok(fetched))) => {
+            Ok((session, Ok(data))) => {
                 self.session = Some(session);
-                self.read_ahead = Some((uids, Ok(fetched)));
+                self.read_ahead = Some((what, Ok(data)));
             }
             Ok((_, Err(e))) => {
                 // The session is gone; the machine hears of it with its next fetch of these
-                // messages, or from the next command that finds no session.
+                // messages (or listing of this window), or from the next command that finds no
+                // session.
                 warn!(watch = %self.name, error = %describe(&e), "read-ahead failed; the session is dropped");
-                self.read_ahead = Some((uids, Err(failed(&e))));
+                self.read_ahead = Some((what, Err(failed(&e))));
             }
             Err(e) => {
                 error!(watch = %self.name, error = %e, "read-ahead task failed; the session is dropped");
@@ -636,10 +677,14 @@ impl Driver {
         }
     }
 
-    /// Starts reading `uids` (a batch of messages each at most `spool_above`) with the
-    /// session, in a task of its own, while the current batch is delivered.
-    fn start_read_ahead(&mut self, uids: Vec<u32>) {
-        if uids.is_empty() || *self.stop.borrow() {
+    /// Starts reading the next batch (messages each at most `spool_above`) or the next
+    /// listing window with the session, in a task of its own, while the current batch is
+    /// delivered.
+    fn start_read_ahead(&mut self, what: Option<Ahead>) {
+        let Some(what) = what.filter(|w| !matches!(w, Ahead::Batch(uids) if uids.is_empty())) else {
+            return;
+        };
+        if *self.stop.borrow() {
             return;
         }
         let Some(mut session) = self.session.take() else {
@@ -647,13 +692,21 @@ impl Driver {
         };
         let spool_above = self.watch.spool_above;
         let task = tokio::spawn({
-            let uids = uids.clone();
+            let what = what.clone();
             async move {
-                let r = Self::fetch_batch(&mut session, &uids, spool_above).await;
+                let r = match what {
+                    Ahead::Batch(uids) => Self::fetch_batch(&mut session, &uids, spool_above)
+                        .await
+                        .map(AheadData::Fetched),
+                    Ahead::List(w) => match session.list_range(w.above, w.upto).await {
+                        Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
+                        Err(e) => Err(e),
+                    },
+                };
                 (session, r)
             }
         });
-        self.reading_ahead = Some(ReadAhead { uids, task });
+        self.reading_ahead = Some(ReadAhead { what, task });
     }
 
     /// One batch of messages, each at most `spool_above` by the server's listing, in memory.
@@ -671,22 +724,22 @@ impl Driver {
         uids: Vec<u32>,
         check_seen: &[u32],
         spool: bool,
-        ahead: Vec<u32>,
+        ahead: Option<Ahead>,
         uidvalidity: u32,
     ) -> Input {
         let read = match self.read_ahead.take() {
-            Some((read, r)) if read == uids => Some(r),
+            Some((Ahead::Batch(read), r)) if read == uids => Some(r),
             _ => None,
         };
         let fetched: Vec<(u32, Held)> = match read {
-            Some(Ok(f)) => f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
-            Some(Err(input)) => return input,
-            None => match self.fetch_now(&uids, spool).await {
+            Some(Ok(AheadData::Fetched(f))) => f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
+            Some(Ok(AheadData::Listed(..))) | None => match self.fetch_now(&uids, spool).await {
                 Ok(f) => f,
                 Err(input) => return input,
             },
+            Some(Err(input)) => return input,
         };
-        // The next batch comes while this one is delivered and committed.
+        // The next batch (or listing window) comes while this one is delivered and committed.
         self.start_read_ahead(ahead);
         self.settle_fetched(uids, fetched, check_seen, uidvalidity).await
     }

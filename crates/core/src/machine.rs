@@ -69,6 +69,8 @@ pub struct WatchSpec {
     pub post_action: bool,
     /// Catch up once and finish, instead of watching until stopped.
     pub once: bool,
+    /// UIDs in the first listing window of a long backlog ([`LIST_WINDOW`] by default).
+    pub list_window: u32,
 }
 
 /// One message of a listing: its UID and the size the server reported.
@@ -235,6 +237,19 @@ pub enum Input {
     Interrupted,
 }
 
+/// A listing window: `UID FETCH above+1:upto`, or `above+1:*` without `upto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListWindow {
+    pub above: u32,
+    pub upto: Option<u32>,
+}
+
+/// The UIDs in one listing window of a long backlog, at first: listing a backlog of 10,000
+/// messages in one command makes every fetch wait for the whole of it; in windows, each
+/// window after the first is listed while the last batch of the one before is delivered. An
+/// empty window doubles the next one (UIDs may be sparse after mass deletions).
+pub const LIST_WINDOW: u32 = 1_000;
+
 /// What to do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -243,9 +258,13 @@ pub enum Action {
     /// before the server answered).
     Load,
     Select,
-    /// `UID FETCH above+1:* (UID RFC822.SIZE)`.
+    /// `UID FETCH above+1:upto (UID RFC822.SIZE INTERNALDATE FLAGS)`; without `upto`,
+    /// `above+1:*`. A long backlog is listed in windows of UIDs (each below the UIDNEXT of
+    /// the SELECT, so no message arriving later can fall into one that was listed), the last
+    /// one open-ended; see [`ListWindow`].
     List {
         above: u32,
+        upto: Option<u32>,
     },
     /// Fetch these bodies; for those in `check_seen` (the dedupe pass after a UIDVALIDITY
     /// change), say whether each was delivered before. With `spool`, `uids` is one message, to
@@ -256,11 +275,16 @@ pub enum Action {
     /// committed, the session being idle then. The next `Fetch` names exactly these UIDs
     /// unless something happened in between (a failure, a retry, a stop); then the read-ahead
     /// is discarded unused. Nothing read ahead is delivered before the machine asks for it.
+    ///
+    /// `list_ahead` is, when this batch is the last of a listing window, the `List` that
+    /// follows it if all goes as planned: the driver may send it while this batch is delivered,
+    /// like `ahead`, and the next `List` names exactly it or it is discarded.
     Fetch {
         uids: Vec<u32>,
         check_seen: Vec<u32>,
         spool: bool,
         ahead: Vec<u32>,
+        list_ahead: Option<ListWindow>,
     },
     /// Does this UID still exist (`UID SEARCH UID n`)?
     CheckExists {
@@ -498,6 +522,10 @@ pub struct WatchMachine {
     session_broken: bool,
     /// The listing was already checked against a fresh UIDNEXT.
     rechecked: bool,
+    /// The upper bound of the listing window being worked through, if it had one.
+    window_upto: Option<u32>,
+    /// The size of the next listing window.
+    window_size: u32,
     /// What follows the post-action in flight.
     after_post: Option<AfterCommit>,
     /// When the session's access token is due, as an offset like `now`.
@@ -509,6 +537,7 @@ pub struct WatchMachine {
 
 impl WatchMachine {
     pub fn new(spec: WatchSpec, reconnect: Reconnect) -> WatchMachine {
+        let window_size = spec.list_window.max(1);
         WatchMachine {
             spec,
             reconnect,
@@ -528,6 +557,8 @@ impl WatchMachine {
             stopping: false,
             loaded: false,
             session_broken: false,
+            window_upto: None,
+            window_size,
             rechecked: false,
             after_post: None,
             token_due: None,
@@ -893,7 +924,27 @@ impl WatchMachine {
         })
     }
 
+    /// Lists from the committed checkpoint, in a first window if the backlog is long.
     fn list(&mut self) -> Action {
+        self.window_size = self.spec.list_window.max(1);
+        let above = self.committed_cp().last_uid;
+        self.list_from(above)
+    }
+
+    /// After a window whose every message is settled and committed: the next window, from
+    /// its upper bound (the UIDs between the last listed and that bound do not exist: each
+    /// was assigned before the SELECT, and none was listed).
+    fn list_next(&mut self) -> Action {
+        match self.window_upto {
+            Some(upto) => {
+                let above = self.committed_cp().last_uid.max(upto);
+                self.list_from(above)
+            }
+            None => self.list(),
+        }
+    }
+
+    fn list_from(&mut self, above: u32) -> Action {
         if self.stopping {
             return self.logout(AfterLogout::Finish);
         }
@@ -902,8 +953,31 @@ impl WatchMachine {
             window: AckWindow::new(cp.last_uid),
             ..CatchUp::default()
         };
+        let window = self.window_from(above);
+        self.window_upto = window.upto;
         self.phase = Phase::Listing;
-        Action::List { above: cp.last_uid }
+        Action::List {
+            above: window.above,
+            upto: window.upto,
+        }
+    }
+
+    /// The listing window that starts above `above`: bounded only while its bound is below
+    /// the last UID the SELECT's UIDNEXT vouches for.
+    fn window_from(&self, above: u32) -> ListWindow {
+        let end = above.saturating_add(self.window_size.max(1));
+        ListWindow {
+            above,
+            upto: (end < self.uidnext.saturating_sub(1)).then_some(end),
+        }
+    }
+
+    /// The `List` that follows the batch being fetched, if it is the last of a bounded window.
+    fn list_ahead(&self) -> Option<ListWindow> {
+        if self.stopping || !self.catch_up.queue.is_empty() {
+            return None;
+        }
+        self.window_upto.map(|upto| self.window_from(upto))
     }
 
     fn listed(&mut self, mut items: Vec<Listed>, news: bool) -> Action {
@@ -932,6 +1006,16 @@ impl WatchMachine {
             items.retain(|l| l.uid < uidnext);
         }
         self.rechecked = false;
+        if items.is_empty()
+            && let Some(upto) = self.window_upto
+        {
+            // An empty window: UIDs are sparse here; look further at once.
+            self.window_size = self.window_size.saturating_mul(2);
+            return self.list_from(upto);
+        }
+        if !items.is_empty() {
+            self.window_size = self.spec.list_window.max(1);
+        }
         if items.is_empty() {
             if news {
                 // Announced while we listed: list again rather than wait on it.
@@ -987,8 +1071,8 @@ impl WatchMachine {
                 return self.logout(AfterLogout::Finish);
             }
             let Some(front) = self.catch_up.queue.front().copied() else {
-                // Everything listed is settled and committed: list again.
-                return self.list();
+                // Everything listed is settled and committed: the next window, or list again.
+                return self.list_next();
             };
             if let Some(reason) = self.give_up_reason(front) {
                 self.catch_up.queue.pop_front();
@@ -1017,6 +1101,7 @@ impl WatchMachine {
                 check_seen,
                 spool,
                 ahead: self.batch_ahead(),
+                list_ahead: self.list_ahead(),
             };
         }
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
 use inboxd_core::machine::{
-    Action, FetchedInfo, HandlerFailure, Input, Listed, LogRow, Status, Wake, WatchMachine, WatchSpec,
+    Action, FetchedInfo, HandlerFailure, Input, ListWindow, Listed, LogRow, Status, Wake, WatchMachine, WatchSpec,
 };
 use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
 use inboxd_core::retry::RetryPolicy;
@@ -84,6 +84,7 @@ fn spec(batch_size: usize, commit_each: bool, post_action: bool) -> WatchSpec {
         commit_each,
         post_action,
         once: false,
+        list_window: 1_000,
     }
 }
 
@@ -231,7 +232,9 @@ fn start(_: &World) -> Input {
 }
 
 fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), TestCaseError> {
-    let s = spec(batch, commit_each, true);
+    let mut s = spec(batch, commit_each, true);
+    // Small listing windows, so that every run lists a backlog in several.
+    s.list_window = 4;
     let mut w = World {
         uidvalidity: 1,
         uidnext: 1,
@@ -318,22 +321,45 @@ fn drive(
     // The read-ahead of the last fetch, while nothing happened that may change the plan: the
     // next fetch must name exactly it.
     let mut ahead: Option<Vec<u32>> = None;
+    // Likewise the listing read ahead with the last batch of a window: the next List names it.
+    let mut list_ahead: Option<ListWindow> = None;
     for steps in 0..5_000usize {
         if stop_after == Some(steps) {
             m.stop();
         }
         if matches!(input, Input::Failed { .. } | Input::HandlerFailed { .. }) {
             ahead = None;
+            list_ahead = None;
         }
         let action = m.on(input, w.now, 0.5);
         match &action {
-            Action::Fetch { uids, ahead: next, .. } => {
+            Action::Fetch {
+                uids,
+                ahead: next,
+                list_ahead: next_list,
+                ..
+            } => {
                 if let Some(expected) = ahead.take().filter(|a| !a.is_empty()) {
                     prop_assert_eq!(uids, &expected, "the fetch after a read-ahead names other messages");
                 }
+                list_ahead = None;
                 if !m.stopping() {
                     ahead = Some(next.clone());
+                    list_ahead = *next_list;
                 }
+            }
+            Action::List { above, upto } => {
+                if let Some(expected) = list_ahead.take() {
+                    prop_assert_eq!(
+                        ListWindow {
+                            above: *above,
+                            upto: *upto
+                        },
+                        expected,
+                        "the listing after a listing read ahead names another window"
+                    );
+                }
+                ahead = None;
             }
             Action::Deliver { .. }
             | Action::Flush
@@ -341,10 +367,14 @@ fn drive(
             | Action::Record { .. }
             | Action::PostAction { .. }
             | Action::CheckExists { .. } => {}
-            _ => ahead = None,
+            _ => {
+                ahead = None;
+                list_ahead = None;
+            }
         }
         if m.stopping() {
             ahead = None;
+            list_ahead = None;
         }
         if limit.is_some_and(|l| steps >= l) {
             // The process dies: nothing unflushed survives, nothing uncommitted counts.
@@ -385,17 +415,18 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             stored: w.stored,
             pending_post_actions: Vec::new(),
         },
-        Action::List { above } => {
+        Action::List { above, upto } => {
             let mut items: Vec<Listed> = w
                 .folder
                 .keys()
-                .filter(|&&u| u > above)
+                .filter(|&&u| u > above && upto.is_none_or(|t| u <= t))
                 .map(|&uid| Listed {
                     uid,
                     size: Some(size_of(uid)),
                 })
                 .collect();
-            if let Some(&max) = w.folder.keys().last() {
+            // `n:*` names the last message even below n (RFC 3501); a bounded range does not.
+            if let (Some(&max), None) = (w.folder.keys().last(), upto) {
                 items.push(Listed {
                     uid: max,
                     size: Some(size_of(max)),
@@ -408,7 +439,12 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             check_seen,
             spool,
             ahead,
+            list_ahead,
         } => {
+            prop_assert!(
+                list_ahead.is_none() || ahead.is_empty(),
+                "a batch and a listing both read ahead: {ahead:?}, {list_ahead:?}"
+            );
             // A message above spool_above (every fifth here) goes alone, into a spool file.
             assert!(!spool || uids.len() == 1, "a spooled fetch of {uids:?}");
             // The read-ahead is the batch after this one: above it, ascending, never a message
@@ -611,7 +647,7 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
             s(0),
             0.0
         ),
-        Action::List { above: 10 }
+        Action::List { above: 10, upto: None }
     );
     assert_eq!(
         m.on(listed(&[11, 12, 13]), s(0), 0.0),
@@ -620,6 +656,7 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
             check_seen: vec![],
             spool: false,
             ahead: vec![],
+            list_ahead: None,
         }
     );
     // 12 came back without a body.
@@ -649,7 +686,7 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
             keep_session: true
         }
     );
-    assert_eq!(m.on(Input::Slept, s(1), 0.0), Action::List { above: 11 });
+    assert_eq!(m.on(Input::Slept, s(1), 0.0), Action::List { above: 11, upto: None });
 }
 
 #[test]
@@ -702,7 +739,7 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
             s(0),
             0.0
         ),
-        Action::List { above: 3 }
+        Action::List { above: 3, upto: None }
     );
     // Still beyond: ignored, and the folder counts as caught up at 3.
     assert_eq!(m.on(listed(&[4_000_000_000]), s(0), 0.0), Action::RunJobs);
@@ -732,7 +769,7 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
             s(1),
             0.0
         ),
-        Action::List { above: 3 }
+        Action::List { above: 3, upto: None }
     );
     assert_eq!(
         m.on(listed(&[4, 4_000_000_000]), s(1), 0.0),
@@ -741,6 +778,7 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
             check_seen: vec![],
             spool: false,
             ahead: vec![],
+            list_ahead: None,
         }
     );
 }
@@ -760,6 +798,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
             check_seen: vec![],
             spool: false,
             ahead: vec![],
+            list_ahead: None,
         }
     );
     let mut now = 0;
@@ -794,6 +833,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
                 check_seen: vec![],
                 spool: true,
                 ahead: vec![],
+                list_ahead: None,
             }
         );
         action = m.on(
@@ -832,6 +872,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
             check_seen: vec![],
             spool: true,
             ahead: vec![],
+            list_ahead: None,
         }
     );
 }
@@ -867,6 +908,7 @@ fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
             check_seen: vec![],
             spool: false,
             ahead: vec![],
+            list_ahead: None,
         }
     );
     assert!(
@@ -901,7 +943,7 @@ fn a_failed_post_action_never_ends_the_round_and_is_retried_at_the_next_wake() {
             s(0),
             0.0
         ),
-        Action::List { above: 1 }
+        Action::List { above: 1, upto: None }
     );
     assert_eq!(m.on(listed(&[]), s(0), 0.0), Action::RunJobs);
     m.on(Input::JobsRan { ran: false }, s(0), 0.0);
@@ -925,7 +967,10 @@ fn a_failed_post_action_never_ends_the_round_and_is_retried_at_the_next_wake() {
         ),
         Action::PostAction { uids: vec![1] }
     );
-    assert_eq!(m.on(Input::PostActionDone, s(5), 0.0), Action::List { above: 1 });
+    assert_eq!(
+        m.on(Input::PostActionDone, s(5), 0.0),
+        Action::List { above: 1, upto: None }
+    );
 }
 
 #[test]
@@ -1048,6 +1093,7 @@ fn a_busy_target_never_dead_letters_and_its_retry_after_is_honoured() {
                 check_seen: vec![],
                 spool: false,
                 ahead: vec![],
+                list_ahead: None,
             }
         );
         assert_eq!(m.on(fetched(&[1]), s(now), 0.0), Action::Deliver { uid: 1, attempt: 1 });
@@ -1165,7 +1211,7 @@ fn each_fetch_names_the_next_batch_to_read_ahead_and_never_a_spooled_one() {
         uidvalidity: 7,
         uidnext: 11,
     });
-    assert_eq!(m.on(select, s(0), 0.0), Action::List { above: 0 });
+    assert_eq!(m.on(select, s(0), 0.0), Action::List { above: 0, upto: None });
     let items = (1..=10)
         .map(|uid| Listed {
             uid,
@@ -1183,7 +1229,7 @@ fn each_fetch_names_the_next_batch_to_read_ahead_and_never_a_spooled_one() {
             Action::Deliver { uid, .. } => m.on(Input::Delivered { uid }, s(0), 0.0),
             Action::Flush => m.on(Input::Flushed, s(0), 0.0),
             Action::Commit { .. } => m.on(Input::Committed, s(0), 0.0),
-            Action::List { above: 10 } => break,
+            Action::List { above: 10, upto: None } => break,
             other => panic!("{other:?}"),
         };
     }
@@ -1195,6 +1241,80 @@ fn each_fetch_names_the_next_batch_to_read_ahead_and_never_a_spooled_one() {
             (vec![7], false, vec![]),
             (vec![8], true, vec![9, 10]),
             (vec![9, 10], false, vec![]),
+        ]
+    );
+}
+
+#[test]
+fn a_long_backlog_is_listed_in_windows_each_read_ahead_with_the_last_batch_of_the_one_before() {
+    // Windows of 4 UIDs below the SELECT's UIDNEXT (30): 0..4, then an empty window (the UIDs
+    // are sparse there) doubles the next one; the last one is open-ended.
+    let mut sp = spec(2, false, false);
+    sp.list_window = 4;
+    let mut m = started(sp, Some(cp(7, 0)));
+    let select = Input::Selected(inboxd_core::mailbox::Selected {
+        uidvalidity: 7,
+        uidnext: 30,
+    });
+    let listed = |uids: &[u32]| Input::Listed {
+        items: uids.iter().map(|&uid| Listed { uid, size: Some(10) }).collect(),
+        news: false,
+    };
+    assert_eq!(
+        m.on(select, s(0), 0.0),
+        Action::List {
+            above: 0,
+            upto: Some(4)
+        }
+    );
+    let fetch = m.on(listed(&[2, 3, 4]), s(0), 0.0);
+    assert_eq!(
+        fetch,
+        Action::Fetch {
+            uids: vec![2, 3],
+            check_seen: vec![],
+            spool: false,
+            ahead: vec![4],
+            list_ahead: None,
+        }
+    );
+    let mut action = m.on(fetched(&[2, 3]), s(0), 0.0);
+    let mut lists = Vec::new();
+    let mut fetches = Vec::new();
+    loop {
+        action = match action {
+            Action::Fetch { uids, list_ahead, .. } => {
+                fetches.push((uids.clone(), list_ahead));
+                m.on(fetched(&uids), s(0), 0.0)
+            }
+            Action::Deliver { uid, .. } => m.on(Input::Delivered { uid }, s(0), 0.0),
+            Action::Flush => m.on(Input::Flushed, s(0), 0.0),
+            Action::Commit { .. } => m.on(Input::Committed, s(0), 0.0),
+            Action::List { above, upto } => {
+                lists.push((above, upto));
+                match (above, upto) {
+                    (4, Some(8)) => m.on(listed(&[]), s(0), 0.0),
+                    (8, Some(16)) => m.on(listed(&[9, 15]), s(0), 0.0),
+                    (16, Some(20)) => m.on(listed(&[17]), s(0), 0.0),
+                    (20, Some(24)) => m.on(listed(&[]), s(0), 0.0),
+                    (24, None) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(
+        lists,
+        vec![(4, Some(8)), (8, Some(16)), (16, Some(20)), (20, Some(24)), (24, None)]
+    );
+    let w = |above, upto| Some(ListWindow { above, upto });
+    assert_eq!(
+        fetches,
+        vec![
+            (vec![4], w(4, Some(8))),
+            (vec![9, 15], w(16, Some(20))),
+            (vec![17], w(20, Some(24))),
         ]
     );
 }
