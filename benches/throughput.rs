@@ -155,6 +155,15 @@ impl Handler for Signal {
     }
 }
 
+/// `list_window = N` for (b) and (d) from `INBOXD_BENCH_LIST_WINDOW` (to compare listing
+/// windows with one listing of the whole backlog, in separate runs); else the default.
+fn list_window() -> String {
+    match std::env::var("INBOXD_BENCH_LIST_WINDOW") {
+        Ok(n) => format!("list_window = {n}\n"),
+        Err(_) => String::new(),
+    }
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -281,7 +290,10 @@ async fn catch_up(n: usize) {
     let cfg = config(
         &dv,
         dir.path(),
-        "start = \"all\"\nbatch_size = 500\ndeliver = { maildir = \"out\" }",
+        &format!(
+            "start = \"all\"\nbatch_size = 500\n{}deliver = {{ maildir = \"out\" }}",
+            list_window()
+        ),
     );
     let store = inboxd::store::open(&cfg.state).await.unwrap();
     let t = Instant::now();
@@ -298,9 +310,14 @@ async fn catch_up(n: usize) {
         "(b) catch-up of {n} messages ({mb:.1} MB) into a Maildir (fsync per file, per batch dir fsync + checkpoint commit)"
     );
     println!(
-        "    inboxd      {ours:7.3} s   {:9.0} msg/s   {:7.1} MB/s",
+        "    inboxd      {ours:7.3} s   {:9.0} msg/s   {:7.1} MB/s   ({:.0} % of the raw read; {})",
         n as f64 / ours,
-        mb / ours
+        mb / ours,
+        100.0 * raw_time / ours,
+        match list_window().trim() {
+            "" => "list_window = 1000, the default".to_string(),
+            set => set.to_string(),
+        }
     );
     println!(
         "    raw FETCH   {raw_time:7.3} s   {:9.0} msg/s   {:7.1} MB/s   (pipelined UID FETCH 1:* BODY.PEEK[], no writes)",
@@ -502,7 +519,10 @@ async fn targets(n: usize) {
             let cfg = config(
                 dv,
                 dir.path(),
-                &format!("start = \"all\"\nbatch_size = {batch}\ndeliver = {deliver}"),
+                &format!(
+                    "start = \"all\"\nbatch_size = {batch}\n{}deliver = {deliver}",
+                    list_window()
+                ),
             );
             let store = inboxd::store::open(&cfg.state).await.unwrap();
             let t = Instant::now();

@@ -404,6 +404,8 @@ pub struct Watch {
     pub on_uidvalidity_change: UidValidityPolicy,
     pub retry: RetryPolicy,
     pub batch_size: usize,
+    /// UIDs per listing window of a long backlog.
+    pub list_window: u32,
     /// A message the server reports larger than this is dead-lettered without being fetched.
     pub max_message_size: u64,
     /// A message larger than this is fetched in chunks into a file in `spool_dir`.
@@ -1038,6 +1040,15 @@ deliver = { exec = ["./handler.sh", "--flag"] }
         assert!(e.contains(":21:") && e.contains("move:<Folder>"), "{e}");
         let e = err(&GOOD.replace("idle_refresh = \"10m\"", "idle_refresh = \"10 parsecs\""));
         assert!(e.contains(":11:") && e.contains("invalid duration"), "{e}");
+        let e = err(&GOOD.replace("after = \"seen\"", "after = \"seen\"\nlist_window = 0"));
+        assert!(
+            e.contains(":17:") && e.contains("list_window must be at least 1"),
+            "{e}"
+        );
+        let c = parse(&GOOD.replace("after = \"seen\"", "after = \"seen\"\nlist_window = 50")).unwrap();
+        assert_eq!(c.watches[0].list_window, 50);
+        let idle = parse(&GOOD.replace("poll_interval = \"60s\"", "poll_interval = \"60s\"\nidle = false")).unwrap();
+        assert!(!idle.watches[0].account.wait.use_idle && parse(GOOD).unwrap().watches[0].account.wait.use_idle);
     }
 
     #[test]

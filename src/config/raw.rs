@@ -248,6 +248,8 @@ pub(super) struct RawWatch {
     pub(super) retry_max: Option<Dur>,
     /// Messages per UID FETCH command.
     pub(super) batch_size: Option<usize>,
+    /// UIDs per listing window of a long backlog (default 1000).
+    pub(super) list_window: Option<u32>,
     /// A message the server reports larger than this is dead-lettered without being fetched
     /// (default 200 MiB).
     pub(super) max_message_size: Option<Bytes>,

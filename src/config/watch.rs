@@ -304,6 +304,8 @@ pub(super) fn build(
         ))
     } else if w.batch_size.is_some_and(|b| !(1..=10_000).contains(&b)) {
         Some("watch.batch_size must be between 1 and 10000".to_string())
+    } else if w.list_window == Some(0) {
+        Some("watch.list_window must be at least 1".to_string())
     } else {
         None
     };
@@ -353,6 +355,7 @@ pub(super) fn build(
         },
         retry,
         batch_size: w.batch_size.unwrap_or(200),
+        list_window: w.list_window.unwrap_or(inboxd_core::machine::LIST_WINDOW),
         max_message_size,
         spool_above,
         spool_dir: spool_dir.to_path_buf(),

@@ -175,7 +175,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         commit_each: !fanout.batches(),
         post_action: watch.posts_after(),
         once: mode == Mode::Once,
-        list_window: inboxd_core::machine::LIST_WINDOW,
+        list_window: watch.list_window,
     };
     let reconnect = Reconnect::new(account.schedule.clone(), account.stable_after, account.park_for);
     let mut machine = WatchMachine::new(spec, reconnect);
