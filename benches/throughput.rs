@@ -97,35 +97,28 @@ impl Raw {
 
     /// As `cmd`, handing each literal to `each` as it arrives.
     fn cmd_each(&mut self, c: &str, mut each: impl FnMut(Vec<u8>)) {
-        self.tag += 1;
-        let tag = format!("R{}", self.tag);
-        write!(self.w, "{tag} {c}\r\n").unwrap();
-        loop {
-            let l = self.line();
-            if let Some(n) = l
-                .trim_end()
-                .strip_suffix('}')
-                .and_then(|x| x.rsplit('{').next())
-                .and_then(|n| n.parse::<usize>().ok())
-            {
-                let mut buf = vec![0; n];
-                self.r.read_exact(&mut buf).unwrap();
-                each(buf);
-                continue;
-            }
-            if l.starts_with(&tag) {
-                assert!(l[tag.len()..].trim_start().starts_with("OK"), "{c}: {l}");
-                return;
-            }
-        }
+        self.cmd_with(c, |r, n| {
+            let mut buf = vec![0; n as usize];
+            r.read_exact(&mut buf).unwrap();
+            each(buf);
+        });
     }
 
     /// As `cmd`, writing literal data to `out`.
     fn cmd_into(&mut self, c: &str, out: &mut dyn Write) -> u64 {
+        let mut bytes = 0u64;
+        self.cmd_with(c, |r, n| {
+            std::io::copy(&mut r.take(n), out).unwrap();
+            bytes += n;
+        });
+        bytes
+    }
+
+    /// Sends a command and reads to its tagged OK; `literal` reads each literal of `n` bytes.
+    fn cmd_with(&mut self, c: &str, mut literal: impl FnMut(&mut BufReader<TcpStream>, u64)) {
         self.tag += 1;
         let tag = format!("R{}", self.tag);
         write!(self.w, "{tag} {c}\r\n").unwrap();
-        let mut bytes = 0u64;
         loop {
             let l = self.line();
             if let Some(n) = l
@@ -134,13 +127,12 @@ impl Raw {
                 .and_then(|x| x.rsplit('{').next())
                 .and_then(|n| n.parse::<u64>().ok())
             {
-                std::io::copy(&mut (&mut self.r).take(n), out).unwrap();
-                bytes += n;
+                literal(&mut self.r, n);
                 continue;
             }
             if l.starts_with(&tag) {
                 assert!(l[tag.len()..].trim_start().starts_with("OK"), "{c}: {l}");
-                return bytes;
+                return;
             }
         }
     }

@@ -121,9 +121,11 @@ impl Server for Cyrus {
     }
 }
 
-fn config(s: &dyn Server, dir: &Path, account_extra: &str, watch: &str) -> Config {
+/// A config watching `folder` into a Maildir; `account_extra` and `watch_extra` are TOML lines.
+fn config(s: &dyn Server, dir: &Path, account_extra: &str, folder: &str, watch_extra: &str) -> Config {
+    let folder = folder.replace('\\', "\\\\").replace('"', "\\\"");
     let text = format!(
-        "state = \"state.db\"\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\n{}\nuser = \"{}\"\npassword = \"alicepw\"\nreconnect = [ {{ every = \"200ms\" }} ]\n{account_extra}\n\n[[watch]]\naccount = \"t\"\n{watch}\n",
+        "state = \"state.db\"\n[accounts.t]\nhost = \"127.0.0.1\"\nport = {}\n{}\nuser = \"{}\"\npassword = \"alicepw\"\nreconnect = [ {{ every = \"200ms\" }} ]\n{account_extra}\n\n[[watch]]\naccount = \"t\"\nfolder = \"{folder}\"\n{watch_extra}\ndeliver = {{ maildir = \"out\" }}\n",
         s.port(),
         s.tls(),
         s.user()
@@ -181,12 +183,7 @@ async fn backlog_then_live(s: &dyn Server) {
     run(s, &format!("CREATE \"{folder}\"")).await;
     append(s, &folder, &["b1", "b2", "b3"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        s,
-        dir.path(),
-        "",
-        &format!("folder = \"{folder}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}"),
-    );
+    let config = config(s, dir.path(), "", &folder, "start = \"all\"");
     let rec = Recorder::default();
     let w = watcher(&config, &rec, Mode::Forever).await;
     let mut ev = w.subscribe();
@@ -206,12 +203,7 @@ async fn polled(s: &dyn Server) {
     let folder = s.folder("Polled");
     run(s, &format!("CREATE \"{folder}\"")).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        s,
-        dir.path(),
-        "poll_interval = \"300ms\"\nidle = false",
-        &format!("folder = \"{folder}\"\ndeliver = {{ maildir = \"out\" }}"),
-    );
+    let config = config(s, dir.path(), "poll_interval = \"300ms\"\nidle = false", &folder, "");
     let rec = Recorder::default();
     let w = watcher(&config, &rec, Mode::Forever).await;
     let mut ev = w.subscribe();
@@ -228,12 +220,7 @@ async fn restart(s: &mut dyn Server) {
     let folder = s.folder("Restart");
     run(s, &format!("CREATE \"{folder}\"")).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        s,
-        dir.path(),
-        "",
-        &format!("folder = \"{folder}\"\ndeliver = {{ maildir = \"out\" }}"),
-    );
+    let config = config(s, dir.path(), "", &folder, "");
     let rec = Recorder::default();
     let w = watcher(&config, &rec, Mode::Forever).await;
     let mut ev = w.subscribe();
@@ -261,12 +248,7 @@ async fn recreated_folder(s: &dyn Server) {
     imap.append(&folder, &old).await.unwrap();
     imap.logout().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        s,
-        dir.path(),
-        "",
-        &format!("folder = \"{folder}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}"),
-    );
+    let config = config(s, dir.path(), "", &folder, "start = \"all\"");
     let rec = Recorder::default();
     watcher(&config, &rec, Mode::Once).await.join().await.unwrap();
     assert_eq!(rec.subjects(), ["old"], "{}", s.name());
@@ -314,7 +296,8 @@ async fn post_actions(s: &dyn Server) {
             s,
             dir.path(),
             "",
-            &format!("folder = \"{folder}\"\nstart = \"all\"\nafter = \"{after}\"\ndeliver = {{ maildir = \"out\" }}"),
+            &folder,
+            &format!("start = \"all\"\nafter = \"{after}\""),
         );
         let rec = Recorder::default();
         watcher(&config, &rec, Mode::Once).await.join().await.unwrap();
@@ -360,13 +343,7 @@ async fn international_folder_names(s: &dyn Server) {
         let folder = s.folder(name);
         assert!(listed.contains(&folder), "{}: {folder} not in {listed:?}", s.name());
         let dir = tempfile::tempdir().unwrap();
-        let toml_name = folder.replace('\\', "\\\\").replace('"', "\\\"");
-        let config = config(
-            s,
-            dir.path(),
-            "",
-            &format!("folder = \"{toml_name}\"\nstart = \"all\"\ndeliver = {{ maildir = \"out\" }}"),
-        );
+        let config = config(s, dir.path(), "", &folder, "start = \"all\"");
         let rec = Recorder::default();
         watcher(&config, &rec, Mode::Once).await.join().await.unwrap();
         assert_eq!(rec.subjects(), [format!("intl{i}")], "{}: {folder}", s.name());

@@ -15,9 +15,7 @@
 
 use std::fs;
 use std::io;
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,7 +23,7 @@ use std::time::{Duration, Instant};
 use inboxd::config::{Account, TlsMode};
 use inboxd::secret::{Secret, SecretSource};
 
-use crate::free_port;
+use crate::{free_port, spawn_in_group, stop_group, wait_listening};
 
 /// The password of every Courier test user.
 pub const COURIER_PASSWORD: &str = "alicepw";
@@ -167,34 +165,18 @@ exec /usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 -nodns
     }
 
     fn launch(&mut self) -> io::Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("stderr.log"))?;
-        let child = Command::new("/bin/sh")
-            .arg(self.dir.join("run-imapd.sh"))
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg(self.dir.join("run-imapd.sh"))
             .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                let log = fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                return Err(io::Error::other(format!("couriertcpd exited with {status}: {log}")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(io::Error::other("courier did not start listening within 15 s"))
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        self.child = Some(spawn_in_group(cmd, &self.dir.join("stderr.log"))?);
+        wait_listening(
+            &mut self.child,
+            &[self.port],
+            &self.dir.join("stderr.log"),
+            "couriertcpd",
+            || true,
+        )
     }
 
     /// An account for the instance's user on its plain port.
@@ -209,25 +191,10 @@ exec /usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 -nodns
         )
     }
 
-    /// Stops the instance: SIGTERM to its process group, then SIGKILL to it and to everything
-    /// of its user (sessions, `gam_server`).
+    /// Stops the instance: its process group as [`stop_group`] does, then everything of its
+    /// user (sessions, `gam_server`).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pgid = child.id() as i32;
-            // SAFETY: signals the process group couriertcpd was started in.
-            unsafe { libc::kill(-pgid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            // SAFETY: as above.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_group(&mut self.child);
         let _ = Command::new("pkill").args(["-KILL", "-u", &self.user]).output();
     }
 

@@ -15,17 +15,14 @@
 
 use std::fs;
 use std::io;
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use inboxd::config::{Account, TlsMode};
 use inboxd::secret::{Secret, SecretSource};
 
-use crate::{USERS, free_port, make_certificates};
+use crate::{USERS, free_port, make_certificates, spawn_in_group, stop_group, wait_listening};
 
 /// Where `master` is (from `cyrus-common`).
 const MASTER: &str = "/usr/lib/cyrus/bin/master";
@@ -195,62 +192,29 @@ DAEMON {{
     }
 
     fn launch(&mut self) -> io::Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("stderr.log"))?;
         let d = &self.dir;
         // In the foreground (no -d): our child, in a process group of its own.
-        let child = Command::new(MASTER)
-            .arg("-C")
+        let mut cmd = Command::new(MASTER);
+        cmd.arg("-C")
             .arg(d.join("imapd.conf"))
             .arg("-M")
             .arg(d.join("cyrus.conf"))
             .arg("-p")
-            .arg(d.join("master.pid"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok()
-                && self.dir.join("socket/idle").exists()
-            {
-                return Ok(());
-            }
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                let log = fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                return Err(io::Error::other(format!("cyrus master exited with {status}: {log}")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(io::Error::other("cyrus did not start listening within 15 s"))
+            .arg(d.join("master.pid"));
+        self.child = Some(spawn_in_group(cmd, &d.join("stderr.log"))?);
+        let idle_socket = d.join("socket/idle");
+        wait_listening(
+            &mut self.child,
+            &[self.port, self.tls_port],
+            &d.join("stderr.log"),
+            "cyrus master",
+            || idle_socket.exists(),
+        )
     }
 
     /// Stops the instance (SIGTERM to its process group, then SIGKILL after 5 s).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pgid = child.id() as i32;
-            // SAFETY: signals the process group this master was started in.
-            unsafe { libc::kill(-pgid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            // SAFETY: as above.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_group(&mut self.child);
     }
 
     /// Starts the instance again after [`Cyrus::stop`], on the same ports with the same mail.

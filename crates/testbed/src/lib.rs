@@ -66,6 +66,63 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Starts a server in the foreground as our child, in a process group of its own, its output
+/// appended to `log`.
+fn spawn_in_group(mut cmd: Command, log: &Path) -> io::Result<Child> {
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+}
+
+/// Waits (15 s at most) until every port accepts connections and `ready` holds; fails with the
+/// server's log if it exits first.
+fn wait_listening(
+    child: &mut Option<Child>,
+    ports: &[u16],
+    log: &Path,
+    what: &str,
+    ready: impl Fn() -> bool,
+) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if ports.iter().all(|&p| TcpStream::connect(("127.0.0.1", p)).is_ok()) && ready() {
+            return Ok(());
+        }
+        if let Some(c) = child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            let log = fs::read_to_string(log).unwrap_or_default();
+            return Err(io::Error::other(format!("{what} exited with {status}: {log}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(io::Error::other(format!("{what} did not start listening within 15 s")))
+}
+
+/// Stops a server started by [`spawn_in_group`]: SIGTERM to its process group, then SIGKILL to
+/// the group after 5 s (children may outlive the master by a moment).
+fn stop_group(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let pgid = child.id() as i32;
+        // SAFETY: signals the process group the server was started in.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 fn find_dovecot() -> io::Result<PathBuf> {
     for p in ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"] {
         if Path::new(p).exists() {
@@ -298,57 +355,21 @@ service imap-login {{
     }
 
     fn launch(&mut self) -> io::Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("stderr.log"))?;
-        let child = Command::new(find_dovecot()?)
-            .arg("-F")
-            .arg("-c")
-            .arg(self.config_file())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && TcpStream::connect(("127.0.0.1", self.tls_port)).is_ok()
-            {
-                return Ok(());
-            }
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                let log = fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-                return Err(io::Error::other(format!("dovecot exited with {status}: {log}")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(io::Error::other("dovecot did not start listening within 15 s"))
+        let mut cmd = Command::new(find_dovecot()?);
+        cmd.arg("-F").arg("-c").arg(self.config_file());
+        self.child = Some(spawn_in_group(cmd, &self.dir.join("stderr.log"))?);
+        wait_listening(
+            &mut self.child,
+            &[self.port, self.tls_port],
+            &self.dir.join("stderr.log"),
+            "dovecot",
+            || true,
+        )
     }
 
     /// Stops the instance (SIGTERM to its process group, then SIGKILL after 5 s).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pgid = child.id() as i32;
-            // SAFETY: signals the process group Dovecot was started in.
-            unsafe { libc::kill(-pgid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            // Children (imap, auth, log) may outlive the master by a moment; make sure.
-            // SAFETY: kill(2) on the process group this Dovecot was started in.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_group(&mut self.child);
     }
 
     /// Starts the instance again after [`Dovecot::stop`], on the same ports with the same mail.
