@@ -19,10 +19,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use inboxd::config::{Account, TlsMode};
-use inboxd::secret::{Secret, SecretSource};
+use inboxd::config::Account;
 
-use crate::{USERS, free_port, make_certificates, spawn_in_group, stop_group, wait_listening};
+use crate::{USERS, free_port, make_certificates, spawn_in_group, starttls_account, stop_group, wait_listening};
 
 /// Where `master` is (from `cyrus-common`).
 const MASTER: &str = "/usr/lib/cyrus/bin/master";
@@ -93,17 +92,7 @@ impl Cyrus {
 
     /// An account for a test user over STARTTLS on the plain port, trusting the instance's CA.
     pub fn account(&self, user: &str) -> Account {
-        let password = USERS.iter().find(|(u, _)| *u == user).map_or("", |(_, p)| p);
-        let mut a = Account::new(
-            user,
-            "127.0.0.1",
-            self.port,
-            TlsMode::Starttls,
-            user,
-            SecretSource::Literal(Secret::new(password)),
-        );
-        a.ca_file = Some(self.ca_file());
-        a
+        starttls_account(user, self.port, self.ca_file())
     }
 
     fn write_files(&self) -> io::Result<()> {

@@ -66,6 +66,21 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A test user's account over STARTTLS on `port`, trusting `ca_file`.
+fn starttls_account(user: &str, port: u16, ca_file: PathBuf) -> Account {
+    let password = USERS.iter().find(|(u, _)| *u == user).map_or("", |(_, p)| p);
+    let mut a = Account::new(
+        user,
+        "127.0.0.1",
+        port,
+        TlsMode::Starttls,
+        user,
+        SecretSource::Literal(Secret::new(password)),
+    );
+    a.ca_file = Some(ca_file);
+    a
+}
+
 /// Starts a server in the foreground as our child, in a process group of its own, its output
 /// appended to `log`.
 fn spawn_in_group(mut cmd: Command, log: &Path) -> io::Result<Child> {
@@ -205,17 +220,7 @@ impl Dovecot {
 
     /// An account for a test user over STARTTLS on the plain port, trusting the instance's CA.
     pub fn account(&self, user: &str) -> Account {
-        let password = USERS.iter().find(|(u, _)| *u == user).map_or("", |(_, p)| p);
-        let mut a = Account::new(
-            user,
-            "127.0.0.1",
-            self.port,
-            TlsMode::Starttls,
-            user,
-            SecretSource::Literal(Secret::new(password)),
-        );
-        a.ca_file = Some(self.ca_file());
-        a
+        starttls_account(user, self.port, self.ca_file())
     }
 
     fn write_files(&self, options: &Options, root: bool) -> io::Result<()> {
