@@ -984,6 +984,12 @@ impl WatchMachine {
         let cp = self.committed_cp();
         // `UID FETCH n:*` may name the last message even below n (RFC 3501 §6.4.8).
         items.retain(|l| l.uid > cp.last_uid);
+        if let Some(upto) = self.window_upto {
+            // Nothing beyond the window asked for: the next window starts at its bound, and a
+            // UID from beyond it (a server that ignores the range) delivered now would move
+            // the checkpoint past messages no window has listed yet.
+            items.retain(|l| l.uid <= upto);
+        }
         items.sort_unstable_by_key(|l| l.uid);
         items.dedup_by_key(|l| l.uid);
         let beyond: Vec<u32> = items.iter().map(|l| l.uid).filter(|&u| u >= self.uidnext).collect();

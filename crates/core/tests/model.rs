@@ -1318,3 +1318,28 @@ fn a_long_backlog_is_listed_in_windows_each_read_ahead_with_the_last_batch_of_th
         ]
     );
 }
+
+#[test]
+fn a_uid_beyond_the_listing_window_is_ignored_until_its_own_window() {
+    // A server that ignores the range answers `UID FETCH 1:4` with UID 9 as well: delivering 9
+    // now would move the checkpoint past 5..8, which no window has listed yet.
+    let mut sp = spec(10, false, false);
+    sp.list_window = 4;
+    let mut m = started(sp, Some(cp(7, 0)));
+    let select = Input::Selected(inboxd_core::mailbox::Selected {
+        uidvalidity: 7,
+        uidnext: 12,
+    });
+    assert_eq!(
+        m.on(select, s(0), 0.0),
+        Action::List {
+            above: 0,
+            upto: Some(4)
+        }
+    );
+    let items = [2, 9].iter().map(|&uid| Listed { uid, size: Some(10) }).collect();
+    match m.on(Input::Listed { items, news: false }, s(0), 0.0) {
+        Action::Fetch { uids, .. } => assert_eq!(uids, vec![2]),
+        other => panic!("{other:?}"),
+    }
+}
