@@ -314,12 +314,10 @@ pub async fn watch_changes(url: String, changes: tokio::sync::mpsc::Sender<()>) 
         };
         match l.try_recv().await {
             Ok(Some(_)) => {
-                // Several changes in a row make one reload.
+                // Several changes in a row make one reload: those already buffered are taken
+                // without waiting (never by cancelling a read, which could lose one).
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                while let Ok(Some(Some(_))) = tokio::time::timeout(std::time::Duration::from_millis(1), l.try_recv())
-                    .await
-                    .map(|r| r.ok())
-                {}
+                while l.next_buffered().is_some() {}
                 if changes.send(()).await.is_err() {
                     return;
                 }
