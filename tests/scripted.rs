@@ -635,3 +635,23 @@ async fn too_many_connections_at_login_does_not_park_the_account() {
     w.stop().await.unwrap();
     assert_eq!(rec.subjects(), vec!["one"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_enable_utf8_is_spoken_to_in_modified_utf7() {
+    // It advertises UTF8=ACCEPT but answers ENABLE with BAD: the session goes on as before.
+    let server = Scripted::start().await;
+    {
+        let mut st = server.state.lock().unwrap();
+        st.extra_caps = "ENABLE UTF8=ACCEPT".into();
+        st.refuse_enable = true;
+    }
+    server.add_message("one");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one"]);
+    let cmds = server.state.lock().unwrap().commands.clone();
+    assert!(cmds.iter().any(|c| c.starts_with("ENABLE UTF8=ACCEPT")), "{cmds:?}");
+}

@@ -175,9 +175,17 @@ impl Session {
         session.refresh_capabilities().await?;
         if session.has("UTF8=ACCEPT") {
             // RFC 6855: folder names as UTF-8 from here on (the guard lets them through).
-            session.checked("ENABLE", "ENABLE UTF8=ACCEPT", |_| {}).await?;
-            session.utf8 = true;
-            meter.set_utf8(true);
+            match session.checked("ENABLE", "ENABLE UTF8=ACCEPT", |_| {}).await {
+                Ok(()) => {
+                    session.utf8 = true;
+                    meter.set_utf8(true);
+                }
+                // A server that advertises it but refuses the ENABLE: modified UTF-7 as before.
+                Err(ImapError::Rejected { text, .. }) => {
+                    tracing::debug!(server = %text, "ENABLE UTF8=ACCEPT refused; folder names in modified UTF-7");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(session)
     }

@@ -79,6 +79,10 @@ pub struct State {
     pub partial_fetches: u32,
     /// Never answer DONE: the server freezes as IDLE ends (always).
     pub freeze_at_done: bool,
+    /// Capabilities advertised after login besides the usual ones (e.g. `UTF8=ACCEPT`).
+    pub extra_caps: String,
+    /// Answer ENABLE with BAD (always).
+    pub refuse_enable: bool,
 }
 
 #[derive(Clone)]
@@ -171,8 +175,14 @@ impl Scripted {
             }
             match cmd.as_str() {
                 "CAPABILITY" => {
-                    w.write_all(format!("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 IDLE\r\n{tag} OK done\r\n").as_bytes())
-                        .await?
+                    let extra = self.state.lock().unwrap().extra_caps.clone();
+                    w.write_all(
+                        format!("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 IDLE {extra}\r\n{tag} OK done\r\n").as_bytes(),
+                    )
+                    .await?
+                }
+                "ENABLE" if self.state.lock().unwrap().refuse_enable => {
+                    w.write_all(format!("{tag} BAD unknown command\r\n").as_bytes()).await?
                 }
                 "AUTHENTICATE" => {
                     w.write_all(b"+ \r\n").await?;
