@@ -655,3 +655,34 @@ async fn a_server_refusing_enable_utf8_is_spoken_to_in_modified_utf7() {
     let cmds = server.state.lock().unwrap().commands.clone();
     assert!(cmds.iter().any(|c| c.starts_with("ENABLE UTF8=ACCEPT")), "{cmds:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_a_listing_read_ahead_loses_and_repeats_nothing() {
+    // 2,500 messages: the second window's listing (1001:2000) is read ahead with the last batch
+    // of the first, and the server says BYE instead of answering it.
+    let server = Scripted::start().await;
+    for i in 0..2_500 {
+        server.add_message(&format!("m{i}"));
+    }
+    server.state.lock().unwrap().bye_at_listing = Some(2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_delivered(&mut ev, 2_500, 60).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.uids(), (1..=2_500).collect::<Vec<u32>>());
+    let st = server.state.lock().unwrap();
+    assert!(
+        st.connections >= 2,
+        "the BYE was not met: {} connection(s)",
+        st.connections
+    );
+    assert!(
+        st.commands.iter().any(|c| c.contains("1001:2000")),
+        "no windowed listing: {:?}",
+        st.commands
+            .iter()
+            .filter(|c| c.contains("RFC822.SIZE"))
+            .collect::<Vec<_>>()
+    );
+}

@@ -372,13 +372,16 @@ impl Driver {
             }
             Action::List { above, upto } => {
                 let window = ListWindow { above, upto };
+                // The listing read ahead with the last batch, if it is this window's.
                 let read = match self.read_ahead.take() {
-                    Some((Ahead::List(read), r)) if read == window => Some(r),
+                    Some((Ahead::List(read), Ok(AheadData::Listed(listed, news)))) if read == window => {
+                        Some(Ok((listed, news)))
+                    }
+                    Some((Ahead::List(read), Err(input))) if read == window => Some(Err(input)),
                     _ => None,
                 };
                 let (session, r) = match read {
-                    Some(Ok(AheadData::Listed(listed, news))) => (self.session.take(), Some(Ok((listed, news)))),
-                    Some(Ok(AheadData::Fetched(_))) => (self.session.take(), None),
+                    Some(Ok(listed)) => (self.session.take(), Some(Ok(listed))),
                     Some(Err(input)) => return input,
                     None => {
                         let Some(mut session) = self.session.take() else {

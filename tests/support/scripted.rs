@@ -83,6 +83,10 @@ pub struct State {
     pub extra_caps: String,
     /// Answer ENABLE with BAD (always).
     pub refuse_enable: bool,
+    /// Listings (`UID FETCH ... (UID RFC822.SIZE ...)`) received.
+    pub listings: u32,
+    /// Answer the listing with this number (counting from 1) with BYE and close (once).
+    pub bye_at_listing: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -319,6 +323,18 @@ impl Scripted {
                     }
                     if sub == "FETCH" {
                         let body_fetch = query.contains("BODY.PEEK[]");
+                        if !body_fetch {
+                            let bye = {
+                                let mut st = self.state.lock().unwrap();
+                                st.listings += 1;
+                                let n = st.listings;
+                                st.bye_at_listing.take_if(|at| *at == n).is_some()
+                            };
+                            if bye {
+                                w.write_all(b"* BYE going away during a listing\r\n").await?;
+                                return Ok(());
+                            }
+                        }
                         let (no_body, rate) = {
                             let st = self.state.lock().unwrap();
                             (st.no_body.clone(), st.body_rate)
