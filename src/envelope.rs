@@ -127,7 +127,18 @@ pub struct Envelope {
     /// The raw message, base64, only with `raw = true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw: Option<String>,
+    /// Gmail's ids (decimal strings: they exceed JavaScript's exact integers) and labels,
+    /// where the server offers `X-GM-EXT-1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gmail: Option<GmailMeta>,
     pub parse: Parse,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GmailMeta {
+    pub msgid: String,
+    pub thrid: String,
+    pub labels: Vec<String>,
 }
 
 impl Envelope {
@@ -167,6 +178,11 @@ impl Envelope {
             html: None,
             attachments: (options.attachments != Attachments::Omit).then(Vec::new),
             raw: None,
+            gmail: message.gmail.map(|g| GmailMeta {
+                msgid: g.msgid.to_string(),
+                thrid: g.thrid.to_string(),
+                labels: g.labels.clone(),
+            }),
             parse: Parse {
                 complete: true,
                 note: None,
@@ -388,6 +404,7 @@ mod tests {
             message_id: Some("x@y"),
             internal_date: Some("17-Jul-1996 02:44:25 -0700"),
             flags: &[],
+            gmail: None,
             body: Body::Bytes(body),
         }
     }

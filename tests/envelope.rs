@@ -22,6 +22,7 @@ fn envelope(raw: &[u8], options: &JsonOptions) -> Envelope {
         message_id: None,
         internal_date: Some("01-Jan-2026 00:00:00 +0000"),
         flags: &flags,
+        gmail: None,
         body: Body::Bytes(raw),
     };
     Envelope::build(&m, options).unwrap()
@@ -133,4 +134,38 @@ proptest! {
         let v = schema();
         check(&v, &raw, &JsonOptions { attachments: Attachments::Inline, raw: true, ..JsonOptions::default() });
     }
+}
+
+#[test]
+fn gmail_metadata_validates_and_a_wrong_shape_does_not() {
+    let v = schema();
+    let flags = Vec::new();
+    let gmail = inboxd::imap::Gmail {
+        msgid: u64::MAX,
+        thrid: 1,
+        labels: vec!["\\Inbox".into(), "Kunden/Müller".into()],
+    };
+    let m = Message {
+        account: "a",
+        folder: "INBOX",
+        uidvalidity: 1,
+        uid: 1,
+        key: "v1-0123abcd-1-1",
+        message_id: None,
+        internal_date: None,
+        flags: &flags,
+        gmail: Some(&gmail),
+        body: Body::Bytes(b"Subject: hi\r\n\r\nbody\r\n"),
+    };
+    let env = Envelope::build(&m, &JsonOptions::default()).unwrap();
+    let mut value: serde_json::Value = serde_json::from_slice(&env.to_json()).unwrap();
+    assert!(
+        v.is_valid(&value),
+        "{:?}",
+        v.iter_errors(&value).map(|e| e.to_string()).collect::<Vec<_>>()
+    );
+    assert_eq!(value["gmail"]["msgid"], u64::MAX.to_string());
+    // The schema is not a formality: a number where a decimal string belongs is refused.
+    value["gmail"]["msgid"] = serde_json::json!(1);
+    assert!(!v.is_valid(&value));
 }

@@ -686,3 +686,82 @@ async fn a_connection_lost_during_a_listing_read_ahead_loses_and_repeats_nothing
             .collect::<Vec<_>>()
     );
 }
+
+/// One message's Gmail metadata and its JSON envelope.
+type GmailRecord = (Option<inboxd::imap::Gmail>, serde_json::Value);
+
+/// Records each message's Gmail metadata and its JSON envelope.
+#[derive(Clone, Default)]
+struct GmailSeen(std::sync::Arc<std::sync::Mutex<Vec<GmailRecord>>>);
+
+impl inboxd::handler::Handler for GmailSeen {
+    fn deliver<'a>(
+        &'a mut self,
+        m: &'a inboxd::handler::Message<'a>,
+    ) -> futures::future::BoxFuture<'a, Result<(), inboxd::handler::HandlerError>> {
+        let env = inboxd::envelope::Envelope::build(m, &inboxd::envelope::JsonOptions::default()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&env.to_json()).unwrap();
+        self.0.lock().unwrap().push((m.gmail.cloned(), json));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gmail_ids_and_labels_come_with_the_listing_into_the_message_and_its_json() {
+    let server = Scripted::start().await;
+    server.state.lock().unwrap().extra_caps = "X-GM-EXT-1".into();
+    server.add_message("one");
+    server.add_message("two");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let seen = GmailSeen::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(seen.clone()),
+        Mode::Once,
+    );
+    w.join().await.unwrap();
+    let seen = seen.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let (gmail, json) = &seen[1];
+    assert_eq!(
+        gmail.as_ref().unwrap(),
+        &inboxd::imap::Gmail {
+            msgid: 1_700_000_000_000_000_002,
+            thrid: 1_600_000_000_000_000_001,
+            labels: vec!["\\Inbox".into(), "Kunden/Müller".into(), "Important".into()],
+        }
+    );
+    // Decimal strings: beyond JavaScript's exact integers.
+    assert_eq!(json["gmail"]["msgid"], "1700000000000000002");
+    assert_eq!(json["gmail"]["thrid"], "1600000000000000001");
+    assert_eq!(json["gmail"]["labels"][1], "Kunden/Müller");
+    let cmds = server.state.lock().unwrap().commands.clone();
+    assert!(
+        cmds.iter().any(|c| c.contains("X-GM-MSGID X-GM-THRID X-GM-LABELS")),
+        "{cmds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_x_gm_ext_1_nothing_gmail_is_asked_or_told() {
+    let server = Scripted::start().await;
+    server.add_message("one");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "all", "");
+    let seen = GmailSeen::default();
+    Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(seen.clone()),
+        Mode::Once,
+    )
+    .join()
+    .await
+    .unwrap();
+    let seen = seen.0.lock().unwrap().clone();
+    assert!(seen[0].0.is_none() && seen[0].1.get("gmail").is_none());
+    let cmds = server.state.lock().unwrap().commands.clone();
+    assert!(!cmds.iter().any(|c| c.contains("X-GM")), "{cmds:?}");
+}

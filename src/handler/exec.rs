@@ -100,6 +100,11 @@ impl Exec {
             .env("INBOXD_SIZE", m.body.len().to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(g) = m.gmail {
+            // Labels only in the JSON (`stdin = "json"`): any byte may be in one.
+            cmd.env("INBOXD_GMAIL_MSGID", g.msgid.to_string())
+                .env("INBOXD_GMAIL_THRID", g.thrid.to_string());
+        }
         // A spooled message is the handler's stdin directly: the kernel reads the file, and
         // nothing of it passes through our memory.
         let json = match self.stdin {
@@ -257,6 +262,7 @@ mod tests {
             message_id: Some("<x@y>"),
             internal_date: None,
             flags: &[],
+            gmail: None,
             body: crate::handler::Body::Bytes(body),
         }
     }

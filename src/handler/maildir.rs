@@ -338,6 +338,7 @@ mod tests {
             message_id: None,
             internal_date: None,
             flags: &[],
+            gmail: None,
             body: Body::Bytes(body),
         }
     }

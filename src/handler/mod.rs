@@ -100,6 +100,8 @@ pub struct Message<'a> {
     pub internal_date: Option<&'a str>,
     /// The message's flags when it was listed.
     pub flags: &'a [String],
+    /// Gmail's message and thread ids and labels, where the server offers them.
+    pub gmail: Option<&'a crate::imap::Gmail>,
     /// The raw message, exactly as on the server.
     pub body: Body<'a>,
 }

@@ -16,7 +16,13 @@ impl Session {
         let from = last_uid.saturating_add(1);
         let mut out = Vec::new();
         let to = upto.map_or_else(|| "*".to_string(), |u| u.max(from).to_string());
-        let command = format!("UID FETCH {from}:{to} (UID RFC822.SIZE INTERNALDATE FLAGS)");
+        // Gmail's identity, thread and labels come with the listing where it offers them.
+        let gmail = if self.has("X-GM-EXT-1") {
+            " X-GM-MSGID X-GM-THRID X-GM-LABELS"
+        } else {
+            ""
+        };
+        let command = format!("UID FETCH {from}:{to} (UID RFC822.SIZE INTERNALDATE FLAGS{gmail})");
         self.checked("UID FETCH", &command, |resp| {
             if let Response::Fetch(_, attrs) = resp
                 && let Some(item) = listed_item(attrs)
@@ -151,6 +157,7 @@ pub(super) fn listed_item(attrs: &[AttributeValue<'_>]) -> Option<Listing> {
         size: None,
         internal_date: None,
         flags: Vec::new(),
+        gmail: None,
     };
     for a in attrs {
         match a {
@@ -158,6 +165,19 @@ pub(super) fn listed_item(attrs: &[AttributeValue<'_>]) -> Option<Listing> {
             AttributeValue::InternalDate(d) => item.internal_date = Some(clip(d.to_string(), 64)),
             AttributeValue::Flags(f) => {
                 item.flags = f.iter().take(MAX_FLAGS).map(|f| clip(f.to_string(), 256)).collect();
+            }
+            AttributeValue::GmailMsgId(id) => item.gmail.get_or_insert_with(Gmail::default).msgid = *id,
+            AttributeValue::GmailThrId(id) => item.gmail.get_or_insert_with(Gmail::default).thrid = *id,
+            AttributeValue::GmailLabels(labels) => {
+                // Labels are mailbox names: modified UTF-7 (Gmail offers no UTF8=ACCEPT).
+                item.gmail.get_or_insert_with(Gmail::default).labels = labels
+                    .iter()
+                    .take(MAX_FLAGS)
+                    .map(|l| {
+                        let l = unescape(l);
+                        clip(mutf7::decode(&l).unwrap_or(l), 256)
+                    })
+                    .collect();
             }
             _ => {}
         }

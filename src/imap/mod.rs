@@ -59,6 +59,17 @@ pub struct Listing {
     /// INTERNALDATE as the server wrote it (`17-Jul-1996 02:44:25 -0700`).
     pub internal_date: Option<String>,
     pub flags: Vec<String>,
+    /// Gmail's identities and labels, where the server offers `X-GM-EXT-1`.
+    pub gmail: Option<Gmail>,
+}
+
+/// What Gmail says of a message besides IMAP's view (`X-GM-EXT-1`): its identity across
+/// labels (`X-GM-MSGID`), its conversation (`X-GM-THRID`) and its labels (`X-GM-LABELS`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Gmail {
+    pub msgid: u64,
+    pub thrid: u64,
+    pub labels: Vec<String>,
 }
 
 /// One message as fetched.

@@ -126,7 +126,7 @@ struct Driver {
     read_ahead: Option<ReadResult>,
     bodies: BTreeMap<u32, Body>,
     /// INTERNALDATE and flags of the messages of the last listing.
-    listed: HashMap<u32, (Option<String>, Vec<String>)>,
+    listed: HashMap<u32, Listing>,
     /// UIDs whose post-action is recorded as pending.
     pending_post: HashSet<u32>,
     /// The routing decision of each fetched message, made at its first delivery attempt.
@@ -411,10 +411,7 @@ impl Driver {
                             })
                             .collect();
                         // What the envelope tells of each message besides its bytes.
-                        self.listed = listed
-                            .into_iter()
-                            .map(|l| (l.uid, (l.internal_date, l.flags)))
-                            .collect();
+                        self.listed = listed.into_iter().map(|l| (l.uid, l)).collect();
                         Input::Listed { items, news }
                     }
                     Err(input) => input,
@@ -895,8 +892,9 @@ impl Driver {
             uid,
             key: &key,
             message_id: body.message_id.as_deref(),
-            internal_date: self.listed.get(&uid).and_then(|l| l.0.as_deref()),
-            flags: self.listed.get(&uid).map_or(&[], |l| l.1.as_slice()),
+            internal_date: self.listed.get(&uid).and_then(|l| l.internal_date.as_deref()),
+            flags: self.listed.get(&uid).map_or(&[], |l| l.flags.as_slice()),
+            gmail: self.listed.get(&uid).and_then(|l| l.gmail.as_ref()),
             body: match &body.held {
                 Held::Memory(bytes) => MessageBody::Bytes(bytes),
                 Held::Spooled(spooled) => MessageBody::File {
@@ -1047,7 +1045,7 @@ impl Driver {
         let date = self
             .listed
             .get(&uid)
-            .and_then(|(date, _)| date.as_deref())
+            .and_then(|l| l.internal_date.as_deref())
             .and_then(crate::envelope::internal_date_unix);
         self.oldest = Some((uid, date));
         date

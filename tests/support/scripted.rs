@@ -503,8 +503,20 @@ impl Scripted {
                             let lie = self.state.lock().unwrap().lie_size;
                             for (seq, uid, body) in &msgs {
                                 let size = lie.unwrap_or(body.len() as u32);
-                                w.write_all(format!("* {seq} FETCH (UID {uid} RFC822.SIZE {size})\r\n").as_bytes())
-                                    .await?;
+                                // Gmail's ids (above 2^53, as Gmail's are) and labels, when asked.
+                                let gmail = if query.contains("X-GM-MSGID") {
+                                    format!(
+                                        " X-GM-MSGID {} X-GM-THRID {} X-GM-LABELS (\\Inbox \"Kunden/M&APw-ller\" Important)",
+                                        1_700_000_000_000_000_000u64 + u64::from(*uid),
+                                        1_600_000_000_000_000_000u64 + u64::from(*uid / 2)
+                                    )
+                                } else {
+                                    String::new()
+                                };
+                                w.write_all(
+                                    format!("* {seq} FETCH (UID {uid} RFC822.SIZE {size}{gmail})\r\n").as_bytes(),
+                                )
+                                .await?;
                             }
                         }
                     }

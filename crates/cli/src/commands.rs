@@ -1205,6 +1205,7 @@ pub async fn replay_with(config: &Config, store: &Arc<dyn Store>, key: &str) -> 
         message_id: mid.as_deref(),
         internal_date: None,
         flags: &[],
+        gmail: None,
         body: inboxd::handler::Body::File {
             path: spooled.path(),
             len,
