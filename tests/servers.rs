@@ -29,6 +29,10 @@ trait Server {
         format!("tls = \"starttls\"\nca_file = \"{}\"", self.ca_file().display())
     }
     fn ca_file(&self) -> PathBuf;
+    /// Whether the server offers UTF8=ACCEPT, so that folder names travel as UTF-8 (Courier).
+    fn utf8(&self) -> bool {
+        false
+    }
     /// Whether folder names may hold `"` and `\\` (Cyrus refuses them: "Invalid mailbox name").
     fn quotes_in_names(&self) -> bool {
         true
@@ -75,6 +79,9 @@ impl Server for Courier {
     }
     fn user(&self) -> String {
         self.user.clone()
+    }
+    fn utf8(&self) -> bool {
+        true
     }
     fn tls(&self) -> String {
         // No STARTTLS in this Courier: plain, on loopback only.
@@ -327,6 +334,7 @@ async fn international_folder_names(s: &dyn Server) {
     }
     let mut imap = session(s).await;
     let utf8 = imap.utf8_names();
+    assert_eq!(utf8, s.utf8(), "{}: folder names as UTF-8", s.name());
     for (i, name) in names.iter().enumerate() {
         let folder = s.folder(name);
         imap.create(&folder)

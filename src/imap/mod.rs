@@ -171,15 +171,6 @@ impl Session {
         }
     }
 
-    /// A folder name as the server wrote it, as people read it.
-    fn readable(&self, name: String) -> String {
-        if self.utf8 {
-            name
-        } else {
-            mutf7::decode(&name).unwrap_or(name)
-        }
-    }
-
     /// SELECTs a folder. UIDNEXT comes from SELECT, else STATUS, else the highest UID + 1.
     /// Sent through the status-checking path, so a refusal keeps its response code
     /// (`[NONEXISTENT]` parks the watch, `[UNAVAILABLE]` does not).
@@ -449,7 +440,8 @@ impl Session {
             }
         })
         .await?;
-        let mut out: Vec<(String, Vec<String>)> = out.into_iter().map(|(n, a)| (self.readable(n), a)).collect();
+        let utf8 = self.utf8;
+        let mut out: Vec<(String, Vec<String>)> = out.into_iter().map(|(n, a)| (readable(utf8, n), a)).collect();
         out.sort();
         Ok(out)
     }
@@ -462,11 +454,7 @@ impl Session {
         self.checked("LIST", "LIST \"\" \"*\"", |resp| {
             if let Response::MailboxData(MailboxDatum::List(list)) = resp {
                 let name = unescape(&list.name);
-                let readable = if utf8 {
-                    name
-                } else {
-                    mutf7::decode(&name).unwrap_or(name)
-                };
+                let readable = readable(utf8, name);
                 let selectable = !list
                     .name_attributes
                     .iter()
@@ -572,6 +560,16 @@ fn unescape(s: &str) -> String {
         }
     }
     out
+}
+
+/// A folder name as the server wrote it, as people read it: as is once UTF8=ACCEPT is
+/// enabled, else decoded from modified UTF-7 (as sent when it is not valid modified UTF-7).
+fn readable(utf8: bool, name: String) -> String {
+    if utf8 {
+        name
+    } else {
+        mutf7::decode(&name).unwrap_or(name)
+    }
 }
 
 /// An IMAP quoted string (RFC 3501 §4.3).

@@ -186,7 +186,7 @@ pub async fn remove_command(path: &Path, name: &str, out: &mut impl Write) -> an
 }
 
 /// One account as `account list` and the HTTP API show it.
-pub fn json(a: &StoredAccount, opens: Option<&Result<(), String>>) -> serde_json::Value {
+fn json(a: &StoredAccount, opens: &Result<(), String>) -> serde_json::Value {
     serde_json::json!({
         "name": a.name,
         "source": "database",
@@ -195,12 +195,12 @@ pub fn json(a: &StoredAccount, opens: Option<&Result<(), String>>) -> serde_json
         "folders": a.folders,
         "updated_at": crate::commands::utc(a.updated_at),
         "updated_by": a.updated_by,
-        "error": opens.and_then(|r| r.as_ref().err()),
+        "error": opens.as_ref().err(),
     })
 }
 
 /// The stored accounts, each with whether it opens and validates here.
-pub async fn stored(path: &Path) -> anyhow::Result<(Config, Vec<(StoredAccount, Result<(), String>)>)> {
+async fn stored(path: &Path) -> anyhow::Result<(Config, Vec<(StoredAccount, Result<(), String>)>)> {
     let config = Config::load(path)?;
     let db = database(&config).await?;
     let rows = db.accounts().await?;
@@ -239,7 +239,7 @@ pub async fn list_command(path: &Path, as_json: bool, out: &mut impl Write) -> a
                 })
             })
             .collect();
-        all.extend(rows.iter().map(|(a, ok)| json(a, Some(ok))));
+        all.extend(rows.iter().map(|(a, ok)| json(a, ok)));
         writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
         return Ok(());
     }
