@@ -170,12 +170,16 @@ exec /usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 -nodns
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         self.child = Some(spawn_in_group(cmd, &self.dir.join("stderr.log"))?);
+        // Listening is not ready: a login goes through `imaplogin`, `authdaemond` and PAM, and
+        // `authdaemond`, just started, creates its socket a moment before it accepts on it (a
+        // first login in that moment is dropped: seen once in CI on a fresh machine).
+        let (port, user) = (self.port, self.user.clone());
         wait_listening(
             &mut self.child,
             &[self.port],
             &self.dir.join("stderr.log"),
-            "couriertcpd",
-            || true,
+            "couriertcpd (listening and logging in)",
+            || logs_in(port, &user),
         )
     }
 
@@ -203,6 +207,34 @@ exec /usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 -nodns
         self.stop();
         self.launch()
     }
+}
+
+/// Whether `user` can log in on `port`: greeting, `LOGIN`, tagged OK, `LOGOUT`.
+fn logs_in(port: u16, user: &str) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let attempt = || -> io::Result<bool> {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if !line.starts_with("* OK") {
+            return Ok(false);
+        }
+        (&stream).write_all(format!("a LOGIN {user} {COURIER_PASSWORD}\r\n").as_bytes())?;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(false);
+            }
+            if line.starts_with("a ") {
+                let ok = line.starts_with("a OK");
+                let _ = (&stream).write_all(b"b LOGOUT\r\n");
+                return Ok(ok);
+            }
+        }
+    };
+    attempt().unwrap_or(false)
 }
 
 impl Drop for Courier {
