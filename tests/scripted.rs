@@ -636,6 +636,40 @@ async fn too_many_connections_at_login_does_not_park_the_account() {
     assert_eq!(rec.subjects(), vec!["one"]);
 }
 
+/// Gmail over its bandwidth limits refuses logins and body fetches with `Account exceeded
+/// command or bandwidth limits.` for hours: ten minutes between tries, said so, the password
+/// never taken for wrong (which parks the account) and the schedule never walked into its
+/// hourly part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gmail_over_its_bandwidth_limits_is_retried_every_ten_minutes_at_login_and_at_fetch() {
+    let over = "[OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)";
+    for at_login in [true, false] {
+        let server = Scripted::start().await;
+        server.add_message("one");
+        {
+            let mut st = server.state.lock().unwrap();
+            st.extra_caps = "X-GM-EXT-1".into();
+            if at_login {
+                st.refuse_login = Some(over.into());
+            } else {
+                st.refuse_fetch = Some(over.into());
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = scripted_config(dir.path(), server.port, "all", "");
+        let (w, rec, mut ev) = watch(&config).await;
+        let (d, m) = next_failure(&mut ev).await;
+        let ten = inboxd::core::failure::OVER_LIMIT_WAIT;
+        assert!(d >= ten && d <= ten.mul_f64(1.1), "at_login {at_login}: {d:?} ({m})");
+        assert!(
+            m.contains("bandwidth") && m.contains("tries again every 10 minutes"),
+            "{m}"
+        );
+        w.stop().await.unwrap();
+        assert!(rec.subjects().is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_refusing_enable_utf8_is_spoken_to_in_modified_utf7() {
     // It advertises UTF8=ACCEPT but answers ENABLE with BAD: the session goes on as before.

@@ -102,6 +102,23 @@ impl ImapError {
     }
 }
 
+/// A server's refusal with what it means where that is not obvious: the account's session
+/// limit (Gmail, Dovecot), or its provider's bandwidth limits (Gmail).
+pub(crate) fn explained(text: String) -> String {
+    if inboxd_core::failure::too_many_connections(&text) {
+        format!(
+            "{text} (the account holds as many sessions as the server allows: set the account's max_connections below that limit, e.g. 15 for Gmail)"
+        )
+    } else if inboxd_core::failure::over_limit(&text) {
+        format!(
+            "{text} (the account is over its provider's IMAP bandwidth or command limits, such as Gmail's 2,500 MB of downloads a day, shared by every IMAP client of the account: inboxd tries again every {} minutes until they lift)",
+            inboxd_core::failure::OVER_LIMIT_WAIT.as_secs() / 60
+        )
+    } else {
+        text
+    }
+}
+
 /// Longest server text kept in an error (it reaches logs, `Health` and events).
 pub(super) const MAX_TEXT: usize = 1024;
 

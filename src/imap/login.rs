@@ -72,14 +72,7 @@ impl Session {
                 let auth_err = |e: async_imap::error::Error| match e {
                     async_imap::error::Error::No(m) | async_imap::error::Error::Bad(m) => ImapError::Auth {
                         user: account.user.clone(),
-                        message: if inboxd_core::failure::too_many_connections(&m) {
-                            format!(
-                                "{} (the account holds as many sessions as the server allows: set the account's max_connections below that limit, e.g. 15 for Gmail)",
-                                humanize(&m)
-                            )
-                        } else {
-                            humanize(&m)
-                        },
+                        message: super::error::explained(humanize(&m)),
                     },
                     e => cmd("LOGIN")(e),
                 };

@@ -329,7 +329,7 @@ impl Session {
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
-                        let text = outcome_text(outcome);
+                        let text = error::explained(outcome_text(outcome));
                         return match status {
                             Status::Ok => Ok(()),
                             _ if text.contains("BYE") => Err(ImapError::Bye(text)),

@@ -87,6 +87,8 @@ pub struct State {
     pub listings: u32,
     /// Answer the listing with this number (counting from 1) with BYE and close (once).
     pub bye_at_listing: Option<u32>,
+    /// Answer every body fetch with `NO <text>` while set (Gmail over its bandwidth limits).
+    pub refuse_fetch: Option<String>,
 }
 
 #[derive(Clone)]
@@ -334,6 +336,11 @@ impl Scripted {
                                 w.write_all(b"* BYE going away during a listing\r\n").await?;
                                 return Ok(());
                             }
+                        }
+                        let refusal = self.state.lock().unwrap().refuse_fetch.clone();
+                        if let Some(text) = refusal.filter(|_| body_fetch) {
+                            w.write_all(format!("{tag} NO {text}\r\n").as_bytes()).await?;
+                            continue;
                         }
                         let (no_body, rate) = {
                             let st = self.state.lock().unwrap();

@@ -67,6 +67,11 @@ pub fn response_code(text: &str) -> Option<String> {
 /// they are [`FailureClass::Auth`], which parks; `UNAVAILABLE` and its kin are transient. A
 /// refusal without a code is taken for bad credentials.
 pub fn login_refused(text: &str) -> FailureClass {
+    if let Some(hint) = throttle_hint(text) {
+        // Gmail's "Account exceeded command or bandwidth limits" at login: the credentials
+        // are fine.
+        return FailureClass::Throttled(hint);
+    }
     if too_many_connections(text) {
         // The credentials are fine: parking the account as refused would stop every watch
         // of it for `park_for`.
@@ -119,10 +124,29 @@ pub fn post_action_refusal_is_permanent(text: &str) -> bool {
     )
 }
 
+/// How long to wait when a server says it throttles without saying for how long: the pace
+/// of the schedule's fast part.
+pub const THROTTLE_WAIT: Duration = Duration::from_secs(60);
+
+/// How long to wait when the account is over its provider's bandwidth or command limits
+/// (Gmail: `[OVERQUOTA] Account exceeded command or bandwidth limits.`, at login or on a
+/// FETCH). Such limits lift over hours; a try costs a login and a listing, no bodies.
+pub const OVER_LIMIT_WAIT: Duration = Duration::from_secs(600);
+
+/// Whether a server's text says the account is over its bandwidth or command limits (Gmail).
+pub fn over_limit(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("bandwidth limit") || lower.contains("command or bandwidth")
+}
+
 /// Reads a server's throttling hint, such as Exchange Online's
 /// `Request is throttled. Suggested Backoff Time: 5000 milliseconds`. `None` if the text does
-/// not say the request was throttled; `Some(None)` if it does but gives no usable time.
+/// not say the request was throttled; `Some(None)` if it does but gives no usable time. An
+/// account over its bandwidth limits (see [`over_limit`]) is throttled for [`OVER_LIMIT_WAIT`].
 pub fn throttle_hint(text: &str) -> Option<Option<Duration>> {
+    if over_limit(text) {
+        return Some(Some(OVER_LIMIT_WAIT));
+    }
     let lower = text.to_ascii_lowercase();
     if !lower.contains("throttl") {
         return None;
@@ -152,6 +176,12 @@ pub fn throttle_hint(text: &str) -> Option<Option<Duration>> {
 /// (reconnect at once); a server that ends every session with it sooner is retried along the
 /// schedule instead of in a tight loop.
 pub const ROUTINE_TOKEN_EXPIRY_AFTER: Duration = Duration::from_secs(60);
+
+/// A session dropped (BYE, a closed or silent connection) after idling this long is routine
+/// (Gmail ends IDLE sessions every so often, and so do NAT boxes and firewalls): reconnect at
+/// once and end the failure streak, so periodic drops never walk the schedule into its slow
+/// part. One dropped sooner is a failure like any other.
+pub const ROUTINE_DROP_AFTER: Duration = Duration::from_secs(60);
 
 /// Reconnect state of one watcher. Times are offsets from any fixed origin chosen by the
 /// driver (it passes `Instant::now() - origin`), so this stays pure.
@@ -221,6 +251,13 @@ impl Reconnect {
                 return Duration::ZERO;
             }
         }
+        if let FailureClass::Throttled(hint) = class {
+            // Waiting as long as the server asked is no failure streak: the schedule does not
+            // advance, so once the server lets us in again the watch is back at full pace,
+            // not in the schedule's hourly part.
+            let wait = hint.unwrap_or(THROTTLE_WAIT);
+            return wait + wait.mul_f64(0.1 * jitter.clamp(0.0, 0.999));
+        }
         let (start, attempts) = *self.streak.get_or_insert((now, 0));
         let delay = match class {
             // Bad credentials park too: retrying a refused password on the schedule would
@@ -234,10 +271,26 @@ impl Reconnect {
                 next.delay
             }
         };
-        match class {
-            FailureClass::Throttled(Some(hint)) => delay.max(hint),
-            _ => delay,
+        delay
+    }
+
+    /// The server ended a session that had been waiting in IDLE for `idled_for`. A drop
+    /// (`Network`, `Bye`) after [`ROUTINE_DROP_AFTER`] is routine: at once, and the streak is
+    /// over (the session worked); anything else, or sooner, is [`Reconnect::failed`].
+    pub fn dropped_in_idle(
+        &mut self,
+        now: Duration,
+        idled_for: Duration,
+        class: FailureClass,
+        jitter: f64,
+    ) -> Duration {
+        if matches!(class, FailureClass::Network | FailureClass::Bye) && idled_for >= ROUTINE_DROP_AFTER {
+            self.connected_at = None;
+            self.streak = None;
+            self.reauthed = false;
+            return Duration::ZERO;
         }
+        self.failed(now, class, jitter)
     }
 }
 
@@ -309,6 +362,74 @@ mod tests {
         assert_eq!(r.failed(s(0), FailureClass::Permanent, 0.0), s(3600));
         let mut r = reconnect();
         assert_eq!(r.failed(s(0), FailureClass::Throttled(Some(s(7))), 0.0), s(7));
+    }
+
+    #[test]
+    fn throttling_waits_as_asked_and_never_walks_the_schedule_into_its_slow_part() {
+        let mut r = reconnect();
+        // A day of a server that keeps throttling without a hint: a minute (plus jitter) each.
+        let mut now = s(0);
+        for _ in 0..1440 {
+            let d = r.failed(now, FailureClass::Throttled(None), 0.5);
+            assert!(d >= THROTTLE_WAIT && d <= THROTTLE_WAIT.mul_f64(1.1), "{d:?}");
+            now += d;
+        }
+        // Then a plain network failure starts the schedule from its beginning (at once).
+        assert_eq!(r.failed(now, FailureClass::Network, 0.0), s(0));
+    }
+
+    #[test]
+    fn gmail_over_its_bandwidth_limits_waits_ten_minutes_at_login_or_fetch() {
+        for text in [
+            "[OVERQUOTA] Account exceeded command or bandwidth limits.",
+            "[ALERT] Account exceeded command or bandwidth limits. (Failure)",
+            "Account has exceeded the Gmail bandwidth limit for downloads via IMAP",
+        ] {
+            assert_eq!(throttle_hint(text), Some(Some(OVER_LIMIT_WAIT)), "{text}");
+            // At login it is no refusal of the credentials (which would park the account).
+            assert_eq!(
+                login_refused(text),
+                FailureClass::Throttled(Some(OVER_LIMIT_WAIT)),
+                "{text}"
+            );
+        }
+        let mut r = reconnect();
+        let mut now = s(0);
+        for _ in 0..100 {
+            let d = r.failed(now, FailureClass::Throttled(Some(OVER_LIMIT_WAIT)), 0.0);
+            assert_eq!(d, OVER_LIMIT_WAIT);
+            now += d;
+        }
+    }
+
+    #[test]
+    fn periodic_drops_in_idle_reconnect_at_once_and_early_ones_follow_the_schedule() {
+        let mut r = reconnect();
+        let mut now = s(0);
+        // Fifty sessions each dropped after five minutes of IDLE (Gmail, a NAT box): never a
+        // wait, and the streak ends with each (the session worked).
+        for _ in 0..50 {
+            r.connected(now);
+            now += s(300);
+            for class in [FailureClass::Bye, FailureClass::Network] {
+                assert_eq!(r.dropped_in_idle(now, s(290), class, 0.9), s(0));
+            }
+            assert_eq!(r.attempts(), 0);
+        }
+        // Dropped within seconds of entering IDLE, again and again: the schedule, which
+        // slows down (at once, then about a minute apart).
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            r.connected(now);
+            now += s(5);
+            let d = r.dropped_in_idle(now, s(3), FailureClass::Bye, 0.0);
+            waits.push(d);
+            now += d;
+        }
+        assert_eq!(waits[0], s(0));
+        assert!(waits[1..].iter().all(|d| *d >= s(55)), "{waits:?}");
+        // Refused credentials are no drop, however long the IDLE lasted.
+        assert_eq!(r.dropped_in_idle(now, s(600), FailureClass::Auth, 0.0), s(3600));
     }
 
     #[test]

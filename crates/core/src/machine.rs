@@ -502,6 +502,8 @@ pub struct WatchMachine {
     idle: bool,
     /// When the current session selected its folder the first time.
     connected_at: Option<Duration>,
+    /// When the current IDLE began (a session dropped while idling long enough is routine).
+    idle_since: Option<Duration>,
     catch_up: CatchUp,
     /// UIDs found at or above UIDNEXT after a fresh SELECT; ignored while still beyond it.
     distrusted: BTreeSet<u32>,
@@ -547,6 +549,7 @@ impl WatchMachine {
             uidnext: 1,
             idle: false,
             connected_at: None,
+            idle_since: None,
             catch_up: CatchUp::default(),
             distrusted: BTreeSet::new(),
             pending_post: Vec::new(),
@@ -645,7 +648,11 @@ impl WatchMachine {
                 if let Phase::Fetching { uids } = &phase {
                     self.fetch_failed(uids, &error);
                 }
-                self.failed(class, error, now, jitter)
+                let idled_for = match phase {
+                    Phase::Waiting { poll: false } => self.idle_since.map(|at| now.saturating_sub(at)),
+                    _ => None,
+                };
+                self.failed(class, error, now, jitter, idled_for)
             }
             (phase, Input::Interrupted) => self.interrupted(phase),
             (Phase::Connecting, Input::Connected { idle, token_left }) => {
@@ -841,7 +848,7 @@ impl WatchMachine {
                 // An input that does not answer the action in flight: a driver bug. End the
                 // round as a failure rather than guess; the schedule reconnects.
                 let error = format!("internal: {input:?} does not answer {phase:?}");
-                self.failed(FailureClass::Network, error, now, jitter)
+                self.failed(FailureClass::Network, error, now, jitter, None)
             }
         }
     }
@@ -1271,7 +1278,7 @@ impl WatchMachine {
                 self.phase = Phase::Recording { uid: row.uid, delay };
                 Action::Record { log: alloc::vec![row] }
             }
-            AfterCommit::Fail { class, error } => self.failed(class, error, self.now, self.jitter),
+            AfterCommit::Fail { class, error } => self.failed(class, error, self.now, self.jitter, None),
             AfterCommit::Stop => {
                 if self.session_broken {
                     Action::Done(Ok(()))
@@ -1348,6 +1355,7 @@ impl WatchMachine {
                 self.logout(AfterLogout::Reconnect)
             }
             Wait::Idle(d) => {
+                self.idle_since = Some(now);
                 self.state = State::Idle;
                 self.phase = Phase::Waiting { poll: false };
                 Action::Idle(d)
@@ -1371,7 +1379,15 @@ impl WatchMachine {
         Action::Logout
     }
 
-    fn failed(&mut self, class: FailureClass, error: String, now: Duration, jitter: f64) -> Action {
+    /// The session failed; `idled_for` is how long it had been in IDLE when it did (if it was).
+    fn failed(
+        &mut self,
+        class: FailureClass,
+        error: String,
+        now: Duration,
+        jitter: f64,
+        idled_for: Option<Duration>,
+    ) -> Action {
         self.catch_up = CatchUp::default();
         self.connected_at = None;
         self.session_broken = false;
@@ -1381,7 +1397,10 @@ impl WatchMachine {
         if self.stopping {
             return Action::Done(Ok(()));
         }
-        let delay = self.reconnect.failed(now, class, jitter);
+        let delay = match idled_for {
+            Some(idled_for) => self.reconnect.dropped_in_idle(now, idled_for, class, jitter),
+            None => self.reconnect.failed(now, class, jitter),
+        };
         self.notices.push(Notice::Disconnected {
             error: Some(error),
             class: Some(class),

@@ -1343,3 +1343,89 @@ fn a_uid_beyond_the_listing_window_is_ignored_until_its_own_window() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Brings a started machine with nothing new to IDLE at `at`.
+fn idle_at(m: &mut WatchMachine, at: Duration) {
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 4,
+        }),
+        at,
+        0.0,
+    );
+    assert_eq!(m.on(listed(&[]), at, 0.0), Action::RunJobs);
+    assert!(matches!(m.on(Input::JobsRan { ran: false }, at, 0.0), Action::Idle(_)));
+}
+
+#[test]
+fn a_session_dropped_after_minutes_in_idle_reconnects_at_once_every_time() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    let mut now = s(0);
+    // Forty sessions, each dropped by the server after four minutes in IDLE (Gmail does this;
+    // so do NAT boxes): each time straight back, never into the schedule's slower parts.
+    for i in 0..40 {
+        idle_at(&mut m, now);
+        now += s(240);
+        let class = if i % 2 == 0 {
+            FailureClass::Bye
+        } else {
+            FailureClass::Network
+        };
+        assert_eq!(
+            m.on(
+                Input::Failed {
+                    class,
+                    error: "BYE".into()
+                },
+                now,
+                0.5
+            ),
+            Action::Sleep {
+                delay: s(0),
+                keep_session: false
+            },
+            "drop {i}"
+        );
+        assert_eq!(m.on(Input::Slept, now, 0.0), Action::Connect);
+        m.on(
+            Input::Connected {
+                idle: true,
+                token_left: None,
+            },
+            now,
+            0.0,
+        );
+    }
+    // A drop seconds into IDLE is a failure: after the first at once, the schedule waits.
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        idle_at(&mut m, now);
+        now += s(2);
+        match m.on(
+            Input::Failed {
+                class: FailureClass::Bye,
+                error: "BYE".into(),
+            },
+            now,
+            0.5,
+        ) {
+            Action::Sleep { delay, .. } => {
+                waits.push(delay);
+                now += delay;
+            }
+            other => panic!("{other:?}"),
+        }
+        m.on(Input::Slept, now, 0.0);
+        m.on(
+            Input::Connected {
+                idle: true,
+                token_left: None,
+            },
+            now,
+            0.0,
+        );
+    }
+    assert_eq!(waits[0], s(0));
+    assert!(waits[1] >= s(30) && waits[2] >= s(30), "{waits:?}");
+}
