@@ -259,7 +259,7 @@ impl Reconnect {
             return wait + wait.mul_f64(0.1 * jitter.clamp(0.0, 0.999));
         }
         let (start, attempts) = *self.streak.get_or_insert((now, 0));
-        let delay = match class {
+        match class {
             // Bad credentials park too: retrying a refused password on the schedule would
             // trip the provider's lockout for every client of the account.
             FailureClass::Permanent | FailureClass::Auth => {
@@ -270,8 +270,7 @@ impl Reconnect {
                 self.streak = Some((start, next.attempt + 1));
                 next.delay
             }
-        };
-        delay
+        }
     }
 
     /// The server ended a session that had been waiting in IDLE for `idled_for`. A drop
