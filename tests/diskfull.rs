@@ -59,6 +59,7 @@ async fn a_failed_state_commit_leaves_the_store_usable_and_later_commits_reach_t
             uidvalidity: 7,
             uid,
             message_id: "x".repeat(20_000),
+            target_key: String::new(),
             status: inboxd::store::DeliveryStatus::Delivered,
             attempts: 1,
             last_error: String::new(),

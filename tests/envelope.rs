@@ -145,12 +145,14 @@ fn gmail_metadata_validates_and_a_wrong_shape_does_not() {
         thrid: 1,
         labels: vec!["\\Inbox".into(), "Kunden/Müller".into()],
     };
+    // Gmail's key form (one key for the message under all its labels).
+    let gm_key = inboxd::core::key::gmail_key("a", gmail.msgid);
     let m = Message {
         account: "a",
         folder: "INBOX",
         uidvalidity: 1,
         uid: 1,
-        key: "v1-0123abcd-1-1",
+        key: &gm_key,
         message_id: None,
         internal_date: None,
         flags: &flags,
@@ -165,7 +167,11 @@ fn gmail_metadata_validates_and_a_wrong_shape_does_not() {
         v.iter_errors(&value).map(|e| e.to_string()).collect::<Vec<_>>()
     );
     assert_eq!(value["gmail"]["msgid"], u64::MAX.to_string());
-    // The schema is not a formality: a number where a decimal string belongs is refused.
+    // The schema is not a formality: a number where a decimal string belongs is refused, and
+    // so is a key of neither form.
+    let mut wrong = value.clone();
+    wrong["key"] = serde_json::json!("gm2-00-1");
+    assert!(!v.is_valid(&wrong));
     value["gmail"]["msgid"] = serde_json::json!(1);
     assert!(!v.is_valid(&value));
 }

@@ -28,6 +28,7 @@ fn row(uid: u32) -> Delivery {
         uidvalidity: 7,
         uid,
         message_id: format!("<m{uid}>"),
+        target_key: String::new(),
         status: DeliveryStatus::Delivered,
         attempts: 1,
         last_error: String::new(),

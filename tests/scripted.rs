@@ -799,3 +799,98 @@ async fn without_x_gm_ext_1_nothing_gmail_is_asked_or_told() {
     let cmds = server.state.lock().unwrap().commands.clone();
     assert!(!cmds.iter().any(|c| c.contains("X-GM")), "{cmds:?}");
 }
+
+/// Runs each watch of `text` (a config) once against the scripted server; the files in the
+/// shared Maildir `out`, and the store.
+async fn gmail_labels_run(dir: &Path, port: u16, identity: &str) -> (usize, Config, Result<(), String>) {
+    let text = format!(
+        r#"state = "state.db"
+[accounts.g]
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+user = "u"
+password = "p"
+reconnect = [ {{ every = "200ms" }} ]
+{identity}
+[[watch]]
+account = "g"
+folder = "INBOX"
+start = "all"
+deliver = {{ maildir = "out" }}
+[[watch]]
+account = "g"
+folder = "[Gmail]/All Mail"
+start = "all"
+deliver = {{ maildir = "out" }}
+"#
+    );
+    let path = dir.join("inboxd.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let store = store(&config).await;
+    let mut result = Ok(());
+    for w in &config.watches {
+        if let Err(e) = Watcher::start(w.clone(), store.clone(), Mode::Once)
+            .unwrap()
+            .join()
+            .await
+        {
+            result = Err(e.to_string());
+        }
+    }
+    let files = ["new", "cur"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(dir.join("out").join(d)).ok())
+        .map(|r| r.count())
+        .sum();
+    (files, config, result)
+}
+
+/// Gmail shows one message in every folder (label) it carries: watched in two folders into one
+/// Maildir, each message lands once under its Gmail key (`gm1-...`), and the log of each folder
+/// tells which key the targets got. `identity = "uid"` keeps one key per folder (so two
+/// copies); `identity = "gmail"` against a server without X-GM-EXT-1 is refused, named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gmail_message_under_two_labels_is_one_message_for_a_target_that_deduplicates() {
+    let server = Scripted::start().await;
+    server.state.lock().unwrap().extra_caps = "X-GM-EXT-1".into();
+    server.add_message("one");
+    server.add_message("two");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (files, config, result) = gmail_labels_run(dir.path(), server.port, "").await;
+    result.unwrap();
+    assert_eq!(files, 2, "each message once, though both folders delivered it");
+    let store = store(&config).await;
+    let gm = inboxd::core::key::gmail_key("g", 1_700_000_000_000_000_002);
+    let found = store
+        .delivery(&gm)
+        .await
+        .unwrap()
+        .expect("found by the key its targets got");
+    assert_eq!((found.uid, found.target_key.as_str()), (2, gm.as_str()));
+    let logged = store
+        .by_status(inboxd::store::DeliveryStatus::Delivered, 10)
+        .await
+        .unwrap();
+    assert_eq!(logged.len(), 4, "each folder logs its own delivery: {logged:?}");
+    assert!(
+        logged
+            .iter()
+            .all(|d| d.target_key.starts_with("gm1-") && d.key.starts_with("v1-"))
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (files, _, result) = gmail_labels_run(dir.path(), server.port, "identity = \"uid\"").await;
+    result.unwrap();
+    assert_eq!(files, 4, "a key per folder: each folder's copy");
+
+    let plain = Scripted::start().await;
+    plain.add_message("one");
+    let dir = tempfile::tempdir().unwrap();
+    let (files, _, result) = gmail_labels_run(dir.path(), plain.port, "identity = \"gmail\"").await;
+    let e = result.unwrap_err();
+    assert!(e.contains("identity = \"gmail\"") && e.contains("X-GM-EXT-1"), "{e}");
+    assert_eq!(files, 0);
+}

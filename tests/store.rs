@@ -100,6 +100,7 @@ fn row(key: &str, uid: u32, status: DeliveryStatus, message_id: &str) -> Deliver
         uidvalidity: 9,
         uid,
         message_id: message_id.into(),
+        target_key: String::new(),
         status,
         attempts: 1,
         last_error: String::new(),

@@ -184,6 +184,7 @@ pub(super) fn build(
         auth,
         provider: preset,
         mechanism: a.auth,
+        identity: a.identity,
         wait,
         schedule,
         stable_after: a.stable_after.map_or(Duration::from_secs(300), |x| x.0),

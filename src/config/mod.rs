@@ -75,6 +75,22 @@ pub enum AuthMechanism {
     Oauthbearer,
 }
 
+/// What makes two messages the same message, and so which idempotency key the targets get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Identity {
+    /// Gmail's message id (`X-GM-MSGID`) where the server offers `X-GM-EXT-1`, the UID
+    /// elsewhere.
+    #[default]
+    Auto,
+    /// The folder, UIDVALIDITY and UID (`v1-...` keys) everywhere.
+    Uid,
+    /// Gmail's message id, always: one message under several labels (folders) gets one key
+    /// (`gm1-...`), so a target that deduplicates takes it once. A server without
+    /// `X-GM-EXT-1` is a configuration error.
+    Gmail,
+}
+
 /// How an account proves who it is.
 #[derive(Clone, Debug)]
 pub enum Auth {
@@ -220,6 +236,8 @@ pub struct Account {
     /// The provider preset, if any (used for diagnostics).
     pub provider: Option<Provider>,
     pub mechanism: AuthMechanism,
+    /// Which key the targets get for a message (`identity`).
+    pub identity: Identity,
     pub wait: WaitPolicy,
     pub schedule: Schedule,
     pub stable_after: Duration,
@@ -273,6 +291,7 @@ impl Account {
             auth: Auth::Password(password),
             provider: None,
             mechanism: AuthMechanism::Auto,
+            identity: Identity::Auto,
             wait: WaitPolicy::default(),
             schedule: Schedule::default(),
             stable_after: Duration::from_secs(300),

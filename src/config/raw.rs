@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{After, AuthMechanism, Provider, TlsMode};
+use super::{After, AuthMechanism, Identity, Provider, TlsMode};
 use crate::secret::SecretSource;
 
 /// A duration written as `"90s"`, `"10m"`, `"1h 30m"`.
@@ -142,6 +142,10 @@ pub(super) struct RawAccount {
     pub(super) oauth2: Option<Spanned<RawOAuth2>>,
     #[serde(default)]
     pub(super) auth: AuthMechanism,
+    /// What makes two messages the same: `auto` (Gmail's message id where offered), `uid`,
+    /// `gmail`.
+    #[serde(default)]
+    pub(super) identity: Identity,
     pub(super) idle_refresh: Option<Dur>,
     pub(super) poll_interval: Option<Dur>,
     /// false: never IDLE; poll every `poll_interval` even where the server offers IDLE.

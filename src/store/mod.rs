@@ -79,6 +79,9 @@ pub struct Delivery {
     pub uid: u32,
     /// Message-ID, or `sha256:<hex>` of the header block when there is none.
     pub message_id: String,
+    /// The idempotency key the targets got, where it is not `key`: Gmail's message identity
+    /// (`gm1-...`, see the account's `identity`); empty otherwise.
+    pub target_key: String,
     pub status: DeliveryStatus,
     pub attempts: u32,
     pub last_error: String,

@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_leases.sql"),
     include_str!("../../migrations/postgres/0003_accounts.sql"),
+    include_str!("../../migrations/postgres/0004_target_key.sql"),
 ];
 
 /// The channel on which every change of the `accounts` table is announced.
@@ -501,12 +502,12 @@ impl PgStore {
 
     /// Writes delivery-log rows, a few hundred per statement.
     async fn write_log(conn: &mut sqlx::PgConnection, log: &[Delivery]) -> Result<(), sqlx::Error> {
-        // 12 parameters a row, well inside PostgreSQL's 65,535.
+        // 13 parameters a row, well inside PostgreSQL's 65,535.
         const ROWS_PER_STATEMENT: usize = 256;
         let t = now();
         for chunk in log.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<Postgres>::new(
-                "INSERT INTO deliveries (key, account, folder, uidvalidity, uid, message_id, status, attempts, last_error, first_at, updated_at, route) ",
+                "INSERT INTO deliveries (key, account, folder, uidvalidity, uid, message_id, status, attempts, last_error, first_at, updated_at, route, target_key) ",
             );
             q.push_values(chunk, |mut row, d| {
                 row.push_bind(text(&d.key).into_owned())
@@ -520,12 +521,14 @@ impl PgStore {
                     .push_bind(text(&d.last_error).into_owned())
                     .push_bind(t)
                     .push_bind(t)
-                    .push_bind(text(&d.route).into_owned());
+                    .push_bind(text(&d.route).into_owned())
+                    .push_bind(text(&d.target_key).into_owned());
             });
             q.push(
                 " ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, status = excluded.status,
                    attempts = excluded.attempts, last_error = excluded.last_error, updated_at = excluded.updated_at,
                    route = CASE WHEN excluded.route = '' THEN deliveries.route ELSE excluded.route END,
+                   target_key = CASE WHEN excluded.target_key = '' THEN deliveries.target_key ELSE excluded.target_key END,
                    acknowledged = CASE WHEN excluded.status = 'dead' THEN deliveries.acknowledged ELSE FALSE END",
             );
             q.build().execute(&mut *conn).await?;
@@ -543,6 +546,7 @@ fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
         uidvalidity: row.try_get::<i64, _>("uidvalidity")? as u32,
         uid: row.try_get::<i64, _>("uid")? as u32,
         message_id: row.try_get("message_id")?,
+        target_key: row.try_get("target_key")?,
         status: DeliveryStatus::parse(&status).ok_or_else(|| sqlx::Error::ColumnDecode {
             index: "status".into(),
             source: format!("unknown delivery status {status:?} (a newer inboxd wrote this state?)").into(),
@@ -636,7 +640,14 @@ impl Store for PgStore {
 
     fn delivery<'a>(&'a self, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Delivery>>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM deliveries WHERE key = $1")
+            if key.is_empty() {
+                return Ok(None);
+            }
+            // By its own key, or by the key its targets got (Gmail's, which several folders'
+            // rows may share: the latest).
+            let row = sqlx::query(
+                "SELECT * FROM deliveries WHERE key = $1 OR target_key = $1 ORDER BY key = $1 DESC, updated_at DESC LIMIT 1",
+            )
                 .bind(text(key))
                 .fetch_optional(&self.pool)
                 .await

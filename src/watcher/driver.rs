@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::{Event, Health, Job, Mode, WatchError};
-use crate::config::{After, Watch};
+use crate::config::{After, Identity, Watch};
 use crate::handler::Body as MessageBody;
 use crate::handler::Message;
 use crate::imap::{Fetched, ImapError, Listing, Session, WaitEnd};
@@ -66,6 +66,9 @@ struct Body {
     message_id: Option<String>,
     /// Message-ID, or a digest of the header when there is none (for dedupe and the log).
     identity: String,
+    /// The key the targets get where it is not the log's (`v1-...`) key: Gmail's message
+    /// identity (`gm1-...`), fixed when the message was fetched.
+    target_key: Option<String>,
 }
 
 /// What a read-ahead reads while the current batch is delivered: the next batch, or (after
@@ -578,6 +581,16 @@ impl Driver {
             None => Input::Interrupted,
             Some(Err(e)) => failed(&e),
             Some(Ok(session)) => {
+                if self.watch.account.identity == Identity::Gmail && !session.has("X-GM-EXT-1") {
+                    session.logout().await;
+                    return Input::Failed {
+                        class: FailureClass::Permanent,
+                        error: format!(
+                            "accounts.{}.identity = \"gmail\", but the server does not offer Gmail's X-GM-EXT-1: set identity = \"auto\" or \"uid\"",
+                            self.watch.account.name
+                        ),
+                    };
+                }
                 session.set_max_literal(self.watch.max_message_size);
                 let idle = session.has("IDLE");
                 info!(watch = %self.name, idle, "connected");
@@ -833,12 +846,21 @@ impl Driver {
                     }
                 },
             };
+            let target_key = match self.watch.account.identity {
+                Identity::Uid => None,
+                Identity::Auto | Identity::Gmail => self
+                    .listed
+                    .get(&uid)
+                    .and_then(|l| l.gmail.as_ref())
+                    .map(|g| inboxd_core::key::gmail_key(&self.watch.account.name, g.msgid)),
+            };
             self.bodies.insert(
                 uid,
                 Body {
                     held,
                     message_id,
                     identity,
+                    target_key,
                 },
             );
         }
@@ -890,7 +912,7 @@ impl Driver {
             folder: &self.watch.folder,
             uidvalidity,
             uid,
-            key: &key,
+            key: body.target_key.as_deref().unwrap_or(&key),
             message_id: body.message_id.as_deref(),
             internal_date: self.listed.get(&uid).and_then(|l| l.internal_date.as_deref()),
             flags: self.listed.get(&uid).map_or(&[], |l| l.flags.as_slice()),
@@ -987,6 +1009,11 @@ impl Driver {
                     .bodies
                     .get(&row.uid)
                     .map(|b| b.identity.clone())
+                    .unwrap_or_default(),
+                target_key: self
+                    .bodies
+                    .get(&row.uid)
+                    .and_then(|b| b.target_key.clone())
                     .unwrap_or_default(),
                 status: match row.status {
                     Status::Delivered if matches!(self.decisions.get(&row.uid), Some(Decision::Skip { .. })) => {

@@ -647,6 +647,26 @@ pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::
             }
         };
         writeln!(out, "  login ok; capabilities: {}", session.capabilities().join(" "))?;
+        let gmail = session.has("X-GM-EXT-1");
+        let identity = config
+            .watches
+            .iter()
+            .find(|w| &w.account.name == name)
+            .map(|w| w.account.identity);
+        match (identity, gmail) {
+            (Some(inboxd::config::Identity::Gmail), false) => {
+                writeln!(
+                    out,
+                    "  identity = \"gmail\" FAILED: the server does not offer X-GM-EXT-1 (set identity = \"auto\" or \"uid\")"
+                )?;
+                failed += 1;
+            }
+            (Some(inboxd::config::Identity::Auto | inboxd::config::Identity::Gmail), true) => writeln!(
+                out,
+                "  keys: Gmail's message id (gm1-...): one key for a message under several labels"
+            )?,
+            _ => writeln!(out, "  keys: per folder and UID (v1-...)")?,
+        }
         match session.folders().await {
             Ok(list) => {
                 const SHOWN: usize = 50;
@@ -911,6 +931,8 @@ fn delivery_json(d: &inboxd::store::Delivery) -> serde_json::Value {
         "uidvalidity": d.uidvalidity,
         "uid": d.uid,
         "message_id": d.message_id,
+        // The key the targets got, where it is not `key` (Gmail's message identity).
+        "target_key": (!d.target_key.is_empty()).then_some(&d.target_key),
         "status": d.status.as_str(),
         "attempts": d.attempts,
         "last_error": d.last_error,
@@ -1167,6 +1189,15 @@ pub async fn replay_with(config: &Config, store: &Arc<dyn Store>, key: &str) -> 
         .delivery(key)
         .await?
         .ok_or_else(|| anyhow!("no message with key {key} in the delivery log"))?;
+    // Found by either key: the log's own (`v1-...`) names the watch and the message; the
+    // targets get the key they got the first time (Gmail's `gm1-...` where it was used).
+    let key = d.key.clone();
+    let key = key.as_str();
+    let target_key = if d.target_key.is_empty() {
+        key.to_string()
+    } else {
+        d.target_key.clone()
+    };
     let (scope, uidvalidity, uid) = parse_key(key).ok_or_else(|| anyhow!("{key} is not an inboxd key"))?;
     let watch: &Watch = config
         .watches
@@ -1201,7 +1232,7 @@ pub async fn replay_with(config: &Config, store: &Arc<dyn Store>, key: &str) -> 
         folder: &watch.folder,
         uidvalidity,
         uid,
-        key,
+        key: &target_key,
         message_id: mid.as_deref(),
         internal_date: None,
         flags: &[],

@@ -512,6 +512,7 @@ async fn dead_letters(State(state): State<Arc<AppState>>) -> Response {
             "folder": d.folder,
             "uid": d.uid,
             "message_id": d.message_id,
+            "target_key": (!d.target_key.is_empty()).then_some(&d.target_key),
             "attempts": d.attempts,
             "last_error": d.last_error,
             "route": d.route,
