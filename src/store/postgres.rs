@@ -338,6 +338,25 @@ impl PgStore {
         Ok(watches.iter().filter(|w| !held.contains(*w)).cloned().collect())
     }
 
+    /// How long until the first announcement or lease of another instance than `id` expires
+    /// (by the database's clock), if any is live: the next round may take what it frees.
+    pub async fn next_expiry(&self, id: &str) -> StoreResult<Option<Duration>> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM MIN(t) - now())::float8 FROM (
+               SELECT expires_at AS t FROM instances WHERE id <> $1 AND expires_at > now()
+               UNION ALL
+               SELECT expires_at FROM leases WHERE owner IS NOT NULL AND owner <> $1 AND expires_at > now()
+             ) x",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err("read leases"))?;
+        Ok(secs
+            .filter(|s| s.is_finite())
+            .map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
     /// Takes the lease on a watch if nobody holds it (never leased, released, or expired by
     /// the database's clock); returns the new epoch, one above the last owner's.
     pub async fn acquire(&self, id: &str, ttl: Duration, account: &str, folder: &str) -> StoreResult<Option<i64>> {

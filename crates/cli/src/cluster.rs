@@ -59,8 +59,17 @@ impl Cluster {
     }
 
     /// One round: renew, drop what was lost, then take or give back watches toward the fair
-    /// share of `config`'s watches. `running` is in the order the leases were taken.
-    pub async fn round(&self, config: &Config, running: &mut Vec<Running>) {
+    /// share of `config`'s watches. `running` is in the order the leases were taken. Returns
+    /// when the next round is due (`LeasePolicy::next_round`).
+    pub async fn round(&self, config: &Config, running: &mut Vec<Running>) -> Duration {
+        self.take_and_give(config, running).await;
+        match self.pg.next_expiry(&self.id).await {
+            Ok(expires) => self.policy.next_round(expires),
+            Err(_) => self.policy.renew_every(),
+        }
+    }
+
+    async fn take_and_give(&self, config: &Config, running: &mut Vec<Running>) {
         let ttl = self.policy.ttl;
         let sent = Instant::now();
         let live = match self.pg.heartbeat(&self.id, &self.name, ttl).await {

@@ -180,10 +180,12 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         }
         inboxd::config::StateLocation::File(path) => (None, Some(StateLock::acquire(path)?)),
     };
+    // When the next lease round is due (a cluster only).
+    let mut round_in = Duration::from_secs(3600);
     let mut running: Vec<Running> = match &cluster {
         Some(c) => {
             let mut running = Vec::new();
-            c.round(config, &mut running).await;
+            round_in = c.round(config, &mut running).await;
             running
         }
         None => {
@@ -216,13 +218,8 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     );
     rescans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     rescans.reset();
-    let mut rounds = tokio::time::interval(
-        cluster
-            .as_ref()
-            .map_or(Duration::from_secs(3600), |c| c.policy.renew_every()),
-    );
-    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    rounds.reset();
+    let next_round = tokio::time::sleep(round_in);
+    tokio::pin!(next_round);
     let views: crate::http::Views = Arc::new(std::sync::RwLock::new(views_of(&running)));
     let shared_config = Arc::new(std::sync::RwLock::new(config.clone()));
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<crate::http::ReloadRequest>(4);
@@ -279,9 +276,10 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                 }
                 continue;
             }
-            _ = rounds.tick(), if cluster.is_some() => {
+            _ = &mut next_round, if cluster.is_some() => {
                 if let Some(c) = &cluster {
-                    c.round(&current, &mut running).await;
+                    let due = c.round(&current, &mut running).await;
+                    next_round.as_mut().reset(tokio::time::Instant::now() + due);
                     if let Ok(mut v) = views.write() {
                         *v = views_of(&running);
                     }
@@ -297,7 +295,8 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
         }
         if let Some(c) = &cluster {
             // New and changed watches are taken (by this instance or another) in this round.
-            c.round(&current, &mut running).await;
+            let due = c.round(&current, &mut running).await;
+            next_round.as_mut().reset(tokio::time::Instant::now() + due);
         }
         if let Ok(mut v) = views.write() {
             *v = views_of(&running);

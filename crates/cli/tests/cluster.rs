@@ -6,22 +6,22 @@
 //! again only if it was in flight when its instance was killed, stopped or cut off; and never
 //! by an instance that no longer held the watch.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 #[path = "../../../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
+use std::collections::{HashMap, HashSet};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use cluster::{Cluster, Mail, Run, WATCHES, exec_runs, now};
 use inboxd_testbed::{Dovecot, Options, PgDatabase};
 use support::inboxd_bin;
 
-const WATCHES: usize = 30;
 const TTL: Duration = Duration::from_secs(2);
 
 /// A TCP proxy to PostgreSQL that the test can cut: every connection through it is shut and
@@ -77,164 +77,6 @@ impl PgProxy {
     }
 }
 
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-struct Cluster {
-    dir: PathBuf,
-    db: PgDatabase,
-    configs: Vec<PathBuf>,
-    children: Vec<Option<Child>>,
-}
-
-impl Cluster {
-    fn start(&mut self, i: usize) {
-        let log = std::fs::File::create(self.dir.join(format!("instance{i}.log"))).unwrap();
-        let child = inboxd_bin()
-            .args(["run", "-c"])
-            .arg(&self.configs[i])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.children[i] = Some(child);
-    }
-
-    fn pid(&self, i: usize) -> u32 {
-        self.children[i].as_ref().unwrap().id()
-    }
-
-    fn signal(&self, i: usize, sig: i32) {
-        unsafe { libc::kill(self.pid(i) as i32, sig) };
-    }
-
-    fn kill(&mut self, i: usize) {
-        self.signal(i, libc::SIGKILL);
-        self.children[i].take().unwrap().wait().unwrap();
-    }
-
-    fn terminate(&mut self, i: usize) {
-        self.signal(i, libc::SIGTERM);
-        let status = self.children[i].take().unwrap().wait().unwrap();
-        assert!(status.success(), "instance {i} ended with {status}");
-    }
-
-    /// Live leases per owner pid.
-    fn owners(&self) -> BTreeMap<u32, Vec<String>> {
-        let rows = self
-            .db
-            .sql("SELECT owner, folder FROM leases WHERE owner IS NOT NULL AND expires_at > now() ORDER BY folder")
-            // No table yet: no instance has migrated the database so far.
-            .unwrap_or_default();
-        let mut by: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for line in rows.lines().filter(|l| !l.is_empty()) {
-            let (owner, folder) = line.split_once('|').unwrap();
-            let pid = owner.split('-').next().unwrap().parse().unwrap();
-            by.entry(pid).or_default().push(folder.to_string());
-        }
-        by
-    }
-
-    /// When `pid` took each watch it holds now (unix seconds, the database's clock: this
-    /// machine's).
-    fn acquired(&self, pid: u32) -> HashMap<String, f64> {
-        let rows = self
-            .db
-            .sql(&format!(
-                "SELECT folder, EXTRACT(EPOCH FROM acquired_at) FROM leases WHERE owner LIKE '{pid}-%' AND expires_at > now()"
-            ))
-            .unwrap();
-        rows.lines()
-            .filter_map(|l| l.split_once('|'))
-            .map(|(f, t)| (f.to_string(), t.parse().unwrap()))
-            .collect()
-    }
-
-    /// Runs by `pid` after `since` of watches it held before (`folders`) that no lease of it
-    /// covers: it had lost the watch, and delivered anyway.
-    fn stale_runs(&self, runs: &[Run], pid: u32, since: f64, folders: &HashSet<String>) -> Vec<Run> {
-        let now_held = self.acquired(pid);
-        runs.iter()
-            .filter(|r| r.1 == pid && r.0 > since && folders.contains(&r.2))
-            .filter(|r| now_held.get(&r.2).is_none_or(|&taken| r.0 < taken))
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until the live instances hold `shares` watches each (in any order).
-    fn wait_shares(&self, shares: &[usize], what: &str) -> Duration {
-        let t = Instant::now();
-        loop {
-            let owners = self.owners();
-            let mut got: Vec<usize> = owners.values().map(Vec::len).collect();
-            got.sort_unstable();
-            let mut want = shares.to_vec();
-            want.sort_unstable();
-            if got == want {
-                return t.elapsed();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{what}: shares {got:?}, want {want:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Drops messages into the folders, as an MDA would; remembers every one.
-struct Mail {
-    dv: Arc<Dovecot>,
-    sent: Arc<AtomicUsize>,
-}
-
-impl Mail {
-    fn drop_one(&self, folder: usize) {
-        let n = self.sent.fetch_add(1, Ordering::SeqCst);
-        let msg = inboxd_testbed::sample_message(n, "cluster", 300);
-        self.dv
-            .drop_message_with("alice", &format!("F{folder:02}"), n, msg.len() as u64, |f| {
-                f.write_all(&msg)
-            })
-            .unwrap();
-    }
-
-    fn burst(&self, n: usize) {
-        for i in 0..n {
-            self.drop_one(i % WATCHES);
-        }
-    }
-}
-
-/// One `exec` run: (unix time, inboxd's pid, folder, key).
-type Run = (f64, u32, String, String);
-
-fn exec_runs(log: &Path) -> Vec<Run> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut p = l.split(' ');
-            Some((
-                p.next()?.parse().ok()?,
-                p.next()?.parse().ok()?,
-                p.next()?.to_string(),
-                p.next()?.to_string(),
-            ))
-        })
-        .collect()
-}
-
 /// Runs under a lost lease: at most the one delivery per watch that was in flight (past its
 /// lease check) when its instance was paused or cut off.
 fn assert_at_most_one_in_flight_per_watch(stale: &[Run], who: &str) {
@@ -276,12 +118,6 @@ fn three_instances_share_thirty_watches_through_kills_stops_and_a_cut_off_databa
         mail.drop_one(f);
     }
     let log = dir.path().join("exec.log");
-    let mut watches = String::new();
-    for f in 0..WATCHES {
-        watches.push_str(&format!(
-            "[[watch]]\naccount = \"t\"\nfolder = \"F{f:02}\"\nstart = \"all\"\ndeliver = [\"box\", \"log\"]\n\n"
-        ));
-    }
     let mut configs = Vec::new();
     for i in 0..3 {
         // The third instance reaches PostgreSQL through the proxy.
@@ -291,31 +127,7 @@ fn three_instances_share_thirty_watches_through_kills_stops_and_a_cut_off_databa
         } else {
             db.url().to_string()
         };
-        let text = format!(
-            r#"state = "{url}"
-lease_ttl = "{ttl}s"
-
-[accounts.t]
-host = "127.0.0.1"
-port = {port}
-tls = "starttls"
-ca_file = "{ca}"
-user = "alice"
-password = "alicepw"
-reconnect = [ {{ every = "500ms" }} ]
-
-[targets.box]
-maildir = "out"
-
-[targets.log]
-exec = ["sh", "-c", "echo $(date +%s.%N) $PPID $INBOXD_FOLDER $INBOXD_KEY >> {log}"]
-
-{watches}"#,
-            ttl = TTL.as_secs(),
-            port = dv.port,
-            ca = dv.ca_file().display(),
-            log = log.display(),
-        );
+        let text = cluster::instance_config(&url, TTL, &dv, &log);
         let path = dir.path().join(format!("instance{i}.toml"));
         std::fs::write(&path, text).unwrap();
         configs.push(path);
@@ -325,6 +137,7 @@ exec = ["sh", "-c", "echo $(date +%s.%N) $PPID $INBOXD_FOLDER $INBOXD_KEY >> {lo
         db,
         configs,
         children: vec![None, None, None],
+        patience: Duration::from_secs(30),
     };
     for i in 0..3 {
         cluster.start(i);

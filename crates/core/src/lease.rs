@@ -21,6 +21,10 @@
 use alloc::vec::Vec;
 use core::time::Duration;
 
+/// How long after another instance's lease expires a round looks at it: the round's own
+/// queries take a few milliseconds, and the database's clock decides expiry.
+pub const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
+
 /// How long leases last and how they are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeasePolicy {
@@ -40,6 +44,18 @@ impl LeasePolicy {
     /// different rates.
     pub fn trusted_until(&self, sent: Duration) -> Duration {
         sent.saturating_add(self.ttl - self.ttl / 10)
+    }
+
+    /// How long until the next round, when another instance's announcement or lease expires
+    /// in `other_expires` (by the database's clock; `None`: none does): at its expiry (and a
+    /// moment, [`EXPIRY_MARGIN`]) when that comes before the regular round, so a dead or
+    /// stalled instance's watches are taken over a TTL after its last renewal, not up to a
+    /// third of a TTL later; otherwise [`LeasePolicy::renew_every`].
+    pub fn next_round(&self, other_expires: Option<Duration>) -> Duration {
+        match other_expires {
+            Some(d) if d < self.renew_every() => (d + EXPIRY_MARGIN).min(self.renew_every()),
+            _ => self.renew_every(),
+        }
     }
 
     /// Whether a lease last renewed by a request sent at `sent` still holds at `now`.
@@ -105,6 +121,21 @@ mod tests {
         assert_eq!(fair_share(30, 2), 15);
         assert_eq!(fair_share(31, 3), 11);
         assert_eq!(fair_share(5, 0), 5);
+    }
+
+    #[test]
+    fn a_round_comes_when_another_instance_expires_if_that_is_sooner() {
+        let p = LeasePolicy {
+            ttl: Duration::from_secs(15),
+        };
+        let ms = Duration::from_millis;
+        // Nobody else, or nobody expiring before the regular round: every third of the TTL.
+        assert_eq!(p.next_round(None), ms(5000));
+        assert_eq!(p.next_round(Some(ms(9000))), ms(5000));
+        // A dead instance's lease expires in 1.2 s: the round comes just after.
+        assert_eq!(p.next_round(Some(ms(1200))), ms(1250));
+        assert_eq!(p.next_round(Some(ms(0))), ms(50));
+        assert_eq!(p.next_round(Some(ms(4990))), ms(5000));
     }
 
     #[test]
