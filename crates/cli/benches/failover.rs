@@ -13,7 +13,6 @@
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
 #[path = "../../../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::HashSet;
