@@ -296,8 +296,18 @@ async fn three_sigkills_during_a_burst_lose_nothing_in_amqp_and_mqtt_and_repeat_
         v.len()
     };
     let mqtt_keys = || got.lock().unwrap().iter().map(|g| g.1.clone()).collect::<Vec<_>>();
+    // The queue can only be counted without consuming it, repeats included: at least n, and no
+    // longer growing (a repeat may have made it n while the last message was still coming).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && (distinct(&mqtt_keys()) < n || amqp_count(&queue).await < n) {
+    let mut last = (0, Instant::now());
+    while Instant::now() < deadline {
+        let count = amqp_count(&queue).await;
+        if count != last.0 {
+            last = (count, Instant::now());
+        }
+        if distinct(&mqtt_keys()) >= n && count >= n && last.1.elapsed() > Duration::from_secs(2) {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // SAFETY: kill(2) on our own child's pid.
