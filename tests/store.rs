@@ -82,6 +82,7 @@ suite!(
     a_route_stands_until_another_is_written,
     server_text_with_nul_bytes_cannot_fail_a_commit,
     a_large_batch_commits_in_one_transaction,
+    a_message_is_found_by_the_key_its_targets_got,
 );
 
 fn cp(uidvalidity: u32, last_uid: u32) -> Checkpoint {
@@ -348,4 +349,31 @@ async fn a_large_batch_commits_in_one_transaction(b: Backend) {
     assert!(s.commit("acct", "INBOX", cp(9, 600), &more).await.is_err());
     assert_eq!(s.delivery("k701").await.unwrap(), None);
     assert_eq!(s.delivery("k1400").await.unwrap(), None);
+}
+
+/// Gmail: two folders' rows (their own keys) share the key their targets got; either finds a
+/// row, its own key first; a later row without one keeps it; an empty key finds nothing.
+async fn a_message_is_found_by_the_key_its_targets_got(b: Backend) {
+    let s = &b.store;
+    let mut inbox = row("v1-a-9-1", 1, DeliveryStatus::Delivered, "<m1>");
+    inbox.target_key = "gm1-x-17".into();
+    s.commit("acct", "INBOX", cp(9, 1), std::slice::from_ref(&inbox))
+        .await
+        .unwrap();
+    let mut label = row("v1-b-9-5", 5, DeliveryStatus::Failed, "<m1>");
+    label.folder = "Label".into();
+    label.target_key = "gm1-x-17".into();
+    s.record(std::slice::from_ref(&label)).await.unwrap();
+    let found = s.delivery("gm1-x-17").await.unwrap().unwrap();
+    assert_eq!(found.target_key, "gm1-x-17");
+    assert!(["v1-a-9-1", "v1-b-9-5"].contains(&found.key.as_str()), "{found:?}");
+    let own = s.delivery("v1-a-9-1").await.unwrap().unwrap();
+    assert_eq!((own.uid, own.target_key.as_str()), (1, "gm1-x-17"));
+    // A retry's row written without the key (the body not at hand) keeps the one recorded.
+    label.target_key = String::new();
+    label.status = DeliveryStatus::Dead;
+    s.record(std::slice::from_ref(&label)).await.unwrap();
+    assert_eq!(s.delivery("v1-b-9-5").await.unwrap().unwrap().target_key, "gm1-x-17");
+    assert_eq!(s.delivery("").await.unwrap(), None);
+    assert_eq!(s.delivery("gm1-x-18").await.unwrap(), None);
 }
