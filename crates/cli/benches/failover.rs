@@ -16,12 +16,10 @@ mod cluster;
 mod support;
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use cluster::{Cluster, Mail, WATCHES, exec_runs, now};
-use inboxd_testbed::{Dovecot, Options, PgDatabase};
+use cluster::{WATCHES, exec_runs, now};
+use inboxd_testbed::PgDatabase;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -43,37 +41,19 @@ fn main() {
 }
 
 fn run(ttl: Duration, rounds: usize) {
-    let dv = Arc::new(
-        Dovecot::start_with(Options {
-            // A stopped instance keeps its IMAP sessions while another takes its watches.
-            max_userip_connections: Some(200),
-            ..Options::default()
-        })
-        .expect("dovecot (scripts/install-deps installs it)"),
+    // Every part lives to the end of the run (the Dovecot and the folder most of all).
+    let cluster::Bed {
+        dv: _dv,
+        dir: _dir,
+        mail,
+        log,
+        mut cluster,
+    } = cluster::bed(
+        ttl,
+        Duration::from_secs(30).max(ttl * 5),
+        PgDatabase::create().expect("PostgreSQL on 127.0.0.1:5432"),
+        |_, url| url.to_string(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let db = PgDatabase::create().expect("PostgreSQL on 127.0.0.1:5432");
-    let mail = Mail {
-        dv: dv.clone(),
-        sent: Arc::new(AtomicUsize::new(0)),
-    };
-    for f in 0..WATCHES {
-        mail.drop_one(f);
-    }
-    let log = dir.path().join("exec.log");
-    let mut configs = Vec::new();
-    for i in 0..3 {
-        let path = dir.path().join(format!("instance{i}.toml"));
-        std::fs::write(&path, cluster::instance_config(db.url(), ttl, &dv, &log)).unwrap();
-        configs.push(path);
-    }
-    let mut cluster = Cluster {
-        dir: dir.path().to_path_buf(),
-        db,
-        configs,
-        children: vec![None, None, None],
-        patience: Duration::from_secs(30).max(ttl * 5),
-    };
     for i in 0..3 {
         cluster.start(i);
     }

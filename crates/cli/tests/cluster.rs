@@ -14,12 +14,12 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cluster::{Cluster, Mail, Run, WATCHES, exec_runs, now};
-use inboxd_testbed::{Dovecot, Options, PgDatabase};
+use cluster::{Mail, Run, WATCHES, exec_runs, now};
+use inboxd_testbed::{Dovecot, PgDatabase};
 use support::inboxd_bin;
 
 const TTL: Duration = Duration::from_secs(2);
@@ -98,47 +98,21 @@ fn assert_at_most_one_in_flight_per_watch(stale: &[Run], who: &str) {
 
 #[test]
 fn three_instances_share_thirty_watches_through_kills_stops_and_a_cut_off_database() {
-    let dv = Arc::new(
-        Dovecot::start_with(Options {
-            // A stopped instance keeps its IMAP sessions while another takes its watches.
-            max_userip_connections: Some(200),
-            ..Options::default()
-        })
-        .expect("dovecot"),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let db = PgDatabase::create().unwrap();
     let proxy = PgProxy::start("127.0.0.1:5432");
-    let mail = Mail {
-        dv: dv.clone(),
-        sent: Arc::new(AtomicUsize::new(0)),
-    };
-    // Every folder exists, with one message, before the instances start.
-    for f in 0..WATCHES {
-        mail.drop_one(f);
-    }
-    let log = dir.path().join("exec.log");
-    let mut configs = Vec::new();
-    for i in 0..3 {
+    let cluster::Bed {
+        dv,
+        dir,
+        mail,
+        log,
+        mut cluster,
+    } = cluster::bed(TTL, Duration::from_secs(30), PgDatabase::create().unwrap(), |i, url| {
         // The third instance reaches PostgreSQL through the proxy.
-        let url = if i == 2 {
-            db.url()
-                .replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1)
+        if i == 2 {
+            url.replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1)
         } else {
-            db.url().to_string()
-        };
-        let text = cluster::instance_config(&url, TTL, &dv, &log);
-        let path = dir.path().join(format!("instance{i}.toml"));
-        std::fs::write(&path, text).unwrap();
-        configs.push(path);
-    }
-    let mut cluster = Cluster {
-        dir: dir.path().to_path_buf(),
-        db,
-        configs,
-        children: vec![None, None, None],
-        patience: Duration::from_secs(30),
-    };
+            url.to_string()
+        }
+    });
     for i in 0..3 {
         cluster.start(i);
     }

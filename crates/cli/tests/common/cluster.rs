@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use inboxd_testbed::{Dovecot, PgDatabase};
+use inboxd_testbed::{Dovecot, Options, PgDatabase};
 
 use super::support::inboxd_bin;
 
@@ -209,4 +209,57 @@ exec = ["sh", "-c", "echo $(date +%s.%N) $PPID $INBOXD_FOLDER $INBOXD_KEY >> {lo
         ca = dv.ca_file().display(),
         log = log.display(),
     )
+}
+
+/// A cluster ready to start: a Dovecot whose 30 folders hold a message each, the instances'
+/// configs on `db` (`url_for(i, url)` gives instance `i` its URL), the shared Maildir and the
+/// `exec` log in `dir`.
+pub struct Bed {
+    pub dv: Arc<Dovecot>,
+    pub dir: tempfile::TempDir,
+    pub mail: Mail,
+    pub log: PathBuf,
+    pub cluster: Cluster,
+}
+
+pub fn bed(ttl: Duration, patience: Duration, db: PgDatabase, url_for: impl Fn(usize, &str) -> String) -> Bed {
+    let dv = Arc::new(
+        Dovecot::start_with(Options {
+            // A stopped instance keeps its IMAP sessions while another takes its watches.
+            max_userip_connections: Some(200),
+            ..Options::default()
+        })
+        .expect("dovecot (scripts/install-deps installs it)"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mail = Mail {
+        dv: dv.clone(),
+        sent: Arc::new(AtomicUsize::new(0)),
+    };
+    // Every folder exists, with one message, before the instances start.
+    for f in 0..WATCHES {
+        mail.drop_one(f);
+    }
+    let log = dir.path().join("exec.log");
+    let configs = (0..3)
+        .map(|i| {
+            let path = dir.path().join(format!("instance{i}.toml"));
+            std::fs::write(&path, instance_config(&url_for(i, db.url()), ttl, &dv, &log)).unwrap();
+            path
+        })
+        .collect();
+    let cluster = Cluster {
+        dir: dir.path().to_path_buf(),
+        db,
+        configs,
+        children: vec![None, None, None],
+        patience,
+    };
+    Bed {
+        dv,
+        dir,
+        mail,
+        log,
+        cluster,
+    }
 }
