@@ -210,22 +210,7 @@ async fn latency_on(server: &str, port: u16, user: &str, n: usize) {
 
     // The raw IDLE client runs on its own thread and reports when it saw each EXISTS.
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    let mut raw = Raw::connect_port(port, user);
-    raw.cmd("SELECT INBOX");
-    raw.tag += 1;
-    write!(raw.w, "R{} IDLE\r\n", raw.tag).unwrap();
-    assert!(raw.line().starts_with('+'));
-    std::thread::spawn(move || {
-        loop {
-            let mut l = String::new();
-            if raw.r.read_line(&mut l).unwrap_or(0) == 0 {
-                return;
-            }
-            if l.contains("EXISTS") && raw_tx.send(Instant::now()).is_err() {
-                return;
-            }
-        }
-    });
+    raw_idle(port, user, "INBOX", move || raw_tx.send(Instant::now()).is_ok());
 
     let mut account = Account::new(
         "s",
@@ -328,22 +313,7 @@ async fn exec_latency_on(port: u16, n: usize) {
     while !matches!(ev.recv().await, Ok(Event::CaughtUp { .. })) {}
 
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    let mut raw = Raw::connect_port(port, "alice");
-    raw.cmd("SELECT Exec");
-    raw.tag += 1;
-    write!(raw.w, "R{} IDLE\r\n", raw.tag).unwrap();
-    assert!(raw.line().starts_with('+'));
-    std::thread::spawn(move || {
-        loop {
-            let mut l = String::new();
-            if raw.r.read_line(&mut l).unwrap_or(0) == 0 {
-                return;
-            }
-            if l.contains("EXISTS") && raw_tx.send(unix_micros()).is_err() {
-                return;
-            }
-        }
-    });
+    raw_idle(port, "alice", "Exec", move || raw_tx.send(unix_micros()).is_ok());
     let trivial = dir.path().join("trivial.log");
     let (mut ours, mut floor, mut start) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
@@ -923,26 +893,34 @@ fn rss_kib(pid: u32) -> u64 {
 /// A raw client in IDLE on `folder`: the instant it sees the next EXISTS comes on the
 /// returned channel (the floor for new-mail latency on this server, under its current load).
 fn raw_idle_on(dv: &Dovecot, folder: &str) -> std::sync::mpsc::Receiver<Instant> {
-    let mut raw = Raw::connect(dv);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // One EXISTS, then the connection is dropped (which ends the session).
+    raw_idle(dv.port, "alice", folder, move || {
+        let _ = tx.send(Instant::now());
+        false
+    });
+    rx
+}
+
+/// A raw client in IDLE on `folder`, on a thread of its own: `on_exists` at each EXISTS, until
+/// it returns false or the connection ends.
+fn raw_idle(port: u16, user: &str, folder: &str, mut on_exists: impl FnMut() -> bool + Send + 'static) {
+    let mut raw = Raw::connect_port(port, user);
     raw.cmd(&format!("SELECT {folder}"));
     raw.tag += 1;
     write!(raw.w, "R{} IDLE\r\n", raw.tag).unwrap();
     assert!(raw.line().starts_with('+'));
-    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         loop {
             let mut l = String::new();
             if raw.r.read_line(&mut l).unwrap_or(0) == 0 {
                 return;
             }
-            if l.contains("EXISTS") {
-                let _ = tx.send(Instant::now());
-                // Dropping the connection ends the session.
+            if l.contains("EXISTS") && !on_exists() {
                 return;
             }
         }
     });
-    rx
 }
 
 fn many_run(dv: &Dovecot, watches: usize, samples: usize) -> (f64, u64, f64, Vec<f64>, Vec<f64>) {
