@@ -1139,6 +1139,10 @@ pub async fn status(config: &Config, json: bool, out: &mut impl std::io::Write) 
                 d.attempts,
                 printable(&d.last_error)
             )?;
+            if !d.target_key.is_empty() {
+                // Gmail: the key the targets get (one for the message under every label).
+                writeln!(out, "      targets' key: {}", d.target_key)?;
+            }
             if !d.route.is_empty() {
                 let done = store.targets_done(&d.key).await?;
                 writeln!(
