@@ -27,10 +27,24 @@ pub enum Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
+        let this = self.get_mut();
+        let polled = match this {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if polled.is_pending() {
+            // About to wait for the server: acknowledge what came so far now, not after the
+            // delayed-ACK timer. A server that writes a response in pieces with Nagle's
+            // algorithm on (Courier) holds each next piece until that ACK: 40 ms on Linux for
+            // every FETCH. Setting TCP_QUICKACK sends a pending ACK at once; only here, as
+            // acknowledging every read at once made each command on Cyrus 0.4 ms slower.
+            let tcp = match this {
+                Conn::Plain(s) => &*s,
+                Conn::Tls(s) => s.get_ref().0,
+            };
+            let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
         }
+        polled
     }
 }
 
