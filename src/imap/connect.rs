@@ -32,6 +32,7 @@ impl AsyncRead for Conn {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
+        #[cfg(target_os = "linux")]
         if polled.is_pending() {
             // About to wait for the server: acknowledge what came so far now, not after the
             // delayed-ACK timer. A server that writes a response in pieces with Nagle's
