@@ -91,6 +91,19 @@ pub enum Identity {
     Gmail,
 }
 
+impl Identity {
+    /// Refuses `gmail` on a server that does not offer `X-GM-EXT-1` (`offered`), naming the
+    /// account's key and what to set instead.
+    pub fn check(self, account: &str, offered: bool) -> Result<(), String> {
+        if self == Identity::Gmail && !offered {
+            return Err(format!(
+                "accounts.{account}.identity = \"gmail\", but the server does not offer Gmail's X-GM-EXT-1: set identity = \"auto\" or \"uid\""
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How an account proves who it is.
 #[derive(Clone, Debug)]
 pub enum Auth {

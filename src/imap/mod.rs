@@ -329,9 +329,11 @@ impl Session {
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
+                        if *status == Status::Ok {
+                            return Ok(());
+                        }
                         let text = error::explained(outcome_text(outcome));
                         return match status {
-                            Status::Ok => Ok(()),
                             _ if text.contains("BYE") => Err(ImapError::Bye(text)),
                             Status::No => Err(ImapError::Rejected {
                                 command: phase,

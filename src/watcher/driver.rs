@@ -581,14 +581,12 @@ impl Driver {
             None => Input::Interrupted,
             Some(Err(e)) => failed(&e),
             Some(Ok(session)) => {
-                if self.watch.account.identity == Identity::Gmail && !session.has("X-GM-EXT-1") {
+                let account = &self.watch.account;
+                if let Err(error) = account.identity.check(&account.name, session.has("X-GM-EXT-1")) {
                     session.logout().await;
                     return Input::Failed {
                         class: FailureClass::Permanent,
-                        error: format!(
-                            "accounts.{}.identity = \"gmail\", but the server does not offer Gmail's X-GM-EXT-1: set identity = \"auto\" or \"uid\"",
-                            self.watch.account.name
-                        ),
+                        error,
                     };
                 }
                 session.set_max_literal(self.watch.max_message_size);
@@ -999,37 +997,32 @@ impl Driver {
     /// Delivery-log rows for the store, with keys and Message-IDs filled in.
     fn rows(&self, log: &[LogRow], uidvalidity: u32) -> Vec<Delivery> {
         log.iter()
-            .map(|row| Delivery {
-                key: self.key(uidvalidity, row.uid),
-                account: self.watch.account.name.clone(),
-                folder: self.watch.folder.clone(),
-                uidvalidity,
-                uid: row.uid,
-                message_id: self
-                    .bodies
-                    .get(&row.uid)
-                    .map(|b| b.identity.clone())
-                    .unwrap_or_default(),
-                target_key: self
-                    .bodies
-                    .get(&row.uid)
-                    .and_then(|b| b.target_key.clone())
-                    .unwrap_or_default(),
-                status: match row.status {
-                    Status::Delivered if matches!(self.decisions.get(&row.uid), Some(Decision::Skip { .. })) => {
-                        DeliveryStatus::Skipped
-                    }
-                    Status::Delivered => DeliveryStatus::Delivered,
-                    Status::Dead => DeliveryStatus::Dead,
-                    Status::Skipped => DeliveryStatus::Skipped,
-                    Status::Vanished => DeliveryStatus::Vanished,
-                    Status::Failed => DeliveryStatus::Failed,
-                },
-                attempts: row.attempts,
-                last_error: row.error.clone(),
-                route: self.route_of(row.uid),
-                acknowledged: false,
-                updated_at: 0,
+            .map(|row| {
+                let body = self.bodies.get(&row.uid);
+                Delivery {
+                    key: self.key(uidvalidity, row.uid),
+                    account: self.watch.account.name.clone(),
+                    folder: self.watch.folder.clone(),
+                    uidvalidity,
+                    uid: row.uid,
+                    message_id: body.map(|b| b.identity.clone()).unwrap_or_default(),
+                    target_key: body.and_then(|b| b.target_key.clone()).unwrap_or_default(),
+                    status: match row.status {
+                        Status::Delivered if matches!(self.decisions.get(&row.uid), Some(Decision::Skip { .. })) => {
+                            DeliveryStatus::Skipped
+                        }
+                        Status::Delivered => DeliveryStatus::Delivered,
+                        Status::Dead => DeliveryStatus::Dead,
+                        Status::Skipped => DeliveryStatus::Skipped,
+                        Status::Vanished => DeliveryStatus::Vanished,
+                        Status::Failed => DeliveryStatus::Failed,
+                    },
+                    attempts: row.attempts,
+                    last_error: row.error.clone(),
+                    route: self.route_of(row.uid),
+                    acknowledged: false,
+                    updated_at: 0,
+                }
             })
             .collect()
     }

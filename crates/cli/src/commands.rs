@@ -647,24 +647,16 @@ pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::
         };
         writeln!(out, "  login ok; capabilities: {}", session.capabilities().join(" "))?;
         let gmail = session.has("X-GM-EXT-1");
-        let identity = config
-            .watches
-            .iter()
-            .find(|w| &w.account.name == name)
-            .map(|w| w.account.identity);
-        match (identity, gmail) {
-            (Some(inboxd::config::Identity::Gmail), false) => {
-                writeln!(
-                    out,
-                    "  identity = \"gmail\" FAILED: the server does not offer X-GM-EXT-1 (set identity = \"auto\" or \"uid\")"
-                )?;
+        match account.identity.check(name, gmail) {
+            Err(e) => {
+                writeln!(out, "  keys FAILED: {e}")?;
                 failed += 1;
             }
-            (Some(inboxd::config::Identity::Auto | inboxd::config::Identity::Gmail), true) => writeln!(
+            Ok(()) if gmail && account.identity != inboxd::config::Identity::Uid => writeln!(
                 out,
                 "  keys: Gmail's message id (gm1-...): one key for a message under several labels"
             )?,
-            _ => writeln!(out, "  keys: per folder and UID (v1-...)")?,
+            Ok(()) => writeln!(out, "  keys: per folder and UID (v1-...)")?,
         }
         match session.folders().await {
             Ok(list) => {
