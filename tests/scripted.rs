@@ -800,34 +800,16 @@ async fn without_x_gm_ext_1_nothing_gmail_is_asked_or_told() {
     assert!(!cmds.iter().any(|c| c.contains("X-GM")), "{cmds:?}");
 }
 
-/// Runs each watch of `text` (a config) once against the scripted server; the files in the
-/// shared Maildir `out`, and the store.
+/// Runs a watch of INBOX and one of `[Gmail]/All Mail` once each against the scripted server
+/// (`identity` an account line); the files in their shared Maildir `out`, and the store.
 async fn gmail_labels_run(dir: &Path, port: u16, identity: &str) -> (usize, Config, Result<(), String>) {
-    let text = format!(
-        r#"state = "state.db"
-[accounts.g]
-host = "127.0.0.1"
-port = {port}
-tls = "none"
-user = "u"
-password = "p"
-reconnect = [ {{ every = "200ms" }} ]
-{identity}
-[[watch]]
-account = "g"
-folder = "INBOX"
-start = "all"
-deliver = {{ maildir = "out" }}
-[[watch]]
-account = "g"
-folder = "[Gmail]/All Mail"
-start = "all"
-deliver = {{ maildir = "out" }}
-"#
+    // The shared config's watch (INBOX), and a second one on `[Gmail]/All Mail`.
+    let config = config_with(
+        dir,
+        port,
+        identity,
+        "start = \"all\"\n[[watch]]\naccount = \"s\"\nfolder = \"[Gmail]/All Mail\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }",
     );
-    let path = dir.join("inboxd.toml");
-    std::fs::write(&path, text).unwrap();
-    let config = Config::load(&path).unwrap();
     let store = store(&config).await;
     let mut result = Ok(());
     for w in &config.watches {
@@ -863,7 +845,7 @@ async fn one_gmail_message_under_two_labels_is_one_message_for_a_target_that_ded
     result.unwrap();
     assert_eq!(files, 2, "each message once, though both folders delivered it");
     let store = store(&config).await;
-    let gm = inboxd::core::key::gmail_key("g", 1_700_000_000_000_000_002);
+    let gm = inboxd::core::key::gmail_key("s", 1_700_000_000_000_000_002);
     let found = store
         .delivery(&gm)
         .await
