@@ -16,7 +16,7 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -134,14 +134,7 @@ impl Courier {
                 .arg(format!("maildirmake '{}'", home.join("Maildir").display())),
             "maildirmake",
         )?;
-        if !Path::new("/run/courier/authdaemon/socket").exists() {
-            run(Command::new("/usr/sbin/authdaemond").arg("start"), "authdaemond start")?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !Path::new("/run/courier/authdaemon/socket").exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
+        ensure_authdaemon()
     }
 
     fn write_files(&self) -> io::Result<()> {
@@ -179,8 +172,12 @@ exec /usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 -nodns
             &[self.port],
             &self.dir.join("stderr.log"),
             "couriertcpd (listening and logging in)",
-            || logs_in(port, &user),
+            || login(port, &user).is_ok(),
         )
+        .map_err(|e| match login(port, &user) {
+            Err(why) => io::Error::other(format!("{e}; the last login: {why}")),
+            Ok(()) => e,
+        })
     }
 
     /// An account for the instance's user on its plain port.
@@ -209,32 +206,69 @@ exec /usr/sbin/couriertcpd -address=127.0.0.1 -maxprocs=100 -maxperip=100 -nodns
     }
 }
 
-/// Whether `user` can log in on `port`: greeting, `LOGIN`, tagged OK, `LOGOUT`.
-fn logs_in(port: u16, user: &str) -> bool {
+/// `authdaemond`'s socket: compiled into Courier's `imaplogin`, one per machine.
+const AUTHDAEMON_SOCKET: &str = "/run/courier/authdaemon/socket";
+const AUTHDAEMON_PID: &str = "/run/courier/authdaemon/pid";
+
+/// Starts `authdaemond` unless one answers on its socket. A socket file is not enough: a
+/// daemon killed with its session (SIGKILL, as a CI machine ends a session) leaves its socket
+/// and pid file behind, every login then fails, and `authdaemond start` would trust the stale
+/// pid file; that is what failed CI on a machine where the daemon had been started before.
+/// The stale files are removed (never `authdaemond stop`: the stale pid may be another
+/// process's by now). One start at a time within a process.
+fn ensure_authdaemon() -> io::Result<()> {
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = STARTING.lock().unwrap_or_else(|p| p.into_inner());
+    let answers = || std::os::unix::net::UnixStream::connect(AUTHDAEMON_SOCKET).is_ok();
+    if answers() {
+        return Ok(());
+    }
+    for stale in [AUTHDAEMON_SOCKET, AUTHDAEMON_PID] {
+        let _ = fs::remove_file(stale);
+    }
+    run(Command::new("/usr/sbin/authdaemond").arg("start"), "authdaemond start")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if answers() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(io::Error::other(format!(
+        "authdaemond was started but does not answer on {AUTHDAEMON_SOCKET} within 10 s"
+    )))
+}
+
+/// Whether `user` can log in on `port` (greeting, `LOGIN`, tagged OK, `LOGOUT`); if not, what
+/// went wrong, for the error when it never can.
+fn login(port: u16, user: &str) -> Result<(), String> {
     use std::io::{BufRead, BufReader, Write};
-    let attempt = || -> io::Result<bool> {
+    let attempt = || -> io::Result<Result<(), String>> {
         let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let mut line = String::new();
         reader.read_line(&mut line)?;
         if !line.starts_with("* OK") {
-            return Ok(false);
+            return Ok(Err(format!("greeting {:?}", line.trim_end())));
         }
         (&stream).write_all(format!("a LOGIN {user} {COURIER_PASSWORD}\r\n").as_bytes())?;
         loop {
             line.clear();
             if reader.read_line(&mut line)? == 0 {
-                return Ok(false);
+                return Ok(Err("connection closed after LOGIN".into()));
             }
             if line.starts_with("a ") {
-                let ok = line.starts_with("a OK");
                 let _ = (&stream).write_all(b"b LOGOUT\r\n");
-                return Ok(ok);
+                return Ok(if line.starts_with("a OK") {
+                    Ok(())
+                } else {
+                    Err(format!("LOGIN answered {:?}", line.trim_end()))
+                });
             }
         }
     };
-    attempt().unwrap_or(false)
+    attempt().unwrap_or_else(|e| Err(e.to_string()))
 }
 
 impl Drop for Courier {
