@@ -59,6 +59,7 @@ pub mod process;
 pub mod route;
 pub mod sealed;
 pub mod secret;
+mod spawn;
 pub mod spool;
 pub mod store;
 pub mod watcher;

@@ -6,7 +6,6 @@
 //! outlive it. The tail of stderr and stdout is kept for the delivery log.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -14,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::{Handler, HandlerError, Message};
 use crate::config::Payload;
+use crate::spawn::{Spec, Stdin, spawn};
 
 /// Bytes of output kept for the delivery log.
 const TAIL: usize = 2048;
@@ -88,49 +88,21 @@ impl Exec {
 
     async fn run(&self, m: &Message<'_>) -> Result<(), HandlerError> {
         let program = self.argv.first().ok_or_else(|| HandlerError::new("exec: empty argv"))?;
-        let mut cmd = tokio::process::Command::new(program);
-        crate::process::confine(&mut cmd, &self.pass_env);
-        cmd.args(&self.argv[1..])
-            .current_dir(&self.cwd)
-            .env("INBOXD_ACCOUNT", m.account)
-            .env("INBOXD_FOLDER", m.folder)
-            .env("INBOXD_UIDVALIDITY", m.uidvalidity.to_string())
-            .env("INBOXD_UID", m.uid.to_string())
-            .env("INBOXD_KEY", m.key)
-            .env("INBOXD_SIZE", m.body.len().to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut env = crate::process::allowed_env(&self.pass_env);
+        let mut set = |k: &str, v: String| env.push((k.into(), v.into()));
+        set("INBOXD_ACCOUNT", m.account.to_string());
+        set("INBOXD_FOLDER", m.folder.to_string());
+        set("INBOXD_UIDVALIDITY", m.uidvalidity.to_string());
+        set("INBOXD_UID", m.uid.to_string());
+        set("INBOXD_KEY", m.key.to_string());
+        set("INBOXD_SIZE", m.body.len().to_string());
         if let Some(g) = m.gmail {
             // Labels only in the JSON (`stdin = "json"`): any byte may be in one.
-            cmd.env("INBOXD_GMAIL_MSGID", g.msgid.to_string())
-                .env("INBOXD_GMAIL_THRID", g.thrid.to_string());
+            set("INBOXD_GMAIL_MSGID", g.msgid.to_string());
+            set("INBOXD_GMAIL_THRID", g.thrid.to_string());
         }
-        // A spooled message is the handler's stdin directly: the kernel reads the file, and
-        // nothing of it passes through our memory.
-        let json = match self.stdin {
-            Payload::Json(_) => Some(super::encode(self.stdin, m)?.1),
-            Payload::Raw => None,
-        };
-        let body = match m.body {
-            _ if json.is_some() => {
-                cmd.stdin(Stdio::piped());
-                json.as_deref()
-            }
-            super::Body::File { path, .. } => {
-                let file = std::fs::File::open(path)
-                    .map_err(|e| HandlerError::new(format!("cannot open the spooled message: {e}")))?;
-                cmd.stdin(Stdio::from(file));
-                None
-            }
-            other => {
-                cmd.stdin(Stdio::piped());
-                other.bytes()
-            }
-        };
         match m.message_id {
-            Some(id) if id.len() <= MAX_MESSAGE_ID => {
-                cmd.env("INBOXD_MESSAGE_ID", id);
-            }
+            Some(id) if id.len() <= MAX_MESSAGE_ID => set("INBOXD_MESSAGE_ID", id.to_string()),
             Some(id) => {
                 tracing::warn!(
                     key = m.key,
@@ -140,7 +112,29 @@ impl Exec {
             }
             None => {}
         }
-        let mut child = cmd.spawn().map_err(|e| {
+        // A spooled message is the handler's stdin directly: the kernel reads the file, and
+        // nothing of it passes through our memory.
+        let json = match self.stdin {
+            Payload::Json(_) => Some(super::encode(self.stdin, m)?.1),
+            Payload::Raw => None,
+        };
+        let (stdin_from, body) = match m.body {
+            _ if json.is_some() => (Stdin::Piped, json.as_deref()),
+            super::Body::File { path, .. } => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| HandlerError::new(format!("cannot open the spooled message: {e}")))?;
+                (Stdin::File(file), None)
+            }
+            other => (Stdin::Piped, other.bytes()),
+        };
+        let mut child = spawn(Spec {
+            program,
+            args: &self.argv[1..],
+            env,
+            cwd: &self.cwd,
+            stdin: stdin_from,
+        })
+        .map_err(|e| {
             // The program is gone or not executable: a problem of the watch, not of this
             // message; it must not count toward dead-lettering.
             let text = format!("cannot start {program}: {e}");
@@ -153,7 +147,7 @@ impl Exec {
                 HandlerError::new(text)
             }
         })?;
-        let pgid = child.id();
+        let pgid = Some(child.id());
         let mut stdin = child.stdin.take();
         // Output is read by tasks of their own, so success is decided by the handler's exit
         // status alone: a background child it left holding stdout cannot make a handler that
