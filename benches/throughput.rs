@@ -314,9 +314,16 @@ async fn exec_latency_on(port: u16, n: usize) {
 
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
     raw_idle(port, "alice", "Exec", move || raw_tx.send(unix_micros()).is_ok());
+    // fetchmail, the peer, in IDLE on a folder of its own with the same program as its MDA;
+    // messages alternate between the two folders, each with a raw IDLE client of its own.
+    let mut peer = Fetchmail::start(port, dir.path(), &exe, &mut sender).await;
     let trivial = dir.path().join("trivial.log");
     let (mut ours, mut floor, mut start) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
+        if let Some(p) = peer.as_mut() {
+            p.sample(&mut sender, i).await;
+            tokio::time::sleep(Duration::from_millis(600 + fastrand::u64(..1000))).await;
+        }
         let msg = testbed::sample_message(i, "exec latency", 1000);
         sender.append("Exec", &msg).await.unwrap();
         let done = unix_micros();
@@ -361,6 +368,121 @@ async fn exec_latency_on(port: u16, n: usize) {
         o50 - f50,
         o50 - f50 - s50
     );
+    match peer {
+        Some(mut p) => {
+            let (p50, p99, r50, r99) = (
+                pct(&mut p.seen, 0.5),
+                pct(&mut p.seen, 0.99),
+                pct(&mut p.floor, 0.5),
+                pct(&mut p.floor, 0.99),
+            );
+            let over: Vec<f64> = p.seen.iter().zip(&p.floor).map(|(a, b)| a - b).collect();
+            println!(
+                "    fetchmail   p50 {p50:8.2} ms   p99 {p99:8.2} ms   (IDLE, the same program as its mda, alternate messages)"
+            );
+            println!("    raw IDLE    p50 {r50:8.2} ms   p99 {r99:8.2} ms   (on fetchmail's folder)");
+            println!(
+                "    overhead    p50 {:8.2} ms (fetchmail) vs {:.2} ms (inboxd)   [{} samples each]",
+                p50 - r50,
+                o50 - f50,
+                over.len()
+            );
+            p.stop();
+        }
+        None => println!("    fetchmail: not measured (scripts/install-deps installs it)"),
+    }
+}
+
+/// fetchmail 6 in IDLE (`-N -d`, `idle`, `keep`) on folder `Fetchmail`, with the bench's
+/// `--probe` as its MDA (fetchmail runs an MDA through `/bin/sh`, as its users configure it).
+struct Fetchmail {
+    child: std::process::Child,
+    probes: std::path::PathBuf,
+    raw: mpsc::UnboundedReceiver<u64>,
+    seen: Vec<f64>,
+    floor: Vec<f64>,
+    n: usize,
+}
+
+impl Fetchmail {
+    async fn start(port: u16, dir: &std::path::Path, exe: &std::path::Path, sender: &mut Session) -> Option<Fetchmail> {
+        use std::os::unix::fs::PermissionsExt;
+        if std::process::Command::new("fetchmail")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_err()
+        {
+            return None;
+        }
+        let _ = sender.create("Fetchmail").await;
+        let home = dir.join("fetchmail");
+        std::fs::create_dir_all(&home).unwrap();
+        let probes = home.join("probe.log");
+        let rc = home.join("fetchmailrc");
+        std::fs::write(
+            &rc,
+            format!(
+                "set no bouncemail\nset no syslog\npoll 127.0.0.1 with proto IMAP port {port} auth password\n  user \"alice\" there with password \"alicepw\"\n  folder \"Fetchmail\" keep idle sslproto ''\n  mda \"{} --probe {}\"\n",
+                exe.display(),
+                probes.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let child = std::process::Command::new("fetchmail")
+            .args(["-N", "-d", "300", "-f"])
+            .arg(&rc)
+            .arg("--pidfile")
+            .arg(home.join("fetchmail.pid"))
+            .env("HOME", &home)
+            .env("FETCHMAILHOME", &home)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(home.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let (tx, raw) = mpsc::unbounded_channel();
+        raw_idle(port, "alice", "Fetchmail", move || tx.send(unix_micros()).is_ok());
+        let mut p = Fetchmail {
+            child,
+            probes,
+            raw,
+            seen: Vec::new(),
+            floor: Vec::new(),
+            n: 0,
+        };
+        // A first message shows fetchmail is up and idling (it enters IDLE again after it).
+        p.sample(sender, usize::MAX).await;
+        p.seen.clear();
+        p.floor.clear();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some(p)
+    }
+
+    async fn sample(&mut self, sender: &mut Session, i: usize) {
+        let msg = testbed::sample_message(i.min(1_000_000), "fetchmail latency", 1000);
+        sender.append("Fetchmail", &msg).await.unwrap();
+        let done = unix_micros();
+        let t = Instant::now();
+        while probes(&self.probes).len() <= self.n {
+            if t.elapsed() > Duration::from_secs(20) {
+                let log = std::fs::read_to_string(self.probes.with_file_name("stderr.log")).unwrap_or_default();
+                panic!("fetchmail did not run its mda: {log}");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let started = probes(&self.probes)[self.n];
+        self.n += 1;
+        let seen = self.raw.recv().await.unwrap();
+        self.seen.push(started.saturating_sub(done) as f64 / 1e3);
+        self.floor.push(seen.saturating_sub(done) as f64 / 1e3);
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn catch_up(n: usize) {

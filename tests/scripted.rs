@@ -162,6 +162,57 @@ async fn select_without_uidnext_falls_back_to_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_sends_the_select_and_the_listing_together() {
+    let server = Scripted::start().await;
+    server.add_message("history");
+    server.state.lock().unwrap().watch_pipelining = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "new", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    // At the connect the backlog is unknown: the SELECT goes alone.
+    assert_eq!(server.state.lock().unwrap().pipelined_after_select, 0);
+    for (n, subject) in ["one", "two"].into_iter().enumerate() {
+        // Added once the watcher idles: a message that comes while it lists is found by that
+        // listing, above the SELECT's UIDNEXT, and checked with a SELECT of its own.
+        let idles = || {
+            server
+                .state
+                .lock()
+                .unwrap()
+                .commands
+                .iter()
+                .filter(|c| c.starts_with("IDLE"))
+                .count()
+        };
+        let t = std::time::Instant::now();
+        while idles() <= n {
+            assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.add_message(subject);
+        wait_delivered(&mut ev, 1, 20).await;
+    }
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["one", "two"]);
+    let st = server.state.lock().unwrap();
+    // Each wake: SELECT and the listing in one write, one round trip.
+    assert_eq!(st.pipelined_after_select, 2, "{:?}", st.commands);
+    let after_select: Vec<&String> = st
+        .commands
+        .iter()
+        .skip_while(|c| !c.starts_with("IDLE"))
+        .filter(|c| c.starts_with("SELECT") || c.starts_with("FETCH") || c.starts_with("UID FETCH"))
+        .collect();
+    assert!(
+        after_select
+            .windows(2)
+            .any(|p| p[0].starts_with("SELECT") && p[1].starts_with("UID FETCH 2:*")),
+        "{after_select:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_mid_literal_hits_the_command_deadline() {
     let server = Scripted::start().await;
     server.add_message("one");

@@ -13,16 +13,8 @@ impl Session {
 
     /// As [`Session::list_above`], up to `upto` when given (`UID FETCH last+1:upto ...`).
     pub async fn list_range(&mut self, last_uid: u32, upto: Option<u32>) -> Result<Vec<Listing>, ImapError> {
-        let from = last_uid.saturating_add(1);
         let mut out = Vec::new();
-        let to = upto.map_or_else(|| "*".to_string(), |u| u.max(from).to_string());
-        // Gmail's identity, thread and labels come with the listing where it offers them.
-        let gmail = if self.has("X-GM-EXT-1") {
-            " X-GM-MSGID X-GM-THRID X-GM-LABELS"
-        } else {
-            ""
-        };
-        let command = format!("UID FETCH {from}:{to} (UID RFC822.SIZE INTERNALDATE FLAGS{gmail})");
+        let command = self.list_command(last_uid, upto);
         self.checked("UID FETCH", &command, |resp| {
             if let Response::Fetch(_, attrs) = resp
                 && let Some(item) = listed_item(attrs)
@@ -32,6 +24,19 @@ impl Session {
         })
         .await?;
         Ok(out)
+    }
+
+    /// The listing command for UIDs above `last_uid`, up to `upto` or open-ended.
+    pub(super) fn list_command(&self, last_uid: u32, upto: Option<u32>) -> String {
+        let from = last_uid.saturating_add(1);
+        let to = upto.map_or_else(|| "*".to_string(), |u| u.max(from).to_string());
+        // Gmail's identity, thread and labels come with the listing where it offers them.
+        let gmail = if self.has("X-GM-EXT-1") {
+            " X-GM-MSGID X-GM-THRID X-GM-LABELS"
+        } else {
+            ""
+        };
+        format!("UID FETCH {from}:{to} (UID RFC822.SIZE INTERNALDATE FLAGS{gmail})")
     }
 
     /// Fetches whole messages by UID with `BODY.PEEK[]`, in ascending UID order. Messages the

@@ -102,6 +102,57 @@ pub enum WaitEnd {
     Interrupted,
 }
 
+/// What a SELECT's untagged answers said.
+#[derive(Default)]
+struct SelectAnswer {
+    exists: u32,
+    uidvalidity: Option<u32>,
+    uidnext: Option<u32>,
+}
+
+impl SelectAnswer {
+    fn note(&mut self, resp: &Response<'_>) {
+        match resp {
+            Response::MailboxData(MailboxDatum::Exists(n)) => self.exists = *n,
+            Response::Data {
+                status: Status::Ok,
+                outcome,
+            } => match outcome.code {
+                Some(ResponseCode::UidValidity(v)) => self.uidvalidity = Some(v),
+                Some(ResponseCode::UidNext(n)) => self.uidnext = Some(n),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+/// A command's tagged answer as a result: OK, or the refusal with the server's text
+/// (explained where inboxd knows what it means).
+fn tagged(
+    phase: &'static str,
+    status: &Status,
+    outcome: &async_imap::imap_proto::Outcome<'_>,
+) -> Result<(), ImapError> {
+    if *status == Status::Ok {
+        return Ok(());
+    }
+    let text = error::explained(outcome_text(outcome));
+    match status {
+        _ if text.contains("BYE") => Err(ImapError::Bye(text)),
+        Status::No => Err(ImapError::Rejected {
+            command: phase,
+            status: "NO",
+            text,
+        }),
+        _ => Err(ImapError::Rejected {
+            command: phase,
+            status: "BAD",
+            text,
+        }),
+    }
+}
+
 /// A logged-in IMAP session.
 #[derive(Debug)]
 pub struct Session {
@@ -175,26 +226,110 @@ impl Session {
     /// Sent through the status-checking path, so a refusal keeps its response code
     /// (`[NONEXISTENT]` parks the watch, `[UNAVAILABLE]` does not).
     pub async fn select(&mut self, folder: &str) -> Result<FolderState, ImapError> {
-        let (mut exists, mut uidvalidity, mut uidnext) = (0u32, None, None);
+        let mut answer = SelectAnswer::default();
         let result = self
-            .checked_inner(
-                "SELECT",
-                &format!("SELECT {}", self.mailbox(folder)),
-                false,
-                |resp| match resp {
-                    Response::MailboxData(MailboxDatum::Exists(n)) => exists = *n,
-                    Response::Data {
-                        status: Status::Ok,
-                        outcome,
-                    } => match outcome.code {
-                        Some(ResponseCode::UidValidity(v)) => uidvalidity = Some(v),
-                        Some(ResponseCode::UidNext(n)) => uidnext = Some(n),
-                        _ => {}
-                    },
-                    _ => {}
-                },
-            )
+            .checked_inner("SELECT", &format!("SELECT {}", self.mailbox(folder)), false, |resp| {
+                answer.note(resp)
+            })
             .await;
+        self.selected_as(folder, result, answer).await
+    }
+
+    /// SELECT and the listing of UIDs above `last_uid` (up to `upto`) sent together: one round
+    /// trip instead of two, on the wake path. The server answers commands in order, so the
+    /// listing is of the folder as just selected, exactly as if it had been sent after the
+    /// SELECT's OK; a UID it names at or above the SELECT's UIDNEXT arrived in between, as it
+    /// could have then. The outer error is the SELECT's (or the connection's); the listing's
+    /// own refusal (after a SELECT that failed, for one) is the inner one.
+    #[allow(clippy::type_complexity)]
+    pub async fn select_and_list(
+        &mut self,
+        folder: &str,
+        last_uid: u32,
+        upto: Option<u32>,
+    ) -> Result<(FolderState, Result<Vec<Listing>, ImapError>), ImapError> {
+        let select = format!("SELECT {}", self.mailbox(folder));
+        let list = self.list_command(last_uid, upto);
+        let mut answer = SelectAnswer::default();
+        let mut listed = Vec::new();
+        let t = self.timeouts.command;
+        let inner = &mut self.inner;
+        let saw_news = &mut self.news;
+        let known = &mut self.exists;
+        let meter = self.meter.clone();
+        let counter = self.meter.clone();
+        let both = progress_deadline("SELECT", t, &meter, async {
+            let select_id = inner.run_command(&select).await.map_err(cmd("SELECT"))?;
+            let list_id = inner.run_command(&list).await.map_err(cmd("UID FETCH"))?;
+            let mut selected: Option<Result<(), ImapError>> = None;
+            loop {
+                let phase = if selected.is_none() { "SELECT" } else { "UID FETCH" };
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
+                    .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
+                match resp.parsed() {
+                    Response::Done { tag, status, outcome } if *tag == select_id => {
+                        selected = Some(tagged("SELECT", status, outcome));
+                    }
+                    Response::Done { tag, status, outcome } if *tag == list_id => {
+                        let Some(selected) = selected else {
+                            return Err(ImapError::Unexpected {
+                                command: "SELECT",
+                                detail: "the listing was answered before the SELECT".into(),
+                            });
+                        };
+                        return Ok((selected, tagged("UID FETCH", status, outcome)));
+                    }
+                    Response::Data {
+                        status: Status::Bye,
+                        outcome,
+                    } => {
+                        return Err(ImapError::Bye(clip(
+                            outcome.information.as_deref().unwrap_or("").to_string(),
+                            MAX_TEXT,
+                        )));
+                    }
+                    other if selected.is_none() => answer.note(other),
+                    // After the SELECT: as `checked` treats a listing's responses.
+                    Response::MailboxData(MailboxDatum::Exists(n)) => {
+                        if *n > *known {
+                            *saw_news = true;
+                        }
+                        *known = *n;
+                    }
+                    Response::Expunge(_) => *known = known.saturating_sub(1),
+                    Response::Fetch(_, attrs) => {
+                        if let Some(item) = fetch::listed_item(attrs) {
+                            listed.push(item);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        let (selected, listing) = both?;
+        // The SELECT's EXISTS is the folder's size; the listing's came after it.
+        let exists_after = self.exists;
+        let state = self.selected_as(folder, selected, answer).await?;
+        self.exists = self.exists.max(exists_after);
+        Ok((state, listing.map(|()| listed)))
+    }
+
+    /// The session after a SELECT answered `result` with `answer`.
+    async fn selected_as(
+        &mut self,
+        folder: &str,
+        result: Result<(), ImapError>,
+        answer: SelectAnswer,
+    ) -> Result<FolderState, ImapError> {
+        let SelectAnswer {
+            exists,
+            uidvalidity,
+            uidnext,
+        } = answer;
         match result {
             Ok(()) => {}
             Err(ImapError::Rejected { text, .. }) => {
@@ -329,23 +464,7 @@ impl Session {
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
-                        if *status == Status::Ok {
-                            return Ok(());
-                        }
-                        let text = error::explained(outcome_text(outcome));
-                        return match status {
-                            _ if text.contains("BYE") => Err(ImapError::Bye(text)),
-                            Status::No => Err(ImapError::Rejected {
-                                command: phase,
-                                status: "NO",
-                                text,
-                            }),
-                            _ => Err(ImapError::Rejected {
-                                command: phase,
-                                status: "BAD",
-                                text,
-                            }),
-                        };
+                        return tagged(phase, status, outcome);
                     }
                     Response::Data {
                         status: Status::Bye,

@@ -350,11 +350,12 @@ impl Driver {
         match action {
             Action::Connect => self.connect().await,
             Action::Load => self.load().await,
-            Action::Select => {
+            Action::Select { list_ahead } => {
                 let folder = self.watch.folder.clone();
                 let Some(mut session) = self.session.take() else {
                     return no_session();
                 };
+                let mut listed_ahead = None;
                 let r = self
                     .interruptible(async {
                         // A special use (`\\Junk`) names whichever folder the server marks so.
@@ -362,7 +363,25 @@ impl Driver {
                             Ok(f) => f,
                             Err(e) => return failed(&e),
                         };
-                        match session.select(&folder).await {
+                        let selected = match list_ahead {
+                            // The listing the machine expects to ask for next, sent with the
+                            // SELECT; kept for that `List`, whatever it brought.
+                            Some(w) => {
+                                session
+                                    .select_and_list(&folder, w.above, w.upto)
+                                    .await
+                                    .map(|(state, listing)| {
+                                        let data = match listing {
+                                            Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
+                                            Err(e) => Err(failed(&e)),
+                                        };
+                                        listed_ahead = Some((Ahead::List(w), data));
+                                        state
+                                    })
+                            }
+                            None => session.select(&folder).await,
+                        };
+                        match selected {
                             Ok(state) => Input::Selected(Selected {
                                 uidvalidity: state.uidvalidity,
                                 uidnext: state.uidnext,
@@ -371,6 +390,7 @@ impl Driver {
                         }
                     })
                     .await;
+                self.read_ahead = listed_ahead;
                 self.keep(session, r)
             }
             Action::List { above, upto } => {
@@ -385,7 +405,11 @@ impl Driver {
                 };
                 let (session, r) = match read {
                     Some(Ok(listed)) => (self.session.take(), Some(Ok(listed))),
-                    Some(Err(input)) => return input,
+                    Some(Err(input)) => {
+                        // As a listing that fails now: the session goes with it.
+                        self.session = None;
+                        return input;
+                    }
                     None => {
                         let Some(mut session) = self.session.take() else {
                             return no_session();

@@ -89,6 +89,11 @@ pub struct State {
     pub bye_at_listing: Option<u32>,
     /// Answer every body fetch with `NO <text>` while set (Gmail over its bandwidth limits).
     pub refuse_fetch: Option<String>,
+    /// Before answering a SELECT, wait up to 300 ms for the client's next command: one sent
+    /// without waiting for the SELECT's answer counts in `pipelined_after_select` (always).
+    pub watch_pipelining: bool,
+    /// SELECTs the client followed with a command before they were answered.
+    pub pipelined_after_select: u32,
 }
 
 #[derive(Clone)]
@@ -252,6 +257,12 @@ impl Scripted {
                         )
                     };
                     seen_count = n;
+                    if self.state.lock().unwrap().watch_pipelining {
+                        let next = tokio::time::timeout(Duration::from_millis(300), r.fill_buf()).await;
+                        if next.is_ok_and(|b| b.is_ok_and(|b| !b.is_empty())) {
+                            self.state.lock().unwrap().pipelined_after_select += 1;
+                        }
+                    }
                     let mut out = format!("* {n} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 42] UIDs valid\r\n");
                     if !no_next {
                         out.push_str(&format!("* OK [UIDNEXT {next}] Predicted next UID\r\n"));

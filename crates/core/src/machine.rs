@@ -257,7 +257,13 @@ pub enum Action {
     /// Read the stored checkpoint (once, after the first login: the store is not touched
     /// before the server answered).
     Load,
-    Select,
+    /// SELECT the watched folder. With `list_ahead`, the listing the machine will ask for
+    /// next if the SELECT changes nothing it did not expect (same UIDVALIDITY, nothing to
+    /// retry first): the driver may send it together with the SELECT, one round trip instead
+    /// of two on the wake path; the next `List` names exactly it, or it is discarded unused.
+    Select {
+        list_ahead: Option<ListWindow>,
+    },
     /// `UID FETCH above+1:upto (UID RFC822.SIZE INTERNALDATE FLAGS)`; without `upto`,
     /// `above+1:*`. A long backlog is listed in windows of UIDs (each below the UIDNEXT of
     /// the SELECT, so no message arriving later can fall into one that was listed), the last
@@ -863,7 +869,26 @@ impl WatchMachine {
 
     fn select(&mut self, why: SelectFor) -> Action {
         self.phase = Phase::Selecting(why);
-        Action::Select
+        Action::Select {
+            list_ahead: self.list_after_resync(why),
+        }
+    }
+
+    /// The listing that follows a SELECT on the wake path (IDLE or a poll said something
+    /// changed, or queued jobs ran), if the SELECT shows what the last one did: the first
+    /// window above the checkpoint, bounded as the last UIDNEXT bounds it. Only there: at a
+    /// connect the backlog is unknown (a long one is listed in windows), and a post-action to
+    /// retry, a stop or a UIDVALIDITY change comes first.
+    fn list_after_resync(&self, why: SelectFor) -> Option<ListWindow> {
+        if why != SelectFor::Resync || self.stopping || !self.pending_post.is_empty() {
+            return None;
+        }
+        let above = self.cp?.last_uid;
+        let end = above.saturating_add(self.spec.list_window.max(1));
+        Some(ListWindow {
+            above,
+            upto: (end < self.uidnext.saturating_sub(1)).then_some(end),
+        })
     }
 
     fn selected(&mut self, why: SelectFor, selected: Selected, now: Duration) -> Action {

@@ -400,7 +400,7 @@ fn drive(
 fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, TestCaseError> {
     let current = w.session_uidvalidity;
     Ok(match action {
-        Action::Select => {
+        Action::Select { .. } => {
             w.session_uidvalidity = w.uidvalidity;
             Input::Selected(inboxd_core::mailbox::Selected {
                 uidvalidity: w.uidvalidity,
@@ -610,7 +610,7 @@ fn started(spec: WatchSpec, stored: Option<Checkpoint>) -> WatchMachine {
             s(0),
             0.0
         ),
-        Action::Select
+        Action::Select { list_ahead: None }
     );
     m
 }
@@ -729,7 +729,10 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
         0.0,
     );
     // The listing names 4000000000 while UIDNEXT is 4: select again before believing it.
-    assert_eq!(m.on(listed(&[4_000_000_000]), s(0), 0.0), Action::Select);
+    assert_eq!(
+        m.on(listed(&[4_000_000_000]), s(0), 0.0),
+        Action::Select { list_ahead: None }
+    );
     assert_eq!(
         m.on(
             Input::Selected(inboxd_core::mailbox::Selected {
@@ -781,6 +784,64 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
             list_ahead: None,
         }
     );
+}
+
+#[test]
+fn a_wake_selects_with_the_listing_it_will_ask_for_and_a_connect_does_not_guess() {
+    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    let selected = |uidnext| {
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext,
+        })
+    };
+    assert_eq!(m.on(selected(4), s(0), 0.0), Action::List { above: 3, upto: None });
+    assert_eq!(m.on(listed(&[]), s(0), 0.0), Action::RunJobs);
+    assert_eq!(m.on(Input::JobsRan { ran: false }, s(0), 0.0), Action::Idle(s(600)));
+    let wake = |m: &mut WatchMachine| {
+        m.on(
+            Input::WaitEnded {
+                wake: Wake::Activity,
+                token_left: None,
+            },
+            s(1),
+            0.0,
+        );
+        m.on(Input::JobsRan { ran: false }, s(1), 0.0)
+    };
+    // The wake: the SELECT names the listing that follows it when nothing else changed...
+    let ahead = ListWindow { above: 3, upto: None };
+    assert_eq!(
+        wake(&mut m),
+        Action::Select {
+            list_ahead: Some(ahead)
+        }
+    );
+    let next = m.on(selected(6), s(1), 0.0);
+    assert_eq!(next, Action::List { above: 3, upto: None });
+    assert!(matches!(next, Action::List { above, upto } if ListWindow { above, upto } == ahead));
+    m.on(listed(&[4, 5]), s(1), 0.0);
+    // ...and it is only a guess: a folder that changed in between gets the listing it needs
+    // (a new UIDVALIDITY: everything above the new checkpoint), the guess is discarded.
+    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    m.on(selected(4), s(0), 0.0);
+    m.on(listed(&[]), s(0), 0.0);
+    m.on(Input::JobsRan { ran: false }, s(0), 0.0);
+    assert_eq!(
+        wake(&mut m),
+        Action::Select {
+            list_ahead: Some(ahead)
+        }
+    );
+    let changed = m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 8,
+            uidnext: 3,
+        }),
+        s(1),
+        0.0,
+    );
+    assert!(matches!(changed, Action::Commit { .. }), "{changed:?}");
 }
 
 #[test]
@@ -1130,7 +1191,7 @@ fn a_busy_target_never_dead_letters_and_its_retry_after_is_honoured() {
                     s(now),
                     0.0,
                 ),
-                Action::Select => m.on(select.clone(), s(now), 0.0),
+                Action::Select { .. } => m.on(select.clone(), s(now), 0.0),
                 Action::List { .. } => m.on(listed(&[1]), s(now), 0.0),
                 Action::Fetch { .. } => break,
                 other => panic!("{other:?}"),
