@@ -318,7 +318,7 @@ async fn exec_latency_on(port: u16, n: usize) {
     // messages alternate between the two folders, each with a raw IDLE client of its own.
     let mut peer = Fetchmail::start(port, dir.path(), &exe, &mut sender).await;
     let trivial = dir.path().join("trivial.log");
-    let (mut ours, mut floor, mut start) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut floor, mut start, mut diffs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         if let Some(p) = peer.as_mut() {
             p.sample(&mut sender, i).await;
@@ -336,6 +336,7 @@ async fn exec_latency_on(port: u16, n: usize) {
         let seen = raw_rx.recv().await.unwrap();
         ours.push(started.saturating_sub(done) as f64 / 1e3);
         floor.push(seen.saturating_sub(done) as f64 / 1e3);
+        diffs.push((started as f64 - seen as f64) / 1e3);
         // The same program started by a trivial parent, the message on its stdin.
         let before = unix_micros();
         let mut child = std::process::Command::new(&exe)
@@ -368,6 +369,10 @@ async fn exec_latency_on(port: u16, n: usize) {
         o50 - f50,
         o50 - f50 - s50
     );
+    println!(
+        "                (per message, program started minus EXISTS seen by the raw client: p50 {:.2} ms)",
+        pct(&mut diffs, 0.5)
+    );
     match peer {
         Some(mut p) => {
             let (p50, p99, r50, r99) = (
@@ -387,6 +392,11 @@ async fn exec_latency_on(port: u16, n: usize) {
                 o50 - f50,
                 over.len()
             );
+            println!(
+                "                (per message: p50 {:.2} ms (fetchmail) vs {:.2} ms (inboxd))",
+                pct(&mut p.diffs, 0.5),
+                pct(&mut diffs, 0.5)
+            );
             p.stop();
         }
         None => println!("    fetchmail: not measured (scripts/install-deps installs it)"),
@@ -401,6 +411,7 @@ struct Fetchmail {
     raw: mpsc::UnboundedReceiver<u64>,
     seen: Vec<f64>,
     floor: Vec<f64>,
+    diffs: Vec<f64>,
     n: usize,
 }
 
@@ -450,12 +461,14 @@ impl Fetchmail {
             raw,
             seen: Vec::new(),
             floor: Vec::new(),
+            diffs: Vec::new(),
             n: 0,
         };
         // A first message shows fetchmail is up and idling (it enters IDLE again after it).
         p.sample(sender, usize::MAX).await;
         p.seen.clear();
         p.floor.clear();
+        p.diffs.clear();
         tokio::time::sleep(Duration::from_secs(1)).await;
         Some(p)
     }
@@ -477,6 +490,7 @@ impl Fetchmail {
         let seen = self.raw.recv().await.unwrap();
         self.seen.push(started.saturating_sub(done) as f64 / 1e3);
         self.floor.push(seen.saturating_sub(done) as f64 / 1e3);
+        self.diffs.push((started as f64 - seen as f64) / 1e3);
     }
 
     fn stop(mut self) {

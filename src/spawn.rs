@@ -577,6 +577,9 @@ mod tests {
         // not SIGPIPE, which the Rust runtime ignores for itself.
         assert_eq!(field("SigIgn:"), our_ignored & !sigpipe, "ignored signals");
         assert_eq!(field("SigCgt:"), 0, "no handler of ours");
+        // Started by the clone path, not tokio's fork fallback.
+        #[cfg(target_os = "linux")]
+        assert!(matches!(child.waiter, Waiter::Done), "waited for on its pidfd");
     }
 
     #[tokio::test]

@@ -16,6 +16,10 @@
 //! session enabled `UTF8=ACCEPT` (RFC 6855), folder names come as UTF-8 quoted strings: then,
 //! and only inside a quoted string of a `LIST`, `LSUB` or `STATUS` response, such bytes pass
 //! (the parser reads quoted strings byte by byte and decodes them lossily).
+//!
+//! Writes are gathered until a flush: the IMAP library writes a command as tag, space, text
+//! and CRLF in four writes, and flushes after each command. Unbuffered, each was a segment (a
+//! TLS record) of its own, and the server woke up for each piece of a line.
 
 use std::io;
 use std::pin::Pin;
@@ -23,7 +27,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
+
+/// Bytes of commands gathered before a flush: every command inboxd sends fits; a longer write
+/// (an APPEND's message) goes out directly.
+const WRITE_BUFFER: usize = 512;
 
 /// Longest line (outside literals) a server may send. Longer lines are an error: the longest
 /// legitimate ones are SEARCH results (about 130,000 UIDs per MiB), and inboxd never asks
@@ -102,7 +110,7 @@ pub enum Refused {
 /// Checks what `inner` yields; see the module documentation.
 #[derive(Debug)]
 pub struct Guard<S> {
-    inner: S,
+    inner: BufWriter<S>,
     meter: Arc<Meter>,
     scan: Scan,
     /// The last bytes of the current line, to read a literal announcement at its end.
@@ -119,9 +127,12 @@ pub struct Guard<S> {
 }
 
 impl<S> Guard<S> {
-    pub fn new(inner: S, meter: Arc<Meter>) -> Guard<S> {
+    pub fn new(inner: S, meter: Arc<Meter>) -> Guard<S>
+    where
+        S: AsyncWrite,
+    {
         Guard {
-            inner,
+            inner: BufWriter::with_capacity(WRITE_BUFFER, inner),
             meter,
             scan: Scan::Line { len: 0 },
             tail: [0; 24],
@@ -139,8 +150,13 @@ impl<S> Guard<S> {
         self.quoted && self.meter.utf8() && UTF8_LINES.iter().any(|p| self.head[..self.head_len].starts_with(p))
     }
 
-    pub fn into_inner(self) -> S {
-        self.inner
+    /// The stream, without what was written and not flushed (the IMAP library flushes every
+    /// command).
+    pub fn into_inner(self) -> S
+    where
+        S: AsyncWrite,
+    {
+        self.inner.into_inner()
     }
 
     /// Scans `bytes`; on a refusal, returns how many of them may be passed on before it.
@@ -250,7 +266,7 @@ fn literal_at_end(line: &[u8]) -> Option<u64> {
     Some(std::str::from_utf8(digits).ok()?.parse().unwrap_or(u64::MAX))
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Guard<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -288,6 +304,58 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// Records each write it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+    impl AsyncWrite for Writes {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.get_mut().0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_written_in_pieces_goes_out_in_one_write_at_the_flush() {
+        use tokio::io::AsyncWriteExt;
+        let mut g = Guard::new(Writes::default(), Meter::new(1024));
+        for piece in [
+            "A0006",
+            " ",
+            "SELECT \"INBOX\"",
+            "\r\n",
+            "A0007",
+            " ",
+            "UID FETCH 2:* (UID)",
+            "\r\n",
+        ] {
+            g.write_all(piece.as_bytes()).await.unwrap();
+        }
+        assert!(g.inner.get_ref().0.is_empty(), "nothing before the flush");
+        g.flush().await.unwrap();
+        assert_eq!(
+            g.inner.get_ref().0,
+            vec![b"A0006 SELECT \"INBOX\"\r\nA0007 UID FETCH 2:* (UID)\r\n".to_vec()]
+        );
+        // A write longer than the buffer (an APPEND's message) goes out after what was
+        // gathered, in order.
+        let big = vec![b'x'; WRITE_BUFFER * 3];
+        g.write_all(b"A0008 APPEND INBOX {1536}\r\n").await.unwrap();
+        g.write_all(&big).await.unwrap();
+        g.flush().await.unwrap();
+        let writes = &g.inner.get_ref().0[1..];
+        assert_eq!(
+            writes.concat(),
+            [b"A0008 APPEND INBOX {1536}\r\n".as_slice(), &big].concat()
+        );
+        assert_eq!(writes.len(), 2);
+    }
 
     async fn read_all(input: Vec<u8>, max_literal: u64) -> (Vec<u8>, Option<String>) {
         read_all_with(input, max_literal, false).await
