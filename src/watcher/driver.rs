@@ -766,17 +766,26 @@ impl Driver {
             Some((Ahead::Batch(read), r)) if read == uids => Some(r),
             _ => None,
         };
-        let fetched: Vec<(u32, Held)> = match read {
-            Some(Ok(AheadData::Fetched(f))) => f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
-            Some(Ok(AheadData::Listed(..))) | None => match self.fetch_now(&uids, spool).await {
-                Ok(f) => f,
-                Err(input) => return input,
+        // Attempts already made on messages that failed before (e.g. before a restart): read
+        // from the store while the server answers, not after it (a query is a round trip to
+        // the store's thread, on the path of every new message).
+        let store = self.store.clone();
+        let (account, folder) = (self.watch.account.name.clone(), self.watch.folder.clone());
+        let prior = async move { store.failed_attempts(&account, &folder).await };
+        let (fetched, prior): (Vec<(u32, Held)>, _) = match read {
+            Some(Ok(AheadData::Fetched(f))) => (
+                f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),
+                prior.await,
+            ),
+            Some(Ok(AheadData::Listed(..))) | None => match tokio::join!(self.fetch_now(&uids, spool), prior) {
+                (Ok(f), prior) => (f, prior),
+                (Err(input), _) => return input,
             },
             Some(Err(input)) => return input,
         };
         // The next batch (or listing window) comes while this one is delivered and committed.
         self.start_read_ahead(ahead);
-        self.settle_fetched(uids, fetched, check_seen, uidvalidity).await
+        self.settle_fetched(uids, fetched, prior, check_seen, uidvalidity).await
     }
 
     /// Fetches `uids` with the session: a batch in memory, or (with `spool`) one message in
@@ -832,12 +841,12 @@ impl Driver {
         &mut self,
         uids: Vec<u32>,
         fetched: Vec<(u32, Held)>,
+        prior: crate::store::StoreResult<std::collections::HashMap<String, u32>>,
         check_seen: &[u32],
         uidvalidity: u32,
     ) -> Input {
         let (account, folder) = (&self.watch.account.name, &self.watch.folder);
-        // Attempts already made on messages that failed before (e.g. before a restart).
-        let prior = match self.store.failed_attempts(account, folder).await {
+        let prior = match prior {
             Ok(p) => p,
             Err(e) => {
                 return Input::Failed {
