@@ -485,6 +485,18 @@ mod tests {
 
     const PATH: (&str, &str) = ("PATH", "/usr/bin:/bin");
 
+    /// `sleep 30`, to be killed or dropped.
+    fn sleeper(dir: &Path) -> Child {
+        spawn(Spec {
+            program: "sleep",
+            args: &["30".into()],
+            env: vec![(PATH.0.into(), PATH.1.into())],
+            cwd: dir,
+            stdin: Stdin::Piped,
+        })
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn the_program_gets_its_argv_environment_directory_and_stdin_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
@@ -587,14 +599,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut child, _) = run("sh", &["-c", "exit 3"], &[PATH], dir.path(), b"").await;
         assert_eq!(child.wait().await.unwrap().code(), Some(3));
-        let mut child = spawn(Spec {
-            program: "sleep",
-            args: &["30".into()],
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            cwd: dir.path(),
-            stdin: Stdin::Piped,
-        })
-        .unwrap();
+        let mut child = sleeper(dir.path());
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(child.kill().await.unwrap().signal(), Some(libc::SIGKILL));
     }
@@ -628,14 +633,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_child_is_killed_and_reaped() {
         let dir = tempfile::tempdir().unwrap();
-        let child = spawn(Spec {
-            program: "sleep",
-            args: &["30".into()],
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            cwd: dir.path(),
-            stdin: Stdin::Piped,
-        })
-        .unwrap();
+        let child = sleeper(dir.path());
         let pid = child.id();
         drop(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -127,6 +127,19 @@ impl SelectAnswer {
     }
 }
 
+/// The next response of `phase`; the end of the connection is an error.
+async fn next_response(
+    inner: &mut Inner,
+    phase: &'static str,
+    counter: &guard::Meter,
+) -> Result<async_imap::types::response_data::ResponseData, ImapError> {
+    inner
+        .read_response()
+        .await
+        .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
+        .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))
+}
+
 /// A command's tagged answer as a result: OK, or the refusal with the server's text
 /// (explained where inboxd knows what it means).
 fn tagged(
@@ -264,11 +277,7 @@ impl Session {
             let mut selected: Option<Result<(), ImapError>> = None;
             loop {
                 let phase = if selected.is_none() { "SELECT" } else { "UID FETCH" };
-                let resp = inner
-                    .read_response()
-                    .await
-                    .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
-                    .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
+                let resp = next_response(inner, phase, &counter).await?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == select_id => {
                         selected = Some(tagged("SELECT", status, outcome));
@@ -457,11 +466,7 @@ impl Session {
         progress_deadline(phase, t, &meter, async move {
             let id = inner.run_command(command).await.map_err(cmd(phase))?;
             loop {
-                let resp = inner
-                    .read_response()
-                    .await
-                    .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
-                    .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
+                let resp = next_response(inner, phase, &counter).await?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
                         return tagged(phase, status, outcome);
