@@ -127,19 +127,6 @@ impl SelectAnswer {
     }
 }
 
-/// The next response of `phase`; the end of the connection is an error.
-async fn next_response(
-    inner: &mut Inner,
-    phase: &'static str,
-    counter: &guard::Meter,
-) -> Result<async_imap::types::response_data::ResponseData, ImapError> {
-    inner
-        .read_response()
-        .await
-        .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
-        .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))
-}
-
 /// A command's tagged answer as a result: OK, or the refusal with the server's text
 /// (explained where inboxd knows what it means).
 fn tagged(
@@ -277,7 +264,11 @@ impl Session {
             let mut selected: Option<Result<(), ImapError>> = None;
             loop {
                 let phase = if selected.is_none() { "SELECT" } else { "UID FETCH" };
-                let resp = next_response(inner, phase, &counter).await?;
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
+                    .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == select_id => {
                         selected = Some(tagged("SELECT", status, outcome));
@@ -466,7 +457,11 @@ impl Session {
         progress_deadline(phase, t, &meter, async move {
             let id = inner.run_command(command).await.map_err(cmd(phase))?;
             loop {
-                let resp = next_response(inner, phase, &counter).await?;
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
+                    .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == id => {
                         return tagged(phase, status, outcome);
