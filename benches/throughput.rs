@@ -114,6 +114,31 @@ impl Raw {
         bytes
     }
 
+    /// Sends a command in one write and reads to its tagged answer (literals skipped): the
+    /// time it took if the answer was OK.
+    fn timed(&mut self, c: &str) -> Option<f64> {
+        self.tag += 1;
+        let tag = format!("R{}", self.tag);
+        let t = Instant::now();
+        self.w.write_all(format!("{tag} {c}\r\n").as_bytes()).unwrap();
+        loop {
+            let l = self.line();
+            if let Some(n) = l
+                .trim_end()
+                .strip_suffix('}')
+                .and_then(|x| x.rsplit('{').next())
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink()).unwrap();
+                continue;
+            }
+            if l.starts_with(&tag) {
+                let ok = l[tag.len()..].trim_start().starts_with("OK");
+                return ok.then(|| t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+
     /// Sends a command and reads to its tagged OK; `literal` reads each literal of `n` bytes.
     fn cmd_with(&mut self, c: &str, mut literal: impl FnMut(&mut BufReader<TcpStream>, u64)) {
         self.tag += 1;
@@ -248,6 +273,31 @@ async fn latency_on(server: &str, port: u16, user: &str, n: usize) {
     println!("    inboxd      p50 {o50:8.2} ms   p99 {o99:8.2} ms");
     println!("    raw IDLE    p50 {f50:8.2} ms   p99 {f99:8.2} ms   (the server's floor: EXISTS seen)");
     println!("    overhead    p50 {:8.2} ms   p99 {:8.2} ms", o50 - f50, o99 - f99);
+    command_times(port, user);
+}
+
+/// What each command of the wake path costs on this server (median of 20, a raw client with
+/// the folder selected, each command in one write): where a wake's time goes on the server's
+/// side, and what a STATUS of the selected folder would cost in place of a SELECT.
+fn command_times(port: u16, user: &str) {
+    let mut raw = Raw::connect_port(port, user);
+    raw.cmd("SELECT INBOX");
+    let mut time = |c: &str| {
+        let mut v: Vec<f64> = (0..20).filter_map(|_| raw.timed(c)).collect();
+        if v.is_empty() {
+            "refused".to_string()
+        } else {
+            format!("{:.2} ms", pct(&mut v, 0.5))
+        }
+    };
+    let select = time("SELECT INBOX");
+    let status = time("STATUS INBOX (UIDNEXT UIDVALIDITY)");
+    let noop = time("NOOP");
+    let list = time("UID FETCH * (UID RFC822.SIZE INTERNALDATE FLAGS)");
+    let fetch = time("UID FETCH * (UID BODY.PEEK[])");
+    println!(
+        "    commands    SELECT {select}, STATUS (UIDNEXT UIDVALIDITY) of the selected folder {status}, NOOP {noop}, listing of the newest message {list}, its body {fetch}"
+    );
 }
 
 /// Unix time in microseconds: the probe program and the bench compare it across processes.
