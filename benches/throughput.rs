@@ -476,7 +476,6 @@ async fn exec_latency_on(port: u16, n: usize) {
 /// `DONE`); an EXISTS answering a SELECT is not news. One relay per client, each connection
 /// forwarded as it comes.
 async fn exists_tap(server: u16) -> (u16, mpsc::UnboundedReceiver<u64>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -488,48 +487,46 @@ async fn exists_tap(server: u16) -> (u16, mpsc::UnboundedReceiver<u64>) {
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
             let idling = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let (mut cr, mut cw) = client.into_split();
-            let (mut ur, mut uw) = upstream.into_split();
+            let (cr, cw) = client.into_split();
+            let (ur, uw) = upstream.into_split();
             let up = idling.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16384];
-                while let Ok(n) = cr.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let chunk = &buf[..n];
-                    if chunk.windows(6).any(|w| w.eq_ignore_ascii_case(b" IDLE\r")) {
-                        up.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    if chunk.windows(4).any(|w| w.eq_ignore_ascii_case(b"DONE")) {
-                        up.store(false, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    if uw.write_all(chunk).await.is_err() {
-                        break;
-                    }
+            tokio::spawn(pump(cr, uw, move |chunk| {
+                if chunk.windows(6).any(|w| w.eq_ignore_ascii_case(b" IDLE\r")) {
+                    up.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
-                let _ = uw.shutdown().await;
-            });
+                if chunk.windows(4).any(|w| w.eq_ignore_ascii_case(b"DONE")) {
+                    up.store(false, std::sync::atomic::Ordering::SeqCst);
+                }
+            }));
             let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = ur.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    let chunk = &buf[..n];
-                    if idling.load(std::sync::atomic::Ordering::SeqCst) && chunk.windows(6).any(|w| w == b"EXISTS") {
-                        let _ = tx.send(unix_micros());
-                    }
-                    if cw.write_all(chunk).await.is_err() {
-                        break;
-                    }
+            tokio::spawn(pump(ur, cw, move |chunk| {
+                if idling.load(std::sync::atomic::Ordering::SeqCst) && chunk.windows(6).any(|w| w == b"EXISTS") {
+                    let _ = tx.send(unix_micros());
                 }
-                let _ = cw.shutdown().await;
-            });
+            }));
         }
     });
     (port, rx)
+}
+
+/// Copies `from` to `to` until either ends, showing each chunk to `look` before it passes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut look: impl FnMut(&[u8]),
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        look(&buf[..n]);
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// fetchmail 6 in IDLE (`-N -d`, `idle`, `keep`) on folder `Fetchmail`, with the bench's
