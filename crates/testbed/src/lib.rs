@@ -117,6 +117,19 @@ fn wait_listening(
     Err(io::Error::other(format!("{what} did not start listening within 15 s")))
 }
 
+/// Whether the server on `port` greets with `text` in its first line.
+fn greets(port: u16, text: &str) -> bool {
+    use std::io::{BufRead, BufReader};
+    let Ok(stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let greeted = BufReader::new(&stream).read_line(&mut line).is_ok() && line.contains(text);
+    let _ = (&stream).write_all(b"a LOGOUT\r\n");
+    greeted
+}
+
 /// Lets every one of `n` IMAP processes of one user watch its folder with inotify: Linux's
 /// default of 128 inotify instances per user makes Dovecot's sessions beyond the 128th fall
 /// back to checking every `mailbox_idle_check_interval`, so a new message is noticed up to a
@@ -268,6 +281,7 @@ listen = 127.0.0.1
 base_dir = {d}/run
 state_dir = {d}/state
 instance_name = inboxd-test-{port}
+login_greeting = {greeting}
 log_path = {d}/dovecot.log
 ssl = yes
 ssl_cert = <{d}/tls/cert.pem
@@ -320,6 +334,7 @@ service imap-login {{
             d = d.display(),
             port = self.port,
             tls_port = self.tls_port,
+            greeting = self.greeting(),
             chroot = if root { "" } else { "chroot =" },
         );
         if Path::new("/usr/share/dovecot/dh.pem").exists() {
@@ -381,16 +396,26 @@ service imap-login {{
         Ok(())
     }
 
+    /// This instance's greeting: its folder's name, unique on the machine while it runs.
+    fn greeting(&self) -> String {
+        let name = self.dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        format!("inboxd-test-{}", name.unwrap_or_default())
+    }
+
     fn launch(&mut self) -> io::Result<()> {
         let mut cmd = Command::new(find_dovecot()?);
         cmd.arg("-F").arg("-c").arg(self.config_file());
         self.child = Some(spawn_in_group(cmd, &self.dir.join("stderr.log"))?);
+        // Ready when *this* instance greets on the port: a free port picked by another test at
+        // the same moment would otherwise be "listening" with someone else's server behind
+        // it (then torn down under this test: a reset at the greeting, seen once in CI).
+        let (port, greeting) = (self.port, self.greeting());
         wait_listening(
             &mut self.child,
             &[self.port, self.tls_port],
             &self.dir.join("stderr.log"),
             "dovecot",
-            || true,
+            || greets(port, &greeting),
         )
     }
 
