@@ -185,6 +185,7 @@ fn candidates(program: &str, env: &[(OsString, OsString)]) -> io::Result<Vec<CSt
     }
     let path = env
         .iter()
+        .rev()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .or_else(|| std::env::var_os("PATH"))
@@ -231,7 +232,11 @@ mod linux {
             args.push(cstring(a.as_bytes(), "an argument")?);
         }
         let mut env = Vec::with_capacity(spec.env.len());
-        for (k, v) in &spec.env {
+        for (i, (k, v)) in spec.env.iter().enumerate() {
+            // A name given twice is the last value, as with std's `Command::env`.
+            if spec.env[i + 1..].iter().any(|(later, _)| later == k) {
+                continue;
+            }
             if k.as_bytes().contains(&b'=') {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -539,6 +544,23 @@ mod tests {
                 "descriptor leaked into the program: {line}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_name_given_twice_is_its_last_value() {
+        let dir = tempfile::tempdir().unwrap();
+        // `env` prints the environment as the kernel gave it (a shell would tidy it first).
+        let (mut child, out) = run(
+            "env",
+            &[],
+            &[PATH, ("TWICE", "first"), ("TWICE", "last")],
+            dir.path(),
+            b"",
+        )
+        .await;
+        assert!(child.wait().await.unwrap().success());
+        let twice: Vec<&str> = out.lines().filter(|l| l.starts_with("TWICE=")).collect();
+        assert_eq!(twice, ["TWICE=last"]);
     }
 
     #[tokio::test]

@@ -272,6 +272,8 @@ impl Session {
                 match resp.parsed() {
                     Response::Done { tag, status, outcome } if *tag == select_id => {
                         selected = Some(tagged("SELECT", status, outcome));
+                        // What comes after is news against the folder as selected.
+                        *known = answer.exists;
                     }
                     Response::Done { tag, status, outcome } if *tag == list_id => {
                         let Some(selected) = selected else {
@@ -311,10 +313,10 @@ impl Session {
         })
         .await;
         let (selected, listing) = both?;
-        // The SELECT's EXISTS is the folder's size; the listing's came after it.
+        // The count as the listing left it: the SELECT's, updated by what came after it.
         let exists_after = self.exists;
         let state = self.selected_as(folder, selected, answer).await?;
-        self.exists = self.exists.max(exists_after);
+        self.exists = exists_after;
         Ok((state, listing.map(|()| listed)))
     }
 
