@@ -883,12 +883,7 @@ impl WatchMachine {
         if why != SelectFor::Resync || self.stopping || !self.pending_post.is_empty() {
             return None;
         }
-        let above = self.cp?.last_uid;
-        let end = above.saturating_add(self.spec.list_window.max(1));
-        Some(ListWindow {
-            above,
-            upto: (end < self.uidnext.saturating_sub(1)).then_some(end),
-        })
+        Some(self.window_of(self.cp?.last_uid, self.spec.list_window))
     }
 
     fn selected(&mut self, why: SelectFor, selected: Selected, now: Duration) -> Action {
@@ -997,7 +992,13 @@ impl WatchMachine {
     /// The listing window that starts above `above`: bounded only while its bound is below
     /// the last UID the SELECT's UIDNEXT vouches for.
     fn window_from(&self, above: u32) -> ListWindow {
-        let end = above.saturating_add(self.window_size.max(1));
+        self.window_of(above, self.window_size)
+    }
+
+    /// The window of `size` UIDs above `above`, bounded only below the last UID UIDNEXT
+    /// vouches for.
+    fn window_of(&self, above: u32, size: u32) -> ListWindow {
+        let end = above.saturating_add(size.max(1));
         ListWindow {
             above,
             upto: (end < self.uidnext.saturating_sub(1)).then_some(end),
