@@ -198,6 +198,60 @@ async fn uidvalidity_change_dedupes_by_default() {
     assert!(saw_change);
 }
 
+/// The folder is deleted and created again while the watcher idles in it: Dovecot keeps the
+/// session on the deleted folder (even a STATUS of the folder's name, on that session, reports
+/// the deleted folder's UIDVALIDITY), so the wake SELECTs again and finds the new folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_recreated_under_an_idling_session_is_noticed_at_the_next_wake() {
+    let dv = dovecot();
+    imap(&dv, "CREATE Work").await;
+    let old = inboxd_testbed::sample_message(1, "old", 300);
+    append_raw(&dv, "Work", std::slice::from_ref(&old)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"Work\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }",
+    );
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    assert_eq!(rec.subjects(), vec!["old"]);
+    imap(&dv, "DELETE Work").await;
+    imap(&dv, "CREATE Work").await;
+    // Dovecot briefly answers "Mailbox was deleted under us" to an APPEND right after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = inboxd_testbed::sample_message(2, "new", 300);
+    append_raw(&dv, "Work", &[old, new]).await;
+    let mut seen = Vec::new();
+    let t = std::time::Instant::now();
+    while rec.subjects().len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the new message never came: {seen:?}"
+        );
+        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), ev.recv()).await {
+            seen.push(e);
+        }
+    }
+    w.stop().await.unwrap();
+    while let Ok(e) = ev.try_recv() {
+        seen.push(e);
+    }
+    assert_eq!(rec.subjects(), vec!["old", "new"], "{seen:?}");
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::UidValidityChanged { .. })),
+        "{seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uidvalidity_change_skip_and_replay_policies() {
     for (policy, expected) in [("skip", vec!["old"]), ("replay", vec!["old", "old", "new"])] {
