@@ -162,7 +162,7 @@ async fn select_without_uidnext_falls_back_to_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wake_sends_the_select_and_the_listing_together() {
+async fn a_wake_sends_done_the_select_and_the_listing_together() {
     let server = Scripted::start().await;
     server.add_message("history");
     server.state.lock().unwrap().watch_pipelining = true;
@@ -196,7 +196,8 @@ async fn a_wake_sends_the_select_and_the_listing_together() {
     w.stop().await.unwrap();
     assert_eq!(rec.subjects(), vec!["one", "two"]);
     let st = server.state.lock().unwrap();
-    // Each wake: SELECT and the listing in one write, one round trip.
+    // Each wake: DONE, SELECT and the listing written together, one round trip.
+    assert_eq!(st.pipelined_after_done, 2, "{:?}", st.commands);
     assert_eq!(st.pipelined_after_select, 2, "{:?}", st.commands);
     let after_select: Vec<&String> = st
         .commands

@@ -32,85 +32,137 @@ impl Session {
     }
 
     /// IDLE (RFC 2177) for at most `max`; leaves early on server activity, silence longer
-    /// than `idle_silence`, or when `interrupt` completes. Ends with DONE under its deadline.
+    /// than `idle_silence`, or when `interrupt` completes.
+    ///
+    /// The IDLE is left open: DONE goes out with the next command, written in the same go as
+    /// it (on the wake path the SELECT and the listing: [`Session::select_and_list`]), so the
+    /// server's answer to DONE is not one more round trip before the SELECT. Every other
+    /// command ends the IDLE first and reads its answer under the `done` deadline
+    /// ([`Session::end_idle`]).
     pub async fn idle(
-        self,
+        mut self,
         max: Duration,
         interrupt: impl Future<Output = ()>,
     ) -> Result<(Session, WaitEnd), ImapError> {
-        let Session {
-            inner,
-            caps,
-            timeouts,
-            selected,
-            token_due,
-            news,
-            exists,
-            meter,
-            special,
-            slots,
-            utf8,
-        } = self;
-        let mut handle = inner.idle();
-        deadline("IDLE", timeouts.command, async {
-            handle.init().await.map_err(cmd("IDLE"))
+        self.end_idle().await?;
+        let t = self.timeouts;
+        let inner = &mut self.inner;
+        let exists = &mut self.exists;
+        let news = &mut self.news;
+        let id = deadline("IDLE", t.command, async {
+            let id = inner.run_command("IDLE").await.map_err(cmd("IDLE"))?;
+            loop {
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| cmd("IDLE")(e.into()))?
+                    .ok_or_else(|| ImapError::Bye("connection closed before IDLE began".into()))?;
+                match resp.parsed() {
+                    Response::Continue { .. } => return Ok(id),
+                    Response::Done { tag, status, outcome } if *tag == id => {
+                        // Refused (or ended at once): no IDLE to leave.
+                        tagged("IDLE", status, outcome)?;
+                        return Err(ImapError::Unexpected {
+                            command: "IDLE",
+                            detail: "the server ended IDLE before it began".into(),
+                        });
+                    }
+                    other => note_unsolicited(other, exists, news)?,
+                }
+            }
         })
         .await?;
+        // From here the server may end the IDLE itself (a tagged answer): then there is no
+        // DONE to send.
+        let mut open = true;
         let end = {
-            let (wait, stop) = handle.wait_with_timeout(timeouts.idle_silence);
-            tokio::pin!(wait);
             tokio::pin!(interrupt);
-            let mut stop = Some(stop);
-            let mut reason = None;
             let sleep = tokio::time::sleep(max);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
-                    r = &mut wait => {
-                        let r = r.map_err(cmd("IDLE"))?;
-                        break match (reason, r) {
-                            (Some(reason), _) => reason,
-                            (None, IdleResponse::Timeout) => WaitEnd::Silence,
-                            (None, IdleResponse::ManualInterrupt) => {
-                                return Err(ImapError::Bye("connection closed during IDLE".into()));
+                    // `read_response` keeps what it has read in the stream's buffer when it is
+                    // dropped unfinished (async-imap's own IDLE relies on the same).
+                    r = tokio::time::timeout(t.idle_silence, inner.read_response()) => {
+                        let Ok(r) = r else { break WaitEnd::Silence };
+                        let resp = r
+                            .map_err(|e| cmd("IDLE")(e.into()))?
+                            .ok_or_else(|| ImapError::Bye("connection closed during IDLE".into()))?;
+                        match resp.parsed() {
+                            // Keep-alives ("* OK Still here") and continuations are not news.
+                            Response::Data { status: Status::Ok, .. } | Response::Continue { .. } => {}
+                            Response::Done { tag, status, outcome } if *tag == id => {
+                                open = false;
+                                tagged("IDLE", status, outcome)?;
+                                break WaitEnd::Activity;
                             }
-                            (None, IdleResponse::NewData(data)) => {
-                                if let Response::Data { status: Status::Bye, outcome } = data.parsed() {
-                                    return Err(ImapError::Bye(outcome.information.as_deref().unwrap_or("").to_string()));
-                                }
-                                WaitEnd::Activity
+                            other => {
+                                note_unsolicited(other, exists, news)?;
+                                break WaitEnd::Activity;
                             }
-                        };
+                        }
                     }
-                    _ = &mut sleep, if reason.is_none() => {
-                        reason = Some(WaitEnd::Elapsed);
-                        stop.take();
-                    }
-                    _ = &mut interrupt, if reason.is_none() => {
-                        reason = Some(WaitEnd::Interrupted);
-                        stop.take();
-                    }
+                    _ = &mut sleep => break WaitEnd::Elapsed,
+                    _ = &mut interrupt => break WaitEnd::Interrupted,
                 }
             }
         };
-        let inner = deadline("DONE", timeouts.done, async {
-            handle.done().await.map_err(cmd("DONE"))
-        })
-        .await?;
-        let mut session = Session {
-            inner,
-            caps,
-            timeouts,
-            selected,
-            token_due,
-            news,
-            exists,
-            meter,
-            special,
-            slots,
-            utf8,
-        };
-        session.drain_unsolicited();
-        Ok((session, end))
+        if open {
+            self.idling = Some(id);
+        }
+        self.drain_unsolicited();
+        Ok((self, end))
     }
+
+    /// Leaves an IDLE left open by [`Session::idle`]: sends DONE and reads up to the IDLE's
+    /// tagged answer under the `done` deadline. Nothing to do when no IDLE is open.
+    pub(super) async fn end_idle(&mut self) -> Result<(), ImapError> {
+        let Some(id) = self.idling.take() else {
+            return Ok(());
+        };
+        let inner = &mut self.inner;
+        let exists = &mut self.exists;
+        let news = &mut self.news;
+        deadline("DONE", self.timeouts.done, async {
+            inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
+            loop {
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| cmd("DONE")(e.into()))?
+                    .ok_or_else(|| ImapError::Bye("connection closed during DONE".into()))?;
+                match resp.parsed() {
+                    Response::Done { tag, status, outcome } if *tag == id => return tagged("DONE", status, outcome),
+                    other => note_unsolicited(other, exists, news)?,
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// What an untagged response outside a command's own answers says about the selected folder:
+/// an EXISTS above the known count is news, an EXPUNGE lowers the count, a BYE ends the
+/// session; the rest is ignored.
+pub(super) fn note_unsolicited(resp: &Response<'_>, exists: &mut u32, news: &mut bool) -> Result<(), ImapError> {
+    match resp {
+        Response::MailboxData(MailboxDatum::Exists(n)) => {
+            if *n > *exists {
+                *news = true;
+            }
+            *exists = *n;
+        }
+        Response::Expunge(_) => *exists = exists.saturating_sub(1),
+        Response::Data {
+            status: Status::Bye,
+            outcome,
+        } => {
+            return Err(ImapError::Bye(clip(
+                outcome.information.as_deref().unwrap_or("").to_string(),
+                MAX_TEXT,
+            )));
+        }
+        _ => {}
+    }
+    Ok(())
 }

@@ -160,8 +160,9 @@ impl Session {
             exists: 0,
             meter: meter.clone(),
             special: std::collections::HashMap::new(),
-            slots,
+            _slots: slots,
             utf8: false,
+            idling: None,
         };
         // Logged in: messages may come now. The watcher narrows this to its own limit.
         meter.set_max_literal(crate::config::MAX_MESSAGE_SIZE_LIMIT + guard::PRE_LOGIN_LITERAL);

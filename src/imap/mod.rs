@@ -23,7 +23,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_imap::Authenticator;
-use async_imap::extensions::idle::IdleResponse;
 use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, ResponseCode, Status};
 use inboxd_core::failure::FailureClass;
 use inboxd_core::mailbox::sequence_set;
@@ -171,11 +170,14 @@ pub struct Session {
     meter: std::sync::Arc<guard::Meter>,
     /// Special uses resolved on this connection (`\\Junk` -> its folder): one LIST per session.
     special: std::collections::HashMap<String, String>,
-    /// The connection slots (per host, per account) this session holds while it lives.
-    slots: connect::Slots,
+    /// The connection slots (per host, per account) this session holds while it lives (held
+    /// for what dropping them does: they free the slots).
+    _slots: connect::Slots,
     /// UTF8=ACCEPT is enabled (RFC 6855): folder names go and come as UTF-8, not modified
     /// UTF-7.
     utf8: bool,
+    /// An IDLE left open by [`Session::idle`] (its tag): DONE goes out with the next command.
+    idling: Option<async_imap::imap_proto::RequestId>,
 }
 
 impl Session {
@@ -252,6 +254,9 @@ impl Session {
         let list = self.list_command(last_uid, upto);
         let mut answer = SelectAnswer::default();
         let mut listed = Vec::new();
+        // An IDLE still open ends with a DONE written just before the SELECT: its answer is
+        // read with theirs, not waited for first.
+        let mut idle_open = self.idling.take();
         let t = self.timeouts.command;
         let inner = &mut self.inner;
         let saw_news = &mut self.news;
@@ -259,6 +264,9 @@ impl Session {
         let meter = self.meter.clone();
         let counter = self.meter.clone();
         let both = progress_deadline("SELECT", t, &meter, async {
+            if idle_open.is_some() {
+                inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
+            }
             let select_id = inner.run_command(&select).await.map_err(cmd("SELECT"))?;
             let list_id = inner.run_command(&list).await.map_err(cmd("UID FETCH"))?;
             let mut selected: Option<Result<(), ImapError>> = None;
@@ -270,6 +278,14 @@ impl Session {
                     .map_err(|e| at_byte(cmd(phase)(e.into()), counter.read()))?
                     .ok_or_else(|| ImapError::Bye(format!("connection closed during {phase}")))?;
                 match resp.parsed() {
+                    Response::Done { tag, status, outcome } if idle_open.as_ref() == Some(tag) => {
+                        idle_open = None;
+                        tagged("DONE", status, outcome)?;
+                    }
+                    // What came before the IDLE's answer came during the wait.
+                    other if idle_open.is_some() && !matches!(other, Response::Done { .. }) => {
+                        idle::note_unsolicited(other, known, saw_news)?;
+                    }
                     Response::Done { tag, status, outcome } if *tag == select_id => {
                         selected = Some(tagged("SELECT", status, outcome));
                         // What comes after is news against the folder as selected.
@@ -450,6 +466,7 @@ impl Session {
         news: bool,
         mut each: impl FnMut(&Response<'_>),
     ) -> Result<(), ImapError> {
+        self.end_idle().await?;
         let t = self.timeouts.command;
         let inner = &mut self.inner;
         let saw_news = &mut self.news;
@@ -529,6 +546,7 @@ impl Session {
 
     /// `APPEND` a message to a folder (used by tests, the demo and the benchmark).
     pub async fn append(&mut self, folder: &str, message: &[u8]) -> Result<(), ImapError> {
+        self.end_idle().await?;
         let t = self.timeouts.command;
         let name = if self.utf8 {
             folder.to_string()
@@ -624,6 +642,7 @@ impl Session {
 
     /// `NOOP`: a liveness probe that also lets the server report changes.
     pub async fn noop(&mut self) -> Result<(), ImapError> {
+        self.end_idle().await?;
         let t = self.timeouts.command;
         deadline("NOOP", t, async { self.inner.noop().await.map_err(cmd("NOOP")) }).await?;
         self.drain_unsolicited();
@@ -632,6 +651,7 @@ impl Session {
 
     /// Runs a raw command and waits for its tagged OK (for commands this API lacks).
     pub async fn run(&mut self, command: &str) -> Result<(), ImapError> {
+        self.end_idle().await?;
         let t = self.timeouts.command;
         deadline("command", t, async {
             self.inner
@@ -644,6 +664,10 @@ impl Session {
 
     /// LOGOUT under a deadline; errors are ignored, the connection is closed either way.
     pub async fn logout(mut self) {
+        if self.end_idle().await.is_err() {
+            // The connection is gone or wedged: nothing more to say on it.
+            return;
+        }
         let t = self.timeouts.done;
         let _ = tokio::time::timeout(t, self.inner.logout()).await;
     }

@@ -565,7 +565,13 @@ impl Driver {
             }
             Action::Logout => {
                 if let Some(s) = self.session.take() {
-                    s.logout().await;
+                    if *self.stop.borrow() {
+                        // A stop does not wait longer than STOP_GRACE for a server that no
+                        // longer answers (an IDLE left open ends with the logout).
+                        let _ = tokio::time::timeout(STOP_GRACE, s.logout()).await;
+                    } else {
+                        s.logout().await;
+                    }
                 }
                 self.bodies.clear();
                 Input::LoggedOut
@@ -1308,8 +1314,8 @@ impl Driver {
                 job = Self::next_job(jobs, closed) => took = Some(job),
             }
         };
-        // A stop ends the IDLE with DONE; a server that does not answer it gets STOP_GRACE,
-        // not the whole `timeouts.done`, before the session is dropped.
+        // The wait ends at once on a stop (the IDLE is left open: DONE goes with the logout,
+        // itself bounded by STOP_GRACE); should the wait itself not end, STOP_GRACE bounds it.
         let mut stopping = self.stop.clone();
         let result = {
             let idle = session.idle(max, interrupt);

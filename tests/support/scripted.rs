@@ -94,6 +94,9 @@ pub struct State {
     pub watch_pipelining: bool,
     /// SELECTs the client followed with a command before they were answered.
     pub pipelined_after_select: u32,
+    /// DONEs (ending an IDLE) the client followed with a command before they were answered
+    /// (counted with `watch_pipelining`).
+    pub pipelined_after_done: u32,
 }
 
 #[derive(Clone)]
@@ -152,6 +155,16 @@ impl Scripted {
     /// count), so the client resyncs and meets the `n:*` answer below n.
     pub fn add_message_silently_none(&self) {
         self.news.notify_waiters();
+    }
+
+    /// With `watch_pipelining`: whether the client sent its next command within 300 ms,
+    /// without waiting for the answer to the one just read.
+    async fn pipelined(&self, r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> bool {
+        if !self.state.lock().unwrap().watch_pipelining {
+            return false;
+        }
+        let next = tokio::time::timeout(Duration::from_millis(300), r.fill_buf()).await;
+        next.is_ok_and(|b| b.is_ok_and(|b| !b.is_empty()))
     }
 
     async fn serve(&self, sock: TcpStream) -> std::io::Result<()> {
@@ -257,11 +270,8 @@ impl Scripted {
                         )
                     };
                     seen_count = n;
-                    if self.state.lock().unwrap().watch_pipelining {
-                        let next = tokio::time::timeout(Duration::from_millis(300), r.fill_buf()).await;
-                        if next.is_ok_and(|b| b.is_ok_and(|b| !b.is_empty())) {
-                            self.state.lock().unwrap().pipelined_after_select += 1;
-                        }
+                    if self.pipelined(&mut r).await {
+                        self.state.lock().unwrap().pipelined_after_select += 1;
                     }
                     let mut out = format!("* {n} EXISTS\r\n* 0 RECENT\r\n* OK [UIDVALIDITY 42] UIDs valid\r\n");
                     if !no_next {
@@ -569,6 +579,9 @@ impl Scripted {
                         let mut sink = String::new();
                         while r.read_line(&mut sink).await.unwrap_or(0) > 0 {}
                         return Ok(());
+                    }
+                    if self.pipelined(&mut r).await {
+                        self.state.lock().unwrap().pipelined_after_done += 1;
                     }
                     w.write_all(format!("{tag} OK Idle completed.\r\n").as_bytes()).await?;
                 }
