@@ -48,7 +48,9 @@ impl Session {
         let t = self.timeouts;
         let inner = &mut self.inner;
         let exists = &mut self.exists;
-        let news = &mut self.news;
+        // New mail announced before the server confirmed the IDLE is not announced again in
+        // it: the wait ends at once then.
+        let mut early = false;
         let id = deadline("IDLE", t.command, async {
             let id = inner.run_command("IDLE").await.map_err(cmd("IDLE"))?;
             loop {
@@ -67,7 +69,7 @@ impl Session {
                             detail: "the server ended IDLE before it began".into(),
                         });
                     }
-                    other => note_unsolicited(other, exists, news)?,
+                    other => note_unsolicited(other, exists, &mut early)?,
                 }
             }
         })
@@ -75,7 +77,9 @@ impl Session {
         // From here the server may end the IDLE itself (a tagged answer): then there is no
         // DONE to send.
         let mut open = true;
-        let end = {
+        let end = if early {
+            WaitEnd::Activity
+        } else {
             tokio::pin!(interrupt);
             let sleep = tokio::time::sleep(max);
             tokio::pin!(sleep);
@@ -97,7 +101,10 @@ impl Session {
                                 break WaitEnd::Activity;
                             }
                             other => {
-                                note_unsolicited(other, exists, news)?;
+                                // The wake itself is the news: whatever it announced, the
+                                // listing after it covers (so it is not news *during* that
+                                // listing, which would make an empty one list again).
+                                note_unsolicited(other, exists, &mut false)?;
                                 break WaitEnd::Activity;
                             }
                         }

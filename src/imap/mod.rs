@@ -282,9 +282,10 @@ impl Session {
                         idle_open = None;
                         tagged("DONE", status, outcome)?;
                     }
-                    // What came before the IDLE's answer came during the wait.
+                    // What came before the IDLE's answer came during the wait: the SELECT
+                    // and the listing sent after it cover it, so it is not news during them.
                     other if idle_open.is_some() && !matches!(other, Response::Done { .. }) => {
-                        idle::note_unsolicited(other, known, saw_news)?;
+                        idle::note_unsolicited(other, known, &mut false)?;
                     }
                     Response::Done { tag, status, outcome } if *tag == select_id => {
                         selected = Some(tagged("SELECT", status, outcome));
