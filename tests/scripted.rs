@@ -213,6 +213,61 @@ async fn a_wake_sends_done_the_select_and_the_listing_together() {
     );
 }
 
+/// On a wake, the bodies of the first UIDs above the checkpoint are asked for in the same
+/// write as the SELECT and the listing; a message that came back whole is not fetched again,
+/// one that did not (longer than what was asked for) is fetched as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_reads_the_new_message_with_the_listing_and_fetches_only_what_did_not_fit() {
+    let server = Scripted::start().await;
+    server.add_message("history");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "new", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    let idles = || {
+        server
+            .state
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .filter(|c| c.starts_with("IDLE"))
+            .count()
+    };
+    let wait_idle = |n: usize| async move {
+        let t = std::time::Instant::now();
+        while idles() <= n {
+            assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    wait_idle(0).await;
+    server.add_message("small");
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_idle(1).await;
+    // Longer than the 64 KiB asked for with the listing.
+    server.add_message_sized("large", 70_000);
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["small", "large"]);
+    let st = server.state.lock().unwrap();
+    let fetches: Vec<&String> = st
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("UID FETCH") && c.contains("BODY.PEEK[]"))
+        .collect();
+    assert_eq!(
+        fetches,
+        [
+            "UID FETCH 2:5 (UID BODY.PEEK[]<0.65536>)",
+            "UID FETCH 3:6 (UID BODY.PEEK[]<0.65536>)",
+            "UID FETCH 3 (UID BODY.PEEK[])"
+        ],
+        "{:?}",
+        st.commands
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_mid_literal_hits_the_command_deadline() {
     let server = Scripted::start().await;

@@ -243,17 +243,31 @@ impl Session {
     /// SELECT's OK; a UID it names at or above the SELECT's UIDNEXT arrived in between, as it
     /// could have then. The outer error is the SELECT's (or the connection's); the listing's
     /// own refusal (after a SELECT that failed, for one) is the inner one.
+    ///
+    /// With `bodies` (`from`, `to`, `max_bytes`), a third command in the same write reads the
+    /// first `max_bytes` of each message with a UID from `from` to `to` (`BODY.PEEK[]<0.n>`):
+    /// returned as they came, each at most `max_bytes` long, whole or not (the caller
+    /// compares each with its listed size); nothing when the server refuses that command.
     #[allow(clippy::type_complexity)]
     pub async fn select_and_list(
         &mut self,
         folder: &str,
         last_uid: u32,
         upto: Option<u32>,
-    ) -> Result<(FolderState, Result<Vec<Listing>, ImapError>), ImapError> {
+        bodies: Option<(u32, u32, u32)>,
+    ) -> Result<(FolderState, Result<Vec<Listing>, ImapError>, Vec<Fetched>), ImapError> {
         let select = format!("SELECT {}", self.mailbox(folder));
         let list = self.list_command(last_uid, upto);
+        let read =
+            bodies.map(|(from, to, max)| format!("UID FETCH {from}:{} (UID BODY.PEEK[]<0.{max}>)", to.max(from)));
+        if let Some((_, _, max)) = bodies {
+            // A server that ignores the range is refused as it would be in a batch of messages
+            // at most `max` long.
+            self.set_max_literal(u64::from(max).saturating_mul(2));
+        }
         let mut answer = SelectAnswer::default();
         let mut listed = Vec::new();
+        let mut read_bodies: Vec<Fetched> = Vec::new();
         // An IDLE still open ends with a DONE written just before the SELECT: its answer is
         // read with theirs, not waited for first.
         let mut idle_open = self.idling.take();
@@ -263,13 +277,18 @@ impl Session {
         let known = &mut self.exists;
         let meter = self.meter.clone();
         let counter = self.meter.clone();
-        let both = progress_deadline("SELECT", t, &meter, async {
+        let all = progress_deadline("SELECT", t, &meter, async {
             if idle_open.is_some() {
                 inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
             }
             let select_id = inner.run_command(&select).await.map_err(cmd("SELECT"))?;
             let list_id = inner.run_command(&list).await.map_err(cmd("UID FETCH"))?;
+            let read_id = match &read {
+                Some(read) => Some(inner.run_command(read).await.map_err(cmd("UID FETCH"))?),
+                None => None,
+            };
             let mut selected: Option<Result<(), ImapError>> = None;
+            let mut listing: Option<Result<(), ImapError>> = None;
             loop {
                 let phase = if selected.is_none() { "SELECT" } else { "UID FETCH" };
                 let resp = inner
@@ -293,13 +312,26 @@ impl Session {
                         *known = answer.exists;
                     }
                     Response::Done { tag, status, outcome } if *tag == list_id => {
-                        let Some(selected) = selected else {
+                        if selected.is_none() {
                             return Err(ImapError::Unexpected {
                                 command: "SELECT",
                                 detail: "the listing was answered before the SELECT".into(),
                             });
-                        };
-                        return Ok((selected, tagged("UID FETCH", status, outcome)));
+                        }
+                        listing = Some(tagged("UID FETCH", status, outcome));
+                        if read_id.is_none() {
+                            break;
+                        }
+                    }
+                    Response::Done { tag, .. } if read_id.as_ref() == Some(tag) => {
+                        if listing.is_none() {
+                            return Err(ImapError::Unexpected {
+                                command: "UID FETCH",
+                                detail: "the bodies were answered before the listing".into(),
+                            });
+                        }
+                        // Refused or not, the bodies are only a guess: what came is kept.
+                        break;
                     }
                     Response::Data {
                         status: Status::Bye,
@@ -319,22 +351,43 @@ impl Session {
                         *known = *n;
                     }
                     Response::Expunge(_) => *known = known.saturating_sub(1),
-                    Response::Fetch(_, attrs) => {
+                    Response::Fetch(_, attrs) if listing.is_none() => {
                         if let Some(item) = fetch::listed_item(attrs) {
                             listed.push(item);
+                        }
+                    }
+                    Response::Fetch(_, attrs) => {
+                        // The bodies: each UID asked for once, each at most `max_bytes`.
+                        let (uid, body) = fetch::fetched_item(attrs);
+                        if let (Some(uid), Some(body), Some((from, to, max))) = (uid, body, bodies)
+                            && (from..=to).contains(&uid)
+                            && body.len() <= max as usize
+                            && !read_bodies.iter().any(|f: &Fetched| f.uid == uid)
+                        {
+                            read_bodies.push(Fetched {
+                                uid,
+                                body: body.to_vec(),
+                            });
                         }
                     }
                     _ => {}
                 }
             }
+            Ok((selected, listing))
         })
         .await;
-        let (selected, listing) = both?;
+        let (selected, listing) = all?;
+        let (Some(selected), Some(listing)) = (selected, listing) else {
+            return Err(ImapError::Unexpected {
+                command: "SELECT",
+                detail: "the SELECT or the listing went unanswered".into(),
+            });
+        };
         // The count as the listing left it: the SELECT's, updated by what came after it.
         let exists_after = self.exists;
         let state = self.selected_as(folder, selected, answer).await?;
         self.exists = exists_after;
-        Ok((state, listing.map(|()| listed)))
+        Ok((state, listing.map(|()| listed), read_bodies))
     }
 
     /// The session after a SELECT answered `result` with `answer`.

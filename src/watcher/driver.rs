@@ -127,6 +127,10 @@ struct Driver {
     reading_ahead: Option<ReadAhead>,
     /// The next batch, read ahead and back with the session, until the machine asks for it.
     read_ahead: Option<ReadResult>,
+    /// Bodies read with the wake's SELECT and listing (the machine's `bodies_ahead`): the
+    /// bytes asked for of each, and what came; used by the `Fetch` whose every message came
+    /// back whole.
+    wake_bodies: Option<(u32, Vec<Fetched>)>,
     bodies: BTreeMap<u32, Body>,
     /// INTERNALDATE and flags of the messages of the last listing.
     listed: HashMap<u32, Listing>,
@@ -196,6 +200,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         session: None,
         reading_ahead: None,
         read_ahead: None,
+        wake_bodies: None,
         bodies: BTreeMap::new(),
         listed: HashMap::new(),
         pending_post: HashSet::new(),
@@ -345,17 +350,22 @@ impl Driver {
             _ => {
                 self.join_read_ahead().await;
                 self.read_ahead = None;
+                self.wake_bodies = None;
             }
         }
         match action {
             Action::Connect => self.connect().await,
             Action::Load => self.load().await,
-            Action::Select { list_ahead } => {
+            Action::Select {
+                list_ahead,
+                bodies_ahead,
+            } => {
                 let folder = self.watch.folder.clone();
                 let Some(mut session) = self.session.take() else {
                     return no_session();
                 };
                 let mut listed_ahead = None;
+                let mut wake_bodies = None;
                 let r = self
                     .interruptible(async {
                         // A special use (`\\Junk`) names whichever folder the server marks so.
@@ -365,19 +375,23 @@ impl Driver {
                         };
                         let selected = match list_ahead {
                             // The listing the machine expects to ask for next, sent with the
-                            // SELECT; kept for that `List`, whatever it brought.
+                            // SELECT; kept for that `List`, whatever it brought. The bodies
+                            // read with them wait for the `Fetch` that names them.
                             Some(w) => {
-                                session
-                                    .select_and_list(&folder, w.above, w.upto)
-                                    .await
-                                    .map(|(state, listing)| {
+                                let bodies = bodies_ahead.map(|b| (b.from, b.to, b.max_bytes));
+                                session.select_and_list(&folder, w.above, w.upto, bodies).await.map(
+                                    |(state, listing, read)| {
                                         let data = match listing {
                                             Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
                                             Err(e) => Err(failed(&e)),
                                         };
                                         listed_ahead = Some((Ahead::List(w), data));
+                                        if let Some(b) = bodies_ahead {
+                                            wake_bodies = Some((b.max_bytes, read));
+                                        }
                                         state
-                                    })
+                                    },
+                                )
                             }
                             None => session.select(&folder).await,
                         };
@@ -391,6 +405,7 @@ impl Driver {
                     })
                     .await;
                 self.read_ahead = listed_ahead;
+                self.wake_bodies = wake_bodies;
                 self.keep(session, r)
             }
             Action::List { above, upto } => {
@@ -772,6 +787,10 @@ impl Driver {
             Some((Ahead::Batch(read), r)) if read == uids => Some(r),
             _ => None,
         };
+        let read = match (read, spool) {
+            (None, false) => self.take_wake_bodies(&uids).map(|f| Ok(AheadData::Fetched(f))),
+            (read, _) => read,
+        };
         // Attempts already made on messages that failed before (e.g. before a restart): read
         // from the store while the server answers, not after it (a query is a round trip to
         // the store's thread, on the path of every new message).
@@ -792,6 +811,30 @@ impl Driver {
         // The next batch (or listing window) comes while this one is delivered and committed.
         self.start_read_ahead(ahead);
         self.settle_fetched(uids, fetched, prior, check_seen, uidvalidity).await
+    }
+
+    /// The bodies of `uids` from those read with the wake's SELECT, if every one of them came
+    /// back whole: shorter than the bytes asked for, and exactly as long as the listing said
+    /// (a server that answers a partial fetch with less than the message cannot pass one off
+    /// as whole). Otherwise nothing, and the batch is fetched as usual.
+    fn take_wake_bodies(&mut self, uids: &[u32]) -> Option<Vec<Fetched>> {
+        let (asked, read) = self.wake_bodies.as_mut()?;
+        let whole = |f: &Fetched| {
+            (f.body.len() as u64) < u64::from(*asked)
+                && self
+                    .listed
+                    .get(&f.uid)
+                    .and_then(|l| l.size)
+                    .is_some_and(|size| u64::from(size) == f.body.len() as u64)
+        };
+        if !uids.iter().all(|uid| read.iter().any(|f| f.uid == *uid && whole(f))) {
+            return None;
+        }
+        let (mut taken, kept): (Vec<Fetched>, Vec<Fetched>) =
+            std::mem::take(read).into_iter().partition(|f| uids.contains(&f.uid));
+        *read = kept;
+        taken.sort_by_key(|f| f.uid);
+        Some(taken)
     }
 
     /// Fetches `uids` with the session: a batch in memory, or (with `spool`) one message in

@@ -250,6 +250,28 @@ pub struct ListWindow {
 /// empty window doubles the next one (UIDs may be sparse after mass deletions).
 pub const LIST_WINDOW: u32 = 1_000;
 
+/// On a wake, how many UIDs above the checkpoint the driver may fetch the bodies of together
+/// with the SELECT and the listing ([`BodiesAhead`]), at most `batch_size`.
+pub const WAKE_BODIES: u32 = 4;
+
+/// On a wake, how much of each body read ahead is asked for, at most `spool_above`: a message
+/// this long or longer is fetched as usual once listed.
+pub const WAKE_BODY_BYTES: u32 = 64 * 1024;
+
+/// Bodies read on a guess with the wake's SELECT and listing, before the listing says which
+/// UIDs exist: `UID FETCH from:to (UID BODY.PEEK[]<0.max_bytes>)`. New mail usually gets the
+/// UIDs right above the checkpoint, so the message that woke the watcher comes back in the
+/// same round trip as the listing instead of one more after it. A body that came back whole
+/// (shorter than `max_bytes`, and exactly as long as the listing's RFC822.SIZE) serves the
+/// `Fetch` that names its UID; anything else is fetched as usual. Memory: at most
+/// `(to - from + 1) * max_bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodiesAhead {
+    pub from: u32,
+    pub to: u32,
+    pub max_bytes: u32,
+}
+
 /// What to do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -261,8 +283,12 @@ pub enum Action {
     /// next if the SELECT changes nothing it did not expect (same UIDVALIDITY, nothing to
     /// retry first): the driver may send it together with the SELECT, one round trip instead
     /// of two on the wake path; the next `List` names exactly it, or it is discarded unused.
+    ///
+    /// `bodies_ahead` (only with `list_ahead`): the bodies the driver may read in the same
+    /// write, see [`BodiesAhead`]. Nothing read ahead is delivered before a `Fetch` names it.
     Select {
         list_ahead: Option<ListWindow>,
+        bodies_ahead: Option<BodiesAhead>,
     },
     /// `UID FETCH above+1:upto (UID RFC822.SIZE INTERNALDATE FLAGS)`; without `upto`,
     /// `above+1:*`. A long backlog is listed in windows of UIDs (each below the UIDNEXT of
@@ -869,8 +895,19 @@ impl WatchMachine {
 
     fn select(&mut self, why: SelectFor) -> Action {
         self.phase = Phase::Selecting(why);
+        let list_ahead = self.list_after_resync(why);
+        let bodies_ahead = list_ahead.map(|w| {
+            let count = WAKE_BODIES.min(u32::try_from(self.spec.batch_size.max(1)).unwrap_or(u32::MAX));
+            let from = w.above.saturating_add(1);
+            BodiesAhead {
+                from,
+                to: from.saturating_add(count - 1),
+                max_bytes: WAKE_BODY_BYTES.min(u32::try_from(self.spec.spool_above).unwrap_or(u32::MAX)),
+            }
+        });
         Action::Select {
-            list_ahead: self.list_after_resync(why),
+            list_ahead,
+            bodies_ahead,
         }
     }
 

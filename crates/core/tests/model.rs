@@ -16,7 +16,8 @@ use std::time::Duration;
 use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
 use inboxd_core::machine::{
-    Action, FetchedInfo, HandlerFailure, Input, ListWindow, Listed, LogRow, Status, Wake, WatchMachine, WatchSpec,
+    Action, BodiesAhead, FetchedInfo, HandlerFailure, Input, ListWindow, Listed, LogRow, Status, Wake, WatchMachine,
+    WatchSpec,
 };
 use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
 use inboxd_core::retry::RetryPolicy;
@@ -400,7 +401,21 @@ fn drive(
 fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, TestCaseError> {
     let current = w.session_uidvalidity;
     Ok(match action {
-        Action::Select { .. } => {
+        Action::Select {
+            list_ahead,
+            bodies_ahead,
+        } => {
+            // Bodies are read ahead only with the listing, from the first UID it asks for, a
+            // bounded few, each bounded.
+            if let Some(b) = bodies_ahead {
+                prop_assert!(
+                    list_ahead.is_some_and(|l| l.above + 1 == b.from)
+                        && b.from <= b.to
+                        && b.to - b.from < inboxd_core::machine::WAKE_BODIES
+                        && b.max_bytes <= inboxd_core::machine::WAKE_BODY_BYTES,
+                    "bodies read ahead {b:?} with the listing {list_ahead:?}"
+                );
+            }
             w.session_uidvalidity = w.uidvalidity;
             Input::Selected(inboxd_core::mailbox::Selected {
                 uidvalidity: w.uidvalidity,
@@ -610,7 +625,10 @@ fn started(spec: WatchSpec, stored: Option<Checkpoint>) -> WatchMachine {
             s(0),
             0.0
         ),
-        Action::Select { list_ahead: None }
+        Action::Select {
+            list_ahead: None,
+            bodies_ahead: None
+        }
     );
     m
 }
@@ -731,7 +749,10 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
     // The listing names 4000000000 while UIDNEXT is 4: select again before believing it.
     assert_eq!(
         m.on(listed(&[4_000_000_000]), s(0), 0.0),
-        Action::Select { list_ahead: None }
+        Action::Select {
+            list_ahead: None,
+            bodies_ahead: None
+        }
     );
     assert_eq!(
         m.on(
@@ -814,7 +835,12 @@ fn a_wake_selects_with_the_listing_it_will_ask_for_and_a_connect_does_not_guess(
     assert_eq!(
         wake(&mut m),
         Action::Select {
-            list_ahead: Some(ahead)
+            list_ahead: Some(ahead),
+            bodies_ahead: Some(BodiesAhead {
+                from: 4,
+                to: 7,
+                max_bytes: 1_000
+            })
         }
     );
     let next = m.on(selected(6), s(1), 0.0);
@@ -830,7 +856,12 @@ fn a_wake_selects_with_the_listing_it_will_ask_for_and_a_connect_does_not_guess(
     assert_eq!(
         wake(&mut m),
         Action::Select {
-            list_ahead: Some(ahead)
+            list_ahead: Some(ahead),
+            bodies_ahead: Some(BodiesAhead {
+                from: 4,
+                to: 7,
+                max_bytes: 1_000
+            })
         }
     );
     let changed = m.on(
