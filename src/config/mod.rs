@@ -765,14 +765,7 @@ impl Config {
         let mut watches: Vec<Watch> = Vec::new();
         for spanned in raw.watch {
             let span = spanned.span();
-            let watch = watch::build(
-                &ctx,
-                spanned,
-                &accounts,
-                &targets,
-                &spool_dir,
-                matches!(state, StateLocation::Postgres(_)),
-            )?;
+            let watch = watch::build(&ctx, spanned, &accounts, &targets, &spool_dir)?;
             if watches
                 .iter()
                 .any(|o| o.account.name == watch.account.name && o.folder == watch.folder)
@@ -968,10 +961,14 @@ deliver = { exec = ["./handler.sh", "--flag"] }
             let e = err(&GOOD.replace("folder = \"INBOX\"", bad));
             assert!(e.contains(says), "{e}");
         }
-        let e = err(&GOOD
-            .replace("folder = \"INBOX\"", "folders = \"S/*\"")
-            .replace("state = \"inboxd.db\"", "state = \"postgres://db.example.com/inboxd\""));
-        assert!(e.contains("not supported with a PostgreSQL state"), "{e}");
+        // With PostgreSQL too (the instances expand it, each folder under a lease of its own).
+        let pg = parse(
+            &GOOD
+                .replace("folder = \"INBOX\"", "folders = \"S/*\"")
+                .replace("state = \"inboxd.db\"", "state = \"postgres://db.example.com/inboxd\""),
+        )
+        .unwrap();
+        assert_eq!(pg.watches[0].pattern.as_deref(), Some("S/*"));
     }
 
     #[test]

@@ -230,7 +230,6 @@ pub(super) fn build(
     accounts: &BTreeMap<String, Arc<Account>>,
     shared: &BTreeMap<String, Deliver>,
     spool_dir: &Path,
-    postgres: bool,
 ) -> Result<Watch, ConfigError> {
     let span = spanned.span();
     let mut w = spanned.into_inner();
@@ -249,12 +248,6 @@ pub(super) fn build(
                     format!(
                         "watch.folders: {text:?} is no pattern (a folder name with `*` or `%`, e.g. \"Support/*\")"
                     ),
-                ));
-            }
-            if postgres {
-                return Err(ctx.invalid(
-                    Some(p.span()),
-                    "watch.folders: pattern watches are not supported with a PostgreSQL state yet".to_string(),
                 ));
             }
             Some(text)

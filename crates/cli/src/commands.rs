@@ -94,6 +94,77 @@ async fn matching(template: &Watch) -> Option<Vec<String>> {
     }
 }
 
+/// `config` with each pattern watch replaced by the watches of the folders it matches (in its
+/// place; a folder a watch of its own names, or an earlier pattern matched, left out), and
+/// which pattern each of those came from. `known` holds each pattern's folders as last listed:
+/// a pattern whose folders cannot be listed now keeps them (its watches stay as they are).
+/// With `strict`, such a pattern fails instead (`once`).
+async fn expand_patterns(
+    config: &Config,
+    known: &mut std::collections::BTreeMap<String, Vec<String>>,
+    strict: bool,
+) -> anyhow::Result<(Config, std::collections::HashMap<String, String>)> {
+    for t in config.watches.iter().filter(|w| w.pattern.is_some()) {
+        match matching(t).await {
+            Some(folders) => {
+                known.insert(t.name(), folders);
+            }
+            None if strict => bail!("watch {}: cannot list the folders the pattern matches", t.name()),
+            None => {}
+        }
+    }
+    known.retain(|name, _| config.watches.iter().any(|w| w.pattern.is_some() && w.name() == *name));
+    let mut expanded = config.clone();
+    expanded.watches.clear();
+    let mut origins = std::collections::HashMap::new();
+    for w in &config.watches {
+        if w.pattern.is_none() {
+            expanded.watches.push(w.clone());
+            continue;
+        }
+        for f in known.get(&w.name()).into_iter().flatten() {
+            let name = format!("{}/{f}", w.account.name);
+            let taken = config
+                .watches
+                .iter()
+                .any(|o| o.pattern.is_none() && o.account.name == w.account.name && o.folder == *f)
+                || origins.contains_key(&name);
+            if !taken {
+                origins.insert(name, w.name());
+                expanded.watches.push(w.for_folder(f));
+            }
+        }
+    }
+    Ok((expanded, origins))
+}
+
+/// In a cluster, after the patterns were listed again: the watches of folders no pattern
+/// matches any more stop and give their leases back; the round then takes the new ones. Each
+/// running watch learns the pattern it came from (for reloads).
+async fn follow_patterns(
+    cluster: &crate::cluster::Cluster,
+    expanded: &Config,
+    origins: &std::collections::HashMap<String, String>,
+    running: &mut Vec<Running>,
+) -> Duration {
+    let (gone, keep): (Vec<Running>, Vec<Running>) = std::mem::take(running)
+        .into_iter()
+        .partition(|r| r.origin.is_some() && !expanded.watches.iter().any(|w| w.name() == r.watch.name()));
+    *running = keep;
+    for r in &gone {
+        r.watcher.request_stop();
+    }
+    for r in gone {
+        info!(watch = %r.watch.name(), "the folder no longer matches its pattern (deleted or renamed); its watch stops");
+        cluster.release(r).await;
+    }
+    let due = cluster.round(expanded, running).await;
+    for r in running.iter_mut().filter(|r| r.origin.is_none()) {
+        r.origin = origins.get(&r.watch.name()).cloned();
+    }
+    due
+}
+
 /// Brings the watches of each pattern watch in line with the folders on the server: a folder
 /// that appeared is watched, one that went (deleted, renamed) stops being watched. A folder a
 /// watch of its own names is left to that watch; one two patterns match is watched once.
@@ -182,10 +253,17 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
     };
     // When the next lease round is due (a cluster only).
     let mut round_in = Duration::from_secs(3600);
+    // In a cluster: the folders each pattern matched when last listed, and the config with
+    // the patterns replaced by their folders' watches, which the rounds share out.
+    let mut patterns = std::collections::BTreeMap::new();
+    let (mut expanded, mut origins) = match &cluster {
+        Some(_) => expand_patterns(config, &mut patterns, false).await?,
+        None => (config.clone(), std::collections::HashMap::new()),
+    };
     let mut running: Vec<Running> = match &cluster {
         Some(c) => {
             let mut running = Vec::new();
-            round_in = c.round(config, &mut running).await;
+            round_in = follow_patterns(c, &expanded, &origins, &mut running).await;
             running
         }
         None => {
@@ -270,7 +348,13 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
                 None
             }
             _ = rescans.tick(), if current.watches.iter().any(|w| w.pattern.is_some()) => {
-                rescan(&current, &mut running, &store).await;
+                if let Some(c) = &cluster {
+                    (expanded, origins) = expand_patterns(&current, &mut patterns, false).await?;
+                    let due = follow_patterns(c, &expanded, &origins, &mut running).await;
+                    next_round.as_mut().reset(tokio::time::Instant::now() + due);
+                } else {
+                    rescan(&current, &mut running, &store).await;
+                }
                 if let Ok(mut v) = views.write() {
                     *v = views_of(&running);
                 }
@@ -278,7 +362,7 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             }
             _ = &mut next_round, if cluster.is_some() => {
                 if let Some(c) = &cluster {
-                    let due = c.round(&current, &mut running).await;
+                    let due = follow_patterns(c, &expanded, &origins, &mut running).await;
                     next_round.as_mut().reset(tokio::time::Instant::now() + due);
                     if let Ok(mut v) = views.write() {
                         *v = views_of(&running);
@@ -294,8 +378,10 @@ pub async fn run(config: &Config) -> anyhow::Result<()> {
             rescan(&current, &mut running, &store).await;
         }
         if let Some(c) = &cluster {
-            // New and changed watches are taken (by this instance or another) in this round.
-            let due = c.round(&current, &mut running).await;
+            // New and changed watches are taken (by this instance or another) in this round;
+            // new and changed patterns are listed first.
+            (expanded, origins) = expand_patterns(&current, &mut patterns, false).await?;
+            let due = follow_patterns(c, &expanded, &origins, &mut running).await;
             next_round.as_mut().reset(tokio::time::Instant::now() + due);
         }
         if let Ok(mut v) = views.write() {
@@ -558,7 +644,9 @@ pub async fn once(config: &Config) -> anyhow::Result<()> {
             if config.watches.is_empty() {
                 info!("no watch yet: waiting for accounts stored with `inboxd account add`");
             }
-            let claimed = crate::cluster::Cluster::claim_all(url, config).await?;
+            // Each folder a pattern watch matches now, under a lease of its own.
+            let (config, _) = expand_patterns(config, &mut std::collections::BTreeMap::new(), true).await?;
+            let claimed = crate::cluster::Cluster::claim_all(url, &config).await?;
             let mut watchers = Vec::new();
             for (i, w) in config.watches.iter().enumerate() {
                 watchers.push(

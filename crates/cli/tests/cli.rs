@@ -924,3 +924,104 @@ fn a_pattern_watch_follows_folders_as_they_come_and_go() {
     }
     assert!(!shown.contains("Sales.X") && !shown.contains("Support.*"), "{shown}");
 }
+
+/// The same with PostgreSQL state and two instances: the pattern's folders are shared out as
+/// watches of their own, each under a lease; a folder created while running is taken by one of
+/// them, a deleted one's watch stops, and every message reaches the program once.
+#[test]
+fn a_pattern_watch_on_postgresql_is_shared_by_the_instances() {
+    let dv = dovecot();
+    let db = inboxd_testbed::PgDatabase::create().unwrap();
+    for f in ["Support.A", "Support.B", "Sales.X"] {
+        dv.drop_messages("alice", f, &[inboxd_testbed::sample_message(0, f, 100)])
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.log");
+    let cfg = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"INBOX\"\ndeliver = { maildir = \"inbox\" }",
+    );
+    let mut text = std::fs::read_to_string(&cfg.path).unwrap().replace(
+        "state = \"state.db\"",
+        &format!("state = \"{}\"\nlease_ttl = \"2s\"", db.url()),
+    );
+    text.push_str(&format!(
+        "\n[[watch]]\naccount = \"t\"\nfolders = \"Support.*\"\nrescan = \"1s\"\nstart = \"all\"\ndeliver = {{ exec = [\"sh\", \"-c\", \"echo \\\"$INBOXD_KEY\\\" >> {}\"] }}\n",
+        keys.display()
+    ));
+    std::fs::write(&cfg.path, text).unwrap();
+    let (mut first, rx1) = run_with_json_logs(&cfg.path);
+    let (mut second, rx2) = run_with_json_logs(&cfg.path);
+    let delivered = || -> Vec<String> {
+        std::fs::read_to_string(&keys)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let wait = |n: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while delivered().len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?} of {n} delivered",
+                delivered()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // The two matching folders, not Sales.X.
+    wait(2);
+    dv.drop_messages("alice", "Support.C", &[inboxd_testbed::sample_message(1, "c", 100)])
+        .unwrap();
+    wait(3);
+    std::fs::remove_dir_all(dv.maildir("alice").join(".Support.A")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut logs = [Vec::new(), Vec::new()];
+    let stopped = |logs: &[Vec<String>; 2]| {
+        logs.iter()
+            .flatten()
+            .any(|l| l.contains("no longer matches") && l.contains("t/Support.A"))
+    };
+    while !stopped(&logs) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted folder's watch did not stop"
+        );
+        for (log, rx) in logs.iter_mut().zip([&rx1, &rx2]) {
+            log.extend(rx.try_iter());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for child in [&first, &second] {
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    assert!(first.wait().unwrap().success());
+    assert!(second.wait().unwrap().success());
+    // Both instances watched: four watches (INBOX and the three folders) share out two each.
+    for (i, log) in logs.iter().enumerate() {
+        assert!(
+            log.iter().any(|l| l.contains("lease taken")),
+            "instance {i} took no lease: {log:?}"
+        );
+    }
+    let mut got = delivered();
+    assert_eq!(got.len(), 3, "{got:?}");
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 3, "a message reached the program twice");
+    // `status` shows which instance had each folder's lease.
+    let out = inboxd_bin().args(["status", "-c"]).arg(&cfg.path).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for f in ["t/Support.A", "t/Support.B", "t/Support.C"] {
+        assert!(shown.contains(f), "{f} missing: {shown}");
+    }
+    assert!(!shown.contains("Sales.X"), "{shown}");
+    // `once` takes each matching folder under a lease of its own: nothing new, nothing again.
+    let once = inboxd_bin().args(["once", "-c"]).arg(&cfg.path).output().unwrap();
+    assert!(once.status.success(), "{}", String::from_utf8_lossy(&once.stderr));
+    assert_eq!(delivered().len(), 3);
+}
