@@ -360,3 +360,71 @@ fn stored_accounts_are_refused_or_left_out_with_a_clear_reason() {
     let o = inboxd(&["account", "list"], &file_state, None);
     assert!(text(&o).contains("only with PostgreSQL state"), "{}", text(&o));
 }
+
+/// Two running instances on one database: an account stored while both run has its watches
+/// shared out between them within seconds, each message delivered once; removed, its watches
+/// stop on both and their leases go back.
+#[test]
+fn an_account_stored_at_run_time_is_shared_by_two_instances() {
+    let dv = Dovecot::start().expect("dovecot");
+    let s = setup("");
+    let folders = ["B1", "B2", "B3", "B4"];
+    for f in folders {
+        dv.drop_messages("alice", f, &[inboxd_testbed::sample_message(0, f, 100)])
+            .unwrap();
+    }
+    let logs: Vec<PathBuf> = (0..2).map(|i| s.dir.path().join(format!("run{i}.log"))).collect();
+    *RUN_LOG.lock().unwrap() = Some(logs[0].clone());
+    let runs: Vec<Run> = logs
+        .iter()
+        .map(|log| {
+            Run(Some(
+                inboxd_bin()
+                    .args(["run", "-c"])
+                    .arg(&s.config)
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            ))
+        })
+        .collect();
+    // Both instances are up (each announced itself) before the account comes.
+    wait_for("two instances announced", 30, || {
+        s.db.sql("SELECT count(*) FROM instances").unwrap_or_default().trim() == "2"
+    });
+    let t = Instant::now();
+    let o = inboxd(
+        &["account", "add", "-"],
+        &s.config,
+        Some(&account(&dv, "shared", &folders, "out")),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("the four messages delivered", 30, || {
+        delivered(s.dir.path(), "out") == 4
+    });
+    println!(
+        "two instances: account add -> all four folders delivered in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    // Shared out: two watches each, under leases of two owners.
+    wait_for("the watches shared by both instances", 30, || {
+        s.db.sql("SELECT count(DISTINCT owner) FROM leases WHERE owner IS NOT NULL AND expires_at > now()")
+            .unwrap_or_default()
+            .trim()
+            == "2"
+    });
+    assert_eq!(leased(&s.db).len(), 4, "{:?}", leased(&s.db));
+    let o = inboxd(&["account", "remove", "shared"], &s.config, None);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_for("every lease given back", 30, || leased(&s.db).is_empty());
+    let mut texts = Vec::new();
+    for (run, log) in runs.into_iter().zip(&logs) {
+        texts.push(stop(run, log));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        assert!(t.contains("lease taken"), "instance {i} watched nothing:\n{t}");
+        assert!(!t.contains(PASSWORD), "the password in instance {i}'s log");
+    }
+    assert_eq!(delivered(s.dir.path(), "out"), 4);
+}
