@@ -52,6 +52,10 @@ impl Raw {
 
     /// Logs in as `user` (password `alicepw`, as on every test bed server).
     fn connect_port(port: u16, user: &str) -> Raw {
+        Raw::connect_as(port, user, "alicepw")
+    }
+
+    fn connect_as(port: u16, user: &str, password: &str) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_nodelay(true).unwrap();
         let mut raw = Raw {
@@ -60,7 +64,7 @@ impl Raw {
             tag: 0,
         };
         raw.line();
-        raw.cmd(&format!("LOGIN {user} alicepw"));
+        raw.cmd(&format!("LOGIN {user} {password}"));
         raw
     }
 
@@ -1169,20 +1173,52 @@ fn rss_kib(pid: u32) -> u64 {
 /// CPU % of one core, new-mail latencies in ms).
 /// A raw client in IDLE on `folder`: the instant it sees the next EXISTS comes on the
 /// returned channel (the floor for new-mail latency on this server, under its current load).
-fn raw_idle_on(dv: &Dovecot, folder: &str) -> std::sync::mpsc::Receiver<Instant> {
+fn raw_idle_on(dv: &Dovecot, user: &str, password: &str, folder: &str) -> std::sync::mpsc::Receiver<Instant> {
     let (tx, rx) = std::sync::mpsc::channel();
     // One EXISTS, then the connection is dropped (which ends the session).
-    raw_idle(dv.port, "alice", folder, move || {
+    raw_idle_as(dv.port, user, password, folder, move || {
         let _ = tx.send(Instant::now());
         false
     });
     rx
 }
 
+/// How (e) lays its mailboxes out: folders of one user, or one INBOX per user.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Folders,
+    Users,
+}
+
+impl Layout {
+    /// Mailbox `i`: (user, password, folder).
+    fn mailbox(self, i: usize) -> (String, String, String) {
+        match self {
+            Layout::Folders => ("alice".into(), "alicepw".into(), format!("W{i:04}")),
+            Layout::Users => (
+                testbed::extra_user(i as u32),
+                testbed::EXTRA_PASSWORD.into(),
+                "INBOX".into(),
+            ),
+        }
+    }
+}
+
 /// A raw client in IDLE on `folder`, on a thread of its own: `on_exists` at each EXISTS, until
 /// it returns false or the connection ends.
-fn raw_idle(port: u16, user: &str, folder: &str, mut on_exists: impl FnMut() -> bool + Send + 'static) {
-    let mut raw = Raw::connect_port(port, user);
+fn raw_idle(port: u16, user: &str, folder: &str, on_exists: impl FnMut() -> bool + Send + 'static) {
+    raw_idle_as(port, user, "alicepw", folder, on_exists)
+}
+
+/// As [`raw_idle`], logging in with `password`.
+fn raw_idle_as(
+    port: u16,
+    user: &str,
+    password: &str,
+    folder: &str,
+    mut on_exists: impl FnMut() -> bool + Send + 'static,
+) {
+    let mut raw = Raw::connect_as(port, user, password);
     raw.cmd(&format!("SELECT {folder}"));
     raw.tag += 1;
     write!(raw.w, "R{} IDLE\r\n", raw.tag).unwrap();
@@ -1200,16 +1236,30 @@ fn raw_idle(port: u16, user: &str, folder: &str, mut on_exists: impl FnMut() -> 
     });
 }
 
-fn many_run(dv: &Dovecot, watches: usize, samples: usize) -> (f64, u64, f64, Vec<f64>, Vec<f64>) {
+fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> (f64, u64, f64, Vec<f64>, Vec<f64>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut text = format!(
-        "state = \"state.db\"\n[limits]\nstart_stagger = \"10ms\"\n[accounts.b]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = \"{}\"\nuser = \"alice\"\npassword = \"alicepw\"\n",
-        dv.tls_port,
-        dv.ca_file().display()
-    );
-    for f in 0..watches {
+    let mut text = "state = \"state.db\"\n[limits]\nstart_stagger = \"10ms\"\n".to_string();
+    let account = |name: &str, user: &str, password: &str| {
+        format!(
+            "[accounts.{name}]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = \"{}\"\nuser = \"{user}\"\npassword = \"{password}\"\n",
+            dv.tls_port,
+            dv.ca_file().display()
+        )
+    };
+    if layout == Layout::Folders {
+        text.push_str(&account("b", "alice", "alicepw"));
+    }
+    for i in 0..watches {
+        let (user, password, folder) = layout.mailbox(i);
+        let name = match layout {
+            Layout::Folders => "b".to_string(),
+            Layout::Users => {
+                text.push_str(&account(&user, &user, &password));
+                user.clone()
+            }
+        };
         text.push_str(&format!(
-            "[[watch]]\naccount = \"b\"\nfolder = \"W{f:04}\"\ndeliver = {{ maildir = \"out\" }}\n"
+            "[[watch]]\naccount = \"{name}\"\nfolder = \"{folder}\"\ndeliver = {{ maildir = \"out\" }}\n"
         ));
     }
     let path = dir.path().join("inboxd.toml");
@@ -1233,31 +1283,34 @@ fn many_run(dv: &Dovecot, watches: usize, samples: usize) -> (f64, u64, f64, Vec
     std::thread::sleep(Duration::from_secs(10));
     let idle_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;
     // New mail into random watched folders, one at a time.
-    let mut raw = Raw::connect(dv);
     let inbox = dir.path().join("out/new");
     let (mut lat, mut floor) = (Vec::new(), Vec::new());
     for i in 0..samples {
-        let folder = fastrand::usize(..watches);
+        let (user, password, folder) = layout.mailbox(fastrand::usize(..watches));
+        let mut raw = Raw::connect_as(dv.port, &user, &password);
         // A raw client idles on the same folder: Dovecot's own delay under this load.
-        let seen = raw_idle_on(dv, &format!("W{folder:04}"));
+        let seen = raw_idle_on(dv, &user, &password, &folder);
         // A quiet moment first: right after a change, Dovecot may tell an idling client of
         // the next one at once, which would make the later samples of a single folder cheaper.
         std::thread::sleep(Duration::from_millis(700));
         let before = std::fs::read_dir(&inbox).map_or(0, |d| d.count());
         let msg = testbed::sample_message(100_000 + i, "many", 500);
-        raw.append(&format!("W{folder:04}"), &msg);
+        raw.append(&folder, &msg);
         let t = Instant::now();
         while std::fs::read_dir(&inbox).map_or(0, |d| d.count()) == before {
-            assert!(t.elapsed() < Duration::from_secs(20), "no delivery into W{folder:04}");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no delivery into {user}/{folder}"
+            );
             std::thread::sleep(Duration::from_micros(500));
         }
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        raw.cmd("LOGOUT");
         let exists = seen
             .recv_timeout(Duration::from_secs(20))
             .expect("the raw IDLE client saw no EXISTS");
         floor.push(exists.saturating_duration_since(t).as_secs_f64() * 1000.0);
     }
-    raw.cmd("LOGOUT");
     let _ = child.kill();
     let _ = child.wait();
     (idle_after, rss, idle_cpu, lat, floor)
@@ -1266,36 +1319,45 @@ fn many_run(dv: &Dovecot, watches: usize, samples: usize) -> (f64, u64, f64, Vec
 fn many(n: usize) {
     let dv = Dovecot::start_with(testbed::Options {
         max_userip_connections: Some(n as u32 + 16),
-        sessions: Some(n as u32 + 16),
+        sessions: Some(2 * n as u32 + 16),
+        extra_users: n as u32,
         ..testbed::Options::default()
     })
     .unwrap();
-    for f in 0..n {
-        dv.drop_messages("alice", &format!("W{f:04}"), &[testbed::sample_message(f, "seed", 200)])
-            .unwrap();
+    for i in 0..n {
+        for layout in [Layout::Folders, Layout::Users] {
+            let (user, _, folder) = layout.mailbox(i);
+            dv.drop_messages(&user, &folder, &[testbed::sample_message(i, "seed", 200)])
+                .unwrap();
+        }
     }
-    println!("(e) {n} IDLE watches over TLS in one process (one per folder, start_stagger 10 ms), next to one watch");
     let samples = 20;
-    let (idle1, rss1, cpu1, mut lat1, mut floor1) = many_run(&dv, 1, samples);
-    let (idle_n, rss_n, cpu_n, mut lat_n, mut floor_n) = many_run(&dv, n, samples);
-    println!(
-        "    1 watch      RSS {:7.1} MiB   idle CPU {cpu1:5.2} %   idle after {idle1:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
-        rss1 as f64 / 1024.0,
-        pct(&mut lat1, 0.5),
-        pct(&mut lat1, 0.99),
-        pct(&mut floor1, 0.5),
-        pct(&mut floor1, 0.99)
-    );
-    println!(
-        "    {n} watches RSS {:7.1} MiB   idle CPU {cpu_n:5.2} %   idle after {idle_n:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
-        rss_n as f64 / 1024.0,
-        pct(&mut lat_n, 0.5),
-        pct(&mut lat_n, 0.99),
-        pct(&mut floor_n, 0.5),
-        pct(&mut floor_n, 0.99)
-    );
-    println!(
-        "    per watched mailbox above the one-watch process: {:.1} KiB",
-        (rss_n.saturating_sub(rss1)) as f64 / (n - 1).max(1) as f64
-    );
+    for (layout, what) in [
+        (Layout::Folders, "one user's folders, one watch per folder"),
+        (Layout::Users, "one INBOX per Dovecot user, one account each"),
+    ] {
+        println!("(e) {n} IDLE watches over TLS in one process ({what}, start_stagger 10 ms), next to one watch");
+        let (idle1, rss1, cpu1, mut lat1, mut floor1) = many_run(&dv, layout, 1, samples);
+        let (idle_n, rss_n, cpu_n, mut lat_n, mut floor_n) = many_run(&dv, layout, n, samples);
+        println!(
+            "    1 watch      RSS {:7.1} MiB   idle CPU {cpu1:5.2} %   idle after {idle1:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
+            rss1 as f64 / 1024.0,
+            pct(&mut lat1, 0.5),
+            pct(&mut lat1, 0.99),
+            pct(&mut floor1, 0.5),
+            pct(&mut floor1, 0.99)
+        );
+        println!(
+            "    {n} watches RSS {:7.1} MiB   idle CPU {cpu_n:5.2} %   idle after {idle_n:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
+            rss_n as f64 / 1024.0,
+            pct(&mut lat_n, 0.5),
+            pct(&mut lat_n, 0.99),
+            pct(&mut floor_n, 0.5),
+            pct(&mut floor_n, 0.99)
+        );
+        println!(
+            "    per watched mailbox above the one-watch process: {:.1} KiB",
+            (rss_n.saturating_sub(rss1)) as f64 / (n - 1).max(1) as f64
+        );
+    }
 }

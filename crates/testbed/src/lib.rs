@@ -47,6 +47,17 @@ pub struct Options {
     /// Room for this many IMAP sessions at once: process limits raised, and the login
     /// service in Dovecot's high-performance mode (a few processes for every TLS client).
     pub sessions: Option<u32>,
+    /// This many more users, `u0000`, `u0001`, ... (see [`extra_user`]), each with the
+    /// password [`EXTRA_PASSWORD`].
+    pub extra_users: u32,
+}
+
+/// The password of every extra user ([`Options::extra_users`]).
+pub const EXTRA_PASSWORD: &str = "userpw";
+
+/// The name of the `i`th extra user ([`Options::extra_users`]).
+pub fn extra_user(i: u32) -> String {
+    format!("u{i:04}")
 }
 
 /// A running Dovecot instance. Stopped and removed on drop.
@@ -264,8 +275,9 @@ impl Dovecot {
         }
         let (uid, gid) = self.mail_uid;
         let mut users = String::new();
-        for (user, pass) in USERS {
-            let home = d.join("home").join(user);
+        let extra = (0..options.extra_users).map(|i| (extra_user(i), EXTRA_PASSWORD.to_string()));
+        for (user, pass) in USERS.iter().map(|(u, p)| (u.to_string(), p.to_string())).chain(extra) {
+            let home = d.join("home").join(&user);
             fs::create_dir_all(&home)?;
             chown(&home, uid, gid)?;
             users.push_str(&format!("{user}:{pass}:{uid}:{gid}::{}::\n", home.display()));
