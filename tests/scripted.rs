@@ -268,6 +268,49 @@ async fn a_wake_reads_the_new_message_with_the_listing_and_fetches_only_what_did
     );
 }
 
+/// A server may end an IDLE itself (its tagged OK): the watcher takes that as a wake, sends
+/// no DONE for it, and goes on (a new message after it is delivered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_the_server_ends_itself_needs_no_done() {
+    let server = Scripted::start().await;
+    server.add_message("history");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "new", "");
+    // The first IDLE is ended by the server.
+    server.state.lock().unwrap().end_idle_in = Some(Duration::from_millis(200));
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    let idles = || {
+        server
+            .state
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .filter(|c| c.starts_with("IDLE"))
+            .count()
+    };
+    let t = std::time::Instant::now();
+    // The IDLE the server ended, then the next one.
+    while idles() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.add_message("after");
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["after"]);
+    let st = server.state.lock().unwrap();
+    // A DONE outside an IDLE would reach the server as a command of its own.
+    assert!(
+        !st.commands
+            .iter()
+            .any(|c| c.trim_start().starts_with("DONE") || c.starts_with(" ")),
+        "{:?}",
+        st.commands
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_mid_literal_hits_the_command_deadline() {
     let server = Scripted::start().await;

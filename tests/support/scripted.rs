@@ -25,6 +25,9 @@ pub struct State {
     pub connections: u32,
     /// Send BYE AccessTokenExpired this long into the next IDLE (once).
     pub bye_in_idle: Option<Duration>,
+    /// End the next IDLE this long into it with its tagged OK, without waiting for DONE, as a
+    /// server may (once).
+    pub end_idle_in: Option<Duration>,
     /// Send BYE AccessTokenExpired instead of the bodies of the next body FETCH (once).
     pub bye_in_fetch: bool,
     /// Send BYE instead of the bodies of the body FETCH that comes once this many bodies were
@@ -553,6 +556,7 @@ impl Scripted {
                 "IDLE" => {
                     w.write_all(b"+ idling\r\n").await?;
                     let bye = self.state.lock().unwrap().bye_in_idle.take();
+                    let end = self.state.lock().unwrap().end_idle_in.take();
                     let mut done = String::new();
                     let news = self.news.notified();
                     tokio::pin!(news);
@@ -562,10 +566,16 @@ impl Scripted {
                     }
                     let sleep = tokio::time::sleep(bye.unwrap_or(Duration::from_secs(3600)));
                     tokio::pin!(sleep);
+                    let ending = tokio::time::sleep(end.unwrap_or(Duration::from_secs(3600)));
+                    tokio::pin!(ending);
                     tokio::select! {
                         _ = &mut sleep, if bye.is_some() => {
                             w.write_all(b"* BYE Session invalidated - AccessTokenExpired\r\n").await?;
                             return Ok(());
+                        }
+                        _ = &mut ending, if end.is_some() => {
+                            w.write_all(format!("{tag} OK IDLE terminated (server side)\r\n").as_bytes()).await?;
+                            continue;
                         }
                         _ = &mut news => {
                             let n = self.state.lock().unwrap().messages.len();
