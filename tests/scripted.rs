@@ -161,6 +161,25 @@ async fn select_without_uidnext_falls_back_to_status() {
     assert!(cmds.iter().any(|c| c.starts_with("STATUS")), "{cmds:?}");
 }
 
+/// Waits (up to 20 s) until the server has seen `n` IDLE commands.
+async fn wait_idles(server: &Scripted, n: usize) {
+    let idles = || {
+        server
+            .state
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .filter(|c| c.starts_with("IDLE"))
+            .count()
+    };
+    let t = std::time::Instant::now();
+    while idles() < n {
+        assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wake_sends_done_the_select_and_the_listing_together() {
     let server = Scripted::start().await;
@@ -175,21 +194,7 @@ async fn a_wake_sends_done_the_select_and_the_listing_together() {
     for (n, subject) in ["one", "two"].into_iter().enumerate() {
         // Added once the watcher idles: a message that comes while it lists is found by that
         // listing, above the SELECT's UIDNEXT, and checked with a SELECT of its own.
-        let idles = || {
-            server
-                .state
-                .lock()
-                .unwrap()
-                .commands
-                .iter()
-                .filter(|c| c.starts_with("IDLE"))
-                .count()
-        };
-        let t = std::time::Instant::now();
-        while idles() <= n {
-            assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_idles(&server, n + 1).await;
         server.add_message(subject);
         wait_delivered(&mut ev, 1, 20).await;
     }
@@ -224,27 +229,10 @@ async fn a_wake_reads_the_new_message_with_the_listing_and_fetches_only_what_did
     let config = scripted_config(dir.path(), server.port, "new", "");
     let (w, rec, mut ev) = watch(&config).await;
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
-    let idles = || {
-        server
-            .state
-            .lock()
-            .unwrap()
-            .commands
-            .iter()
-            .filter(|c| c.starts_with("IDLE"))
-            .count()
-    };
-    let wait_idle = |n: usize| async move {
-        let t = std::time::Instant::now();
-        while idles() <= n {
-            assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    wait_idle(0).await;
+    wait_idles(&server, 1).await;
     server.add_message("small");
     wait_delivered(&mut ev, 1, 20).await;
-    wait_idle(1).await;
+    wait_idles(&server, 2).await;
     // Longer than the 64 KiB asked for with the listing.
     server.add_message_sized("large", 70_000);
     wait_delivered(&mut ev, 1, 20).await;
@@ -280,22 +268,8 @@ async fn an_idle_the_server_ends_itself_needs_no_done() {
     server.state.lock().unwrap().end_idle_in = Some(Duration::from_millis(200));
     let (w, rec, mut ev) = watch(&config).await;
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
-    let idles = || {
-        server
-            .state
-            .lock()
-            .unwrap()
-            .commands
-            .iter()
-            .filter(|c| c.starts_with("IDLE"))
-            .count()
-    };
-    let t = std::time::Instant::now();
     // The IDLE the server ended, then the next one.
-    while idles() < 2 {
-        assert!(t.elapsed() < Duration::from_secs(20), "never idle again");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_idles(&server, 2).await;
     server.add_message("after");
     wait_delivered(&mut ev, 1, 20).await;
     w.stop().await.unwrap();

@@ -161,14 +161,8 @@ pub(super) fn note_unsolicited(resp: &Response<'_>, exists: &mut u32, news: &mut
         }
         Response::Expunge(_) => *exists = exists.saturating_sub(1),
         Response::Data {
-            status: Status::Bye,
-            outcome,
-        } => {
-            return Err(ImapError::Bye(clip(
-                outcome.information.as_deref().unwrap_or("").to_string(),
-                MAX_TEXT,
-            )));
-        }
+            status: Status::Bye, ..
+        } => return Err(bye(resp)),
         _ => {}
     }
     Ok(())

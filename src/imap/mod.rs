@@ -126,6 +126,15 @@ impl SelectAnswer {
     }
 }
 
+/// The session's end a `* BYE` announces, with the server's text (capped).
+fn bye(resp: &Response<'_>) -> ImapError {
+    let text = match resp {
+        Response::Data { outcome, .. } => outcome.information.as_deref().unwrap_or(""),
+        _ => "",
+    };
+    ImapError::Bye(clip(text.to_string(), MAX_TEXT))
+}
+
 /// A command's tagged answer as a result: OK, or the refusal with the server's text
 /// (explained where inboxd knows what it means).
 fn tagged(
@@ -333,15 +342,9 @@ impl Session {
                         // Refused or not, the bodies are only a guess: what came is kept.
                         break;
                     }
-                    Response::Data {
-                        status: Status::Bye,
-                        outcome,
-                    } => {
-                        return Err(ImapError::Bye(clip(
-                            outcome.information.as_deref().unwrap_or("").to_string(),
-                            MAX_TEXT,
-                        )));
-                    }
+                    resp @ Response::Data {
+                        status: Status::Bye, ..
+                    } => return Err(bye(resp)),
                     other if selected.is_none() => answer.note(other),
                     // After the SELECT: as `checked` treats a listing's responses.
                     Response::MailboxData(MailboxDatum::Exists(n)) => {
@@ -539,15 +542,9 @@ impl Session {
                     Response::Done { tag, status, outcome } if *tag == id => {
                         return tagged(phase, status, outcome);
                     }
-                    Response::Data {
-                        status: Status::Bye,
-                        outcome,
-                    } => {
-                        return Err(ImapError::Bye(clip(
-                            outcome.information.as_deref().unwrap_or("").to_string(),
-                            MAX_TEXT,
-                        )));
-                    }
+                    resp @ Response::Data {
+                        status: Status::Bye, ..
+                    } => return Err(bye(resp)),
                     Response::MailboxData(MailboxDatum::Exists(n)) if news => {
                         // Only a count above the one we know is news: a server that repeats
                         // an unchanged EXISTS must not make the watcher list again and again.
