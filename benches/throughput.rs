@@ -372,6 +372,11 @@ async fn exec_latency_on(port: u16, n: usize) {
 
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
     raw_idle(port, "alice", "Exec", move || raw_tx.send(unix_micros()).is_ok());
+    // A second raw client on the same folder: how far two identical sessions are told apart by
+    // the server (the noise in any comparison of two sessions' latencies).
+    let (raw2_tx, mut raw2_rx) = mpsc::unbounded_channel();
+    raw_idle(port, "alice", "Exec", move || raw2_tx.send(unix_micros()).is_ok());
+    let mut twin = Vec::new();
     // fetchmail, the peer, in IDLE on a folder of its own with the same program as its MDA;
     // messages alternate between the two folders, each with a raw IDLE client of its own.
     let mut peer = Fetchmail::start(port, dir.path(), &exe, &mut sender).await;
@@ -394,6 +399,8 @@ async fn exec_latency_on(port: u16, n: usize) {
         }
         let started = probes(&file)[i];
         let seen = raw_rx.recv().await.unwrap();
+        let seen2 = raw2_rx.recv().await.unwrap();
+        twin.push((seen2 as f64 - seen as f64) / 1e3);
         ours.push(started.saturating_sub(done) as f64 / 1e3);
         floor.push(seen.saturating_sub(done) as f64 / 1e3);
         diffs.push((started as f64 - seen as f64) / 1e3);
@@ -435,6 +442,13 @@ async fn exec_latency_on(port: u16, n: usize) {
     println!(
         "                (per message, program started minus EXISTS seen by the raw client: p50 {:.2} ms)",
         pct(&mut diffs, 0.5)
+    );
+    let mut spread: Vec<f64> = twin.iter().map(|d| d.abs()).collect();
+    println!(
+        "    a second raw IDLE client on the same folder: EXISTS seen {:+.2} ms after the first at the median (|difference| p50 {:.2}, p90 {:.2} ms)",
+        pct(&mut twin, 0.5),
+        pct(&mut spread, 0.5),
+        pct(&mut spread, 0.9)
     );
     let (w50, w99) = (pct(&mut own, 0.5), pct(&mut own, 0.99));
     println!(
