@@ -227,9 +227,20 @@ impl Dovecot {
             child: None,
             mail_uid,
         };
-        d.write_files(&options, root)?;
-        d.launch()?;
-        Ok(d)
+        // A free port can be taken by another test's server between our probe and Dovecot's
+        // bind: then try again on other ports.
+        let mut attempt = 1;
+        loop {
+            d.write_files(&options, root)?;
+            match d.launch() {
+                Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
+                    attempt += 1;
+                    d.port = free_port()?;
+                    d.tls_port = free_port()?;
+                }
+                r => return r.map(|()| d),
+            }
+        }
     }
 
     /// The instance's folder.
