@@ -256,6 +256,43 @@ async fn a_wake_reads_the_new_message_with_the_listing_and_fetches_only_what_did
     );
 }
 
+/// Dovecot runs a listing and the FETCH pipelined after it together: the bodies come before
+/// the listing's tagged OK. They are still the bodies (not listing items without a size), and
+/// serve the delivery with no fetch of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_answered_before_the_listing_ends_are_still_used() {
+    let server = Scripted::start().await;
+    server.add_message("history");
+    server.state.lock().unwrap().parallel_fetches = true;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "new", "");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    wait_idles(&server, 1).await;
+    server.add_message("small");
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_idles(&server, 2).await;
+    server.add_message("second");
+    wait_delivered(&mut ev, 1, 20).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["small", "second"]);
+    let st = server.state.lock().unwrap();
+    let fetches: Vec<&String> = st
+        .commands
+        .iter()
+        .filter(|c| c.starts_with("UID FETCH") && c.contains("BODY.PEEK[]"))
+        .collect();
+    assert_eq!(
+        fetches,
+        [
+            "UID FETCH 2:5 (UID BODY.PEEK[]<0.65536>)",
+            "UID FETCH 3:6 (UID BODY.PEEK[]<0.65536>)"
+        ],
+        "{:?}",
+        st.commands
+    );
+}
+
 /// A server may end an IDLE itself (its tagged OK): the watcher takes that as a wake, sends
 /// no DONE for it, and goes on (a new message after it is delivered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

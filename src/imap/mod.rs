@@ -298,6 +298,7 @@ impl Session {
             };
             let mut selected: Option<Result<(), ImapError>> = None;
             let mut listing: Option<Result<(), ImapError>> = None;
+            let mut read_done = read_id.is_none();
             loop {
                 let phase = if selected.is_none() { "SELECT" } else { "UID FETCH" };
                 let resp = inner
@@ -328,19 +329,24 @@ impl Session {
                             });
                         }
                         listing = Some(tagged("UID FETCH", status, outcome));
-                        if read_id.is_none() {
+                        if read_done {
                             break;
                         }
                     }
+                    // Dovecot runs the two FETCHes together: the bodies' answer may come before
+                    // the listing's as well as after it.
                     Response::Done { tag, .. } if read_id.as_ref() == Some(tag) => {
-                        if listing.is_none() {
+                        if selected.is_none() {
                             return Err(ImapError::Unexpected {
-                                command: "UID FETCH",
-                                detail: "the bodies were answered before the listing".into(),
+                                command: "SELECT",
+                                detail: "the bodies were answered before the SELECT".into(),
                             });
                         }
                         // Refused or not, the bodies are only a guess: what came is kept.
-                        break;
+                        read_done = true;
+                        if listing.is_some() {
+                            break;
+                        }
                     }
                     resp @ Response::Data {
                         status: Status::Bye, ..
@@ -354,13 +360,9 @@ impl Session {
                         *known = *n;
                     }
                     Response::Expunge(_) => *known = known.saturating_sub(1),
-                    Response::Fetch(_, attrs) if listing.is_none() => {
-                        if let Some(item) = fetch::listed_item(attrs) {
-                            listed.push(item);
-                        }
-                    }
-                    Response::Fetch(_, attrs) => {
-                        // The bodies: each UID asked for once, each at most `max_bytes`.
+                    // The bodies (told by their section: they may come while the listing is
+                    // still answered): each UID asked for once, each at most `max_bytes`.
+                    Response::Fetch(_, attrs) if !read_done && fetch::has_body(attrs) => {
                         let (uid, body) = fetch::fetched_item(attrs);
                         if let (Some(uid), Some(body), Some((from, to, max))) = (uid, body, bodies)
                             && (from..=to).contains(&uid)
@@ -371,6 +373,11 @@ impl Session {
                                 uid,
                                 body: body.to_vec(),
                             });
+                        }
+                    }
+                    Response::Fetch(_, attrs) if listing.is_none() => {
+                        if let Some(item) = fetch::listed_item(attrs) {
+                            listed.push(item);
                         }
                     }
                     _ => {}

@@ -131,6 +131,9 @@ struct Driver {
     /// bytes asked for of each, and what came; used by the `Fetch` whose every message came
     /// back whole.
     wake_bodies: Option<(u32, Vec<Fetched>)>,
+    /// The watch's failed attempts (the store's), read while the wake's SELECT was answered,
+    /// for the `Fetch` after it; dropped with the wake's bodies and by any write to the log.
+    wake_prior: Option<crate::store::StoreResult<HashMap<String, u32>>>,
     bodies: BTreeMap<u32, Body>,
     /// INTERNALDATE and flags of the messages of the last listing.
     listed: HashMap<u32, Listing>,
@@ -201,6 +204,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         reading_ahead: None,
         read_ahead: None,
         wake_bodies: None,
+        wake_prior: None,
         bodies: BTreeMap::new(),
         listed: HashMap::new(),
         pending_post: HashSet::new(),
@@ -351,6 +355,7 @@ impl Driver {
                 self.join_read_ahead().await;
                 self.read_ahead = None;
                 self.wake_bodies = None;
+                self.wake_prior = None;
             }
         }
         match action {
@@ -366,6 +371,9 @@ impl Driver {
                 };
                 let mut listed_ahead = None;
                 let mut wake_bodies = None;
+                let mut wake_prior = None;
+                let store = self.store.clone();
+                let (account, watch_folder) = (self.watch.account.name.clone(), self.watch.folder.clone());
                 let r = self
                     .interruptible(async {
                         // A special use (`\\Junk`) names whichever folder the server marks so.
@@ -379,19 +387,23 @@ impl Driver {
                             // read with them wait for the `Fetch` that names them.
                             Some(w) => {
                                 let bodies = bodies_ahead.map(|b| (b.from, b.to, b.max_bytes));
-                                session.select_and_list(&folder, w.above, w.upto, bodies).await.map(
-                                    |(state, listing, read)| {
-                                        let data = match listing {
-                                            Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
-                                            Err(e) => Err(failed(&e)),
-                                        };
-                                        listed_ahead = Some((Ahead::List(w), data));
-                                        if let Some(b) = bodies_ahead {
-                                            wake_bodies = Some((b.max_bytes, read));
-                                        }
-                                        state
-                                    },
-                                )
+                                // What the `Fetch` after it reads from the store, read meanwhile.
+                                let (selected, prior) = tokio::join!(
+                                    session.select_and_list(&folder, w.above, w.upto, bodies),
+                                    store.failed_attempts(&account, &watch_folder)
+                                );
+                                wake_prior = Some(prior);
+                                selected.map(|(state, listing, read)| {
+                                    let data = match listing {
+                                        Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
+                                        Err(e) => Err(failed(&e)),
+                                    };
+                                    listed_ahead = Some((Ahead::List(w), data));
+                                    if let Some(b) = bodies_ahead {
+                                        wake_bodies = Some((b.max_bytes, read));
+                                    }
+                                    state
+                                })
                             }
                             None => session.select(&folder).await,
                         };
@@ -406,6 +418,7 @@ impl Driver {
                     .await;
                 self.read_ahead = listed_ahead;
                 self.wake_bodies = wake_bodies;
+                self.wake_prior = wake_prior;
                 self.keep(session, r)
             }
             Action::List { above, upto } => {
@@ -500,6 +513,7 @@ impl Driver {
                 },
             },
             Action::Commit { checkpoint, log } => {
+                self.wake_prior = None;
                 let rows = self.rows(&log, checkpoint.uidvalidity);
                 match self
                     .store
@@ -517,6 +531,7 @@ impl Driver {
                 }
             }
             Action::Record { log } => {
+                self.wake_prior = None;
                 let rows = self.rows(&log, uidvalidity);
                 match self.store.record(&rows).await {
                     Ok(()) => Input::Recorded,
@@ -794,9 +809,16 @@ impl Driver {
         // Attempts already made on messages that failed before (e.g. before a restart): read
         // from the store while the server answers, not after it (a query is a round trip to
         // the store's thread, on the path of every new message).
+        // (Read already if the wake's SELECT came just before.)
         let store = self.store.clone();
         let (account, folder) = (self.watch.account.name.clone(), self.watch.folder.clone());
-        let prior = async move { store.failed_attempts(&account, &folder).await };
+        let read_prior = self.wake_prior.take();
+        let prior = async move {
+            match read_prior {
+                Some(prior) => prior,
+                None => store.failed_attempts(&account, &folder).await,
+            }
+        };
         let (fetched, prior): (Vec<(u32, Held)>, _) = match read {
             Some(Ok(AheadData::Fetched(f))) => (
                 f.into_iter().map(|f| (f.uid, Held::Memory(f.body))).collect(),

@@ -15,13 +15,10 @@ use inboxd::watcher::Event;
 use inboxd_testbed::{self as testbed, Dovecot};
 use tokio::sync::broadcast;
 
-/// A loopback port nobody listens on right now (for a server the test starts).
+/// A loopback port nobody listens on right now (for a server the test starts), outside the
+/// ephemeral range that outgoing connections take theirs from.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testbed::free_port().expect("a free test port")
 }
 
 pub fn dovecot() -> Dovecot {

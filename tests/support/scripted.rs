@@ -100,6 +100,9 @@ pub struct State {
     /// DONEs (ending an IDLE) the client followed with a command before they were answered
     /// (counted with `watch_pipelining`).
     pub pipelined_after_done: u32,
+    /// Run a listing and a FETCH pipelined after it together, as Dovecot does: the listing's
+    /// tagged OK comes after the next FETCH's responses (always).
+    pub parallel_fetches: bool,
 }
 
 #[derive(Clone)]
@@ -180,6 +183,9 @@ impl Scripted {
         // The message count this client last saw (at SELECT or a FETCH): messages that arrive
         // later are announced when it enters IDLE, as a real server does.
         let mut seen_count = 0usize;
+        // A listing's tagged OK held back by `parallel_fetches`, sent after the responses of
+        // the command that follows it.
+        let mut held_ok: Option<String> = None;
         loop {
             line.clear();
             if r.read_line(&mut line).await? == 0 {
@@ -199,6 +205,9 @@ impl Scripted {
             if non_ascii {
                 w.write_all("* OK [ALERT] Wartungsfenster heute Nacht – café ☕\r\n".as_bytes())
                     .await?;
+            }
+            if let Some(ok) = held_ok.take_if(|_| cmd != "UID") {
+                w.write_all(ok.as_bytes()).await?;
             }
             match cmd.as_str() {
                 "CAPABILITY" => {
@@ -549,7 +558,15 @@ impl Scripted {
                                 )
                                 .await?;
                             }
+                            // A FETCH pipelined after the listing runs with it.
+                            if self.state.lock().unwrap().parallel_fetches && !r.buffer().is_empty() {
+                                held_ok = Some(format!("{tag} OK UID completed.\r\n"));
+                                continue;
+                            }
                         }
+                    }
+                    if let Some(ok) = held_ok.take() {
+                        w.write_all(ok.as_bytes()).await?;
                     }
                     w.write_all(format!("{tag} OK UID completed.\r\n").as_bytes()).await?;
                 }

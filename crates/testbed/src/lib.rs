@@ -73,8 +73,27 @@ pub struct Dovecot {
     mail_uid: (u32, u32),
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// The ports [`free_port`] hands out: below Linux's default ephemeral range (32768–60999), so
+/// that no outgoing connection of a parallel test can take one between the probe and the
+/// server's bind (a port from `bind(:0)` can be; seen as "Address already in use" in CI).
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port nobody listens on right now, for a server a test starts: each call in a
+/// process takes the next of [`TEST_PORTS`] after a start that differs by process (so two test
+/// processes rarely probe the same ones), checked by binding it.
+pub fn free_port() -> io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::other(format!("no free port in {TEST_PORTS:?}")))
 }
 
 /// A test user's account over STARTTLS on `port`, trusting `ca_file`.
