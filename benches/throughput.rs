@@ -1278,17 +1278,19 @@ fn raw_idle_on(dv: &Dovecot, user: &str, password: &str, folder: &str) -> std::s
 }
 
 /// How (e) lays its mailboxes out: folders of one user, or one INBOX per user.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Layout {
     Folders,
     Users,
+    /// As `Folders`, with `notify = true` on the account: one NOTIFY session for all.
+    Notify,
 }
 
 impl Layout {
     /// Mailbox `i`: (user, password, folder).
     fn mailbox(self, i: usize) -> (String, String, String) {
         match self {
-            Layout::Folders => ("alice".into(), "alicepw".into(), format!("W{i:04}")),
+            Layout::Folders | Layout::Notify => ("alice".into(), "alicepw".into(), format!("W{i:04}")),
             Layout::Users => (
                 testbed::extra_user(i as u32),
                 testbed::EXTRA_PASSWORD.into(),
@@ -1330,7 +1332,32 @@ fn raw_idle_as(
     });
 }
 
-fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> (f64, u64, f64, Vec<f64>, Vec<f64>) {
+/// Established connections to `port` on loopback (the server's side of each session).
+fn sessions_on(port: u16) -> usize {
+    let local = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[3] == "01"
+        })
+        .count()
+}
+
+/// What one run of (e) measured.
+struct ManyRun {
+    idle_after: f64,
+    rss: u64,
+    idle_cpu: f64,
+    /// The process's sessions to the server once all were idle.
+    sessions: usize,
+    lat: Vec<f64>,
+    floor: Vec<f64>,
+}
+
+fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> ManyRun {
     let dir = tempfile::tempdir().unwrap();
     let mut text = "state = \"state.db\"\n[limits]\nstart_stagger = \"10ms\"\n".to_string();
     let account = |name: &str, user: &str, password: &str| {
@@ -1340,13 +1367,15 @@ fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> (f6
             dv.ca_file().display()
         )
     };
-    if layout == Layout::Folders {
-        text.push_str(&account("b", "alice", "alicepw"));
+    match layout {
+        Layout::Folders => text.push_str(&account("b", "alice", "alicepw")),
+        Layout::Notify => text.push_str(&format!("{}notify = true\n", account("b", "alice", "alicepw"))),
+        Layout::Users => {}
     }
     for i in 0..watches {
         let (user, password, folder) = layout.mailbox(i);
         let name = match layout {
-            Layout::Folders => "b".to_string(),
+            Layout::Folders | Layout::Notify => "b".to_string(),
             Layout::Users => {
                 text.push_str(&account(&user, &user, &password));
                 user.clone()
@@ -1373,6 +1402,7 @@ fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> (f6
     // Let start-up garbage settle, then measure memory and a quiet 10 s.
     std::thread::sleep(Duration::from_secs(3));
     let rss = rss_kib(pid);
+    let sessions = sessions_on(dv.tls_port);
     let c0 = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(10));
     let idle_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;
@@ -1407,7 +1437,14 @@ fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> (f6
     }
     let _ = child.kill();
     let _ = child.wait();
-    (idle_after, rss, idle_cpu, lat, floor)
+    ManyRun {
+        idle_after,
+        rss,
+        idle_cpu,
+        sessions,
+        lat,
+        floor,
+    }
 }
 
 fn many(n: usize) {
@@ -1426,32 +1463,40 @@ fn many(n: usize) {
         }
     }
     let samples = 20;
-    for (layout, what) in [
+    let layouts = [
         (Layout::Folders, "one user's folders, one watch per folder"),
         (Layout::Users, "one INBOX per Dovecot user, one account each"),
-    ] {
-        println!("(e) {n} IDLE watches over TLS in one process ({what}, start_stagger 10 ms), next to one watch");
-        let (idle1, rss1, cpu1, mut lat1, mut floor1) = many_run(&dv, layout, 1, samples);
-        let (idle_n, rss_n, cpu_n, mut lat_n, mut floor_n) = many_run(&dv, layout, n, samples);
-        println!(
-            "    1 watch      RSS {:7.1} MiB   idle CPU {cpu1:5.2} %   idle after {idle1:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
-            rss1 as f64 / 1024.0,
-            pct(&mut lat1, 0.5),
-            pct(&mut lat1, 0.99),
-            pct(&mut floor1, 0.5),
-            pct(&mut floor1, 0.99)
-        );
-        println!(
-            "    {n} watches RSS {:7.1} MiB   idle CPU {cpu_n:5.2} %   idle after {idle_n:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
-            rss_n as f64 / 1024.0,
-            pct(&mut lat_n, 0.5),
-            pct(&mut lat_n, 0.99),
-            pct(&mut floor_n, 0.5),
-            pct(&mut floor_n, 0.99)
-        );
+        (
+            Layout::Notify,
+            "one user's folders, notify = true: one NOTIFY session, a session per wake",
+        ),
+    ];
+    // INBOXD_BENCH_LAYOUTS=folders,users,notify picks layouts.
+    let only = std::env::var("INBOXD_BENCH_LAYOUTS").unwrap_or_else(|_| "folders,users,notify".into());
+    for (layout, what) in layouts {
+        let name = format!("{layout:?}").to_lowercase();
+        if !only.split(',').any(|l| l.trim() == name) {
+            continue;
+        }
+        println!("(e) {n} watches over TLS in one process ({what}, start_stagger 10 ms), next to one watch");
+        let mut one = many_run(&dv, layout, 1, samples);
+        let mut all = many_run(&dv, layout, n, samples);
+        for (label, r) in [("1 watch     ", &mut one), (&format!("{n} watches"), &mut all)] {
+            println!(
+                "    {label} RSS {:7.1} MiB   sessions {:4}   idle CPU {:5.2} %   idle after {:5.2} s   latency p50 {:7.1} ms  p99 {:7.1} ms   (raw IDLE on the same folder p50 {:7.1} ms  p99 {:7.1} ms)",
+                r.rss as f64 / 1024.0,
+                r.sessions,
+                r.idle_cpu,
+                r.idle_after,
+                pct(&mut r.lat, 0.5),
+                pct(&mut r.lat, 0.99),
+                pct(&mut r.floor, 0.5),
+                pct(&mut r.floor, 0.99)
+            );
+        }
         println!(
             "    per watched mailbox above the one-watch process: {:.1} KiB",
-            (rss_n.saturating_sub(rss1)) as f64 / (n - 1).max(1) as f64
+            (all.rss.saturating_sub(one.rss)) as f64 / (n - 1).max(1) as f64
         );
     }
 }

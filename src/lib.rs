@@ -53,6 +53,7 @@ pub mod envelope;
 pub mod handler;
 pub mod imap;
 pub mod message;
+mod notify;
 pub mod oauth2;
 mod once;
 pub mod process;

@@ -293,6 +293,35 @@ async fn bodies_answered_before_the_listing_ends_are_still_used() {
     );
 }
 
+/// `notify = true` against a server without NOTIFY: the account's notifier finds no NOTIFY,
+/// the watch goes back to IDLE on a session of its own, and new mail is delivered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_without_the_capability_falls_back_to_idle() {
+    let server = Scripted::start().await;
+    server.add_message("history");
+    let dir = tempfile::tempdir().unwrap();
+    let config = scripted_config(dir.path(), server.port, "new", "notify = true");
+    let (w, rec, mut ev) = watch(&config).await;
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    wait_idles(&server, 1).await;
+    server.add_message("after");
+    wait_delivered(&mut ev, 1, 20).await;
+    wait_idles(&server, 2).await;
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["after"]);
+    let st = server.state.lock().unwrap();
+    assert!(
+        !st.commands.iter().any(|c| c.starts_with("NOTIFY")),
+        "{:?}",
+        st.commands
+    );
+    // Caught up, the watch gave its session back to wait for the notifier; the notifier's
+    // session found no NOTIFY; the watch connected again and idled.
+    let first = |what: &str| st.commands.iter().position(|c| c.starts_with(what)).unwrap();
+    assert!(first("LOGOUT") < first("IDLE"), "{:?}", st.commands);
+    assert!(st.connections >= 3, "{} connections: {:?}", st.connections, st.commands);
+}
+
 /// A server may end an IDLE itself (its tagged OK): the watcher takes that as a wake, sends
 /// no DONE for it, and goes on (a new message after it is delivered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,7 @@ pub(super) fn build(
         poll_interval: a.poll_interval.map_or(w.poll_interval, |x| x.0),
         recycle_after: a.recycle_after.map_or(w.recycle_after, |x| x.0),
         use_idle: a.idle.unwrap_or(w.use_idle),
+        notify: a.notify.unwrap_or(w.notify),
     };
     for (key, value) in [
         ("idle_refresh", wait.idle_refresh),

@@ -150,6 +150,9 @@ pub(super) struct RawAccount {
     pub(super) poll_interval: Option<Dur>,
     /// false: never IDLE; poll every `poll_interval` even where the server offers IDLE.
     pub(super) idle: Option<bool>,
+    /// true: one NOTIFY session (RFC 5465) tells the account's watches of news, and a
+    /// caught-up watch holds no session of its own; where the server has no NOTIFY, as false.
+    pub(super) notify: Option<bool>,
     pub(super) recycle_after: Option<Dur>,
     pub(super) reconnect: Option<Spanned<Vec<RawStage>>>,
     /// A connection must stay up this long before the reconnect schedule starts over.

@@ -16,6 +16,7 @@ pub mod guard;
 mod idle;
 mod login;
 pub mod mutf7;
+mod notify;
 pub mod sasl;
 
 use std::collections::HashSet;

@@ -134,6 +134,10 @@ struct Driver {
     /// The watch's failed attempts (the store's), read while the wake's SELECT was answered,
     /// for the `Fetch` after it; dropped with the wake's bodies and by any write to the log.
     wake_prior: Option<crate::store::StoreResult<HashMap<String, u32>>>,
+    /// Whether the account's notifier tells this watch of news (`notify = true`).
+    notifies: bool,
+    /// The watch's place in the account's notifier, from its first SELECT on.
+    notice: Option<crate::notify::Subscription>,
     bodies: BTreeMap<u32, Body>,
     /// INTERNALDATE and flags of the messages of the last listing.
     listed: HashMap<u32, Listing>,
@@ -173,11 +177,14 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
     } = parts;
     crate::spool::remove_stale(&watch.spool_dir);
     let account = watch.account.clone();
+    let mut wait = account.wait;
+    // The notifier watches folders by name: a special use (`\\Junk`) waits on its own session.
+    wait.notify &= !watch.folder.starts_with('\\');
     let spec = WatchSpec {
         start: watch.start,
         on_uidvalidity_change: watch.on_uidvalidity_change,
         retry: watch.retry,
-        wait: account.wait,
+        wait,
         batch_size: watch.batch_size,
         batch_bytes: BATCH_BYTES,
         max_message_size: watch.max_message_size,
@@ -205,6 +212,8 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         read_ahead: None,
         wake_bodies: None,
         wake_prior: None,
+        notifies: wait.notify && mode == Mode::Forever,
+        notice: None,
         bodies: BTreeMap::new(),
         listed: HashMap::new(),
         pending_post: HashSet::new(),
@@ -365,6 +374,12 @@ impl Driver {
                 list_ahead,
                 bodies_ahead,
             } => {
+                // News from here on wakes the next wait for a notice.
+                if self.notifies {
+                    self.notice
+                        .get_or_insert_with(|| crate::notify::subscribe(&self.watch.account, &self.watch.folder))
+                        .mark();
+                }
                 let folder = self.watch.folder.clone();
                 let Some(mut session) = self.session.take() else {
                     return no_session();
@@ -544,6 +559,7 @@ impl Driver {
             Action::PostAction { uids } => self.post_action(uids, uidvalidity).await,
             Action::RunJobs => self.run_jobs().await,
             Action::Idle(max) => self.idle(max).await,
+            Action::AwaitNotice(max) => self.await_notice(max).await,
             Action::Poll(every) => {
                 let mut stop = self.stop.clone();
                 let wake = tokio::select! {
@@ -1418,6 +1434,39 @@ impl Driver {
             }
             Err(e) => failed(&e),
         }
+    }
+
+    /// Waits without a session for the account's notifier to report news in the folder (at
+    /// most `max`), a queued job or a stop.
+    async fn await_notice(&mut self, max: Duration) -> Input {
+        let Some(notice) = self.notice.as_mut() else {
+            return Input::WaitEnded {
+                wake: Wake::NoNotifier,
+                token_left: None,
+            };
+        };
+        let mut stop = self.stop.clone();
+        let jobs = &mut self.jobs;
+        let closed = self.jobs_closed;
+        let mut took: Option<Option<Job>> = None;
+        let interrupt = async {
+            tokio::select! {
+                _ = Self::stopped(&mut stop) => {}
+                job = Self::next_job(jobs, closed) => took = Some(job),
+            }
+        };
+        let wake = notice.wait(max, interrupt).await;
+        if let Some(job) = took {
+            self.took_job(job);
+        }
+        if wake == Wake::Activity {
+            self.woke_at.get_or_insert_with(Instant::now);
+        }
+        if wake == Wake::NoNotifier {
+            self.notice = None;
+            self.notifies = false;
+        }
+        Input::WaitEnded { wake, token_left: None }
     }
 
     /// Logs, emits and counts what the machine noticed.

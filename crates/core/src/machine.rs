@@ -148,6 +148,9 @@ pub enum Wake {
     Silence,
     /// Queued work or a stop request.
     Interrupted,
+    /// (A wait for the account's notifier) The server offers no NOTIFY: wait on a session of
+    /// the watch's own from now on.
+    NoNotifier,
 }
 
 /// The status of a delivery-log row.
@@ -344,6 +347,11 @@ pub enum Action {
     RunJobs,
     Idle(Duration),
     Poll(Duration),
+    /// Wait without a session (it was logged out) until the account's notifier (one NOTIFY
+    /// session for the account's folders, RFC 5465) reports a change in this folder, for at
+    /// most this long; then connect and catch up. Answered by `WaitEnded` (`NoNotifier` when
+    /// the server turns out to have no NOTIFY).
+    AwaitNotice(Duration),
     /// NOOP under its deadline.
     Probe,
     /// Wait; with `keep_session` the session stays open (and unused).
@@ -479,8 +487,12 @@ enum AfterCommit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AfterLogout {
     Reconnect,
-    Sleep { delay: Duration },
+    Sleep {
+        delay: Duration,
+    },
     Finish,
+    /// Wait for the account's notifier ([`Action::AwaitNotice`]) this long at most.
+    AwaitNotice(Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -499,6 +511,7 @@ enum Phase {
     PostActing { retrying: bool },
     RunningJobs { then_wait: bool },
     Waiting { poll: bool },
+    AwaitingNotice,
     Probing,
     Sleeping { reconnect: bool },
     InvalidatingToken { delay: Duration },
@@ -552,6 +565,10 @@ pub struct WatchMachine {
     stopping: bool,
     /// The stored state was read.
     loaded: bool,
+    /// The account's notifier cannot serve this watch (no NOTIFY): IDLE on its own session.
+    notifier_off: bool,
+    /// The session being opened follows a wait for a notice (no `Connected` notice for it).
+    noticed: bool,
     /// An action was abandoned mid-command: the session cannot carry post-actions or LOGOUT.
     session_broken: bool,
     /// The listing was already checked against a fresh UIDNEXT.
@@ -591,6 +608,8 @@ impl WatchMachine {
             busy: None,
             stopping: false,
             loaded: false,
+            notifier_off: false,
+            noticed: false,
             session_broken: false,
             window_upto: None,
             window_size,
@@ -875,7 +894,27 @@ impl WatchMachine {
                     }
                 }
                 AfterLogout::Finish => Action::Done(Ok(())),
+                AfterLogout::AwaitNotice(max) => {
+                    if self.stopping {
+                        return Action::Done(Ok(()));
+                    }
+                    self.idle_since = Some(now);
+                    self.state = State::Idle;
+                    self.phase = Phase::AwaitingNotice;
+                    Action::AwaitNotice(max)
+                }
             },
+            (Phase::AwaitingNotice, Input::WaitEnded { wake, .. }) => {
+                if self.stopping {
+                    return Action::Done(Ok(()));
+                }
+                if wake == Wake::NoNotifier {
+                    self.notifier_off = true;
+                }
+                self.noticed = true;
+                // News, the wait's bound, or queued jobs: a session again, which catches up.
+                self.connect()
+            }
             (phase, input) => {
                 // An input that does not answer the action in flight: a driver bug. End the
                 // round as a failure rather than guess; the schedule reconnects.
@@ -948,7 +987,10 @@ impl WatchMachine {
         if why == SelectFor::Round {
             self.reconnect.connected(now);
             self.connected_at = Some(now);
-            self.notices.push(Notice::Connected);
+            // A session for a notice is not news to whoever follows the watch's connection.
+            if !core::mem::take(&mut self.noticed) {
+                self.notices.push(Notice::Connected);
+            }
         }
         self.state = State::CatchingUp;
         if outcome.store {
@@ -1408,6 +1450,10 @@ impl WatchMachine {
             }
             other => other,
         };
+        if self.spec.wait.notify && !self.notifier_off && self.idle && !self.spec.once {
+            // The account's notifier watches the folder: no session of its own meanwhile.
+            return self.logout(AfterLogout::AwaitNotice(self.spec.wait.idle_refresh));
+        }
         match wait {
             Wait::Recycle => {
                 self.notices.push(Notice::Disconnected {
@@ -1454,6 +1500,8 @@ impl WatchMachine {
         self.catch_up = CatchUp::default();
         self.connected_at = None;
         self.session_broken = false;
+        // Told as a disconnect: the next session is told as a connect.
+        self.noticed = false;
         if self.spec.once {
             return Action::Done(Err(error));
         }

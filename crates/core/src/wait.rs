@@ -16,6 +16,11 @@ pub struct WaitPolicy {
     /// IDLE where the server offers it; false: poll every `poll_interval` even then (for a
     /// server whose IDLE is broken or whose notifications lag behind polling).
     pub use_idle: bool,
+    /// The account's notifier (one NOTIFY session for its folders, RFC 5465) tells the watch
+    /// of news: between catch-ups it holds no session of its own (it waits at most
+    /// `idle_refresh`, then catches up anyway). Where the server has no NOTIFY, the watch
+    /// waits on a session of its own, as without it.
+    pub notify: bool,
 }
 
 impl Default for WaitPolicy {
@@ -25,6 +30,7 @@ impl Default for WaitPolicy {
             poll_interval: Duration::from_secs(60),
             recycle_after: Duration::from_secs(3600),
             use_idle: true,
+            notify: false,
         }
     }
 }

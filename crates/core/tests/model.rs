@@ -384,7 +384,7 @@ fn drive(
             return Ok(false);
         }
         input = match action {
-            Action::Idle(_) | Action::Poll(_) => return Ok(true),
+            Action::Idle(_) | Action::Poll(_) | Action::AwaitNotice(_) => return Ok(true),
             Action::Done(_) => {
                 w.unflushed.clear();
                 w.may_repeat.extend(w.uncommitted.drain(..));
@@ -570,7 +570,7 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
         }
         Action::InvalidateToken => Input::TokenInvalidated,
         Action::Logout => Input::LoggedOut,
-        Action::Idle(_) | Action::Poll(_) | Action::Done(_) => unreachable!(),
+        Action::Idle(_) | Action::Poll(_) | Action::AwaitNotice(_) | Action::Done(_) => unreachable!(),
     })
 }
 
@@ -1520,4 +1520,61 @@ fn a_session_dropped_after_minutes_in_idle_reconnects_at_once_every_time() {
     }
     assert_eq!(waits[0], s(0));
     assert!(waits[1] >= s(30) && waits[2] >= s(30), "{waits:?}");
+}
+
+/// With the account's notifier (`wait.notify`), a caught-up watch gives its session back and
+/// waits for a notice; any end of that wait connects again (which catches up), and a server
+/// without NOTIFY sends the watch back to IDLE on a session of its own.
+#[test]
+fn a_notified_watch_waits_without_a_session_and_falls_back_to_idle_without_notify() {
+    let mut sp = spec(10, false, false);
+    sp.wait.notify = true;
+    let mut m = started(sp, Some(cp(7, 3)));
+    let selected = Input::Selected(inboxd_core::mailbox::Selected {
+        uidvalidity: 7,
+        uidnext: 4,
+    });
+    let connected = Input::Connected {
+        idle: true,
+        token_left: None,
+    };
+    let ended = |wake| Input::WaitEnded { wake, token_left: None };
+    assert_eq!(m.on(selected.clone(), s(0), 0.0), Action::List { above: 3, upto: None });
+    assert_eq!(m.on(listed(&[]), s(0), 0.0), Action::RunJobs);
+    // Caught up: the session goes, then the wait for a notice (as long as an IDLE would be).
+    assert_eq!(m.on(Input::JobsRan { ran: false }, s(0), 0.0), Action::Logout);
+    assert_eq!(m.on(Input::LoggedOut, s(0), 0.0), Action::AwaitNotice(s(600)));
+    assert_eq!(m.state(), inboxd_core::machine::State::Idle);
+    // Each way the wait can end connects again; the catch-up follows the connect.
+    for wake in [Wake::Activity, Wake::Elapsed, Wake::Interrupted] {
+        assert_eq!(m.on(ended(wake), s(1), 0.0), Action::Connect);
+        assert!(matches!(m.on(connected.clone(), s(1), 0.0), Action::Select { .. }));
+        assert_eq!(m.on(selected.clone(), s(1), 0.0), Action::List { above: 3, upto: None });
+        assert_eq!(m.on(listed(&[]), s(1), 0.0), Action::RunJobs);
+        assert_eq!(m.on(Input::JobsRan { ran: false }, s(1), 0.0), Action::Logout);
+        assert_eq!(m.on(Input::LoggedOut, s(1), 0.0), Action::AwaitNotice(s(600)));
+    }
+    // No NOTIFY on this server: from now on the watch IDLEs on its own session.
+    assert_eq!(m.on(ended(Wake::NoNotifier), s(2), 0.0), Action::Connect);
+    assert!(matches!(m.on(connected, s(2), 0.0), Action::Select { .. }));
+    assert_eq!(m.on(selected, s(2), 0.0), Action::List { above: 3, upto: None });
+    assert_eq!(m.on(listed(&[]), s(2), 0.0), Action::RunJobs);
+    assert_eq!(m.on(Input::JobsRan { ran: false }, s(2), 0.0), Action::Idle(s(600)));
+    // A stop during the wait for a notice finishes at once.
+    let mut sp = spec(10, false, false);
+    sp.wait.notify = true;
+    let mut m = started(sp, Some(cp(7, 3)));
+    m.on(
+        Input::Selected(inboxd_core::mailbox::Selected {
+            uidvalidity: 7,
+            uidnext: 4,
+        }),
+        s(0),
+        0.0,
+    );
+    m.on(listed(&[]), s(0), 0.0);
+    m.on(Input::JobsRan { ran: false }, s(0), 0.0);
+    assert_eq!(m.on(Input::LoggedOut, s(0), 0.0), Action::AwaitNotice(s(600)));
+    m.stop();
+    assert_eq!(m.on(ended(Wake::Interrupted), s(1), 0.0), Action::Done(Ok(())));
 }

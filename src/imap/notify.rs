@@ -1,0 +1,141 @@
+//! NOTIFY (RFC 5465): one session told of changes in many folders, so that an account's
+//! folders need not each hold an IDLE session of their own (see `crate::notify`).
+
+use super::*;
+
+impl Session {
+    /// `NOTIFY SET (personal (MessageNew MessageExpunge MailboxName))`: news in any folder of
+    /// the user's personal namespace (see `crate::notify` for why not a list of folders). A
+    /// folder named by a response meanwhile goes to `heard`. Needs the `NOTIFY` capability.
+    pub async fn notify_set(&mut self, heard: &mut (dyn FnMut(String) + Send)) -> Result<(), ImapError> {
+        let utf8 = self.utf8;
+        self.checked_inner(
+            "NOTIFY",
+            "NOTIFY SET (personal (MessageNew MessageExpunge MailboxName))",
+            false,
+            |resp| {
+                if let Some(name) = named_folder(resp, utf8) {
+                    heard(name);
+                }
+            },
+        )
+        .await
+    }
+
+    /// IDLE for at most `max` after a `NOTIFY SET`, passing each folder a notification names
+    /// (`* STATUS`, `* LIST`) to `heard` as it comes, until `max` elapses, `interrupt`
+    /// completes, or `idle_silence` passes without a byte; then DONE (its answer read under
+    /// the `done` deadline, notifications in it passed on too). Unlike [`Session::idle`] a
+    /// notification does not end the wait: one session serves every folder.
+    pub async fn notify_wait(
+        &mut self,
+        max: Duration,
+        interrupt: impl Future<Output = ()>,
+        heard: &mut (dyn FnMut(String) + Send),
+    ) -> Result<WaitEnd, ImapError> {
+        self.end_idle().await?;
+        let t = self.timeouts;
+        let utf8 = self.utf8;
+        let inner = &mut self.inner;
+        let id = deadline("IDLE", t.command, async {
+            let id = inner.run_command("IDLE").await.map_err(cmd("IDLE"))?;
+            loop {
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| cmd("IDLE")(e.into()))?
+                    .ok_or_else(|| ImapError::Bye("connection closed before IDLE began".into()))?;
+                match resp.parsed() {
+                    Response::Continue { .. } => return Ok(id),
+                    Response::Done { tag, status, outcome } if *tag == id => {
+                        tagged("IDLE", status, outcome)?;
+                        return Err(ImapError::Unexpected {
+                            command: "IDLE",
+                            detail: "the server ended IDLE before it began".into(),
+                        });
+                    }
+                    resp @ Response::Data {
+                        status: Status::Bye, ..
+                    } => return Err(bye(resp)),
+                    other => {
+                        if let Some(name) = named_folder(other, utf8) {
+                            heard(name);
+                        }
+                    }
+                }
+            }
+        })
+        .await?;
+        tokio::pin!(interrupt);
+        let sleep = tokio::time::sleep(max);
+        tokio::pin!(sleep);
+        let end = loop {
+            tokio::select! {
+                r = tokio::time::timeout(t.idle_silence, inner.read_response()) => {
+                    let Ok(r) = r else { break WaitEnd::Silence };
+                    let resp = r
+                        .map_err(|e| cmd("IDLE")(e.into()))?
+                        .ok_or_else(|| ImapError::Bye("connection closed during IDLE".into()))?;
+                    match resp.parsed() {
+                        // The server ended the IDLE itself: no DONE to send.
+                        Response::Done { tag, status, outcome } if *tag == id => {
+                            tagged("IDLE", status, outcome)?;
+                            return Ok(WaitEnd::Elapsed);
+                        }
+                        resp @ Response::Data {
+                            status: Status::Bye, ..
+                        } => return Err(bye(resp)),
+                        other => {
+                            if let Some(name) = named_folder(other, utf8) {
+                                heard(name);
+                            }
+                        }
+                    }
+                }
+                _ = &mut sleep => break WaitEnd::Elapsed,
+                _ = &mut interrupt => break WaitEnd::Interrupted,
+            }
+        };
+        if end == WaitEnd::Silence {
+            return Err(ImapError::Timeout {
+                phase: "IDLE",
+                after: t.idle_silence,
+            });
+        }
+        deadline("DONE", t.done, async {
+            inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
+            loop {
+                let resp = inner
+                    .read_response()
+                    .await
+                    .map_err(|e| cmd("DONE")(e.into()))?
+                    .ok_or_else(|| ImapError::Bye("connection closed during DONE".into()))?;
+                match resp.parsed() {
+                    Response::Done { tag, status, outcome } if *tag == id => return tagged("DONE", status, outcome),
+                    resp @ Response::Data {
+                        status: Status::Bye, ..
+                    } => return Err(bye(resp)),
+                    other => {
+                        if let Some(name) = named_folder(other, utf8) {
+                            heard(name);
+                        }
+                    }
+                }
+            }
+        })
+        .await?;
+        Ok(end)
+    }
+}
+
+/// The folder (as people read it) a notification names: `* STATUS name (...)` (new or
+/// expunged mail) or `* LIST (...) sep name` (created, deleted, renamed). A name that is not
+/// valid modified UTF-7 is taken as it is (Dovecot 2.3 sends UTF-8 there).
+fn named_folder(resp: &Response<'_>, utf8: bool) -> Option<String> {
+    let name = match resp {
+        Response::MailboxData(MailboxDatum::Status { mailbox, .. }) => unescape(mailbox),
+        Response::MailboxData(MailboxDatum::List(list)) => unescape(&list.name),
+        _ => return None,
+    };
+    Some(readable(utf8, name))
+}
