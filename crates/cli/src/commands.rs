@@ -746,6 +746,19 @@ pub async fn check(config: &Config, route: Option<u32>, out: &mut impl std::io::
             )?,
             Ok(()) => writeln!(out, "  keys: per folder and UID (v1-...)")?,
         }
+        if account.wait.notify {
+            if session.has("NOTIFY") {
+                writeln!(
+                    out,
+                    "  notify: the server offers NOTIFY: one session tells the watches of its personal folders of news"
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "  notify: the server offers no NOTIFY: each watch waits on a session of its own (as with notify = false)"
+                )?;
+            }
+        }
         match session.folders().await {
             Ok(list) => {
                 const SHOWN: usize = 50;

@@ -1025,3 +1025,19 @@ fn a_pattern_watch_on_postgresql_is_shared_by_the_instances() {
     assert!(once.status.success(), "{}", String::from_utf8_lossy(&once.stderr));
     assert_eq!(delivered().len(), 3);
 }
+
+/// `check` says what `notify = true` will do against this server (Dovecot offers NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_whether_notify_is_served() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    config(&dv, dir.path(), "notify = true", "deliver = { maildir = \"m\" }");
+    let out = inboxd_bin()
+        .args(["check", "-c"])
+        .arg(dir.path().join("inboxd.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("notify: the server offers NOTIFY"), "{text}");
+}
