@@ -100,8 +100,32 @@ async fn a_failed_state_commit_leaves_the_store_usable_and_later_commits_reach_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_acknowledges_nothing_and_recovers_when_space_returns() {
+    full_disk(
+        "a_full_disk_acknowledges_nothing_and_recovers_when_space_returns",
+        12,
+        60_000,
+        4,
+    )
+    .await;
+}
+
+/// The same with batches of 40 small messages (a catch-up's), the disk filling up within one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_a_batch_of_many_small_messages_acknowledges_nothing() {
+    full_disk(
+        "a_full_disk_during_a_batch_of_many_small_messages_acknowledges_nothing",
+        80,
+        10_000,
+        40,
+    )
+    .await;
+}
+
+/// `n` messages of `size` bytes, `batch_size` at a time, into a Maildir on a 256 KiB tmpfs
+/// that fills up; then it grows to 16 MiB.
+async fn full_disk(name: &str, n: u32, size: usize, batch_size: u32) {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED a_full_disk_acknowledges_nothing_and_recovers_when_space_returns: not root");
+        eprintln!("SKIPPED {name}: not root");
         return;
     }
     let dv = dovecot();
@@ -115,19 +139,19 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_when_space_returns() {
         .unwrap()
         .success();
     if !ok {
-        eprintln!("SKIPPED a_full_disk_acknowledges_nothing_and_recovers_when_space_returns: cannot mount tmpfs here");
+        eprintln!("SKIPPED {name}: cannot mount tmpfs here");
         return;
     }
     let _guard = Mount(mnt.clone());
-    let msgs: Vec<Vec<u8>> = (0..12)
-        .map(|i| inboxd_testbed::sample_message(i, &format!("big{i}"), 60_000))
+    let msgs: Vec<Vec<u8>> = (0..n as usize)
+        .map(|i| inboxd_testbed::sample_message(i, &format!("big{i}"), size))
         .collect();
     append_raw(&dv, "INBOX", &msgs).await;
     let config = config(
         &dv,
         dir.path(),
         "reconnect = [ { every = \"300ms\" } ]",
-        "start = \"all\"\nbatch_size = 4\ndeliver = { maildir = \"out\" }",
+        &format!("start = \"all\"\nbatch_size = {batch_size}\ndeliver = {{ maildir = \"out\" }}"),
     );
     let st = store(&config).await;
     {
@@ -151,7 +175,7 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_when_space_returns() {
         let cp = st.checkpoint("t", "INBOX").await.unwrap().map_or(0, |c| c.last_uid);
         let files = std::fs::read_dir(mnt.join("new")).unwrap().count() as u32;
         assert!(cp <= files, "checkpoint {cp} ahead of the {files} files on disk");
-        assert!(cp < 12);
+        assert!(cp < n);
 
         let ok = Command::new("mount")
             .args(["-o", "remount,size=16m"])
@@ -160,15 +184,15 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_when_space_returns() {
             .unwrap()
             .success();
         assert!(ok);
-        while st.checkpoint("t", "INBOX").await.unwrap().map_or(0, |c| c.last_uid) < 12 {
+        while st.checkpoint("t", "INBOX").await.unwrap().map_or(0, |c| c.last_uid) < n {
             wait_for(&mut ev, 30, |e| matches!(e, Event::Delivered { .. })).await;
         }
         w.stop().await.unwrap();
     }
-    assert_eq!(st.checkpoint("t", "INBOX").await.unwrap().unwrap().last_uid, 12);
+    assert_eq!(st.checkpoint("t", "INBOX").await.unwrap().unwrap().last_uid, n);
     assert_eq!(
         std::fs::read_dir(mnt.join("new")).unwrap().count(),
-        12,
+        n as usize,
         "every message exactly once"
     );
     assert_eq!(std::fs::read_dir(mnt.join("tmp")).unwrap().count(), 0);

@@ -130,6 +130,9 @@ fn publish(root: &Path, mode: u32, pending: &[(String, Payload)]) -> Result<(), 
             .map(|part| {
                 scope.spawn(move || {
                     let mut done = Vec::new();
+                    // What this worker wrote goes back with its error too: the flush removes
+                    // every file of a batch that failed, not only the one that failed.
+                    let mut failed = None;
                     for (key, payload) in part {
                         if root.join("new").join(key).exists() {
                             if let Payload::InTmp(tmp) = payload {
@@ -143,36 +146,63 @@ fn publish(root: &Path, mode: u32, pending: &[(String, Payload)]) -> Result<(), 
                                 let synced = File::open(tmp).and_then(|f| f.sync_all()).map_err(io("fsync", tmp));
                                 if let Err(e) = synced {
                                     let _ = fs::remove_file(tmp);
-                                    return Err(e);
+                                    failed = Some(e);
+                                    break;
                                 }
                                 done.push((key.as_str(), tmp.clone()));
                                 continue;
                             }
                         };
-                        let (tmp, mut f) = create_unique(&root.join("tmp"), key, mode)?;
+                        let (tmp, mut f) = match create_unique(&root.join("tmp"), key, mode) {
+                            Ok(created) => created,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        };
                         let written = f.write_all(body).and_then(|()| f.sync_all()).map_err(io("write", &tmp));
                         if let Err(e) = written {
                             let _ = fs::remove_file(&tmp);
-                            return Err(e);
+                            failed = Some(e);
+                            break;
                         }
                         done.push((key.as_str(), tmp));
                     }
-                    Ok::<_, HandlerError>(done)
+                    (done, failed)
                 })
             })
             .collect();
         let mut all = Vec::new();
+        let mut first_error = None;
         for w in workers {
-            all.extend(
-                w.join()
-                    .unwrap_or_else(|_| Err(HandlerError::new("maildir: writer thread panicked")))?,
-            );
+            let (done, failed) = w
+                .join()
+                .unwrap_or_else(|_| (Vec::new(), Some(HandlerError::new("maildir: writer thread panicked"))));
+            all.extend(done);
+            if first_error.is_none() {
+                first_error = failed;
+            }
         }
-        Ok::<_, HandlerError>(all)
+        match first_error {
+            None => Ok(all),
+            Some(e) => {
+                // Nothing of the batch counts: no file of it stays in tmp/ (a full disk would
+                // otherwise fill up with every retry's leftovers).
+                for (_, tmp) in &all {
+                    let _ = fs::remove_file(tmp);
+                }
+                Err(e)
+            }
+        }
     })?;
-    for (key, tmp) in &written {
+    for (i, (key, tmp)) in written.iter().enumerate() {
         let new = root.join("new").join(key);
-        fs::rename(tmp, &new).map_err(io("rename into", &new))?;
+        if let Err(e) = fs::rename(tmp, &new) {
+            for (_, left) in &written[i..] {
+                let _ = fs::remove_file(left);
+            }
+            return Err(io("rename into", &new)(e));
+        }
     }
     if written.is_empty() {
         Ok(())
