@@ -1332,20 +1332,6 @@ fn raw_idle_as(
     });
 }
 
-/// Established connections to `port` on loopback (the server's side of each session).
-fn sessions_on(port: u16) -> usize {
-    let local = format!("0100007F:{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == local && f[3] == "01"
-        })
-        .count()
-}
-
 /// What one run of (e) measured.
 struct ManyRun {
     idle_after: f64,
@@ -1402,7 +1388,7 @@ fn many_run(dv: &Dovecot, layout: Layout, watches: usize, samples: usize) -> Man
     // Let start-up garbage settle, then measure memory and a quiet 10 s.
     std::thread::sleep(Duration::from_secs(3));
     let rss = rss_kib(pid);
-    let sessions = sessions_on(dv.tls_port);
+    let sessions = testbed::established_to(dv.tls_port);
     let c0 = cpu_seconds(pid);
     std::thread::sleep(Duration::from_secs(10));
     let idle_cpu = (cpu_seconds(pid) - c0) / 10.0 * 100.0;

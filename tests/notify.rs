@@ -10,28 +10,14 @@ use std::time::Duration;
 use inboxd::watcher::{Event, Mode, Watcher};
 use support::*;
 
-/// Established connections to `port` on loopback, as the kernel lists them (IPv4).
-fn established(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let local = format!("0100007F:{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1] == local && f[3] == "01"
-        })
-        .count()
-}
-
 /// Waits until `port` has `n` established connections, failing after 10 s.
 async fn wait_connections(port: u16, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while established(port) != n {
+    while inboxd_testbed::established_to(port) != n {
         assert!(
             std::time::Instant::now() < deadline,
             "{} connections to the server, expected {n}",
-            established(port)
+            inboxd_testbed::established_to(port)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -2,6 +2,7 @@
 //! IDLE), and what unsolicited responses said in between.
 
 use super::*;
+use async_imap::imap_proto::RequestId;
 
 impl Session {
     /// Drops unsolicited responses collected so far; returns whether any announced new mail
@@ -51,29 +52,7 @@ impl Session {
         // New mail announced before the server confirmed the IDLE is not announced again in
         // it: the wait ends at once then.
         let mut early = false;
-        let id = deadline("IDLE", t.command, async {
-            let id = inner.run_command("IDLE").await.map_err(cmd("IDLE"))?;
-            loop {
-                let resp = inner
-                    .read_response()
-                    .await
-                    .map_err(|e| cmd("IDLE")(e.into()))?
-                    .ok_or_else(|| ImapError::Bye("connection closed before IDLE began".into()))?;
-                match resp.parsed() {
-                    Response::Continue { .. } => return Ok(id),
-                    Response::Done { tag, status, outcome } if *tag == id => {
-                        // Refused (or ended at once): no IDLE to leave.
-                        tagged("IDLE", status, outcome)?;
-                        return Err(ImapError::Unexpected {
-                            command: "IDLE",
-                            detail: "the server ended IDLE before it began".into(),
-                        });
-                    }
-                    other => note_unsolicited(other, exists, &mut early)?,
-                }
-            }
-        })
-        .await?;
+        let id = begin_idle(inner, t, |other| note_unsolicited(other, exists, &mut early)).await?;
         // From here the server may end the IDLE itself (a tagged answer): then there is no
         // DONE to send.
         let mut open = true;
@@ -127,25 +106,70 @@ impl Session {
         let Some(id) = self.idling.take() else {
             return Ok(());
         };
-        let inner = &mut self.inner;
         let exists = &mut self.exists;
         let news = &mut self.news;
-        deadline("DONE", self.timeouts.done, async {
-            inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
-            loop {
-                let resp = inner
-                    .read_response()
-                    .await
-                    .map_err(|e| cmd("DONE")(e.into()))?
-                    .ok_or_else(|| ImapError::Bye("connection closed during DONE".into()))?;
-                match resp.parsed() {
-                    Response::Done { tag, status, outcome } if *tag == id => return tagged("DONE", status, outcome),
-                    other => note_unsolicited(other, exists, news)?,
-                }
-            }
+        finish_idle(&mut self.inner, &id, self.timeouts, |other| {
+            note_unsolicited(other, exists, news)
         })
         .await
     }
+}
+
+/// Sends IDLE and reads up to the server's continuation under the `command` deadline; every
+/// other response goes to `other`. A tagged answer instead (refused, or ended at once) is an
+/// error: there is no IDLE to leave then.
+pub(super) async fn begin_idle(
+    inner: &mut Inner,
+    t: Timeouts,
+    mut other: impl FnMut(&Response<'_>) -> Result<(), ImapError>,
+) -> Result<RequestId, ImapError> {
+    deadline("IDLE", t.command, async {
+        let id = inner.run_command("IDLE").await.map_err(cmd("IDLE"))?;
+        loop {
+            let resp = inner
+                .read_response()
+                .await
+                .map_err(|e| cmd("IDLE")(e.into()))?
+                .ok_or_else(|| ImapError::Bye("connection closed before IDLE began".into()))?;
+            match resp.parsed() {
+                Response::Continue { .. } => return Ok(id),
+                Response::Done { tag, status, outcome } if *tag == id => {
+                    tagged("IDLE", status, outcome)?;
+                    return Err(ImapError::Unexpected {
+                        command: "IDLE",
+                        detail: "the server ended IDLE before it began".into(),
+                    });
+                }
+                resp => other(resp)?,
+            }
+        }
+    })
+    .await
+}
+
+/// Sends DONE and reads up to the tagged answer of the IDLE `id` under the `done` deadline;
+/// every other response goes to `other`.
+pub(super) async fn finish_idle(
+    inner: &mut Inner,
+    id: &RequestId,
+    t: Timeouts,
+    mut other: impl FnMut(&Response<'_>) -> Result<(), ImapError>,
+) -> Result<(), ImapError> {
+    deadline("DONE", t.done, async {
+        inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
+        loop {
+            let resp = inner
+                .read_response()
+                .await
+                .map_err(|e| cmd("DONE")(e.into()))?
+                .ok_or_else(|| ImapError::Bye("connection closed during DONE".into()))?;
+            match resp.parsed() {
+                Response::Done { tag, status, outcome } if tag == id => return tagged("DONE", status, outcome),
+                resp => other(resp)?,
+            }
+        }
+    })
+    .await
 }
 
 /// What an untagged response outside a command's own answers says about the selected folder:

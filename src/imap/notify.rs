@@ -37,35 +37,19 @@ impl Session {
         let t = self.timeouts;
         let utf8 = self.utf8;
         let inner = &mut self.inner;
-        let id = deadline("IDLE", t.command, async {
-            let id = inner.run_command("IDLE").await.map_err(cmd("IDLE"))?;
-            loop {
-                let resp = inner
-                    .read_response()
-                    .await
-                    .map_err(|e| cmd("IDLE")(e.into()))?
-                    .ok_or_else(|| ImapError::Bye("connection closed before IDLE began".into()))?;
-                match resp.parsed() {
-                    Response::Continue { .. } => return Ok(id),
-                    Response::Done { tag, status, outcome } if *tag == id => {
-                        tagged("IDLE", status, outcome)?;
-                        return Err(ImapError::Unexpected {
-                            command: "IDLE",
-                            detail: "the server ended IDLE before it began".into(),
-                        });
-                    }
-                    resp @ Response::Data {
-                        status: Status::Bye, ..
-                    } => return Err(bye(resp)),
-                    other => {
-                        if let Some(name) = named_folder(other, utf8) {
-                            heard(name);
-                        }
-                    }
-                }
+        let mut pass_on = |resp: &Response<'_>| {
+            if let resp @ Response::Data {
+                status: Status::Bye, ..
+            } = resp
+            {
+                return Err(bye(resp));
             }
-        })
-        .await?;
+            if let Some(name) = named_folder(resp, utf8) {
+                heard(name);
+            }
+            Ok(())
+        };
+        let id = idle::begin_idle(inner, t, &mut pass_on).await?;
         tokio::pin!(interrupt);
         let sleep = tokio::time::sleep(max);
         tokio::pin!(sleep);
@@ -82,14 +66,7 @@ impl Session {
                             tagged("IDLE", status, outcome)?;
                             return Ok(WaitEnd::Elapsed);
                         }
-                        resp @ Response::Data {
-                            status: Status::Bye, ..
-                        } => return Err(bye(resp)),
-                        other => {
-                            if let Some(name) = named_folder(other, utf8) {
-                                heard(name);
-                            }
-                        }
+                        other => pass_on(other)?,
                     }
                 }
                 _ = &mut sleep => break WaitEnd::Elapsed,
@@ -102,28 +79,7 @@ impl Session {
                 after: t.idle_silence,
             });
         }
-        deadline("DONE", t.done, async {
-            inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
-            loop {
-                let resp = inner
-                    .read_response()
-                    .await
-                    .map_err(|e| cmd("DONE")(e.into()))?
-                    .ok_or_else(|| ImapError::Bye("connection closed during DONE".into()))?;
-                match resp.parsed() {
-                    Response::Done { tag, status, outcome } if *tag == id => return tagged("DONE", status, outcome),
-                    resp @ Response::Data {
-                        status: Status::Bye, ..
-                    } => return Err(bye(resp)),
-                    other => {
-                        if let Some(name) = named_folder(other, utf8) {
-                            heard(name);
-                        }
-                    }
-                }
-            }
-        })
-        .await?;
+        idle::finish_idle(inner, &id, t, pass_on).await?;
         Ok(end)
     }
 }

@@ -111,6 +111,21 @@ fn starttls_account(user: &str, port: u16, ca_file: PathBuf) -> Account {
     a
 }
 
+/// Established TCP connections to `port` on 127.0.0.1, as the kernel lists them (the server's
+/// side of each session of its clients).
+pub fn established_to(port: u16) -> usize {
+    let local = format!("0100007F:{port:04X}");
+    fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[3] == "01"
+        })
+        .count()
+}
+
 /// Starts a server in the foreground as our child, in a process group of its own, its output
 /// appended to `log`.
 fn spawn_in_group(mut cmd: Command, log: &Path) -> io::Result<Child> {
