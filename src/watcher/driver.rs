@@ -1345,6 +1345,20 @@ impl Driver {
         jobs.recv().await
     }
 
+    /// What ends a wait besides the server: a stop, or a queued job (put into `took`; `None`
+    /// in it when the queue closed).
+    async fn stop_or_job(
+        mut stop: watch::Receiver<bool>,
+        jobs: &mut mpsc::Receiver<Job>,
+        closed: bool,
+        took: &mut Option<Option<Job>>,
+    ) {
+        tokio::select! {
+            _ = Self::stopped(&mut stop) => {}
+            job = Self::next_job(jobs, closed) => *took = Some(job),
+        }
+    }
+
     fn took_job(&mut self, job: Option<Job>) {
         match job {
             Some(j) => self.waiting_job = Some(j),
@@ -1385,16 +1399,8 @@ impl Driver {
         let Some(session) = self.session.take() else {
             return no_session();
         };
-        let mut stop = self.stop.clone();
-        let jobs = &mut self.jobs;
-        let closed = self.jobs_closed;
         let mut took: Option<Option<Job>> = None;
-        let interrupt = async {
-            tokio::select! {
-                _ = Self::stopped(&mut stop) => {}
-                job = Self::next_job(jobs, closed) => took = Some(job),
-            }
-        };
+        let interrupt = Self::stop_or_job(self.stop.clone(), &mut self.jobs, self.jobs_closed, &mut took);
         // The wait ends at once on a stop (the IDLE is left open: DONE goes with the logout,
         // itself bounded by STOP_GRACE); should the wait itself not end, STOP_GRACE bounds it.
         let mut stopping = self.stop.clone();
@@ -1445,16 +1451,8 @@ impl Driver {
                 token_left: None,
             };
         };
-        let mut stop = self.stop.clone();
-        let jobs = &mut self.jobs;
-        let closed = self.jobs_closed;
         let mut took: Option<Option<Job>> = None;
-        let interrupt = async {
-            tokio::select! {
-                _ = Self::stopped(&mut stop) => {}
-                job = Self::next_job(jobs, closed) => took = Some(job),
-            }
-        };
+        let interrupt = Self::stop_or_job(self.stop.clone(), &mut self.jobs, self.jobs_closed, &mut took);
         let wake = notice.wait(max, interrupt).await;
         if let Some(job) = took {
             self.took_job(job);
