@@ -194,11 +194,6 @@ pub(super) fn listed_item(attrs: &[AttributeValue<'_>]) -> Option<Listing> {
 const MAX_FLAGS: usize = 64;
 
 /// UID and whole body from one answer to `UID FETCH set (UID BODY.PEEK[])`.
-/// Whether a FETCH response holds a whole-message section (a body, not a listing's item).
-pub(super) fn has_body(attrs: &[AttributeValue<'_>]) -> bool {
-    fetched_item(attrs).1.is_some()
-}
-
 pub(super) fn fetched_item<'a>(attrs: &'a [AttributeValue<'a>]) -> (Option<u32>, Option<&'a [u8]>) {
     let uid = attrs
         .iter()

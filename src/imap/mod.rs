@@ -361,26 +361,30 @@ impl Session {
                         *known = *n;
                     }
                     Response::Expunge(_) => *known = known.saturating_sub(1),
-                    // The bodies (told by their section: they may come while the listing is
-                    // still answered): each UID asked for once, each at most `max_bytes`.
-                    Response::Fetch(_, attrs) if !read_done && fetch::has_body(attrs) => {
-                        let (uid, body) = fetch::fetched_item(attrs);
-                        if let (Some(uid), Some(body), Some((from, to, max))) = (uid, body, bodies)
-                            && (from..=to).contains(&uid)
-                            && body.len() <= max as usize
-                            && !read_bodies.iter().any(|f: &Fetched| f.uid == uid)
-                        {
-                            read_bodies.push(Fetched {
-                                uid,
-                                body: body.to_vec(),
-                            });
+                    // The bodies are told from the listing's items by their section (they may
+                    // come while the listing is still answered): each UID asked for once, each
+                    // at most `max_bytes`.
+                    Response::Fetch(_, attrs) => match fetch::fetched_item(attrs) {
+                        (Some(uid), Some(body)) => {
+                            if let Some((from, to, max)) = bodies
+                                && !read_done
+                                && (from..=to).contains(&uid)
+                                && body.len() <= max as usize
+                                && !read_bodies.iter().any(|f: &Fetched| f.uid == uid)
+                            {
+                                read_bodies.push(Fetched {
+                                    uid,
+                                    body: body.to_vec(),
+                                });
+                            }
                         }
-                    }
-                    Response::Fetch(_, attrs) if listing.is_none() => {
-                        if let Some(item) = fetch::listed_item(attrs) {
-                            listed.push(item);
+                        (_, None) if listing.is_none() => {
+                            if let Some(item) = fetch::listed_item(attrs) {
+                                listed.push(item);
+                            }
                         }
-                    }
+                        _ => {}
+                    },
                     _ => {}
                 }
             }

@@ -56,7 +56,12 @@ impl Session {
         let end = loop {
             tokio::select! {
                 r = tokio::time::timeout(t.idle_silence, inner.read_response()) => {
-                    let Ok(r) = r else { break WaitEnd::Silence };
+                    let Ok(r) = r else {
+                        return Err(ImapError::Timeout {
+                            phase: "IDLE",
+                            after: t.idle_silence,
+                        });
+                    };
                     let resp = r
                         .map_err(|e| cmd("IDLE")(e.into()))?
                         .ok_or_else(|| ImapError::Bye("connection closed during IDLE".into()))?;
@@ -73,12 +78,6 @@ impl Session {
                 _ = &mut interrupt => break WaitEnd::Interrupted,
             }
         };
-        if end == WaitEnd::Silence {
-            return Err(ImapError::Timeout {
-                phase: "IDLE",
-                after: t.idle_silence,
-            });
-        }
         idle::finish_idle(inner, &id, t, pass_on).await?;
         Ok(end)
     }
