@@ -23,15 +23,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
+use inboxd_core::failure::Reconnect;
 use inboxd_core::machine::Wake;
+use inboxd_core::wait::{Wait, next_wait};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::Account;
 use crate::imap::{ImapError, Session};
-
-/// Longest pause between the notifier's attempts to connect.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -239,13 +238,16 @@ fn leave_if_unused(shared: &Arc<Shared>) -> bool {
 }
 
 async fn run(shared: Arc<Shared>, account: Account) {
-    let mut backoff = Duration::from_secs(1);
+    // When to try again after a failure is the core's decision, on the account's schedule,
+    // as for its watches.
+    let mut reconnect = Reconnect::new(account.schedule.clone(), account.stable_after, account.park_for);
+    let origin = tokio::time::Instant::now();
     loop {
         if leave_if_unused(&shared) {
             return;
         }
-        match session(&shared, &account).await {
-            Ok(Ended::Unsubscribed) => backoff = Duration::from_secs(1),
+        match session(&shared, &account, &mut reconnect, origin).await {
+            Ok(Ended::Unsubscribed) => {}
             Ok(Ended::Unsupported) => {
                 info!(account = %account.name, "the server offers no NOTIFY: each watch waits on a session of its own");
                 shared.state.send_replace(State::Unsupported);
@@ -262,7 +264,8 @@ async fn run(shared: Arc<Shared>, account: Account) {
             Err(e) => {
                 shared.disarmed();
                 shared.state.send_replace(State::Connecting);
-                warn!(account = %account.name, error = %e, retry_in = ?backoff, "notifier session failed");
+                let retry_in = reconnect.failed(origin.elapsed(), e.class(), fastrand::f64());
+                warn!(account = %account.name, error = %e, retry_in = ?retry_in, "notifier session failed");
                 let changed = async {
                     // Wait out the back-off unless every subscriber leaves meanwhile.
                     loop {
@@ -273,10 +276,9 @@ async fn run(shared: Arc<Shared>, account: Account) {
                     }
                 };
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(retry_in) => {}
                     _ = changed => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
@@ -284,18 +286,23 @@ async fn run(shared: Arc<Shared>, account: Account) {
 
 /// One notifier session: `NOTIFY SET`, then IDLE (again at `idle_refresh`) until the last
 /// subscriber is gone.
-async fn session(shared: &Arc<Shared>, account: &Account) -> Result<Ended, ImapError> {
+async fn session(
+    shared: &Arc<Shared>,
+    account: &Account,
+    reconnect: &mut Reconnect,
+    origin: tokio::time::Instant,
+) -> Result<Ended, ImapError> {
     let mut session = Session::open(account).await?;
     if !session.has("NOTIFY") {
         session.logout().await;
         return Ok(Ended::Unsupported);
     }
-    let refresh = account.wait.idle_refresh;
     let mut heard = |name: String| shared.heard(&name);
     session.notify_set(&mut heard).await?;
     debug!(account = %account.name, "notifier watching");
     shared.armed();
     shared.state.send_replace(State::Up);
+    reconnect.connected(origin.elapsed());
     let mut opened = tokio::time::Instant::now();
     loop {
         // Made before the set is read: a change after the read ends the wait below.
@@ -305,22 +312,23 @@ async fn session(shared: &Arc<Shared>, account: &Account) -> Result<Ended, ImapE
             session.logout().await;
             return Ok(Ended::Unsubscribed);
         }
-        // The session's age limit and its token's lifetime, as for any session: the next one
-        // is watching before this one goes, so nothing falls between them.
+        // The session's age limit and its token's lifetime bound the wait, as for any
+        // session (the core's `next_wait`); at the limit the next session is watching before
+        // this one goes, so nothing falls between them.
         let now = tokio::time::Instant::now();
-        let mut left = account.wait.recycle_after.saturating_sub(now - opened);
-        if let Some(due) = session.token_due() {
-            left = left.min(due.saturating_duration_since(now));
+        let token_left = session.token_due().map(|due| due.saturating_duration_since(now));
+        match next_wait(&account.wait, true, now - opened, token_left) {
+            Wait::Idle(max) | Wait::Poll(max) => {
+                session.notify_wait(max, changed, &mut heard).await?;
+            }
+            Wait::Recycle => {
+                let mut fresh = Session::open(account).await?;
+                fresh.notify_set(&mut heard).await?;
+                session.logout().await;
+                session = fresh;
+                opened = tokio::time::Instant::now();
+                debug!(account = %account.name, "notifier session recycled");
+            }
         }
-        if left.is_zero() {
-            let mut fresh = Session::open(account).await?;
-            fresh.notify_set(&mut heard).await?;
-            session.logout().await;
-            session = fresh;
-            opened = tokio::time::Instant::now();
-            debug!(account = %account.name, "notifier session recycled");
-            continue;
-        }
-        session.notify_wait(refresh.min(left), changed, &mut heard).await?;
     }
 }
