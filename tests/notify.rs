@@ -40,7 +40,12 @@ async fn the_folders_of_an_account_share_one_notify_session_and_lose_nothing_acr
         watches.push_str(&format!("folder = \"{f}\"\ndeliver = {{ maildir = \"m{i}\" }}\n"));
     }
     // The notifier reconnects on the account's schedule, as its watches do.
-    let config = config(&dv, dir.path(), "notify = true\nreconnect = [ { every = \"300ms\" } ]", &watches);
+    let config = config(
+        &dv,
+        dir.path(),
+        "notify = true\nreconnect = [ { every = \"300ms\" } ]",
+        &watches,
+    );
     let store = store(&config).await;
     let mut running = Vec::new();
     for w in &config.watches {
