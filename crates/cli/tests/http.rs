@@ -102,7 +102,12 @@ async fn metrics_pass_promtool_and_readiness_follows_the_server() {
         &format!("listen = \"127.0.0.1:{port}\"\nunready_after = \"2s\""),
     );
     let watches = until(&format!("{base}/api/v1/watches"), None, 30, |s, b| {
-        s == 200 && b.contains("\"delivered\":3") && b.contains("\"connected\":true")
+        // Delivered and connected is not yet caught up: the sync that sets last_sync ends
+        // after the last commit, so the test waits for it rather than race it.
+        s == 200
+            && b.contains("\"delivered\":3")
+            && b.contains("\"connected\":true")
+            && !b.contains("\"last_sync\":null")
     })
     .await;
     let json: serde_json::Value = serde_json::from_str(&watches).unwrap();
