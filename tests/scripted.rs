@@ -180,8 +180,20 @@ async fn wait_idles(server: &Scripted, n: usize) {
     }
 }
 
+/// The commands the client sent after its first IDLE, as the server read them.
+fn after_first_idle(server: &Scripted) -> Vec<String> {
+    let st = server.state.lock().unwrap();
+    st.commands
+        .iter()
+        .skip_while(|c| !c.starts_with("IDLE"))
+        .cloned()
+        .collect()
+}
+
+/// A wake on new mail alone (an EXISTS above the count, nothing else): DONE, the listing and
+/// the first bodies in one write, without selecting the folder again, one round trip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wake_sends_done_the_select_and_the_listing_together() {
+async fn a_wake_on_new_mail_sends_done_and_the_listing_together_without_a_select() {
     let server = Scripted::start().await;
     server.add_message("history");
     server.state.lock().unwrap().watch_pipelining = true;
@@ -192,30 +204,71 @@ async fn a_wake_sends_done_the_select_and_the_listing_together() {
     // At the connect the backlog is unknown: the SELECT goes alone.
     assert_eq!(server.state.lock().unwrap().pipelined_after_select, 0);
     for (n, subject) in ["one", "two"].into_iter().enumerate() {
-        // Added once the watcher idles: a message that comes while it lists is found by that
-        // listing, above the SELECT's UIDNEXT, and checked with a SELECT of its own.
         wait_idles(&server, n + 1).await;
         server.add_message(subject);
         wait_delivered(&mut ev, 1, 20).await;
     }
+    wait_idles(&server, 3).await;
     w.stop().await.unwrap();
     assert_eq!(rec.subjects(), vec!["one", "two"]);
+    let after = after_first_idle(&server);
     let st = server.state.lock().unwrap();
-    // Each wake: DONE, SELECT and the listing written together, one round trip.
+    // Each wake: DONE with the listing after it, written together.
     assert_eq!(st.pipelined_after_done, 2, "{:?}", st.commands);
-    assert_eq!(st.pipelined_after_select, 2, "{:?}", st.commands);
-    let after_select: Vec<&String> = st
-        .commands
-        .iter()
-        .skip_while(|c| !c.starts_with("IDLE"))
-        .filter(|c| c.starts_with("SELECT") || c.starts_with("FETCH") || c.starts_with("UID FETCH"))
-        .collect();
+    assert!(!after.iter().any(|c| c.starts_with("SELECT")), "{after:?}");
+    let wakes: Vec<&[String]> = after.windows(2).filter(|p| p[0].starts_with("IDLE")).collect();
     assert!(
-        after_select
-            .windows(2)
-            .any(|p| p[0].starts_with("SELECT") && p[1].starts_with("UID FETCH 2:*")),
-        "{after_select:?}"
+        wakes.len() >= 2 && wakes[..2].iter().all(|p| p[1].starts_with("UID FETCH")),
+        "{after:?}"
     );
+}
+
+/// A wake that announced more than new mail selects the folder again before it lists: an
+/// EXPUNGE, or Dovecot's untagged NO to a session whose folder was deleted (RFC 2180 §3),
+/// after which the folder of the same name may be another one (a new UIDVALIDITY) that the
+/// old session would never announce anything of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_that_announced_more_than_new_mail_selects_again() {
+    for extra in [
+        "* 1 EXPUNGE",
+        "* NO Internal error occurred. Refer to server log for more information.",
+    ] {
+        let server = Scripted::start().await;
+        server.add_message("history");
+        let dir = tempfile::tempdir().unwrap();
+        let config = scripted_config(dir.path(), server.port, "new", "");
+        let (w, rec, mut ev) = watch(&config).await;
+        wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+        wait_idles(&server, 1).await;
+        // A message appended, then (in the same IDLE) the line that makes it more than news.
+        server.state.lock().unwrap().after_exists_in_idle = vec![extra.to_string()];
+        server.add_message("one");
+        wait_delivered(&mut ev, 1, 20).await;
+        // Then new mail alone: no SELECT for it.
+        wait_idles(&server, 2).await;
+        server.add_message("two");
+        wait_delivered(&mut ev, 1, 20).await;
+        w.stop().await.unwrap();
+        assert_eq!(rec.subjects(), vec!["one", "two"], "{extra}");
+        let after = after_first_idle(&server);
+        let selects: Vec<usize> = after
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.starts_with("SELECT"))
+            .map(|(i, _)| i)
+            .collect();
+        let idles: Vec<usize> = after
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.starts_with("IDLE"))
+            .map(|(i, _)| i)
+            .collect();
+        // Exactly one SELECT, between the first IDLE and the second.
+        assert!(
+            selects.len() == 1 && idles.len() >= 2 && selects[0] < idles[1],
+            "{extra}: {after:?}"
+        );
+    }
 }
 
 /// On a wake, the bodies of the first UIDs above the checkpoint are asked for in the same

@@ -8,20 +8,30 @@ impl Session {
     /// Drops unsolicited responses collected so far; returns whether any announced new mail
     /// (EXISTS or RECENT). The caller resyncs by UID range anyway: this is only a hint.
     pub fn drain_unsolicited(&mut self) -> bool {
-        let mut news = false;
+        self.drain().0
+    }
+
+    /// As [`Session::drain_unsolicited`]; also whether anything came besides new mail.
+    fn drain(&mut self) -> (bool, bool) {
+        let (mut news, mut other) = (false, false);
         // Bounded: at most what the library's channel holds (it drops beyond 100).
         while let Ok(r) = self.inner.unsolicited_responses.try_recv() {
             match r {
                 async_imap::types::UnsolicitedResponse::Exists(n) => {
+                    other |= n < self.exists;
                     news |= n > self.exists;
                     self.exists = n;
                 }
-                async_imap::types::UnsolicitedResponse::Expunge(_) => self.exists = self.exists.saturating_sub(1),
-                _ => {}
+                async_imap::types::UnsolicitedResponse::Recent(_) => {}
+                async_imap::types::UnsolicitedResponse::Expunge(_) => {
+                    other = true;
+                    self.exists = self.exists.saturating_sub(1);
+                }
+                _ => other = true,
             }
         }
         self.news |= news;
-        news
+        (news, other)
     }
 
     /// Whether the server announced new mail (EXISTS/RECENT, in any response) since the last
@@ -46,6 +56,7 @@ impl Session {
         interrupt: impl Future<Output = ()>,
     ) -> Result<(Session, WaitEnd), ImapError> {
         self.end_idle().await?;
+        self.idle_base = self.exists;
         let t = self.timeouts;
         let inner = &mut self.inner;
         let exists = &mut self.exists;
@@ -83,8 +94,12 @@ impl Session {
                                 // The wake itself is the news: whatever it announced, the
                                 // listing after it covers (so it is not news *during* that
                                 // listing, which would make an empty one list again).
+                                let new_mail = matches!(
+                                    other,
+                                    Response::MailboxData(MailboxDatum::Exists(n)) if *n > *exists
+                                );
                                 note_unsolicited(other, exists, &mut false)?;
-                                break WaitEnd::Activity;
+                                break if new_mail { WaitEnd::NewMail } else { WaitEnd::Activity };
                             }
                         }
                     }
@@ -96,7 +111,13 @@ impl Session {
         if open {
             self.idling = Some(id);
         }
-        self.drain_unsolicited();
+        // Anything else the library queued meanwhile makes the wake more than new mail.
+        let (_, other) = self.drain();
+        let end = if end == WaitEnd::NewMail && other {
+            WaitEnd::Activity
+        } else {
+            end
+        };
         Ok((self, end))
     }
 

@@ -163,6 +163,7 @@ impl Session {
             _slots: slots,
             utf8: false,
             idling: None,
+            idle_base: 0,
         };
         // Logged in: messages may come now. The watcher narrows this to its own limit.
         meter.set_max_literal(crate::config::MAX_MESSAGE_SIZE_LIMIT + guard::PRE_LOGIN_LITERAL);

@@ -94,12 +94,43 @@ impl std::fmt::Debug for Fetched {
 pub enum WaitEnd {
     /// The server reported a change.
     Activity,
+    /// The server reported new mail (a message count above the one known when the IDLE
+    /// began) before anything else.
+    NewMail,
     /// The wait reached its maximum length (`idle_refresh` or `poll_interval`).
     Elapsed,
     /// No byte from the server for `idle_silence`.
     Silence,
     /// The caller interrupted the wait (queued work, stop).
     Interrupted,
+}
+
+/// What one write of the wake path brought back ([`Session::select_and_list`],
+/// [`Session::list_news`]).
+struct WakeRead {
+    /// The SELECT's answer and outcome, if one was sent.
+    select: Option<(SelectAnswer, Result<(), ImapError>)>,
+    /// The listing's outcome; its items (and each one's sequence number, in `seqs`).
+    listing: Result<(), ImapError>,
+    listed: Vec<Listing>,
+    seqs: Vec<u32>,
+    /// The bodies read with them.
+    bodies: Vec<Fetched>,
+    /// The server said something besides new mail: an EXPUNGE, an untagged NO or BAD, a
+    /// smaller count.
+    odd: bool,
+    /// The message count when the IDLE's answer came (before the listing ran).
+    announced: u32,
+}
+
+/// Whether an untagged response says nothing but "new mail" about the selected folder.
+fn only_new_mail(resp: &Response<'_>, known: u32) -> bool {
+    match resp {
+        Response::MailboxData(MailboxDatum::Exists(n)) => *n >= known,
+        Response::MailboxData(MailboxDatum::Recent(_)) | Response::Fetch(..) | Response::Continue { .. } => true,
+        Response::Data { status, .. } => *status == Status::Ok,
+        _ => false,
+    }
 }
 
 /// What a SELECT's untagged answers said.
@@ -188,6 +219,9 @@ pub struct Session {
     utf8: bool,
     /// An IDLE left open by [`Session::idle`] (its tag): DONE goes out with the next command.
     idling: Option<async_imap::imap_proto::RequestId>,
+    /// The message count when the last IDLE began ([`Session::list_news`] checks the new
+    /// messages' numbers against it).
+    idle_base: u32,
 }
 
 impl Session {
@@ -267,6 +301,72 @@ impl Session {
         bodies: Option<(u32, u32, u32)>,
     ) -> Result<(FolderState, Result<Vec<Listing>, ImapError>, Vec<Fetched>), ImapError> {
         let select = format!("SELECT {}", self.mailbox(folder));
+        let read = self.wake_read(Some(&select), last_uid, upto, bodies).await?;
+        let Some((answer, selected)) = read.select else {
+            return Err(ImapError::Unexpected {
+                command: "SELECT",
+                detail: "the SELECT went unanswered".into(),
+            });
+        };
+        // The count as the listing left it: the SELECT's, updated by what came after it.
+        let exists_after = self.exists;
+        let state = self.selected_as(folder, selected, answer).await?;
+        self.exists = exists_after;
+        Ok((state, read.listing.map(|()| read.listed), read.bodies))
+    }
+
+    /// The wake path after an IDLE that new mail alone ended ([`WaitEnd::NewMail`]): DONE,
+    /// the listing and the bodies (as [`Session::select_and_list`] sends them) in one write,
+    /// without a SELECT: the folder as selected, its message count since known.
+    ///
+    /// Also returned: whether the answer fits what was announced. It fits when the server said
+    /// nothing but new mail from the IDLE on (EXISTS, RECENT, flag updates, OK: no EXPUNGE, no
+    /// untagged NO or BAD, no smaller count), and the listed messages above `last_uid` are
+    /// exactly those numbered from the count at the IDLE's start + 1 up, covering at least the
+    /// count the IDLE ended with. A listing that does not fit is still returned; the caller
+    /// selects the folder again rather than trust it.
+    #[allow(clippy::type_complexity)]
+    pub async fn list_news(
+        &mut self,
+        last_uid: u32,
+        upto: Option<u32>,
+        bodies: Option<(u32, u32, u32)>,
+    ) -> Result<(Result<Vec<Listing>, ImapError>, Vec<Fetched>, bool), ImapError> {
+        let base = self.idle_base;
+        let read = self.wake_read(None, last_uid, upto, bodies).await?;
+        let mut seqs: Vec<u32> = read
+            .listed
+            .iter()
+            .zip(&read.seqs)
+            .filter(|(l, _)| l.uid > last_uid)
+            .map(|(_, &seq)| seq)
+            .collect();
+        seqs.sort_unstable();
+        let contiguous = seqs.iter().enumerate().all(|(i, &seq)| {
+            u32::try_from(i)
+                .ok()
+                .and_then(|i| base.checked_add(i)?.checked_add(1))
+                .is_some_and(|want| want == seq)
+        });
+        let last = seqs.last().copied().unwrap_or(0);
+        let fits = !read.odd
+            && read.listing.is_ok()
+            && !seqs.is_empty()
+            && contiguous
+            && last >= read.announced
+            && last <= self.exists;
+        Ok((read.listing.map(|()| read.listed), read.bodies, fits))
+    }
+
+    /// One write of [DONE,] [SELECT,] listing [, bodies], and their answers; see
+    /// [`Session::select_and_list`] and [`Session::list_news`].
+    async fn wake_read(
+        &mut self,
+        select: Option<&str>,
+        last_uid: u32,
+        upto: Option<u32>,
+        bodies: Option<(u32, u32, u32)>,
+    ) -> Result<WakeRead, ImapError> {
         let list = self.list_command(last_uid, upto);
         let read =
             bodies.map(|(from, to, max)| format!("UID FETCH {from}:{} (UID BODY.PEEK[]<0.{max}>)", to.max(from)));
@@ -276,28 +376,40 @@ impl Session {
             self.set_max_literal(u64::from(max).saturating_mul(2));
         }
         let mut answer = SelectAnswer::default();
-        let mut listed = Vec::new();
-        let mut read_bodies: Vec<Fetched> = Vec::new();
+        let mut out = WakeRead {
+            select: None,
+            listing: Ok(()),
+            listed: Vec::new(),
+            seqs: Vec::new(),
+            bodies: Vec::new(),
+            odd: false,
+            announced: self.exists,
+        };
         // An IDLE still open ends with a DONE written just before the SELECT: its answer is
         // read with theirs, not waited for first.
         let mut idle_open = self.idling.take();
         let t = self.timeouts.command;
+        let first = if select.is_some() { "SELECT" } else { "UID FETCH" };
         let inner = &mut self.inner;
         let saw_news = &mut self.news;
         let known = &mut self.exists;
         let meter = self.meter.clone();
         let counter = self.meter.clone();
-        let all = progress_deadline("SELECT", t, &meter, async {
+        let all = progress_deadline(first, t, &meter, async {
             if idle_open.is_some() {
                 inner.run_command_untagged("DONE").await.map_err(cmd("DONE"))?;
             }
-            let select_id = inner.run_command(&select).await.map_err(cmd("SELECT"))?;
+            let select_id = match select {
+                Some(select) => Some(inner.run_command(select).await.map_err(cmd("SELECT"))?),
+                None => None,
+            };
             let list_id = inner.run_command(&list).await.map_err(cmd("UID FETCH"))?;
             let read_id = match &read {
                 Some(read) => Some(inner.run_command(read).await.map_err(cmd("UID FETCH"))?),
                 None => None,
             };
-            let mut selected: Option<Result<(), ImapError>> = None;
+            // Without a SELECT the folder is the one selected: as if its SELECT had succeeded.
+            let mut selected: Option<Result<(), ImapError>> = select_id.is_none().then_some(Ok(()));
             let mut listing: Option<Result<(), ImapError>> = None;
             let mut read_done = read_id.is_none();
             loop {
@@ -311,13 +423,16 @@ impl Session {
                     Response::Done { tag, status, outcome } if idle_open.as_ref() == Some(tag) => {
                         idle_open = None;
                         tagged("DONE", status, outcome)?;
+                        // The count the IDLE ended with: all of it is the listing's to name.
+                        out.announced = *known;
                     }
                     // What came before the IDLE's answer came during the wait: the SELECT
                     // and the listing sent after it cover it, so it is not news during them.
                     other if idle_open.is_some() && !matches!(other, Response::Done { .. }) => {
+                        out.odd |= !only_new_mail(other, *known);
                         idle::note_unsolicited(other, known, &mut false)?;
                     }
-                    Response::Done { tag, status, outcome } if *tag == select_id => {
+                    Response::Done { tag, status, outcome } if select_id.as_ref() == Some(tag) => {
                         selected = Some(tagged("SELECT", status, outcome));
                         // What comes after is news against the folder as selected.
                         *known = answer.exists;
@@ -355,24 +470,28 @@ impl Session {
                     other if selected.is_none() => answer.note(other),
                     // After the SELECT: as `checked` treats a listing's responses.
                     Response::MailboxData(MailboxDatum::Exists(n)) => {
+                        out.odd |= *n < *known;
                         if *n > *known {
                             *saw_news = true;
                         }
                         *known = *n;
                     }
-                    Response::Expunge(_) => *known = known.saturating_sub(1),
+                    Response::Expunge(_) => {
+                        out.odd = true;
+                        *known = known.saturating_sub(1);
+                    }
                     // The bodies are told from the listing's items by their section (they may
                     // come while the listing is still answered): each UID asked for once, each
                     // at most `max_bytes`.
-                    Response::Fetch(_, attrs) => match fetch::fetched_item(attrs) {
+                    Response::Fetch(seq, attrs) => match fetch::fetched_item(attrs) {
                         (Some(uid), Some(body)) => {
                             if let Some((from, to, max)) = bodies
                                 && !read_done
                                 && (from..=to).contains(&uid)
                                 && body.len() <= max as usize
-                                && !read_bodies.iter().any(|f: &Fetched| f.uid == uid)
+                                && !out.bodies.iter().any(|f: &Fetched| f.uid == uid)
                             {
-                                read_bodies.push(Fetched {
+                                out.bodies.push(Fetched {
                                     uid,
                                     body: body.to_vec(),
                                 });
@@ -380,12 +499,13 @@ impl Session {
                         }
                         (_, None) if listing.is_none() => {
                             if let Some(item) = fetch::listed_item(attrs) {
-                                listed.push(item);
+                                out.listed.push(item);
+                                out.seqs.push(*seq);
                             }
                         }
                         _ => {}
                     },
-                    _ => {}
+                    other => out.odd |= !only_new_mail(other, *known),
                 }
             }
             Ok((selected, listing))
@@ -394,15 +514,15 @@ impl Session {
         let (selected, listing) = all?;
         let (Some(selected), Some(listing)) = (selected, listing) else {
             return Err(ImapError::Unexpected {
-                command: "SELECT",
-                detail: "the SELECT or the listing went unanswered".into(),
+                command: first,
+                detail: format!("the {first} or the listing went unanswered"),
             });
         };
-        // The count as the listing left it: the SELECT's, updated by what came after it.
-        let exists_after = self.exists;
-        let state = self.selected_as(folder, selected, answer).await?;
-        self.exists = exists_after;
-        Ok((state, listing.map(|()| listed), read_bodies))
+        if select.is_some() {
+            out.select = Some((answer, selected));
+        }
+        out.listing = listing;
+        Ok(out)
     }
 
     /// The session after a SELECT answered `result` with `answer`.

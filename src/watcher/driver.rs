@@ -436,6 +436,47 @@ impl Driver {
                 self.wake_prior = wake_prior;
                 self.keep(session, r)
             }
+            Action::ListNews { list, bodies_ahead } => {
+                if self.notifies {
+                    self.notice
+                        .get_or_insert_with(|| crate::notify::subscribe(&self.watch.account, &self.watch.folder))
+                        .mark();
+                }
+                let Some(mut session) = self.session.take() else {
+                    return no_session();
+                };
+                let store = self.store.clone();
+                let (account, folder) = (self.watch.account.name.clone(), self.watch.folder.clone());
+                let bodies = (bodies_ahead.from, bodies_ahead.to, bodies_ahead.max_bytes);
+                let mut ahead = None;
+                let r = self
+                    .interruptible(async {
+                        // What the `Fetch` after it reads from the store, read meanwhile.
+                        let (read, prior) = tokio::join!(
+                            session.list_news(list.above, list.upto, Some(bodies)),
+                            store.failed_attempts(&account, &folder)
+                        );
+                        match read {
+                            Ok((listing, read, fits)) => {
+                                let data = match listing {
+                                    Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
+                                    Err(e) => Err(failed(&e)),
+                                };
+                                ahead = Some((data, read, prior));
+                                Input::NewsListed { fits }
+                            }
+                            Err(e) => failed(&e),
+                        }
+                    })
+                    .await;
+                // Kept for the `List` (and `Fetch`) that follow if it fits; a SELECT drops them.
+                if let Some((data, read, prior)) = ahead {
+                    self.read_ahead = Some((Ahead::List(list), data));
+                    self.wake_bodies = Some((bodies_ahead.max_bytes, read));
+                    self.wake_prior = Some(prior);
+                }
+                self.keep(session, r)
+            }
             Action::List { above, upto } => {
                 let window = ListWindow { above, upto };
                 // The listing read ahead with the last batch, if it is this window's.
@@ -1424,11 +1465,12 @@ impl Driver {
         match result {
             Ok((session, end)) => {
                 self.session = Some(session);
-                if end == WaitEnd::Activity {
+                if matches!(end, WaitEnd::Activity | WaitEnd::NewMail) {
                     self.woke_at.get_or_insert_with(Instant::now);
                 }
                 let wake = match end {
                     WaitEnd::Activity => Wake::Activity,
+                    WaitEnd::NewMail => Wake::NewMail,
                     WaitEnd::Elapsed => Wake::Elapsed,
                     WaitEnd::Silence => Wake::Silence,
                     WaitEnd::Interrupted => Wake::Interrupted,

@@ -103,6 +103,9 @@ pub struct State {
     /// Run a listing and a FETCH pipelined after it together, as Dovecot does: the listing's
     /// tagged OK comes after the next FETCH's responses (always).
     pub parallel_fetches: bool,
+    /// Lines sent in the next IDLE right after the EXISTS that announces new mail (an
+    /// EXPUNGE, Dovecot's `* NO` for a folder deleted under the session).
+    pub after_exists_in_idle: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -595,8 +598,16 @@ impl Scripted {
                             continue;
                         }
                         _ = &mut news => {
-                            let n = self.state.lock().unwrap().messages.len();
-                            w.write_all(format!("* {n} EXISTS\r\n").as_bytes()).await?;
+                            let (n, extra) = {
+                                let mut st = self.state.lock().unwrap();
+                                (st.messages.len(), std::mem::take(&mut st.after_exists_in_idle))
+                            };
+                            let mut out = format!("* {n} EXISTS\r\n");
+                            for line in extra {
+                                out.push_str(&line);
+                                out.push_str("\r\n");
+                            }
+                            w.write_all(out.as_bytes()).await?;
                             r.read_line(&mut done).await?;
                         }
                         _ = r.read_line(&mut done) => {}

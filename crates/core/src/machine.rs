@@ -151,6 +151,12 @@ pub enum Wake {
     /// (A wait for the account's notifier) The server offers no NOTIFY: wait on a session of
     /// the watch's own from now on.
     NoNotifier,
+    /// The server reported new mail and, so far, nothing else: a message count above the one
+    /// the session knew when the wait began. The folder is still the one the session selected
+    /// (a folder deleted under a session that has it selected is announced otherwise: an
+    /// untagged NO or BYE, RFC 2180 §3), so the wake may list without selecting it again
+    /// ([`Action::ListNews`]).
+    NewMail,
 }
 
 /// The status of a delivery-log row.
@@ -193,6 +199,14 @@ pub enum Input {
         token_left: Option<Duration>,
     },
     Selected(Selected),
+    /// Answer to [`Action::ListNews`]. `fits`: the listing names exactly the messages
+    /// announced since the wait began (each listed UID above the checkpoint has the sequence
+    /// number of one of them, every one of them is listed), and the server announced nothing
+    /// but new mail meanwhile (no EXPUNGE, no untagged NO). Without `fits` the wake selects
+    /// the folder again, as every wake did before.
+    NewsListed {
+        fits: bool,
+    },
     /// `news`: the server announced new mail while the listing ran.
     Listed {
         items: Vec<Listed>,
@@ -292,6 +306,15 @@ pub enum Action {
     Select {
         list_ahead: Option<ListWindow>,
         bodies_ahead: Option<BodiesAhead>,
+    },
+    /// The wake path when the wait ended on new mail alone ([`Wake::NewMail`]): end the IDLE
+    /// and send this listing (and the bodies, as with [`Action::Select`]) on the folder as
+    /// selected, without selecting it again: one round trip without the SELECT's cost. What
+    /// comes back is kept for the `List` that follows a `NewsListed { fits: true }`; without
+    /// `fits` the machine selects again and it is discarded.
+    ListNews {
+        list: ListWindow,
+        bodies_ahead: BodiesAhead,
     },
     /// `UID FETCH above+1:upto (UID RFC822.SIZE INTERNALDATE FLAGS)`; without `upto`,
     /// `above+1:*`. A long backlog is listed in windows of UIDs (each below the UIDNEXT of
@@ -502,19 +525,45 @@ enum Phase {
     Loading,
     Selecting(SelectFor),
     Listing,
-    Fetching { uids: Vec<u32> },
-    Checking { uid: u32 },
-    Delivering { uid: u32, attempt: u32 },
+    Fetching {
+        uids: Vec<u32>,
+    },
+    Checking {
+        uid: u32,
+    },
+    Delivering {
+        uid: u32,
+        attempt: u32,
+    },
     Flushing(AfterCommit),
-    Committing { next: Checkpoint, then: AfterCommit },
-    Recording { uid: u32, delay: Duration },
-    PostActing { retrying: bool },
-    RunningJobs { then_wait: bool },
-    Waiting { poll: bool },
+    Committing {
+        next: Checkpoint,
+        then: AfterCommit,
+    },
+    Recording {
+        uid: u32,
+        delay: Duration,
+    },
+    PostActing {
+        retrying: bool,
+    },
+    /// `news_only`: the wait before ended on new mail alone ([`Wake::NewMail`]).
+    RunningJobs {
+        then_wait: bool,
+        news_only: bool,
+    },
+    ListingNews,
+    Waiting {
+        poll: bool,
+    },
     AwaitingNotice,
     Probing,
-    Sleeping { reconnect: bool },
-    InvalidatingToken { delay: Duration },
+    Sleeping {
+        reconnect: bool,
+    },
+    InvalidatingToken {
+        delay: Duration,
+    },
     LoggingOut(AfterLogout),
     Done,
 }
@@ -573,6 +622,9 @@ pub struct WatchMachine {
     session_broken: bool,
     /// The listing was already checked against a fresh UIDNEXT.
     rechecked: bool,
+    /// The next listing follows a wake without a SELECT (`ListNews`) whose answer named
+    /// exactly the announced messages: UIDs beyond the last SELECT's UIDNEXT are those.
+    uidnext_by_count: bool,
     /// The upper bound of the listing window being worked through, if it had one.
     window_upto: Option<u32>,
     /// The size of the next listing window.
@@ -614,6 +666,7 @@ impl WatchMachine {
             window_upto: None,
             window_size,
             rechecked: false,
+            uidnext_by_count: false,
             after_post: None,
             token_due: None,
             now: Duration::ZERO,
@@ -842,13 +895,28 @@ impl WatchMachine {
                 }
                 self.after_post_action(retrying)
             }
-            (Phase::RunningJobs { then_wait }, Input::JobsRan { ran }) => {
+            (Phase::RunningJobs { then_wait, news_only }, Input::JobsRan { ran }) => {
+                if !ran && news_only {
+                    return self.list_news();
+                }
                 if ran || !then_wait {
                     // A job may have selected another folder: select ours again.
                     self.select(SelectFor::Resync)
                 } else {
                     self.wait(now)
                 }
+            }
+            (Phase::ListingNews, Input::NewsListed { fits }) => {
+                if !fits {
+                    // Something besides new mail, or a listing that does not match what was
+                    // announced: the folder as the server has it now decides.
+                    return self.select(SelectFor::Resync);
+                }
+                // The listed UIDs were assigned after the last SELECT: above its UIDNEXT, and
+                // vouched for by the message count instead.
+                self.uidnext_by_count = true;
+                self.state = State::CatchingUp;
+                self.list()
             }
             (Phase::Waiting { poll }, Input::WaitEnded { wake, token_left }) => {
                 if let Some(t) = token_left {
@@ -861,7 +929,7 @@ impl WatchMachine {
                     self.phase = Phase::Probing;
                     return Action::Probe;
                 }
-                self.run_jobs(false)
+                self.run_jobs_then(false, wake == Wake::NewMail)
             }
             (Phase::Probing, Input::Probed) => self.run_jobs(false),
             (Phase::Sleeping { reconnect }, Input::Slept) => {
@@ -935,18 +1003,21 @@ impl WatchMachine {
     fn select(&mut self, why: SelectFor) -> Action {
         self.phase = Phase::Selecting(why);
         let list_ahead = self.list_after_resync(why);
-        let bodies_ahead = list_ahead.map(|w| {
-            let count = WAKE_BODIES.min(u32::try_from(self.spec.batch_size.max(1)).unwrap_or(u32::MAX));
-            let from = w.above.saturating_add(1);
-            BodiesAhead {
-                from,
-                to: from.saturating_add(count - 1),
-                max_bytes: WAKE_BODY_BYTES.min(u32::try_from(self.spec.spool_above).unwrap_or(u32::MAX)),
-            }
-        });
+        let bodies_ahead = list_ahead.map(|w| self.bodies_ahead(w));
         Action::Select {
             list_ahead,
             bodies_ahead,
+        }
+    }
+
+    /// The bodies read with the wake's listing: the first few UIDs above its start.
+    fn bodies_ahead(&self, w: ListWindow) -> BodiesAhead {
+        let count = WAKE_BODIES.min(u32::try_from(self.spec.batch_size.max(1)).unwrap_or(u32::MAX));
+        let from = w.above.saturating_add(1);
+        BodiesAhead {
+            from,
+            to: from.saturating_add(count - 1),
+            max_bytes: WAKE_BODY_BYTES.min(u32::try_from(self.spec.spool_above).unwrap_or(u32::MAX)),
         }
     }
 
@@ -964,6 +1035,7 @@ impl WatchMachine {
 
     fn selected(&mut self, why: SelectFor, selected: Selected, now: Duration) -> Action {
         self.uidnext = selected.uidnext;
+        self.uidnext_by_count = false;
         let outcome = mailbox::on_select(self.cp, selected, self.spec.start, self.spec.on_uidvalidity_change);
         match outcome.notice {
             Some(SelectNotice::FirstSight) => self.notices.push(Notice::FirstSight {
@@ -1104,6 +1176,14 @@ impl WatchMachine {
         }
         items.sort_unstable_by_key(|l| l.uid);
         items.dedup_by_key(|l| l.uid);
+        if core::mem::take(&mut self.uidnext_by_count)
+            && let Some(last) = items.last()
+        {
+            // A listing without a SELECT before it, which the session found to name exactly
+            // the messages announced since the wait (`NewsListed { fits }`): their UIDs stand
+            // for the UIDNEXT no SELECT reported.
+            self.uidnext = self.uidnext.max(last.uid.saturating_add(1));
+        }
         let beyond: Vec<u32> = items.iter().map(|l| l.uid).filter(|&u| u >= self.uidnext).collect();
         if !beyond.is_empty() {
             let unknown = beyond.iter().any(|u| !self.distrusted.contains(u));
@@ -1430,11 +1510,30 @@ impl WatchMachine {
     }
 
     fn run_jobs(&mut self, then_wait: bool) -> Action {
+        self.run_jobs_then(then_wait, false)
+    }
+
+    fn run_jobs_then(&mut self, then_wait: bool, news_only: bool) -> Action {
         if self.stopping {
             return self.logout(AfterLogout::Finish);
         }
-        self.phase = Phase::RunningJobs { then_wait };
+        self.phase = Phase::RunningJobs { then_wait, news_only };
         Action::RunJobs
+    }
+
+    /// The wake path after new mail alone: the listing (and the first bodies) without a
+    /// SELECT, where the wake would list exactly that after one (nothing to retry first, no
+    /// stop, a known checkpoint); else the SELECT as after any wake.
+    fn list_news(&mut self) -> Action {
+        // Open-ended only: a bounded window would not name every announced message.
+        let Some(list) = self.list_after_resync(SelectFor::Resync).filter(|w| w.upto.is_none()) else {
+            return self.select(SelectFor::Resync);
+        };
+        self.phase = Phase::ListingNews;
+        Action::ListNews {
+            list,
+            bodies_ahead: self.bodies_ahead(list),
+        }
     }
 
     fn wait(&mut self, now: Duration) -> Action {

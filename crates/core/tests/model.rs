@@ -128,6 +128,11 @@ struct World {
     session_uidvalidity: u32,
     /// Ever appended and not expunged before being settled.
     must_arrive: HashSet<u64>,
+    /// Since the machine last waited: messages were appended, and something besides appends
+    /// happened (an expunge, a new UIDVALIDITY). A wake after appends alone is
+    /// `Wake::NewMail`, and its listing without a SELECT fits.
+    appended: bool,
+    changed: bool,
     now: Duration,
 }
 
@@ -144,11 +149,13 @@ impl World {
                 if let Some(k) = no_body {
                     self.no_body.insert(self.next_mid, k);
                 }
+                self.appended = true;
             }
             Op::Expunge(i) => {
                 if !self.folder.is_empty() {
                     let uid = *self.folder.keys().nth(i.index(self.folder.len())).unwrap();
                     let mid = self.folder.remove(&uid).unwrap();
+                    self.changed = true;
                     if !self.deliveries.contains_key(&mid) && !self.settled.contains_key(&mid) {
                         self.must_arrive.remove(&mid);
                     }
@@ -160,6 +167,7 @@ impl World {
             Op::CommitFails => self.commit_fails = true,
             Op::UidValidityReset { keep_old } => {
                 let old: Vec<u64> = self.folder.values().copied().collect();
+                self.changed = true;
                 self.uidvalidity += 1;
                 self.folder.clear();
                 self.uidnext = 1;
@@ -253,11 +261,13 @@ fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), Test
             _ => continue,
         };
         let first = if started {
-            // A wake of the running machine.
-            Input::WaitEnded {
-                wake: Wake::Activity,
-                token_left: None,
-            }
+            // A wake of the running machine: on new mail alone if only appends came.
+            let wake = if w.appended && !w.changed {
+                Wake::NewMail
+            } else {
+                Wake::Activity
+            };
+            Input::WaitEnded { wake, token_left: None }
         } else {
             m = new_machine(&s);
             start(&w)
@@ -349,6 +359,15 @@ fn drive(
                     list_ahead = *next_list;
                 }
             }
+            Action::ListNews { list, bodies_ahead } => {
+                prop_assert!(
+                    list.upto.is_none() && bodies_ahead.from == list.above + 1,
+                    "a listing without a SELECT {list:?} with bodies {bodies_ahead:?}"
+                );
+                // Kept for the `List` that follows if it fits.
+                ahead = None;
+                list_ahead = Some(*list);
+            }
             Action::List { above, upto } => {
                 if let Some(expected) = list_ahead.take() {
                     prop_assert_eq!(
@@ -384,7 +403,10 @@ fn drive(
             return Ok(false);
         }
         input = match action {
-            Action::Idle(_) | Action::Poll(_) | Action::AwaitNotice(_) => return Ok(true),
+            Action::Idle(_) | Action::Poll(_) | Action::AwaitNotice(_) => {
+                (w.appended, w.changed) = (false, false);
+                return Ok(true);
+            }
             Action::Done(_) => {
                 w.unflushed.clear();
                 w.may_repeat.extend(w.uncommitted.drain(..));
@@ -421,6 +443,12 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
                 uidvalidity: w.uidvalidity,
                 uidnext: w.uidnext,
             })
+        }
+        Action::ListNews { list, .. } => {
+            // The IMAP layer's check: nothing but appends since the wait, in the folder the
+            // session selected, and new messages to list.
+            let fits = !w.changed && current == w.uidvalidity && w.folder.keys().any(|&u| u > list.above);
+            Input::NewsListed { fits }
         }
         Action::Connect => Input::Connected {
             idle: true,
