@@ -252,6 +252,55 @@ async fn a_folder_recreated_under_an_idling_session_is_noticed_at_the_next_wake(
     );
 }
 
+/// The folder's UIDVALIDITY changes in place while the watcher idles in it (a restore from a
+/// backup; `doveadm mailbox update --uid-validity` here), then mail comes. The wake on that
+/// mail must not list the old incarnation's UIDs as if nothing had happened. Dovecot 2.3 ends
+/// the session (`* BYE IMAP session state is inconsistent, please relogin.`) and the
+/// reconnect's SELECT sees the change; the old message is recognised, the new one delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uidvalidity_changed_in_place_under_an_idling_session_is_noticed() {
+    let dv = dovecot();
+    imap(&dv, "CREATE Work").await;
+    let old = inboxd_testbed::sample_message(1, "old", 300);
+    append_raw(&dv, "Work", std::slice::from_ref(&old)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "",
+        "folder = \"Work\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }",
+    );
+    let rec = Recorder::default();
+    let w = Watcher::with_handler(
+        config.watches[0].clone(),
+        store(&config).await,
+        Box::new(rec.clone()),
+        Mode::Forever,
+    );
+    let mut ev = w.subscribe();
+    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    // Idling: the wait has begun.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dv.doveadm(&["mailbox", "update", "-u", "alice", "--uid-validity", "777", "Work"])
+        .unwrap();
+    let new = inboxd_testbed::sample_message(2, "new", 300);
+    append_raw(&dv, "Work", &[new]).await;
+    let mut seen = Vec::new();
+    let t = std::time::Instant::now();
+    while !seen.iter().any(|e| matches!(e, Event::UidValidityChanged { .. })) || rec.subjects().len() < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the change or the new message never came: {:?} {seen:?}",
+            rec.subjects()
+        );
+        if let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(100), ev.recv()).await {
+            seen.push(e);
+        }
+    }
+    w.stop().await.unwrap();
+    assert_eq!(rec.subjects(), vec!["old", "new"], "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uidvalidity_change_skip_and_replay_policies() {
     for (policy, expected) in [("skip", vec!["old"]), ("replay", vec!["old", "old", "new"])] {
