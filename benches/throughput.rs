@@ -724,12 +724,17 @@ async fn catch_up(n: usize) {
     raw.cmd("LOGOUT");
     assert_eq!(bytes as usize, total);
 
+    // INBOXD_BENCH_CATCHUP_BATCH: the watch's batch_size here (500 unless set).
+    let catch_up_batch: usize = std::env::var("INBOXD_BENCH_CATCHUP_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         &dv,
         dir.path(),
         &format!(
-            "start = \"all\"\nbatch_size = 500\n{}deliver = {{ maildir = \"out\" }}",
+            "start = \"all\"\nbatch_size = {catch_up_batch}\n{}deliver = {{ maildir = \"out\" }}",
             list_window()
         ),
     );
@@ -755,7 +760,7 @@ async fn catch_up(n: usize) {
     let chunk = msgs.len().div_ceil(16).max(1);
     std::thread::scope(|scope| {
         for (c, part) in msgs.chunks(chunk).enumerate() {
-            let (tmp, new) = (&tmp, &new);
+            let tmp = &tmp;
             scope.spawn(move || {
                 for (i, m) in part.iter().enumerate() {
                     let mut f = std::fs::File::create(tmp.join(format!("{c}-{i}"))).unwrap();
@@ -776,7 +781,7 @@ async fn catch_up(n: usize) {
 
     let mb = total as f64 / 1e6;
     println!(
-        "(b) catch-up of {n} messages ({mb:.1} MB) into a Maildir (fsync per file, per batch dir fsync + checkpoint commit)"
+        "(b) catch-up of {n} messages ({mb:.1} MB) into a Maildir (fsync per file, per batch dir fsync + checkpoint commit; batch_size {catch_up_batch}, INBOXD_BENCH_CATCHUP_BATCH changes it)"
     );
     println!(
         "    inboxd      {ours:7.3} s   {:9.0} msg/s   {:7.1} MB/s   ({:.0} % of the raw read; {})",
