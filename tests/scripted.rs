@@ -251,18 +251,11 @@ async fn a_wake_that_announced_more_than_new_mail_selects_again() {
         w.stop().await.unwrap();
         assert_eq!(rec.subjects(), vec!["one", "two"], "{extra}");
         let after = after_first_idle(&server);
-        let selects: Vec<usize> = after
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.starts_with("SELECT"))
-            .map(|(i, _)| i)
-            .collect();
-        let idles: Vec<usize> = after
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.starts_with("IDLE"))
-            .map(|(i, _)| i)
-            .collect();
+        let at = |command: &str| -> Vec<usize> {
+            let found = after.iter().enumerate().filter(|(_, c)| c.starts_with(command));
+            found.map(|(i, _)| i).collect()
+        };
+        let (selects, idles) = (at("SELECT"), at("IDLE"));
         // Exactly one SELECT, between the first IDLE and the second.
         assert!(
             selects.len() == 1 && idles.len() >= 2 && selects[0] < idles[1],

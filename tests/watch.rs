@@ -198,19 +198,18 @@ async fn uidvalidity_change_dedupes_by_default() {
     assert!(saw_change);
 }
 
-/// The folder is deleted and created again while the watcher idles in it: Dovecot keeps the
-/// session on the deleted folder (even a STATUS of the folder's name, on that session, reports
-/// the deleted folder's UIDVALIDITY), so the wake SELECTs again and finds the new folder.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_folder_recreated_under_an_idling_session_is_noticed_at_the_next_wake() {
-    let dv = dovecot();
-    imap(&dv, "CREATE Work").await;
+/// A folder "Work" holding one message ("old", returned), watched from the start and caught
+/// up: the watcher, what it delivered, its events.
+async fn watch_work(
+    dv: &inboxd_testbed::Dovecot,
+    dir: &std::path::Path,
+) -> (Watcher, Recorder, tokio::sync::broadcast::Receiver<Event>, Vec<u8>) {
+    imap(dv, "CREATE Work").await;
     let old = inboxd_testbed::sample_message(1, "old", 300);
-    append_raw(&dv, "Work", std::slice::from_ref(&old)).await;
-    let dir = tempfile::tempdir().unwrap();
+    append_raw(dv, "Work", std::slice::from_ref(&old)).await;
     let config = config(
-        &dv,
-        dir.path(),
+        dv,
+        dir,
         "",
         "folder = \"Work\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }",
     );
@@ -223,6 +222,17 @@ async fn a_folder_recreated_under_an_idling_session_is_noticed_at_the_next_wake(
     );
     let mut ev = w.subscribe();
     wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    (w, rec, ev, old)
+}
+
+/// The folder is deleted and created again while the watcher idles in it: Dovecot keeps the
+/// session on the deleted folder (even a STATUS of the folder's name, on that session, reports
+/// the deleted folder's UIDVALIDITY), so the wake SELECTs again and finds the new folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_recreated_under_an_idling_session_is_noticed_at_the_next_wake() {
+    let dv = dovecot();
+    let dir = tempfile::tempdir().unwrap();
+    let (w, rec, mut ev, old) = watch_work(&dv, dir.path()).await;
     assert_eq!(rec.subjects(), vec!["old"]);
     imap(&dv, "DELETE Work").await;
     imap(&dv, "CREATE Work").await;
@@ -260,25 +270,8 @@ async fn a_folder_recreated_under_an_idling_session_is_noticed_at_the_next_wake(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uidvalidity_changed_in_place_under_an_idling_session_is_noticed() {
     let dv = dovecot();
-    imap(&dv, "CREATE Work").await;
-    let old = inboxd_testbed::sample_message(1, "old", 300);
-    append_raw(&dv, "Work", std::slice::from_ref(&old)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config(
-        &dv,
-        dir.path(),
-        "",
-        "folder = \"Work\"\nstart = \"all\"\ndeliver = { maildir = \"out\" }",
-    );
-    let rec = Recorder::default();
-    let w = Watcher::with_handler(
-        config.watches[0].clone(),
-        store(&config).await,
-        Box::new(rec.clone()),
-        Mode::Forever,
-    );
-    let mut ev = w.subscribe();
-    wait_for(&mut ev, 20, |e| matches!(e, Event::CaughtUp { .. })).await;
+    let (w, rec, mut ev, _) = watch_work(&dv, dir.path()).await;
     // Idling: the wait has begun.
     tokio::time::sleep(Duration::from_millis(300)).await;
     dv.doveadm(&["mailbox", "update", "-u", "alice", "--uid-validity", "777", "Work"])

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_imap::Authenticator;
 use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response, ResponseCode, Status};
 use inboxd_core::failure::FailureClass;
-use inboxd_core::mailbox::sequence_set;
+use inboxd_core::mailbox::{NewsSeen, sequence_set};
 
 pub use connect::Conn;
 pub use error::ImapError;
@@ -118,7 +118,7 @@ struct WakeRead {
     bodies: Vec<Fetched>,
     /// The server said something besides new mail: an EXPUNGE, an untagged NO or BAD, a
     /// smaller count.
-    odd: bool,
+    other_news: bool,
     /// The message count when the IDLE's answer came (before the listing ran).
     announced: u32,
 }
@@ -219,8 +219,8 @@ pub struct Session {
     utf8: bool,
     /// An IDLE left open by [`Session::idle`] (its tag): DONE goes out with the next command.
     idling: Option<async_imap::imap_proto::RequestId>,
-    /// The message count when the last IDLE began ([`Session::list_news`] checks the new
-    /// messages' numbers against it).
+    /// The message count when the last IDLE began (the new messages' numbers start above it:
+    /// [`Session::list_news`]).
     idle_base: u32,
 }
 
@@ -319,43 +319,28 @@ impl Session {
     /// the listing and the bodies (as [`Session::select_and_list`] sends them) in one write,
     /// without a SELECT: the folder as selected, its message count since known.
     ///
-    /// Also returned: whether the answer fits what was announced. It fits when the server said
-    /// nothing but new mail from the IDLE on (EXISTS, RECENT, flag updates, OK: no EXPUNGE, no
-    /// untagged NO or BAD, no smaller count), and the listed messages above `last_uid` are
-    /// exactly those numbered from the count at the IDLE's start + 1 up, covering at least the
-    /// count the IDLE ended with. A listing that does not fit is still returned; the caller
-    /// selects the folder again rather than trust it.
+    /// Also returned: what the session saw from the IDLE on (the counts, each listed message's
+    /// number, whether anything besides new mail was said: an EXPUNGE, an untagged NO or BAD,
+    /// a smaller count), for the core to decide whether the listing can be trusted without a
+    /// SELECT (`inboxd_core::mailbox::news_fit`). The listing is returned either way.
     #[allow(clippy::type_complexity)]
     pub async fn list_news(
         &mut self,
         last_uid: u32,
         upto: Option<u32>,
         bodies: Option<(u32, u32, u32)>,
-    ) -> Result<(Result<Vec<Listing>, ImapError>, Vec<Fetched>, bool), ImapError> {
+    ) -> Result<(Result<Vec<Listing>, ImapError>, Vec<Fetched>, NewsSeen), ImapError> {
         let base = self.idle_base;
         let read = self.wake_read(None, last_uid, upto, bodies).await?;
-        let mut seqs: Vec<u32> = read
-            .listed
-            .iter()
-            .zip(&read.seqs)
-            .filter(|(l, _)| l.uid > last_uid)
-            .map(|(_, &seq)| seq)
-            .collect();
-        seqs.sort_unstable();
-        let contiguous = seqs.iter().enumerate().all(|(i, &seq)| {
-            u32::try_from(i)
-                .ok()
-                .and_then(|i| base.checked_add(i)?.checked_add(1))
-                .is_some_and(|want| want == seq)
-        });
-        let last = seqs.last().copied().unwrap_or(0);
-        let fits = !read.odd
-            && read.listing.is_ok()
-            && !seqs.is_empty()
-            && contiguous
-            && last >= read.announced
-            && last <= self.exists;
-        Ok((read.listing.map(|()| read.listed), read.bodies, fits))
+        let seen = NewsSeen {
+            base,
+            announced: read.announced,
+            count: self.exists,
+            listed: read.listed.iter().map(|l| l.uid).zip(read.seqs).collect(),
+            listing_ok: read.listing.is_ok(),
+            other_news: read.other_news,
+        };
+        Ok((read.listing.map(|()| read.listed), read.bodies, seen))
     }
 
     /// One write of [DONE,] [SELECT,] listing [, bodies], and their answers; see
@@ -382,7 +367,7 @@ impl Session {
             listed: Vec::new(),
             seqs: Vec::new(),
             bodies: Vec::new(),
-            odd: false,
+            other_news: false,
             announced: self.exists,
         };
         // An IDLE still open ends with a DONE written just before the SELECT: its answer is
@@ -429,7 +414,7 @@ impl Session {
                     // What came before the IDLE's answer came during the wait: the SELECT
                     // and the listing sent after it cover it, so it is not news during them.
                     other if idle_open.is_some() && !matches!(other, Response::Done { .. }) => {
-                        out.odd |= !only_new_mail(other, *known);
+                        out.other_news |= !only_new_mail(other, *known);
                         idle::note_unsolicited(other, known, &mut false)?;
                     }
                     Response::Done { tag, status, outcome } if select_id.as_ref() == Some(tag) => {
@@ -470,14 +455,14 @@ impl Session {
                     other if selected.is_none() => answer.note(other),
                     // After the SELECT: as `checked` treats a listing's responses.
                     Response::MailboxData(MailboxDatum::Exists(n)) => {
-                        out.odd |= *n < *known;
+                        out.other_news |= *n < *known;
                         if *n > *known {
                             *saw_news = true;
                         }
                         *known = *n;
                     }
                     Response::Expunge(_) => {
-                        out.odd = true;
+                        out.other_news = true;
                         *known = known.saturating_sub(1);
                     }
                     // The bodies are told from the listing's items by their section (they may
@@ -505,7 +490,7 @@ impl Session {
                         }
                         _ => {}
                     },
-                    other => out.odd |= !only_new_mail(other, *known),
+                    other => out.other_news |= !only_new_mail(other, *known),
                 }
             }
             Ok((selected, listing))

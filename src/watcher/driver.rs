@@ -334,6 +334,16 @@ impl Driver {
         }
     }
 
+    /// With `notify`: news from here on wakes the next wait for a notice (called before the
+    /// folder is read on a session, so nothing between the read and the wait is missed).
+    fn mark_notice(&mut self) {
+        if self.notifies {
+            self.notice
+                .get_or_insert_with(|| crate::notify::subscribe(&self.watch.account, &self.watch.folder))
+                .mark();
+        }
+    }
+
     /// Runs an IMAP step that a stop may abandon; the session is dropped if it was.
     async fn interruptible<T>(&mut self, step: impl std::future::Future<Output = T>) -> Option<T> {
         let mut stop = self.stop.clone();
@@ -374,12 +384,7 @@ impl Driver {
                 list_ahead,
                 bodies_ahead,
             } => {
-                // News from here on wakes the next wait for a notice.
-                if self.notifies {
-                    self.notice
-                        .get_or_insert_with(|| crate::notify::subscribe(&self.watch.account, &self.watch.folder))
-                        .mark();
-                }
+                self.mark_notice();
                 let folder = self.watch.folder.clone();
                 let Some(mut session) = self.session.take() else {
                     return no_session();
@@ -437,11 +442,7 @@ impl Driver {
                 self.keep(session, r)
             }
             Action::ListNews { list, bodies_ahead } => {
-                if self.notifies {
-                    self.notice
-                        .get_or_insert_with(|| crate::notify::subscribe(&self.watch.account, &self.watch.folder))
-                        .mark();
-                }
+                self.mark_notice();
                 let Some(mut session) = self.session.take() else {
                     return no_session();
                 };
@@ -457,13 +458,13 @@ impl Driver {
                             store.failed_attempts(&account, &folder)
                         );
                         match read {
-                            Ok((listing, read, fits)) => {
+                            Ok((listing, read, seen)) => {
                                 let data = match listing {
                                     Ok(listed) => Ok(AheadData::Listed(listed, session.take_news())),
                                     Err(e) => Err(failed(&e)),
                                 };
                                 ahead = Some((data, read, prior));
-                                Input::NewsListed { fits }
+                                Input::NewsListed(seen)
                             }
                             Err(e) => failed(&e),
                         }

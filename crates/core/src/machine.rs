@@ -30,7 +30,7 @@ use core::time::Duration;
 
 use crate::checkpoint::{AckWindow, Checkpoint};
 use crate::failure::{FailureClass, Reconnect};
-use crate::mailbox::{self, Notice as SelectNotice, Selected, StartPolicy, UidValidityPolicy};
+use crate::mailbox::{self, NewsSeen, Notice as SelectNotice, Selected, StartPolicy, UidValidityPolicy};
 use crate::retry::{AfterFailure, RetryPolicy};
 use crate::wait::{Wait, WaitPolicy, next_wait};
 
@@ -199,14 +199,10 @@ pub enum Input {
         token_left: Option<Duration>,
     },
     Selected(Selected),
-    /// Answer to [`Action::ListNews`]. `fits`: the listing names exactly the messages
-    /// announced since the wait began (each listed UID above the checkpoint has the sequence
-    /// number of one of them, every one of them is listed), and the server announced nothing
-    /// but new mail meanwhile (no EXPUNGE, no untagged NO). Without `fits` the wake selects
-    /// the folder again, as every wake did before.
-    NewsListed {
-        fits: bool,
-    },
+    /// Answer to [`Action::ListNews`]: what the session saw. Unless the listing fits what was
+    /// announced ([`mailbox::news_fit`]) the wake selects the folder again, as every wake did
+    /// before.
+    NewsListed(NewsSeen),
     /// `news`: the server announced new mail while the listing ran.
     Listed {
         items: Vec<Listed>,
@@ -310,8 +306,8 @@ pub enum Action {
     /// The wake path when the wait ended on new mail alone ([`Wake::NewMail`]): end the IDLE
     /// and send this listing (and the bodies, as with [`Action::Select`]) on the folder as
     /// selected, without selecting it again: one round trip without the SELECT's cost. What
-    /// comes back is kept for the `List` that follows a `NewsListed { fits: true }`; without
-    /// `fits` the machine selects again and it is discarded.
+    /// comes back is kept for the `List` that follows if it fits what was announced
+    /// ([`mailbox::news_fit`]); otherwise the machine selects again and it is discarded.
     ListNews {
         list: ListWindow,
         bodies_ahead: BodiesAhead,
@@ -622,8 +618,8 @@ pub struct WatchMachine {
     session_broken: bool,
     /// The listing was already checked against a fresh UIDNEXT.
     rechecked: bool,
-    /// The next listing follows a wake without a SELECT (`ListNews`) whose answer named
-    /// exactly the announced messages: UIDs beyond the last SELECT's UIDNEXT are those.
+    /// The next listing follows a wake without a SELECT (`ListNews`) whose answer fit what was
+    /// announced: UIDs beyond the last SELECT's UIDNEXT are those messages.
     uidnext_by_count: bool,
     /// The upper bound of the listing window being worked through, if it had one.
     window_upto: Option<u32>,
@@ -906,8 +902,8 @@ impl WatchMachine {
                     self.wait(now)
                 }
             }
-            (Phase::ListingNews, Input::NewsListed { fits }) => {
-                if !fits {
+            (Phase::ListingNews, Input::NewsListed(seen)) => {
+                if !mailbox::news_fit(&seen, self.committed_cp().last_uid) {
                     // Something besides new mail, or a listing that does not match what was
                     // announced: the folder as the server has it now decides.
                     return self.select(SelectFor::Resync);
@@ -1179,9 +1175,9 @@ impl WatchMachine {
         if core::mem::take(&mut self.uidnext_by_count)
             && let Some(last) = items.last()
         {
-            // A listing without a SELECT before it, which the session found to name exactly
-            // the messages announced since the wait (`NewsListed { fits }`): their UIDs stand
-            // for the UIDNEXT no SELECT reported.
+            // A listing without a SELECT before it that names exactly the messages announced
+            // since the wait (`mailbox::news_fit`): their UIDs stand for the UIDNEXT no
+            // SELECT reported.
             self.uidnext = self.uidnext.max(last.uid.saturating_add(1));
         }
         let beyond: Vec<u32> = items.iter().map(|l| l.uid).filter(|&u| u >= self.uidnext).collect();

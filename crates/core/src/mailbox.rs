@@ -10,6 +10,7 @@
 use alloc::{
     format,
     string::{String, ToString},
+    vec::Vec,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -208,6 +209,52 @@ pub fn sequence_set(uids: &[u32]) -> String {
     out
 }
 
+/// What the session saw of a wake's listing sent without a SELECT (the machine's `ListNews`):
+/// the facts [`news_fit`] decides on.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NewsSeen {
+    /// The message count when the wait began.
+    pub base: u32,
+    /// The message count when the server answered the end of the wait (DONE), before the
+    /// listing ran.
+    pub announced: u32,
+    /// The message count after the listing.
+    pub count: u32,
+    /// Each listed message as (UID, sequence number).
+    pub listed: Vec<(u32, u32)>,
+    /// The listing was answered OK.
+    pub listing_ok: bool,
+    /// From the wait on, the server said something besides new mail: an EXPUNGE, an
+    /// untagged NO or BAD, a smaller count.
+    pub other_news: bool,
+}
+
+/// Whether a listing sent without a SELECT may be trusted as one sent after it: the server
+/// said nothing but new mail since the wait began, and the messages listed above `last_uid`
+/// are exactly those numbered `base + 1` up, covering at least the count announced when the
+/// wait ended. Then every announced message is listed, each with a UID the folder holds in
+/// the incarnation the session selected; anything else is decided by a fresh SELECT.
+pub fn news_fit(seen: &NewsSeen, last_uid: u32) -> bool {
+    let mut seqs: Vec<u32> = seen
+        .listed
+        .iter()
+        .filter(|&&(uid, _)| uid > last_uid)
+        .map(|&(_, seq)| seq)
+        .collect();
+    seqs.sort_unstable();
+    let numbered_from_base = seqs.iter().enumerate().all(|(i, &seq)| {
+        u32::try_from(i)
+            .ok()
+            .and_then(|i| seen.base.checked_add(i)?.checked_add(1))
+            == Some(seq)
+    });
+    let last = match seqs.last() {
+        Some(&last) => last,
+        None => return false,
+    };
+    !seen.other_news && seen.listing_ok && numbered_from_base && last >= seen.announced && last <= seen.count
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -231,6 +278,53 @@ mod tests {
     }
 
     use super::*;
+
+    /// Messages 5 and 6 arrived (count 4 -> 6) above a checkpoint at UID 10.
+    fn news() -> NewsSeen {
+        NewsSeen {
+            base: 4,
+            announced: 6,
+            count: 6,
+            // `11:*` also names nothing below; the last message below the checkpoint may come
+            // with it (RFC 3501 `n:*`) and is not one of the new.
+            listed: alloc::vec![(10, 4), (12, 6), (11, 5)],
+            listing_ok: true,
+            other_news: false,
+        }
+    }
+
+    #[test]
+    fn a_listing_without_a_select_fits_only_when_it_names_exactly_the_announced_messages() {
+        assert!(news_fit(&news(), 10));
+        let no = |f: fn(&mut NewsSeen)| {
+            let mut n = news();
+            f(&mut n);
+            !news_fit(&n, 10)
+        };
+        // Something besides new mail was said.
+        assert!(no(|n| n.other_news = true));
+        assert!(no(|n| n.listing_ok = false));
+        // An announced message is missing (6 announced, only 5 listed).
+        assert!(no(|n| n.listed.retain(|&(u, _)| u != 12)));
+        // A listed message that is not one of the announced (a number at or below the base:
+        // an old message above the checkpoint, or a UID the folder does not hold there).
+        assert!(no(|n| n.listed.push((4_000_000_000, 3))));
+        // A number twice, or beyond the count.
+        assert!(no(|n| n.listed.push((13, 6))));
+        assert!(no(|n| n.listed.push((13, 7))));
+        // Nothing new listed.
+        assert!(no(|n| n.listed.retain(|&(u, _)| u <= 10)));
+        // More listed than announced at the end of the wait is fine while the count covers
+        // it (mail that came while the listing ran).
+        let mut more = news();
+        more.count = 7;
+        more.listed.push((13, 7));
+        assert!(news_fit(&more, 10));
+        // A base at the top of the range cannot overflow into a fit.
+        let mut top = news();
+        top.base = u32::MAX;
+        assert!(!news_fit(&top, 10));
+    }
 
     fn sel(uidvalidity: u32, uidnext: u32) -> Selected {
         Selected { uidvalidity, uidnext }

@@ -445,10 +445,35 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             })
         }
         Action::ListNews { list, .. } => {
-            // The IMAP layer's check: nothing but appends since the wait, in the folder the
-            // session selected, and new messages to list.
-            let fits = !w.changed && current == w.uidvalidity && w.folder.keys().any(|&u| u > list.above);
-            Input::NewsListed { fits }
+            // What a session that selected the folder at `current` sees: if the folder is
+            // still that incarnation, its messages numbered in UID order; the count at the
+            // start of the wait is the messages up to the checkpoint (caught up), and any
+            // expunge or new UIDVALIDITY since is said.
+            let same = current == w.uidvalidity;
+            let listed: Vec<(u32, u32)> = if same {
+                w.folder
+                    .keys()
+                    .zip(1u32..)
+                    .filter(|&(&u, _)| u > list.above)
+                    .map(|(&u, n)| (u, n))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let count = if same { w.folder.len() as u32 } else { 0 };
+            let base = if same {
+                w.folder.keys().filter(|&&u| u <= list.above).count() as u32
+            } else {
+                0
+            };
+            Input::NewsListed(inboxd_core::mailbox::NewsSeen {
+                base,
+                announced: count,
+                count,
+                listed,
+                listing_ok: true,
+                other_news: w.changed,
+            })
         }
         Action::Connect => Input::Connected {
             idle: true,
