@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use mail_parser::MimeHeaders;
 
 use crate::config::{After, Target};
@@ -460,6 +461,47 @@ impl Fanout {
             acknowledged: recorded,
             panicked,
         })
+    }
+
+    /// Whether every target can flush a batch behind the next ([`Handler::flush_behind`]).
+    pub fn flushes_behind(&self) -> bool {
+        self.targets.iter().all(|(_, h)| h.flushes_behind())
+    }
+
+    /// Starts the flush of every target delivered to since its last flush and returns the work
+    /// (all of it, in parallel); `None` unless every target offers it.
+    pub fn flush_behind(&mut self) -> Option<BoxFuture<'static, Result<(), HandlerError>>> {
+        if !self.flushes_behind() {
+            return None;
+        }
+        let single = self.targets.len() == 1;
+        let mut works = Vec::new();
+        for (i, (name, handler)) in self.targets.iter_mut().enumerate() {
+            if !std::mem::take(&mut self.dirty[i]) {
+                continue;
+            }
+            if let Some(work) = handler.flush_behind() {
+                let name = name.clone();
+                works.push(async move {
+                    work.await.map_err(|e| {
+                        if single {
+                            e
+                        } else {
+                            HandlerError {
+                                reason: format!("target `{name}`: {}", e.reason),
+                                ..e
+                            }
+                        }
+                    })
+                });
+            }
+        }
+        Some(Box::pin(async move {
+            futures::future::join_all(works)
+                .await
+                .into_iter()
+                .collect::<Result<(), _>>()
+        }))
     }
 
     /// Flushes every target delivered to since its last flush.

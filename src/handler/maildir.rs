@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::future::BoxFuture;
 
@@ -37,8 +38,9 @@ pub struct Maildir {
     /// Mode of message files.
     mode: u32,
     /// Keys present in `cur/` when the handler started (files named `KEY:2,FLAGS`), and keys
-    /// this process published since (a reader may have moved them to `cur/` meanwhile).
-    in_cur: HashSet<String>,
+    /// this process published since (a reader may have moved them to `cur/` meanwhile); shared
+    /// with a flush running behind the next batch, which adds its keys when it is done.
+    in_cur: Arc<Mutex<HashSet<String>>>,
     /// Messages accepted since the last flush, written by the flush.
     pending: Vec<(String, Payload)>,
 }
@@ -95,7 +97,7 @@ impl Maildir {
             root: root.to_path_buf(),
             tmp: root.join("tmp"),
             mode,
-            in_cur,
+            in_cur: Arc::new(Mutex::new(in_cur)),
             pending: Vec::new(),
         })
     }
@@ -204,11 +206,9 @@ fn publish(root: &Path, mode: u32, pending: &[(String, Payload)]) -> Result<(), 
             return Err(io("rename into", &new)(e));
         }
     }
-    if written.is_empty() {
-        Ok(())
-    } else {
-        sync_dir(&root.join("new"))
-    }
+    // Also when every file was there already: an earlier try may have linked or renamed it
+    // without making `new/` durable.
+    sync_dir(&root.join("new"))
 }
 
 /// Removes what a crashed inboxd left in `tmp/`: files named `<key>.<pid>.<random>` whose
@@ -282,11 +282,50 @@ fn sync_dir(path: &Path) -> Result<(), HandlerError> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io("fsync", path))
 }
 
+impl Maildir {
+    /// The work of publishing the messages accepted so far, which it takes with it.
+    fn publish_pending(&mut self) -> impl Future<Output = Result<(), HandlerError>> + Send + 'static {
+        let root = self.root.clone();
+        let mode = self.mode;
+        let pending = std::mem::take(&mut self.pending);
+        let in_cur = Arc::clone(&self.in_cur);
+        async move {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                let published = publish(&root, mode, &pending);
+                if published.is_err() {
+                    // Nothing of the batch counts; what was linked into tmp/ for it goes.
+                    for (_, payload) in &pending {
+                        if let Payload::InTmp(tmp) = payload {
+                            let _ = fs::remove_file(tmp);
+                        }
+                    }
+                }
+                published
+            })
+            .await
+            .map_err(blocking_failed)??;
+            // Published: if the commit that follows fails and the batch comes again, a reader
+            // may have moved these to cur/ by then; never write them a second time.
+            in_cur.lock().unwrap_or_else(PoisonError::into_inner).extend(keys);
+            Ok(())
+        }
+    }
+}
+
 impl Handler for Maildir {
     fn deliver<'a>(&'a mut self, message: &'a Message<'a>) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             check_key(message.key)?;
-            let known = self.in_cur.contains(message.key) || self.pending.iter().any(|(k, _)| k == message.key);
+            let known = self
+                .in_cur
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(message.key)
+                || self.pending.iter().any(|(k, _)| k == message.key);
             if known {
                 return Ok(());
             }
@@ -307,33 +346,15 @@ impl Handler for Maildir {
     }
 
     fn flush(&mut self) -> BoxFuture<'_, Result<(), HandlerError>> {
-        Box::pin(async move {
-            if self.pending.is_empty() {
-                return Ok(());
-            }
-            let root = self.root.clone();
-            let mode = self.mode;
-            let pending = std::mem::take(&mut self.pending);
-            let keys: Vec<String> = pending.iter().map(|(k, _)| k.clone()).collect();
-            tokio::task::spawn_blocking(move || {
-                let published = publish(&root, mode, &pending);
-                if published.is_err() {
-                    // Nothing of the batch counts; what was linked into tmp/ for it goes.
-                    for (_, payload) in &pending {
-                        if let Payload::InTmp(tmp) = payload {
-                            let _ = fs::remove_file(tmp);
-                        }
-                    }
-                }
-                published
-            })
-            .await
-            .map_err(blocking_failed)??;
-            // Published: if the commit that follows fails and the batch comes again, a reader
-            // may have moved these to cur/ by then; never write them a second time.
-            self.in_cur.extend(keys);
-            Ok(())
-        })
+        Box::pin(self.publish_pending())
+    }
+
+    fn flushes_behind(&self) -> bool {
+        true
+    }
+
+    fn flush_behind(&mut self) -> Option<BoxFuture<'static, Result<(), HandlerError>>> {
+        Some(Box::pin(self.publish_pending()))
     }
 
     fn batches(&self) -> bool {
@@ -418,9 +439,11 @@ mod tests {
         assert_eq!(mode(&root.join("new/v1-k-1-2")), 0o600);
         assert_eq!(mode(&root.join("new")), 0o700);
 
-        let open = Maildir::open_with_mode(&dir.path().join("shared"), 0o640).unwrap();
-        drop(open);
+        let mut shared = Maildir::open_with_mode(&dir.path().join("shared"), 0o640).unwrap();
         assert_eq!(mode(&dir.path().join("shared/cur")), 0o750);
+        shared.deliver(&msg("v1-k-1-2", b"mail")).await.unwrap();
+        shared.flush().await.unwrap();
+        assert_eq!(mode(&dir.path().join("shared/new/v1-k-1-2")), 0o640);
     }
 
     #[tokio::test]
@@ -483,5 +506,60 @@ mod tests {
         m.flush().await.unwrap();
         assert_eq!(fs::read_dir(dir.path().join("new")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(dir.path().join("cur")).unwrap().count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flush_behind_takes_its_batch_and_later_deliveries_wait_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("new");
+        let mut m = Maildir::open(dir.path()).unwrap();
+        assert!(m.flushes_behind());
+        m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
+        m.deliver(&msg("v1-k-1-2", b"two")).await.unwrap();
+        let work = m.flush_behind().unwrap();
+        // Delivered while the first batch is being made durable: the next batch.
+        m.deliver(&msg("v1-k-1-3", b"three")).await.unwrap();
+        m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
+        work.await.unwrap();
+        let names = |dir: &Path| {
+            let mut n: Vec<String> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&new), ["v1-k-1-1", "v1-k-1-2"]);
+        // Published by the work: known from then on even after a reader moved it.
+        fs::rename(new.join("v1-k-1-2"), dir.path().join("cur/v1-k-1-2:2,S")).unwrap();
+        m.deliver(&msg("v1-k-1-2", b"two")).await.unwrap();
+        m.flush_behind().unwrap().await.unwrap();
+        assert_eq!(names(&new), ["v1-k-1-1", "v1-k-1-3"]);
+        assert_eq!(fs::read(new.join("v1-k-1-3")).unwrap(), b"three");
+        assert!(names(&dir.path().join("tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_behind_publishes_nothing_leaves_nothing_in_tmp_and_the_batch_can_come_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("new");
+        let mut m = Maildir::open(dir.path()).unwrap();
+        m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
+        m.deliver(&msg("v1-k-1-2", b"two")).await.unwrap();
+        // `new/` is not a directory for a moment (root writes through any mode).
+        fs::remove_dir(&new).unwrap();
+        fs::write(&new, "").unwrap();
+        let failed = m.flush_behind().unwrap().await.unwrap_err();
+        assert!(failed.detail().contains("new"), "{}", failed.detail());
+        fs::remove_file(&new).unwrap();
+        fs::create_dir(&new).unwrap();
+        assert_eq!(fs::read_dir(&new).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // Nothing of it counted: delivered again, it is written.
+        m.deliver(&msg("v1-k-1-1", b"one")).await.unwrap();
+        m.deliver(&msg("v1-k-1-2", b"two")).await.unwrap();
+        m.flush_behind().unwrap().await.unwrap();
+        assert_eq!(fs::read(new.join("v1-k-1-1")).unwrap(), b"one");
+        assert_eq!(fs::read(new.join("v1-k-1-2")).unwrap(), b"two");
     }
 }

@@ -196,6 +196,20 @@ pub trait Handler: Send {
         false
     }
 
+    /// Whether [`Handler::flush_behind`] is offered: the watcher then makes one batch durable
+    /// while it fetches and delivers the next.
+    fn flushes_behind(&self) -> bool {
+        false
+    }
+
+    /// Starts making every delivery since the last flush durable and returns that work, which
+    /// owns the batch: deliveries made meanwhile belong to the next batch. The watcher awaits
+    /// the work before it commits the batch, never starts a flush while one is in flight, and
+    /// counts nothing of a batch whose work failed. `None` (the default) if not offered.
+    fn flush_behind(&mut self) -> Option<BoxFuture<'static, Result<(), HandlerError>>> {
+        None
+    }
+
     /// Checks that the target can take messages for `account`/`folder`, without delivering
     /// anything (for `inboxd check`): what was checked, or why it cannot work.
     fn probe<'a>(&'a mut self, _account: &'a str, _folder: &'a str) -> BoxFuture<'a, Result<String, HandlerError>> {

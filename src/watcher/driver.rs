@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use super::{Event, Health, Job, Mode, WatchError};
 use crate::config::{After, Identity, Watch};
 use crate::handler::Body as MessageBody;
-use crate::handler::Message;
+use crate::handler::{HandlerError, Message};
 use crate::imap::{Fetched, ImapError, Listing, Session, WaitEnd};
 use crate::process::panic_message;
 use crate::route::{Decision, Fanout};
@@ -160,6 +160,8 @@ struct Driver {
     oldest: Option<(u32, Option<i64>)>,
     dead_in_run: u64,
     origin: Instant,
+    /// The flush of a batch running behind the next ([`Action::FlushBehind`]).
+    flushing: Option<tokio::task::JoinHandle<Result<(), HandlerError>>>,
 }
 
 /// Runs a watcher until it is stopped (or, in `once` mode, caught up). Returns the number of
@@ -191,6 +193,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         spool_above: watch.spool_above,
         commit_each: !fanout.batches(),
         post_action: watch.posts_after(),
+        flush_behind: fanout.flushes_behind(),
         once: mode == Mode::Once,
         list_window: watch.list_window,
     };
@@ -226,6 +229,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         oldest: None,
         dead_in_run: 0,
         origin: Instant::now(),
+        flushing: None,
     };
     let mut input = Input::Start;
     loop {
@@ -249,6 +253,7 @@ pub(super) async fn run(parts: Parts) -> Result<u64, WatchError> {
         });
         if let Action::Done(result) = action {
             driver.join_read_ahead().await;
+            driver.settle_flush().await;
             if let Some(s) = driver.session.take() {
                 s.logout().await;
             }
@@ -359,6 +364,8 @@ impl Driver {
             // Neither touches the session: a read-ahead goes on meanwhile.
             Action::Deliver { .. }
             | Action::Flush
+            | Action::FlushBehind
+            | Action::AwaitFlush
             | Action::Commit { .. }
             | Action::Record { .. }
             | Action::Load
@@ -562,11 +569,36 @@ impl Driver {
                 self.keep(session, r)
             }
             Action::Deliver { uid, attempt } => self.deliver(uid, attempt, uidvalidity).await,
-            Action::Flush => match self.fanout.flush().await {
-                Ok(()) => Input::Flushed,
-                Err(e) => Input::Failed {
-                    class: FailureClass::Network,
-                    error: clip(format!("handler cannot make the batch durable: {}", e.detail())),
+            Action::Flush => {
+                self.settle_flush().await;
+                match self.fanout.flush().await {
+                    Ok(()) => Input::Flushed,
+                    Err(e) => not_durable(&e),
+                }
+            }
+            Action::FlushBehind => {
+                self.settle_flush().await;
+                match self.fanout.flush_behind() {
+                    Some(work) => {
+                        self.flushing = Some(tokio::spawn(work));
+                        Input::FlushStarted
+                    }
+                    // Not offered after all: made durable here, and so started.
+                    None => match self.fanout.flush().await {
+                        Ok(()) => Input::FlushStarted,
+                        Err(e) => not_durable(&e),
+                    },
+                }
+            }
+            Action::AwaitFlush => match self.flushing.take() {
+                None => Input::Flushed,
+                Some(work) => match work.await {
+                    Ok(Ok(())) => Input::Flushed,
+                    Ok(Err(e)) => not_durable(&e),
+                    Err(e) => Input::Failed {
+                        class: FailureClass::Network,
+                        error: clip(format!("handler cannot make the batch durable: flush task {e}")),
+                    },
                 },
             },
             Action::Commit { checkpoint, log } => {
@@ -763,6 +795,14 @@ impl Driver {
             biased;
             r = Session::open(account) => Some(r),
             _ = Self::stopped(&mut stop) => None,
+        }
+    }
+
+    /// Waits out a flush left in flight whose batch no longer counts (the machine awaits every
+    /// flush it started; this is the belt to that).
+    async fn settle_flush(&mut self) {
+        if let Some(work) = self.flushing.take() {
+            let _ = work.await;
         }
     }
 
@@ -1667,6 +1707,13 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+fn not_durable(e: &HandlerError) -> Input {
+    Input::Failed {
+        class: FailureClass::Network,
+        error: clip(format!("handler cannot make the batch durable: {}", e.detail())),
     }
 }
 

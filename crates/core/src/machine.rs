@@ -16,6 +16,11 @@
 //!   repeat it), before a stop, and before a round ends because the handler is unavailable;
 //! - when a finished catch-up clears a dedupe pass.
 //!
+//! With [`WatchSpec::flush_behind`] a batch's flush runs while the next batch is fetched and
+//! delivered ([`Action::FlushBehind`]); the batch is committed once that flush is done
+//! ([`Action::AwaitFlush`]), in batch order, and nothing but fetching, delivering, checking
+//! and listing the batches after it happens meanwhile.
+//!
 //! Every commit is preceded by a flush of the handler and never passes a UID that was not
 //! settled: delivered, dead-lettered, skipped as a duplicate, or found expunged. A UID the
 //! server listed but whose body did not come back is never "a gap": the machine asks whether
@@ -71,6 +76,10 @@ pub struct WatchSpec {
     pub once: bool,
     /// UIDs in the first listing window of a long backlog ([`LIST_WINDOW`] by default).
     pub list_window: u32,
+    /// The handler can make a batch durable while the next one is delivered
+    /// ([`Action::FlushBehind`]). Used only for batches committed once each (not with
+    /// `commit_each`) and without a post-action (which runs after its batch's commit).
+    pub flush_behind: bool,
 }
 
 /// One message of a listing: its UID and the size the server reported.
@@ -223,6 +232,8 @@ pub enum Input {
         kind: HandlerFailure,
     },
     Flushed,
+    /// Answer to [`Action::FlushBehind`].
+    FlushStarted,
     Committed,
     Recorded,
     PostActionDone,
@@ -259,9 +270,15 @@ pub struct ListWindow {
 
 /// The UIDs in one listing window of a long backlog, at first: listing a backlog of 10,000
 /// messages in one command makes every fetch wait for the whole of it; in windows, each
-/// window after the first is listed while the last batch of the one before is delivered. An
-/// empty window doubles the next one (UIDs may be sparse after mass deletions).
+/// window after the first is listed while the last batch of the one before is delivered. A
+/// window with messages doubles the next one, up to [`LIST_WINDOW_GROWTH`] times this (only
+/// the first batch of a window waits for its listing); an empty one doubles the next one
+/// without bound (UIDs may be sparse after mass deletions).
 pub const LIST_WINDOW: u32 = 1_000;
+
+/// How many times the first listing window the later ones grow to (see
+/// [`WatchSpec::list_window`]).
+pub const LIST_WINDOW_GROWTH: u32 = 8;
 
 /// On a wake, how many UIDs above the checkpoint the driver may fetch the bodies of together
 /// with the SELECT and the listing ([`BodiesAhead`]), at most `batch_size`.
@@ -350,6 +367,14 @@ pub enum Action {
         attempt: u32,
     },
     Flush,
+    /// Start making the deliveries since the last flush durable, without waiting: the next
+    /// batch is fetched and delivered meanwhile. Answered by [`Input::FlushStarted`]; the
+    /// batch counts only once [`Action::AwaitFlush`] is answered by [`Input::Flushed`]. At
+    /// most one is in flight.
+    FlushBehind,
+    /// Wait for the flush started by [`Action::FlushBehind`] to finish: [`Input::Flushed`], or
+    /// [`Input::Failed`] if the batch could not be made durable (it then counts for nothing).
+    AwaitFlush,
     /// Write the checkpoint and these rows in one transaction.
     Commit {
         checkpoint: Checkpoint,
@@ -532,6 +557,12 @@ enum Phase {
         attempt: u32,
     },
     Flushing(AfterCommit),
+    /// [`Action::FlushBehind`] of this batch was asked for.
+    StartingFlush(Behind),
+    /// [`Action::AwaitFlush`]: the flush in flight must finish before what was held back.
+    AwaitingFlush,
+    /// The commit of the batch whose flush finished behind.
+    CommittingBehind,
     Committing {
         next: Checkpoint,
         then: AfterCommit,
@@ -565,6 +596,14 @@ enum Phase {
 }
 
 /// The catch-up in progress within one session.
+/// A batch whose flush runs behind the catch-up: what its commit will write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Behind {
+    next: Checkpoint,
+    log: Vec<LogRow>,
+    delivered: Vec<u32>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct CatchUp {
     /// Listed UIDs not yet fetched, ascending, with their reported sizes.
@@ -595,6 +634,15 @@ pub struct WatchMachine {
     /// When the current IDLE began (a session dropped while idling long enough is routine).
     idle_since: Option<Duration>,
     catch_up: CatchUp,
+    /// The batch whose flush is in flight ([`Action::FlushBehind`]).
+    behind: Option<Behind>,
+    /// A batch made durable behind, to be committed (after the next flush was started).
+    flushed: Option<Behind>,
+    /// What was held back until the flush in flight finished, and the phase it set.
+    held: Option<(Action, Phase)>,
+    /// A flush is in flight whose batch counts for nothing (the commit before it failed): it
+    /// is awaited all the same before anything else touches the handler or the store.
+    stray: bool,
     /// UIDs found at or above UIDNEXT after a fresh SELECT; ignored while still beyond it.
     distrusted: BTreeSet<u32>,
     /// Post-actions to try again at the next wake.
@@ -648,6 +696,10 @@ impl WatchMachine {
             connected_at: None,
             idle_since: None,
             catch_up: CatchUp::default(),
+            behind: None,
+            flushed: None,
+            held: None,
+            stray: false,
             distrusted: BTreeSet::new(),
             pending_post: Vec::new(),
             posting: Vec::new(),
@@ -718,11 +770,55 @@ impl WatchMachine {
         self.now = now;
         self.jitter = jitter;
         let action = self.step(input, now, jitter);
+        let action = self.hold(action);
         if let Action::Done(result) = &action {
             self.phase = Phase::Done;
             self.state = if result.is_ok() { State::Stopped } else { State::Failed };
         }
         action
+    }
+
+    /// With a batch's flush in flight, only fetching, delivering and listing the batches after
+    /// it go on (none of them moves the checkpoint or needs that batch done); anything else is
+    /// held back: the flush is awaited and its batch committed first.
+    fn hold(&mut self, action: Action) -> Action {
+        if (self.behind.is_none() && !self.stray)
+            || matches!(self.phase, Phase::AwaitingFlush | Phase::CommittingBehind)
+        {
+            return action;
+        }
+        if matches!(
+            action,
+            Action::Fetch { .. } | Action::Deliver { .. } | Action::CheckExists { .. } | Action::List { .. }
+        ) {
+            return action;
+        }
+        let phase = core::mem::replace(&mut self.phase, Phase::AwaitingFlush);
+        self.held = Some((action, phase));
+        Action::AwaitFlush
+    }
+
+    /// The batch made durable behind is committed.
+    fn commit_flushed(&mut self) -> Action {
+        let Some(batch) = &self.flushed else {
+            return self.resume();
+        };
+        self.phase = Phase::CommittingBehind;
+        Action::Commit {
+            checkpoint: batch.next,
+            log: batch.log.clone(),
+        }
+    }
+
+    /// What was held back for the flush in flight, or the catch-up's next step.
+    fn resume(&mut self) -> Action {
+        match self.held.take() {
+            Some((action, phase)) => {
+                self.phase = phase;
+                action
+            }
+            None => self.next(),
+        }
     }
 
     fn step(&mut self, input: Input, now: Duration, jitter: f64) -> Action {
@@ -743,6 +839,23 @@ impl WatchMachine {
                 self.pending_post = pending_post_actions;
                 self.loaded = true;
                 self.select(SelectFor::Round)
+            }
+            (Phase::AwaitingFlush, Input::Flushed | Input::Failed { .. }) if self.stray => {
+                // Its batch was given up already.
+                self.stray = false;
+                self.resume()
+            }
+            (
+                Phase::StartingFlush(_) | Phase::AwaitingFlush | Phase::CommittingBehind,
+                Input::Failed { class, error },
+            ) => {
+                // The batches not committed count for nothing: the next session starts from
+                // the committed checkpoint. A flush still in flight (the commit of the batch
+                // before it failed) is awaited before anything else.
+                self.stray = self.behind.take().is_some();
+                self.flushed = None;
+                self.held = None;
+                self.failed(class, error, now, jitter, None)
             }
             (phase, Input::Failed { class, error }) => {
                 if let Phase::Fetching { uids } = &phase {
@@ -834,17 +947,42 @@ impl WatchMachine {
                 }
             },
             (Phase::Flushing(then), Input::Flushed) => {
-                let next = Checkpoint {
-                    last_uid: self.catch_up.window.advance(),
-                    ..self.cp.unwrap_or(Checkpoint {
-                        uidvalidity: 0,
-                        last_uid: 0,
-                        dedupe_through: 0,
-                    })
-                };
+                let next = self.advance();
                 let log = core::mem::take(&mut self.catch_up.log);
                 self.phase = Phase::Committing { next, then };
                 Action::Commit { checkpoint: next, log }
+            }
+            (Phase::StartingFlush(batch), Input::FlushStarted) => {
+                self.behind = Some(batch);
+                if self.flushed.is_some() {
+                    // The batch before it was durable: committed while this one is flushed.
+                    return self.commit_flushed();
+                }
+                self.next()
+            }
+            (Phase::AwaitingFlush, Input::Flushed) => {
+                self.flushed = self.behind.take();
+                match self.held.take() {
+                    // The next batch's flush starts before this one's commit: the disk stays
+                    // busy while the store commits.
+                    Some((Action::FlushBehind, phase @ Phase::StartingFlush(_))) => {
+                        self.phase = phase;
+                        Action::FlushBehind
+                    }
+                    held => {
+                        self.held = held;
+                        self.commit_flushed()
+                    }
+                }
+            }
+            (Phase::CommittingBehind, Input::Committed) => {
+                if let Some(batch) = self.flushed.take() {
+                    self.cp = Some(batch.next);
+                    for uid in batch.delivered {
+                        self.notices.push(Notice::Delivered { uid });
+                    }
+                }
+                self.resume()
             }
             (Phase::Committing { next, then }, Input::Committed) => {
                 self.cp = Some(next);
@@ -1090,6 +1228,23 @@ impl WatchMachine {
         self.list()
     }
 
+    /// The checkpoint the settled prefix of the catch-up allows.
+    fn advance(&mut self) -> Checkpoint {
+        Checkpoint {
+            last_uid: self.catch_up.window.advance(),
+            ..self.planned_cp()
+        }
+    }
+
+    /// The checkpoint once the batch whose flush is in flight is committed: what listing and
+    /// fetching the batches after it go from.
+    fn planned_cp(&self) -> Checkpoint {
+        match &self.behind {
+            Some(batch) => batch.next,
+            None => self.committed_cp(),
+        }
+    }
+
     fn committed_cp(&self) -> Checkpoint {
         self.cp.unwrap_or(Checkpoint {
             uidvalidity: 0,
@@ -1101,7 +1256,7 @@ impl WatchMachine {
     /// Lists from the committed checkpoint, in a first window if the backlog is long.
     fn list(&mut self) -> Action {
         self.window_size = self.spec.list_window.max(1);
-        let above = self.committed_cp().last_uid;
+        let above = self.planned_cp().last_uid;
         self.list_from(above)
     }
 
@@ -1111,7 +1266,7 @@ impl WatchMachine {
     fn list_next(&mut self) -> Action {
         match self.window_upto {
             Some(upto) => {
-                let above = self.committed_cp().last_uid.max(upto);
+                let above = self.planned_cp().last_uid.max(upto);
                 self.list_from(above)
             }
             None => self.list(),
@@ -1122,7 +1277,7 @@ impl WatchMachine {
         if self.stopping {
             return self.logout(AfterLogout::Finish);
         }
-        let cp = self.committed_cp();
+        let cp = self.planned_cp();
         self.catch_up = CatchUp {
             window: AckWindow::new(cp.last_uid),
             ..CatchUp::default()
@@ -1161,7 +1316,7 @@ impl WatchMachine {
     }
 
     fn listed(&mut self, mut items: Vec<Listed>, news: bool) -> Action {
-        let cp = self.committed_cp();
+        let cp = self.planned_cp();
         // `UID FETCH n:*` may name the last message even below n (RFC 3501 §6.4.8).
         items.retain(|l| l.uid > cp.last_uid);
         if let Some(upto) = self.window_upto {
@@ -1208,7 +1363,16 @@ impl WatchMachine {
             return self.list_from(upto);
         }
         if !items.is_empty() {
-            self.window_size = self.spec.list_window.max(1);
+            // Each window after one with messages in it twice as large, up to
+            // [`LIST_WINDOW_GROWTH`] times the first: the first batch of every window waits for
+            // its listing (the batches after it are read ahead), so a long backlog is listed
+            // in few commands, while the first window stays small for a prompt first delivery.
+            let first = self.spec.list_window.max(1);
+            self.window_size = self
+                .window_size
+                .min(first.saturating_mul(LIST_WINDOW_GROWTH))
+                .saturating_mul(2)
+                .clamp(first, first.saturating_mul(LIST_WINDOW_GROWTH));
         }
         if items.is_empty() {
             if news {
@@ -1284,7 +1448,7 @@ impl WatchMachine {
             }
             let (uids, spool) = self.take_batch();
             self.phase = Phase::Fetching { uids: uids.clone() };
-            let cp = self.committed_cp();
+            let cp = self.planned_cp();
             let check_seen = uids
                 .iter()
                 .copied()
@@ -1446,8 +1610,22 @@ impl WatchMachine {
         if self.catch_up.log.is_empty() && self.catch_up.delivered.is_empty() {
             return self.after_commit(then);
         }
+        if then == AfterCommit::Continue && self.flushes_behind() {
+            let batch = Behind {
+                next: self.advance(),
+                log: core::mem::take(&mut self.catch_up.log),
+                delivered: core::mem::take(&mut self.catch_up.delivered),
+            };
+            self.phase = Phase::StartingFlush(batch);
+            return Action::FlushBehind;
+        }
         self.phase = Phase::Flushing(then);
         Action::Flush
+    }
+
+    /// Whether a batch that ends with more to come is flushed behind the next one.
+    fn flushes_behind(&self) -> bool {
+        self.spec.flush_behind && !self.spec.commit_each && !self.spec.post_action && !self.stopping
     }
 
     fn after_commit(&mut self, then: AfterCommit) -> Action {
@@ -1497,7 +1675,7 @@ impl WatchMachine {
     }
 
     fn caught_up(&mut self) -> Action {
-        let cp = self.committed_cp();
+        let cp = self.planned_cp();
         self.notices.push(Notice::CaughtUp { last_uid: cp.last_uid });
         if self.spec.once || self.stopping {
             return self.logout(AfterLogout::Finish);

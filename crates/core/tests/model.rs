@@ -8,7 +8,9 @@
 //! - the checkpoint never passes an unsettled UID, and never moves backwards in an epoch;
 //! - nothing is repeated after it was committed: a message is delivered again only if a crash,
 //!   a failed commit or a stop came between its delivery and its commit;
-//! - with the batching (Maildir-like) handler, a durable copy exists for each delivery.
+//! - with the batching (Maildir-like) handler, a durable copy exists for each delivery, and
+//!   none is committed before its flush finished, also when batches are flushed behind the
+//!   next (`flush_behind`: at most one flush in flight, no other flush or post-action meanwhile).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -41,6 +43,8 @@ enum Op {
     FetchFails,
     /// The next commit fails (disk full).
     CommitFails,
+    /// The next flush fails (the handler's disk is full): its batch counts for nothing.
+    FlushFails,
     /// The folder is recreated with a new UIDVALIDITY; `keep_old` copies its messages back.
     UidValidityReset {
         keep_old: bool,
@@ -60,6 +64,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1u32..8).prop_map(Op::TargetBusy),
         1 => Just(Op::FetchFails),
         1 => Just(Op::CommitFails),
+        1 => Just(Op::FlushFails),
         1 => any::<bool>().prop_map(|keep_old| Op::UidValidityReset { keep_old }),
         2 => (0u8..30).prop_map(Op::Crash),
         1 => (0u8..30).prop_map(Op::Stop),
@@ -72,7 +77,7 @@ const RETRY: RetryPolicy = RetryPolicy {
     max_attempts: 3,
 };
 
-fn spec(batch_size: usize, commit_each: bool, post_action: bool) -> WatchSpec {
+fn spec(batch_size: usize, commit_each: bool, post_action: bool, flush_behind: bool) -> WatchSpec {
     WatchSpec {
         start: StartPolicy::All,
         on_uidvalidity_change: UidValidityPolicy::Dedupe,
@@ -86,6 +91,7 @@ fn spec(batch_size: usize, commit_each: bool, post_action: bool) -> WatchSpec {
         post_action,
         once: false,
         list_window: 1_000,
+        flush_behind,
     }
 }
 
@@ -117,6 +123,9 @@ struct World {
     deliveries: HashMap<u64, u32>,
     /// Not yet flushed (batching handler): lost in a crash.
     unflushed: Vec<u64>,
+    /// In a flush running behind the catch-up, not yet awaited: lost in a crash.
+    flushing: Vec<u64>,
+    flush_fails: bool,
     durable: HashSet<u64>,
     // Observations.
     /// Messages whose delivery may be repeated: delivered but not committed when a crash, a
@@ -165,6 +174,7 @@ impl World {
             Op::TargetBusy(n) => self.target_busy = n,
             Op::FetchFails => self.fetch_fails = true,
             Op::CommitFails => self.commit_fails = true,
+            Op::FlushFails => self.flush_fails = true,
             Op::UidValidityReset { keep_old } => {
                 let old: Vec<u64> = self.folder.values().copied().collect();
                 self.changed = true;
@@ -198,6 +208,12 @@ impl World {
         }
         for row in log {
             if let Some(mid) = self.mid_of(checkpoint.uidvalidity, row.uid) {
+                prop_assert!(
+                    row.status != Status::Delivered || self.durable.contains(&mid),
+                    "uid {} (message {mid}) committed as delivered before its flush finished",
+                    row.uid
+                );
+                self.uncommitted.retain(|&m| m != mid);
                 match row.status {
                     Status::Vanished => prop_assert!(false, "uid {} recorded as vanished but present", row.uid),
                     Status::Failed => {}
@@ -223,7 +239,6 @@ impl World {
                 );
             }
         }
-        self.uncommitted.clear();
         self.stored = Some(checkpoint);
         Ok(())
     }
@@ -240,8 +255,9 @@ fn start(_: &World) -> Input {
     Input::Start
 }
 
-fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), TestCaseError> {
-    let mut s = spec(batch, commit_each, true);
+/// With `flush_behind`, the watch has no post-action (which keeps every batch's flush in place).
+fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool, flush_behind: bool) -> Result<(), TestCaseError> {
+    let mut s = spec(batch, commit_each, !flush_behind, flush_behind);
     // Small listing windows, so that every run lists a backlog in several.
     s.list_window = 4;
     let mut w = World {
@@ -280,6 +296,7 @@ fn check_world(ops: Vec<Op>, batch: usize, commit_each: bool) -> Result<(), Test
     w.no_body.clear();
     w.fetch_fails = false;
     w.commit_fails = false;
+    w.flush_fails = false;
     let mut m = new_machine(&s);
     let first = start(&w);
     prop_assert!(
@@ -383,6 +400,8 @@ fn drive(
             }
             Action::Deliver { .. }
             | Action::Flush
+            | Action::FlushBehind
+            | Action::AwaitFlush
             | Action::Commit { .. }
             | Action::Record { .. }
             | Action::PostAction { .. }
@@ -396,9 +415,16 @@ fn drive(
             ahead = None;
             list_ahead = None;
         }
+        if matches!(action, Action::Flush | Action::FlushBehind | Action::PostAction { .. }) {
+            prop_assert!(
+                w.flushing.is_empty(),
+                "{action:?} while a flush runs behind the catch-up"
+            );
+        }
         if limit.is_some_and(|l| steps >= l) {
             // The process dies: nothing unflushed survives, nothing uncommitted counts.
             w.unflushed.clear();
+            w.flushing.clear();
             w.may_repeat.extend(w.uncommitted.drain(..));
             return Ok(false);
         }
@@ -409,6 +435,7 @@ fn drive(
             }
             Action::Done(_) => {
                 w.unflushed.clear();
+                w.flushing.clear();
                 w.may_repeat.extend(w.uncommitted.drain(..));
                 return Ok(false);
             }
@@ -593,7 +620,31 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             }
         }
         Action::Flush => {
+            if std::mem::take(&mut w.flush_fails) {
+                w.unflushed.clear();
+                w.may_repeat.extend(w.uncommitted.drain(..));
+                return Ok(Input::Failed {
+                    class: FailureClass::Network,
+                    error: "no space left on device".into(),
+                });
+            }
             w.durable.extend(w.unflushed.drain(..));
+            Input::Flushed
+        }
+        Action::FlushBehind => {
+            w.flushing = std::mem::take(&mut w.unflushed);
+            Input::FlushStarted
+        }
+        Action::AwaitFlush => {
+            if std::mem::take(&mut w.flush_fails) {
+                w.flushing.clear();
+                w.may_repeat.extend(w.uncommitted.drain(..));
+                return Ok(Input::Failed {
+                    class: FailureClass::Network,
+                    error: "no space left on device".into(),
+                });
+            }
+            w.durable.extend(w.flushing.drain(..));
             Input::Flushed
         }
         Action::Commit { checkpoint, log } => {
@@ -632,12 +683,17 @@ proptest! {
 
     #[test]
     fn per_message_commits_lose_nothing_and_repeat_nothing(ops in prop::collection::vec(op(), 1..50)) {
-        check_world(ops, 3, true)?;
+        check_world(ops, 3, true, false)?;
     }
 
     #[test]
     fn per_batch_commits_lose_nothing_and_repeat_nothing(ops in prop::collection::vec(op(), 1..50), batch in 1usize..6) {
-        check_world(ops, batch, false)?;
+        check_world(ops, batch, false, false)?;
+    }
+
+    #[test]
+    fn batches_flushed_behind_the_next_lose_nothing_and_repeat_nothing(ops in prop::collection::vec(op(), 1..50), batch in 1usize..6) {
+        check_world(ops, batch, false, true)?;
     }
 }
 
@@ -708,7 +764,7 @@ fn fetched(uids: &[u32]) -> Input {
 
 #[test]
 fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 10)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 10)));
     assert_eq!(
         m.on(
             Input::Selected(inboxd_core::mailbox::Selected {
@@ -762,7 +818,7 @@ fn a_listed_uid_without_a_body_is_checked_then_retried_never_passed_over() {
 
 #[test]
 fn a_uid_expunged_before_its_fetch_is_recorded_as_vanished() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 10)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 10)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -790,7 +846,7 @@ fn a_uid_expunged_before_its_fetch_is_recorded_as_vanished() {
 
 #[test]
 fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 3)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -862,7 +918,7 @@ fn uids_beyond_uidnext_are_checked_with_a_fresh_select_then_ignored() {
 
 #[test]
 fn a_wake_selects_with_the_listing_it_will_ask_for_and_a_connect_does_not_guess() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 3)));
     let selected = |uidnext| {
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -902,7 +958,7 @@ fn a_wake_selects_with_the_listing_it_will_ask_for_and_a_connect_does_not_guess(
     m.on(listed(&[4, 5]), s(1), 0.0);
     // ...and it is only a guess: a folder that changed in between gets the listing it needs
     // (a new UIDVALIDITY: everything above the new checkpoint), the guess is discarded.
-    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 3)));
     m.on(selected(4), s(0), 0.0);
     m.on(listed(&[]), s(0), 0.0);
     m.on(Input::JobsRan { ran: false }, s(0), 0.0);
@@ -930,7 +986,7 @@ fn a_wake_selects_with_the_listing_it_will_ask_for_and_a_connect_does_not_guess(
 
 #[test]
 fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
-    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    let mut m = started(spec(10, true, false, false), Some(cp(7, 0)));
     let select = Input::Selected(inboxd_core::mailbox::Selected {
         uidvalidity: 7,
         uidnext: 4,
@@ -1024,7 +1080,7 @@ fn a_message_the_server_cannot_send_is_dead_lettered_after_max_attempts() {
 
 #[test]
 fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 0)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 0)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -1065,7 +1121,7 @@ fn a_message_above_max_message_size_is_dead_lettered_without_a_fetch() {
 
 #[test]
 fn a_failed_post_action_never_ends_the_round_and_is_retried_at_the_next_wake() {
-    let mut m = started(spec(10, true, true), Some(cp(7, 0)));
+    let mut m = started(spec(10, true, true, false), Some(cp(7, 0)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -1120,7 +1176,7 @@ fn a_failed_post_action_never_ends_the_round_and_is_retried_at_the_next_wake() {
 
 #[test]
 fn a_stop_during_a_delivery_commits_it_and_logs_out() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 0)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 0)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -1146,7 +1202,7 @@ fn a_stop_during_a_delivery_commits_it_and_logs_out() {
 
 #[test]
 fn an_unavailable_handler_ends_the_round_without_counting_against_the_message() {
-    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    let mut m = started(spec(10, true, false, false), Some(cp(7, 0)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -1184,7 +1240,7 @@ fn an_unavailable_handler_ends_the_round_without_counting_against_the_message() 
 
 #[test]
 fn a_token_due_at_once_does_not_make_a_login_loop() {
-    let mut m = new_machine(&spec(10, false, false));
+    let mut m = new_machine(&spec(10, false, false, false));
     m.on(Input::Start, s(0), 0.0);
     m.on(
         Input::Connected {
@@ -1221,7 +1277,7 @@ fn a_token_due_at_once_does_not_make_a_login_loop() {
 #[test]
 fn a_busy_target_never_dead_letters_and_its_retry_after_is_honoured() {
     // max_attempts is 3; the target answers "busy" ten times in a row, then takes the message.
-    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    let mut m = started(spec(10, true, false, false), Some(cp(7, 0)));
     let select = Input::Selected(inboxd_core::mailbox::Selected {
         uidvalidity: 7,
         uidnext: 2,
@@ -1292,7 +1348,7 @@ fn a_busy_target_never_dead_letters_and_its_retry_after_is_honoured() {
 
 #[test]
 fn a_target_refusing_for_good_dead_letters_at_once() {
-    let mut m = started(spec(10, true, false), Some(cp(7, 0)));
+    let mut m = started(spec(10, true, false, false), Some(cp(7, 0)));
     m.on(
         Input::Selected(inboxd_core::mailbox::Selected {
             uidvalidity: 7,
@@ -1351,7 +1407,7 @@ fn the_gravest_of_several_target_failures_decides() {
 fn each_fetch_names_the_next_batch_to_read_ahead_and_never_a_spooled_one() {
     // Batches of 3; uid 8 is above spool_above (1,000 bytes): it goes alone, spooled, and is
     // never read ahead.
-    let mut m = started(spec(3, false, false), Some(cp(7, 0)));
+    let mut m = started(spec(3, false, false, false), Some(cp(7, 0)));
     let select = Input::Selected(inboxd_core::mailbox::Selected {
         uidvalidity: 7,
         uidnext: 11,
@@ -1391,15 +1447,16 @@ fn each_fetch_names_the_next_batch_to_read_ahead_and_never_a_spooled_one() {
 }
 
 #[test]
-fn a_long_backlog_is_listed_in_windows_each_read_ahead_with_the_last_batch_of_the_one_before() {
-    // Windows of 4 UIDs below the SELECT's UIDNEXT (30): 0..4, then an empty window (the UIDs
-    // are sparse there) doubles the next one; the last one is open-ended.
-    let mut sp = spec(2, false, false);
+fn a_long_backlog_is_listed_in_growing_windows_each_read_ahead_with_the_last_batch_of_the_one_before() {
+    // A first window of 4 UIDs below the SELECT's UIDNEXT (100): 0..4; each window after one
+    // with messages twice as large, up to 8 times the first (32); an empty window (the UIDs
+    // are sparse there) doubles the next one too; the last one is open-ended.
+    let mut sp = spec(2, false, false, false);
     sp.list_window = 4;
     let mut m = started(sp, Some(cp(7, 0)));
     let select = Input::Selected(inboxd_core::mailbox::Selected {
         uidvalidity: 7,
-        uidnext: 30,
+        uidnext: 100,
     });
     let listed = |uids: &[u32]| Input::Listed {
         items: uids.iter().map(|&uid| Listed { uid, size: Some(10) }).collect(),
@@ -1438,11 +1495,11 @@ fn a_long_backlog_is_listed_in_windows_each_read_ahead_with_the_last_batch_of_th
             Action::List { above, upto } => {
                 lists.push((above, upto));
                 match (above, upto) {
-                    (4, Some(8)) => m.on(listed(&[]), s(0), 0.0),
-                    (8, Some(16)) => m.on(listed(&[9, 15]), s(0), 0.0),
-                    (16, Some(20)) => m.on(listed(&[17]), s(0), 0.0),
-                    (20, Some(24)) => m.on(listed(&[]), s(0), 0.0),
-                    (24, None) => break,
+                    (4, Some(12)) => m.on(listed(&[]), s(0), 0.0),
+                    (12, Some(28)) => m.on(listed(&[13, 20]), s(0), 0.0),
+                    (28, Some(60)) => m.on(listed(&[29]), s(0), 0.0),
+                    (60, Some(92)) => m.on(listed(&[]), s(0), 0.0),
+                    (92, None) => break,
                     other => panic!("{other:?}"),
                 }
             }
@@ -1451,15 +1508,21 @@ fn a_long_backlog_is_listed_in_windows_each_read_ahead_with_the_last_batch_of_th
     }
     assert_eq!(
         lists,
-        vec![(4, Some(8)), (8, Some(16)), (16, Some(20)), (20, Some(24)), (24, None)]
+        vec![
+            (4, Some(12)),
+            (12, Some(28)),
+            (28, Some(60)),
+            (60, Some(92)),
+            (92, None)
+        ]
     );
     let w = |above, upto| Some(ListWindow { above, upto });
     assert_eq!(
         fetches,
         vec![
-            (vec![4], w(4, Some(8))),
-            (vec![9, 15], w(16, Some(20))),
-            (vec![17], w(20, Some(24))),
+            (vec![4], w(4, Some(12))),
+            (vec![13, 20], w(28, Some(60))),
+            (vec![29], w(60, Some(92))),
         ]
     );
 }
@@ -1468,7 +1531,7 @@ fn a_long_backlog_is_listed_in_windows_each_read_ahead_with_the_last_batch_of_th
 fn a_uid_beyond_the_listing_window_is_ignored_until_its_own_window() {
     // A server that ignores the range answers `UID FETCH 1:4` with UID 9 as well: delivering 9
     // now would move the checkpoint past 5..8, which no window has listed yet.
-    let mut sp = spec(10, false, false);
+    let mut sp = spec(10, false, false, false);
     sp.list_window = 4;
     let mut m = started(sp, Some(cp(7, 0)));
     let select = Input::Selected(inboxd_core::mailbox::Selected {
@@ -1505,7 +1568,7 @@ fn idle_at(m: &mut WatchMachine, at: Duration) {
 
 #[test]
 fn a_session_dropped_after_minutes_in_idle_reconnects_at_once_every_time() {
-    let mut m = started(spec(10, false, false), Some(cp(7, 3)));
+    let mut m = started(spec(10, false, false, false), Some(cp(7, 3)));
     let mut now = s(0);
     // Forty sessions, each dropped by the server after four minutes in IDLE (Gmail does this;
     // so do NAT boxes): each time straight back, never into the schedule's slower parts.
@@ -1580,7 +1643,7 @@ fn a_session_dropped_after_minutes_in_idle_reconnects_at_once_every_time() {
 /// without NOTIFY sends the watch back to IDLE on a session of its own.
 #[test]
 fn a_notified_watch_waits_without_a_session_and_falls_back_to_idle_without_notify() {
-    let mut sp = spec(10, false, false);
+    let mut sp = spec(10, false, false, false);
     sp.wait.notify = true;
     let mut m = started(sp, Some(cp(7, 3)));
     let selected = Input::Selected(inboxd_core::mailbox::Selected {
@@ -1614,7 +1677,7 @@ fn a_notified_watch_waits_without_a_session_and_falls_back_to_idle_without_notif
     assert_eq!(m.on(listed(&[]), s(2), 0.0), Action::RunJobs);
     assert_eq!(m.on(Input::JobsRan { ran: false }, s(2), 0.0), Action::Idle(s(600)));
     // A stop during the wait for a notice finishes at once.
-    let mut sp = spec(10, false, false);
+    let mut sp = spec(10, false, false, false);
     sp.wait.notify = true;
     let mut m = started(sp, Some(cp(7, 3)));
     m.on(
