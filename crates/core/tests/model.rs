@@ -146,6 +146,19 @@ struct World {
 }
 
 impl World {
+    /// The handler makes `batch` durable, or fails to (then nothing uncommitted counts).
+    fn flush(&mut self, batch: Vec<u64>) -> Input {
+        if std::mem::take(&mut self.flush_fails) {
+            self.may_repeat.extend(self.uncommitted.drain(..));
+            return Input::Failed {
+                class: FailureClass::Network,
+                error: "no space left on device".into(),
+            };
+        }
+        self.durable.extend(batch);
+        Input::Flushed
+    }
+
     fn apply(&mut self, op: &Op) {
         match *op {
             Op::Append(n, no_body) => {
@@ -620,32 +633,16 @@ fn answer(w: &mut World, action: Action, commit_each: bool) -> Result<Input, Tes
             }
         }
         Action::Flush => {
-            if std::mem::take(&mut w.flush_fails) {
-                w.unflushed.clear();
-                w.may_repeat.extend(w.uncommitted.drain(..));
-                return Ok(Input::Failed {
-                    class: FailureClass::Network,
-                    error: "no space left on device".into(),
-                });
-            }
-            w.durable.extend(w.unflushed.drain(..));
-            Input::Flushed
+            let batch = std::mem::take(&mut w.unflushed);
+            w.flush(batch)
         }
         Action::FlushBehind => {
             w.flushing = std::mem::take(&mut w.unflushed);
             Input::FlushStarted
         }
         Action::AwaitFlush => {
-            if std::mem::take(&mut w.flush_fails) {
-                w.flushing.clear();
-                w.may_repeat.extend(w.uncommitted.drain(..));
-                return Ok(Input::Failed {
-                    class: FailureClass::Network,
-                    error: "no space left on device".into(),
-                });
-            }
-            w.durable.extend(w.flushing.drain(..));
-            Input::Flushed
+            let batch = std::mem::take(&mut w.flushing);
+            w.flush(batch)
         }
         Action::Commit { checkpoint, log } => {
             if std::mem::take(&mut w.commit_fails) {
