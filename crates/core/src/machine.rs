@@ -1610,7 +1610,7 @@ impl WatchMachine {
         if self.catch_up.log.is_empty() && self.catch_up.delivered.is_empty() {
             return self.after_commit(then);
         }
-        if then == AfterCommit::Continue && self.flushes_behind() {
+        if then == AfterCommit::Continue && self.flushes_behind() && self.more_to_fetch() {
             let batch = Behind {
                 next: self.advance(),
                 log: core::mem::take(&mut self.catch_up.log),
@@ -1626,6 +1626,13 @@ impl WatchMachine {
     /// Whether a batch that ends with more to come is flushed behind the next one.
     fn flushes_behind(&self) -> bool {
         self.spec.flush_behind && !self.spec.commit_each && !self.spec.post_action && !self.stopping
+    }
+
+    /// Whether more messages are listed, or a listing window follows: something to fetch
+    /// while a batch is flushed. (The last batch of a catch-up, new mail's among them, is
+    /// flushed and committed at once: nothing would overlap its flush.)
+    fn more_to_fetch(&self) -> bool {
+        !self.catch_up.queue.is_empty() || self.window_upto.is_some()
     }
 
     fn after_commit(&mut self, then: AfterCommit) -> Action {
@@ -1675,6 +1682,12 @@ impl WatchMachine {
     }
 
     fn caught_up(&mut self) -> Action {
+        if self.behind.is_some() {
+            // Not caught up until the batch being flushed is committed: that first, then a
+            // listing again (the windows after it were empty).
+            self.phase = Phase::AwaitingFlush;
+            return Action::AwaitFlush;
+        }
         let cp = self.planned_cp();
         self.notices.push(Notice::CaughtUp { last_uid: cp.last_uid });
         if self.spec.once || self.stopping {

@@ -18,8 +18,8 @@ use std::time::Duration;
 use inboxd_core::checkpoint::Checkpoint;
 use inboxd_core::failure::{FailureClass, Reconnect};
 use inboxd_core::machine::{
-    Action, BodiesAhead, FetchedInfo, HandlerFailure, Input, ListWindow, Listed, LogRow, Status, Wake, WatchMachine,
-    WatchSpec,
+    Action, BodiesAhead, FetchedInfo, HandlerFailure, Input, ListWindow, Listed, LogRow, Notice, Status, Wake,
+    WatchMachine, WatchSpec,
 };
 use inboxd_core::mailbox::{StartPolicy, UidValidityPolicy};
 use inboxd_core::retry::RetryPolicy;
@@ -373,6 +373,16 @@ fn drive(
             list_ahead = None;
         }
         let action = m.on(input, w.now, 0.5);
+        for notice in m.take_notices() {
+            if let Notice::CaughtUp { last_uid } = notice {
+                // Caught up means committed: a batch whose flush is in flight does not count.
+                prop_assert!(
+                    m.checkpoint().is_some_and(|c| c.last_uid >= last_uid),
+                    "caught up to {last_uid} with the checkpoint at {:?}",
+                    m.checkpoint()
+                );
+            }
+        }
         match &action {
             Action::Fetch {
                 uids,
