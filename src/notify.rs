@@ -86,6 +86,13 @@ impl Shared {
         }
     }
 
+    /// Every folder looks again (news may have been missed).
+    fn wake_all(&self) {
+        for f in self.folders().by_name.values() {
+            f.news.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
     /// The session is gone: nothing is watched.
     fn disarmed(&self) {
         let mut all = self.folders();
@@ -324,6 +331,13 @@ async fn session(
             Wait::Recycle => {
                 let mut fresh = Session::open(account).await?;
                 fresh.notify_set(&mut heard).await?;
+                // What the old session was told until the new one watched (logging out
+                // would drop it): without this, mail arriving while the new session logged
+                // in woke no watch until the next news or `idle_refresh`.
+                if let Err(e) = session.notify_drain(&mut heard).await {
+                    debug!(account = %account.name, error = %e, "the replaced notifier session could not be read to its end: every folder looks again");
+                    shared.wake_all();
+                }
                 session.logout().await;
                 session = fresh;
                 opened = tokio::time::Instant::now();

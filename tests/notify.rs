@@ -147,3 +147,49 @@ async fn the_notifier_recycles_its_session_without_a_gap_or_a_wake_of_every_watc
         assert_eq!(uids, vec![1, 2, 3, 4], "watch {i}: each message once, in order");
     }
 }
+
+/// Mail that arrives while the notifier's replacement session is still logging in is heard by
+/// the session being replaced: read to its end before it logs out, it wakes the watch.
+/// (Before, its notification was dropped with it, and the watch slept until `idle_refresh`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_arriving_while_the_notifier_is_replaced_wakes_its_watch() {
+    use support::faultproxy::FaultProxy;
+    let dv = dovecot();
+    imap(&dv, "CREATE A").await;
+    let proxy = FaultProxy::start(dv.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        &dv,
+        dir.path(),
+        "notify = true\nrecycle_after = \"2s\"",
+        "folder = \"A\"\ndeliver = { maildir = \"ma\" }\n",
+    );
+    // Through the proxy: its delay makes a new session's login slow, and so the replacement's.
+    let text = std::fs::read_to_string(&config.path).unwrap().replacen(
+        &format!("port = {}", dv.port),
+        &format!("port = {}", proxy.port),
+        1,
+    );
+    std::fs::write(&config.path, text).unwrap();
+    let config = inboxd::config::Config::load(&config.path).unwrap();
+    let store = store(&config).await;
+    let w = Watcher::start(config.watches[0].clone(), store.clone(), Mode::Forever).unwrap();
+    let mut ev = w.subscribe();
+    wait_state(&w, "idle").await;
+    // Settled; then every chunk through the proxy waits 150 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while ev.try_recv().is_ok() {}
+    let accepted = proxy.accepted_count();
+    proxy.delay(150);
+    // The replacement connects at the notifier session's age limit; mail comes while it logs in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while proxy.accepted_count() == accepted {
+        assert!(std::time::Instant::now() < deadline, "the notifier was not replaced");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    append(&dv, "A", &["in the gap"]).await;
+    let uids = wait_delivered(&mut ev, 1, 15).await;
+    assert_eq!(uids, vec![1]);
+    proxy.heal();
+    w.stop().await.unwrap();
+}

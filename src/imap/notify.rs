@@ -22,6 +22,20 @@ impl Session {
         .await
     }
 
+    /// `NOOP` on a session with `NOTIFY SET` that another session is replacing: each folder
+    /// named by a notification the server sent this one before the answer goes to `heard`.
+    /// Called once the other session's `NOTIFY SET` is answered, it leaves no gap between the
+    /// two: news until then reached this session, news after it the other.
+    pub async fn notify_drain(&mut self, heard: &mut (dyn FnMut(String) + Send)) -> Result<(), ImapError> {
+        let utf8 = self.utf8;
+        self.checked_inner("NOOP", "NOOP", false, |resp| {
+            if let Some(name) = named_folder(resp, utf8) {
+                heard(name);
+            }
+        })
+        .await
+    }
+
     /// IDLE for at most `max` after a `NOTIFY SET`, passing each folder a notification names
     /// (`* STATUS`, `* LIST`) to `heard` as it comes, until `max` elapses, `interrupt`
     /// completes, or `idle_silence` passes without a byte; then DONE (its answer read under

@@ -83,6 +83,10 @@ impl FaultProxy {
     pub fn hang(&self, on: bool) {
         self.ctl.hang.store(on, Ordering::SeqCst);
     }
+    /// Connections accepted so far.
+    pub fn accepted_count(&self) -> u64 {
+        self.ctl.accepted.load(Ordering::SeqCst)
+    }
     pub fn heal(&self) {
         self.thaw();
         self.delay(0);
