@@ -580,9 +580,25 @@ impl Scripted {
                     let mut done = String::new();
                     let news = self.news.notified();
                     tokio::pin!(news);
-                    let now = self.state.lock().unwrap().messages.len();
+                    let (now, extra) = {
+                        let mut st = self.state.lock().unwrap();
+                        let now = st.messages.len();
+                        // Mail added before this IDLE armed `news` is announced here, with the
+                        // lines meant to follow its EXISTS (else they came an IDLE late).
+                        let extra = if now > seen_count {
+                            std::mem::take(&mut st.after_exists_in_idle)
+                        } else {
+                            Vec::new()
+                        };
+                        (now, extra)
+                    };
                     if now > seen_count {
-                        w.write_all(format!("* {now} EXISTS\r\n").as_bytes()).await?;
+                        let mut out = format!("* {now} EXISTS\r\n");
+                        for line in extra {
+                            out.push_str(&line);
+                            out.push_str("\r\n");
+                        }
+                        w.write_all(out.as_bytes()).await?;
                     }
                     let sleep = tokio::time::sleep(bye.unwrap_or(Duration::from_secs(3600)));
                     tokio::pin!(sleep);
