@@ -475,25 +475,25 @@ impl Fanout {
             return None;
         }
         let single = self.targets.len() == 1;
-        let mut works = Vec::new();
+        let mut works: Vec<BoxFuture<'static, Result<(), HandlerError>>> = Vec::new();
         for (i, (name, handler)) in self.targets.iter_mut().enumerate() {
-            if !std::mem::take(&mut self.dirty[i]) {
+            if !self.dirty[i] {
                 continue;
             }
-            if let Some(work) = handler.flush_behind() {
-                let name = name.clone();
-                works.push(async move {
-                    work.await.map_err(|e| {
-                        if single {
-                            e
-                        } else {
-                            HandlerError {
-                                reason: format!("target `{name}`: {}", e.reason),
-                                ..e
-                            }
-                        }
-                    })
-                });
+            let name = name.clone();
+            match handler.flush_behind() {
+                Some(work) => {
+                    self.dirty[i] = false;
+                    works.push(Box::pin(async move { work.await.map_err(|e| named(e, &name, single)) }));
+                }
+                // It said it offers one: its batch does not count (and stays to be flushed).
+                None => works.push(Box::pin(async move {
+                    Err(named(
+                        HandlerError::new("no flush behind offered after all"),
+                        &name,
+                        single,
+                    ))
+                })),
             }
         }
         Some(Box::pin(async move {
@@ -511,16 +511,7 @@ impl Fanout {
             if !self.dirty[i] {
                 continue;
             }
-            handler.flush().await.map_err(|e| {
-                if single {
-                    e
-                } else {
-                    HandlerError {
-                        reason: format!("target `{name}`: {}", e.reason),
-                        ..e
-                    }
-                }
-            })?;
+            handler.flush().await.map_err(|e| named(e, name, single))?;
             self.dirty[i] = false;
         }
         Ok(())
@@ -533,6 +524,17 @@ impl Fanout {
             out.push((name.clone(), handler.probe(account, folder).await));
         }
         out
+    }
+}
+
+/// A target's error, named after the target when there are several.
+fn named(e: HandlerError, name: &str, single: bool) -> HandlerError {
+    if single {
+        return e;
+    }
+    HandlerError {
+        reason: format!("target `{name}`: {}", e.reason),
+        ..e
     }
 }
 

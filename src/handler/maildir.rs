@@ -206,7 +206,7 @@ fn publish(root: &Path, mode: u32, pending: &[(String, Payload)]) -> Result<(), 
             return Err(io("rename into", &new)(e));
         }
     }
-    // Also when every file was there already: an earlier try may have linked or renamed it
+    // Also when every file was there already: an earlier try may have renamed it there
     // without making `new/` durable.
     sync_dir(&root.join("new"))
 }

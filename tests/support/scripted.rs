@@ -593,12 +593,7 @@ impl Scripted {
                         (now, extra)
                     };
                     if now > seen_count {
-                        let mut out = format!("* {now} EXISTS\r\n");
-                        for line in extra {
-                            out.push_str(&line);
-                            out.push_str("\r\n");
-                        }
-                        w.write_all(out.as_bytes()).await?;
+                        w.write_all(exists_with(now, extra).as_bytes()).await?;
                     }
                     let sleep = tokio::time::sleep(bye.unwrap_or(Duration::from_secs(3600)));
                     tokio::pin!(sleep);
@@ -618,12 +613,7 @@ impl Scripted {
                                 let mut st = self.state.lock().unwrap();
                                 (st.messages.len(), std::mem::take(&mut st.after_exists_in_idle))
                             };
-                            let mut out = format!("* {n} EXISTS\r\n");
-                            for line in extra {
-                                out.push_str(&line);
-                                out.push_str("\r\n");
-                            }
-                            w.write_all(out.as_bytes()).await?;
+                            w.write_all(exists_with(n, extra).as_bytes()).await?;
                             r.read_line(&mut done).await?;
                         }
                         _ = r.read_line(&mut done) => {}
@@ -700,4 +690,14 @@ pub async fn watch(config: &Config) -> (Watcher, Recorder, tokio::sync::broadcas
     );
     let ev = w.subscribe();
     (w, rec, ev)
+}
+
+/// `* n EXISTS` and the lines meant to follow it, as one write.
+fn exists_with(n: usize, extra: Vec<String>) -> String {
+    let mut out = format!("* {n} EXISTS\r\n");
+    for line in extra {
+        out.push_str(&line);
+        out.push_str("\r\n");
+    }
+    out
 }

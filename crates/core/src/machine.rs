@@ -595,7 +595,6 @@ enum Phase {
     Done,
 }
 
-/// The catch-up in progress within one session.
 /// A batch whose flush runs behind the catch-up: what its commit will write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Behind {
@@ -604,6 +603,7 @@ struct Behind {
     delivered: Vec<u32>,
 }
 
+/// The catch-up in progress within one session.
 #[derive(Clone, Debug, Default)]
 struct CatchUp {
     /// Listed UIDs not yet fetched, ascending, with their reported sizes.
@@ -778,8 +778,8 @@ impl WatchMachine {
         action
     }
 
-    /// With a batch's flush in flight, only fetching, delivering and listing the batches after
-    /// it go on (none of them moves the checkpoint or needs that batch done); anything else is
+    /// With a batch's flush in flight, only fetching, delivering, checking and listing the
+    /// batches after it go on (none of them moves the checkpoint or needs that batch done); anything else is
     /// held back: the flush is awaited and its batch committed first.
     fn hold(&mut self, action: Action) -> Action {
         if (self.behind.is_none() && !self.stray)
@@ -1370,7 +1370,6 @@ impl WatchMachine {
             let first = self.spec.list_window.max(1);
             self.window_size = self
                 .window_size
-                .min(first.saturating_mul(LIST_WINDOW_GROWTH))
                 .saturating_mul(2)
                 .clamp(first, first.saturating_mul(LIST_WINDOW_GROWTH));
         }
@@ -1688,7 +1687,7 @@ impl WatchMachine {
             self.phase = Phase::AwaitingFlush;
             return Action::AwaitFlush;
         }
-        let cp = self.planned_cp();
+        let cp = self.committed_cp();
         self.notices.push(Notice::CaughtUp { last_uid: cp.last_uid });
         if self.spec.once || self.stopping {
             return self.logout(AfterLogout::Finish);
